@@ -1,0 +1,161 @@
+"""Frozen model configurations and the presets of every public OPT and GPT-2 size.
+
+A `ModelConfig` is static (hashable): it is closed over by jitted step functions, so changing
+one recompiles. Everything that varies per request (lengths, positions) is a traced array.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax.numpy as jnp
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture of a decoder-only transformer of the OPT or GPT-2 family.
+
+  Attributes:
+    family: "opt" or "gpt2" ("bloom" exists for sizing only: cost model and planner).
+    num_layers, hidden_size, num_heads, ffn_dim, vocab_size: the usual sizes.
+    max_positions: number of learned positions (prompt + generated tokens must fit).
+    word_embed_proj_dim: OPT-350M embeds in 512 and projects to/from hidden_size.
+    pre_layer_norm: False for OPT-350M (post-LayerNorm blocks and no final norm).
+    layer_norm_eps: LayerNorm epsilon (1e-5 for both families).
+    dtype: parameter and compute dtype name ("float32", "bfloat16", "float16").
+    eos_token_id, pad_token_id: special ids (OPT: 2 and 1; GPT-2: 50256 for both).
+  """
+
+  name: str
+  family: str
+  num_layers: int
+  hidden_size: int
+  num_heads: int
+  ffn_dim: int
+  vocab_size: int
+  max_positions: int
+  word_embed_proj_dim: int | None = None
+  pre_layer_norm: bool = True
+  layer_norm_eps: float = 1e-5
+  dtype: str = "float32"
+  eos_token_id: int = 2
+  pad_token_id: int = 1
+
+  def __post_init__(self):
+    if self.family not in ("opt", "gpt2", "bloom"):
+      raise ValueError(f"unknown model family {self.family!r}; expected 'opt', 'gpt2' or 'bloom'")
+    if self.hidden_size % self.num_heads:
+      raise ValueError(
+          f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+    if self.dtype not in _DTYPES:
+      raise ValueError(f"unknown dtype {self.dtype!r}; expected one of {sorted(_DTYPES)}")
+    if self.num_layers < 1:
+      raise ValueError(f"num_layers must be >= 1, got {self.num_layers}")
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_heads
+
+  @property
+  def embed_dim(self) -> int:
+    """Width of the token embedding (differs from hidden_size only for OPT-350M)."""
+    return self.word_embed_proj_dim or self.hidden_size
+
+  @property
+  def jnp_dtype(self):
+    return _DTYPES[self.dtype]
+
+  @property
+  def dtype_bytes(self) -> int:
+    return jnp.dtype(self.jnp_dtype).itemsize
+
+  @property
+  def has_final_norm(self) -> bool:
+    return self.pre_layer_norm
+
+  def replace(self, **kw) -> "ModelConfig":
+    return dataclasses.replace(self, **kw)
+
+  # ---- sizes used by the KV cache, the cost model and the planner ----
+  def layer_param_count(self) -> int:
+    """Parameters of one decoder layer (attention + MLP + two LayerNorms)."""
+    d, f = self.hidden_size, self.ffn_dim
+    return 4 * d * d + 4 * d + 2 * d * f + f + d + 4 * d
+
+  def embed_param_count(self) -> int:
+    """Token + position embeddings, OPT-350M projections and the final norm (LM head is tied)."""
+    n = self.vocab_size * self.embed_dim
+    if self.family == "opt":
+      n += (self.max_positions + 2) * self.hidden_size
+    elif self.family == "gpt2":
+      n += self.max_positions * self.hidden_size
+    if self.word_embed_proj_dim and self.word_embed_proj_dim != self.hidden_size:
+      n += 2 * self.hidden_size * self.word_embed_proj_dim
+    if self.has_final_norm:
+      n += 2 * self.hidden_size
+    return n
+
+  def param_count(self) -> int:
+    return self.num_layers * self.layer_param_count() + self.embed_param_count()
+
+  def layer_weight_bytes(self) -> int:
+    return self.layer_param_count() * self.dtype_bytes
+
+  def kv_bytes_per_token_per_layer(self) -> int:
+    """Bytes of K and V for one token of one sequence in one layer."""
+    return 2 * self.hidden_size * self.dtype_bytes
+
+
+def _opt(name, layers, hidden, heads, **kw) -> ModelConfig:
+  return ModelConfig(name=name, family="opt", num_layers=layers, hidden_size=hidden,
+                     num_heads=heads, ffn_dim=4 * hidden, vocab_size=50272,
+                     max_positions=2048, **kw)
+
+
+def _gpt2(name, layers, hidden, heads, **kw) -> ModelConfig:
+  return ModelConfig(name=name, family="gpt2", num_layers=layers, hidden_size=hidden,
+                     num_heads=heads, ffn_dim=4 * hidden, vocab_size=50257,
+                     max_positions=1024, eos_token_id=50256, pad_token_id=50256, **kw)
+
+
+PRESETS: dict[str, Callable[[], ModelConfig]] = {
+    "opt_125m": lambda: _opt("opt_125m", 12, 768, 12),
+    "opt_350m": lambda: _opt("opt_350m", 24, 1024, 16, word_embed_proj_dim=512,
+                             pre_layer_norm=False),
+    "opt_1.3b": lambda: _opt("opt_1.3b", 24, 2048, 32),
+    "opt_2.7b": lambda: _opt("opt_2.7b", 32, 2560, 32),
+    "opt_6.7b": lambda: _opt("opt_6.7b", 32, 4096, 32),
+    "opt_13b": lambda: _opt("opt_13b", 40, 5120, 40),
+    "opt_30b": lambda: _opt("opt_30b", 48, 7168, 56),
+    "opt_66b": lambda: _opt("opt_66b", 64, 9216, 72),
+    "gpt2": lambda: _gpt2("gpt2", 12, 768, 12),
+    "gpt2_medium": lambda: _gpt2("gpt2_medium", 24, 1024, 16),
+    "gpt2_large": lambda: _gpt2("gpt2_large", 36, 1280, 20),
+    "gpt2_xl": lambda: _gpt2("gpt2_xl", 48, 1600, 25),
+    # Sizing only (cost model, simulator, planner): there is no BLOOM decoder implementation.
+    "bloom_176b": lambda: ModelConfig(name="bloom_176b", family="bloom", num_layers=70,
+                                      hidden_size=14336, num_heads=112, ffn_dim=4 * 14336,
+                                      vocab_size=250880, max_positions=2048, dtype="float16"),
+}
+
+
+def get_model_config(name: str, **overrides) -> ModelConfig:
+  """Returns the preset `name` ("opt_125m", "gpt2_xl", ...) with `overrides` applied."""
+  key = name.lower().replace("-", "_")
+  if key not in PRESETS:
+    raise ValueError(f"unknown model preset {name!r}; known presets: {', '.join(PRESETS)}")
+  cfg = PRESETS[key]()
+  return cfg.replace(**overrides) if overrides else cfg
+
+
+def tiny_config(family: str = "opt", **overrides) -> ModelConfig:
+  """A model small enough for unit tests (random weights, milliseconds per step)."""
+  base = dict(name=f"tiny_{family}", family=family, num_layers=4, hidden_size=64, num_heads=4,
+              ffn_dim=128, vocab_size=128, max_positions=128)
+  if family == "gpt2":
+    base.update(eos_token_id=127, pad_token_id=127)
+  base.update(overrides)
+  return ModelConfig(**base)

@@ -1,0 +1,7 @@
+"""Flax OPT and GPT-2 decoders built as stages over layer ranges, with an explicit KV cache."""
+
+from dejavu_jax.models.decoder import (DecoderStage, init_params, param_shapes, stage_apply,
+                                       stage_params, stage_param_names)
+
+__all__ = ["DecoderStage", "init_params", "param_shapes", "stage_apply", "stage_params",
+           "stage_param_names"]

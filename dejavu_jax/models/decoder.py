@@ -1,0 +1,150 @@
+"""DecoderStage: embeddings (first stage) + a contiguous layer range + final norm and LM head (last).
+
+The whole model is the stage [0, L). A pipeline stage [i, j) is the same module with a subset of
+the whole model's parameters (`stage_params`), because every parameter is named globally:
+layer 7 is `layers_7` in every stage that owns it, and the embedding table is shared by the first
+stage (lookup) and the last (tied LM head).
+
+A stage step is the pure function
+
+    stage_apply(cfg, start, stop, params, cache, x, positions) -> (cache, out)
+
+x: int32 tokens [B, T] on the first stage, hidden states [B, T, D] otherwise;
+out: logits [B, T, V] on the last stage, hidden states [B, T, D] otherwise;
+positions: [B, T] int32, negative for padding; cache: the stage's KVCache (layers j - i).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from dejavu_jax.config import ModelConfig
+from dejavu_jax.kv.cache import KVCache
+from dejavu_jax.models.layers import DecoderLayer, _norm
+
+# OPT's learned position table has two extra rows in front (a fairseq legacy).
+OPT_POSITION_OFFSET = 2
+
+
+class DecoderStage(nn.Module):
+  cfg: ModelConfig
+  start: int
+  stop: int
+
+  def setup(self):
+    cfg = self.cfg
+    dt = cfg.jnp_dtype
+    first, last = self.start == 0, self.stop == cfg.num_layers
+    if first or last:
+      self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.embed_dim, dtype=dt, param_dtype=dt,
+                                   embedding_init=nn.initializers.normal(0.02))
+    if first:
+      n_pos = cfg.max_positions + (OPT_POSITION_OFFSET if cfg.family == "opt" else 0)
+      self.embed_positions = nn.Embed(n_pos, cfg.hidden_size, dtype=dt, param_dtype=dt,
+                                      embedding_init=nn.initializers.normal(0.02))
+    projected = cfg.embed_dim != cfg.hidden_size
+    if first and projected:
+      self.project_in = nn.Dense(cfg.hidden_size, use_bias=False, dtype=dt, param_dtype=dt)
+    if last and projected:
+      self.project_out = nn.Dense(cfg.embed_dim, use_bias=False, dtype=dt, param_dtype=dt)
+    if last and cfg.has_final_norm:
+      self.final_norm = _norm(cfg, "final_norm")
+    self.layers = [DecoderLayer(cfg, name=f"layers_{i}") for i in range(self.start, self.stop)]
+
+  def __call__(self, cache: KVCache, x: jax.Array, positions: jax.Array,
+               logits: bool = True, select: jax.Array | None = None):
+    """See the module docstring. `select` [B]: the last stage keeps only token select[b] of each
+    row before the LM head (a prefill needs just the last prompt token's logits)."""
+    cfg = self.cfg
+    first, last = self.start == 0, self.stop == cfg.num_layers
+    if first:
+      h = self.embed_tokens(x)                                                 # [B, T, E]
+      if cfg.embed_dim != cfg.hidden_size:
+        h = self.project_in(h)                                                 # [B, T, D]
+      pos = jnp.maximum(positions, 0)
+      if cfg.family == "opt":
+        pos = pos + OPT_POSITION_OFFSET
+      h = h + self.embed_positions(pos)
+    else:
+      h = x
+    k_all, v_all = cache.k, cache.v
+    for i, layer in enumerate(self.layers):
+      h, k_all, v_all = layer(h, k_all, v_all, i, positions)
+    new_len = jnp.maximum(cache.lengths, jnp.max(positions, axis=1) + 1).astype(jnp.int32)
+    cache = KVCache(k=k_all, v=v_all, lengths=new_len)
+    if last:
+      if select is not None:
+        h = jnp.take_along_axis(h, select[:, None, None], axis=1)              # [B, 1, D]
+      if cfg.has_final_norm:
+        h = self.final_norm(h)
+      if logits:
+        if cfg.embed_dim != cfg.hidden_size:
+          h = self.project_out(h)
+        h = self.embed_tokens.attend(h)                                        # [B, T, V]
+    return cache, h
+
+
+def stage_apply(cfg: ModelConfig, start: int, stop: int, params, cache: KVCache, x,
+                positions, logits: bool = True, select=None):
+  """Runs the stage [start, stop) of `cfg`; see the module docstring. Not jitted (callers are)."""
+  return DecoderStage(cfg, start, stop).apply({"params": params}, cache, x, positions, logits,
+                                              select)
+
+
+def stage_param_names(cfg: ModelConfig, start: int, stop: int) -> list[str]:
+  """Top-level parameter names owned by the stage [start, stop)."""
+  names = [f"layers_{i}" for i in range(start, stop)]
+  projected = cfg.embed_dim != cfg.hidden_size
+  if start == 0:
+    names += ["embed_tokens", "embed_positions"] + (["project_in"] if projected else [])
+  if stop == cfg.num_layers:
+    names += ["embed_tokens"] if start != 0 else []
+    names += (["project_out"] if projected else []) + (["final_norm"] if cfg.has_final_norm
+                                                        else [])
+  return names
+
+
+def stage_params(cfg: ModelConfig, params, start: int, stop: int):
+  """The subset of the whole model's `params` that the stage [start, stop) owns."""
+  check_layer_range(cfg, start, stop)
+  return {name: params[name] for name in stage_param_names(cfg, start, stop)}
+
+
+def check_layer_range(cfg: ModelConfig, start: int, stop: int) -> None:
+  if not 0 <= start < stop <= cfg.num_layers:
+    raise ValueError(f"layer range [{start}, {stop}) is empty or outside the model's "
+                     f"{cfg.num_layers} layers")
+
+
+def _dummy_inputs(cfg: ModelConfig, start: int, stop: int, batch: int = 1, tokens: int = 1):
+  cache = jax.ShapeDtypeStruct((stop - start, batch, tokens, cfg.num_heads, cfg.head_dim),
+                               cfg.jnp_dtype)
+  cache = KVCache(k=cache, v=cache, lengths=jax.ShapeDtypeStruct((batch,), jnp.int32))
+  if start == 0:
+    x = jax.ShapeDtypeStruct((batch, tokens), jnp.int32)
+  else:
+    x = jax.ShapeDtypeStruct((batch, tokens, cfg.hidden_size), cfg.jnp_dtype)
+  return cache, x, jax.ShapeDtypeStruct((batch, tokens), jnp.int32)
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, start: int = 0, stop: int | None = None):
+  """Random parameters of the stage [start, stop) (the whole model by default)."""
+  if cfg.family == "bloom":
+    raise ValueError("bloom presets are for sizing (cost model, planner) only: no decoder exists")
+  stop = cfg.num_layers if stop is None else stop
+  check_layer_range(cfg, start, stop)
+  cache, x, pos = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                               _dummy_inputs(cfg, start, stop))
+  init = jax.jit(DecoderStage(cfg, start, stop).init)
+  return init(key, cache, x, pos)["params"]
+
+
+def param_shapes(cfg: ModelConfig, start: int = 0, stop: int | None = None):
+  """Parameter shapes (`jax.ShapeDtypeStruct`s) without allocating any weights."""
+  stop = cfg.num_layers if stop is None else stop
+  check_layer_range(cfg, start, stop)
+  module = DecoderStage(cfg, start, stop)
+  return jax.eval_shape(lambda k, c, x, p: module.init(k, c, x, p)["params"],
+                        jax.ShapeDtypeStruct((2,), jnp.uint32), *_dummy_inputs(cfg, start, stop))

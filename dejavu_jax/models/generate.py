@@ -1,0 +1,166 @@
+"""Jitted prefill/decode steps over length buckets, sampling, and a batched generation loop.
+
+Static per compile: the model config, the stage's layer range, the batch size, the prompt bucket
+and the cache length. Traced: tokens, positions, lengths, PRNG keys. So a decode loop compiles
+once, and a prefill compiles once per bucket (powers of two from 16).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dejavu_jax.config import ModelConfig
+from dejavu_jax.kv.cache import KVCache, init_cache_for
+from dejavu_jax.models.decoder import check_layer_range, stage_apply
+
+MIN_BUCKET = 16
+
+
+def bucket_length(n: int, limit: int) -> int:
+  """Smallest power of two >= n (at least MIN_BUCKET), capped at `limit`."""
+  b = MIN_BUCKET
+  while b < n:
+    b *= 2
+  return min(b, limit)
+
+
+@functools.lru_cache(maxsize=None)
+def make_steps(cfg: ModelConfig, start: int = 0, stop: int | None = None):
+  """The jitted (prefill, decode) step functions of the stage [start, stop).
+
+  prefill(params, cache, x, positions) -> (cache, out)
+    x: tokens [B, T] (first stage) or hidden [B, T, D]; positions [B, T], -1 marks padding.
+    out: logits [B, V] of each row's last prompt token on the last stage, else hidden [B, T, D].
+  decode(params, cache, x, positions) -> (cache, out)
+    x: tokens [B] (first stage) or hidden [B, 1, D]; positions [B] (a row's current length;
+    -1 for a row that must not write). out: logits [B, V] (last stage) or hidden [B, 1, D].
+
+  The cache argument of both is donated: the caller must not read the cache it passed in again
+  (copy it first if a background thread still needs it).
+  """
+  stop = cfg.num_layers if stop is None else stop
+  check_layer_range(cfg, start, stop)
+  last = stop == cfg.num_layers
+
+  @functools.partial(jax.jit, donate_argnums=(1,))
+  def prefill(params, cache: KVCache, x, positions):
+    select = jnp.argmax(positions, axis=1) if last else None
+    cache, out = stage_apply(cfg, start, stop, params, cache, x, positions, select=select)
+    return cache, (out[:, 0] if last else out)
+
+  @functools.partial(jax.jit, donate_argnums=(1,))
+  def decode(params, cache: KVCache, x, positions):
+    if positions.ndim == 1:
+      positions = positions[:, None]
+    if start == 0 and x.ndim == 1:
+      x = x[:, None]
+    cache, out = stage_apply(cfg, start, stop, params, cache, x, positions)
+    return cache, (out[:, 0] if last else out)
+
+  return prefill, decode
+
+
+@functools.partial(jax.jit, static_argnames=("temperature", "top_k", "top_p"))
+def sample(logits: jax.Array, key: jax.Array, temperature: float = 0.0, top_k: int = 0,
+           top_p: float = 1.0) -> jax.Array:
+  """Next tokens [B] from logits [B, V]: greedy when temperature == 0, else tempered sampling
+  restricted to the top_k most likely tokens (0: all) and the top_p probability mass."""
+  if temperature == 0.0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits.astype(jnp.float32) / temperature
+  neg = jnp.finfo(jnp.float32).min
+  if top_k:
+    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth, neg, logits)
+  if top_p < 1.0:
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+    # Keep the smallest prefix whose mass reaches top_p (the first token always survives).
+    cutoff_idx = jnp.sum(cum < top_p, axis=-1, keepdims=True)
+    cutoff = jnp.take_along_axis(sorted_logits, cutoff_idx, axis=-1)
+    logits = jnp.where(logits < cutoff, neg, logits)
+  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  temperature: float = 0.0
+  top_k: int = 0
+  top_p: float = 1.0
+
+  def __post_init__(self):
+    if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+      raise ValueError(f"invalid sampling config {self}: need temperature >= 0, top_k >= 0, "
+                       "0 < top_p <= 1")
+
+
+GREEDY = SamplingConfig()
+
+
+def validate_prompts(cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                     max_len: int | None = None) -> None:
+  """Raises ValueError naming the first problem: empty prompt, out-of-vocabulary token, or a
+  prompt (plus the tokens to generate) longer than the model's positions or the cache."""
+  if not prompts:
+    raise ValueError("no prompts given")
+  limit = cfg.max_positions if max_len is None else min(max_len, cfg.max_positions)
+  for i, p in enumerate(prompts):
+    if len(p) == 0:
+      raise ValueError(f"prompt {i} is empty")
+    arr = np.asarray(p)
+    if arr.min() < 0 or arr.max() >= cfg.vocab_size:
+      raise ValueError(f"prompt {i} has token id {int(arr.max() if arr.max() >= cfg.vocab_size else arr.min())} "
+                       f"outside the vocabulary [0, {cfg.vocab_size})")
+    if len(p) + max_new_tokens > limit:
+      raise ValueError(f"prompt {i} of {len(p)} tokens + {max_new_tokens} new tokens is longer "
+                       f"than the context of {limit} positions")
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], bucket: int, pad_id: int):
+  """Right-padded tokens [B, bucket] and positions [B, bucket] (-1 on padding), as numpy."""
+  b = len(prompts)
+  tokens = np.full((b, bucket), pad_id, np.int32)
+  positions = np.full((b, bucket), -1, np.int32)
+  for i, p in enumerate(prompts):
+    tokens[i, :len(p)] = p
+    positions[i, :len(p)] = np.arange(len(p))
+  return tokens, positions
+
+
+def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+             sampling: SamplingConfig = GREEDY, key: jax.Array | None = None,
+             eos_token_id: int | None = None, max_len: int | None = None) -> list[list[int]]:
+  """Generates up to `max_new_tokens` per prompt on one device; a row stops at EOS (kept in its
+  output). Rows of different prompt lengths share the batch. Returns the new tokens per row."""
+  validate_prompts(cfg, prompts, max_new_tokens, max_len)
+  longest = max(len(p) for p in prompts)
+  max_len = max_len or bucket_length(longest + max_new_tokens, cfg.max_positions)
+  bucket = bucket_length(longest, max_len)
+  eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
+  key = jax.random.key(0) if key is None else key
+  prefill, decode = make_steps(cfg)
+  tokens, positions = pad_prompts(prompts, bucket, cfg.pad_token_id)
+  cache = init_cache_for(cfg, cfg.num_layers, len(prompts), max_len)
+  cache, logits = prefill(params, cache, jnp.asarray(tokens), jnp.asarray(positions))
+  pos = np.array([len(p) for p in prompts], np.int32)
+  out: list[list[int]] = [[] for _ in prompts]
+  done = np.zeros(len(prompts), bool)
+  for step in range(max_new_tokens):
+    key, sub = jax.random.split(key)
+    nxt = np.asarray(sample(logits, sub, sampling.temperature, sampling.top_k, sampling.top_p))
+    for i in np.flatnonzero(~done):
+      out[i].append(int(nxt[i]))
+    done |= (nxt == eos) | np.array([len(o) >= max_new_tokens for o in out])
+    if done.all():
+      break
+    cache, logits = decode(params, cache, jnp.asarray(nxt), jnp.asarray(np.where(done, -1, pos)))
+    pos = pos + 1
+  return out

@@ -1,0 +1,45 @@
+"""Random-weight Hugging Face reference models written to a local checkpoint directory."""
+
+import torch
+import transformers
+
+from dejavu_jax.config import ModelConfig
+
+
+def hf_config(cfg: ModelConfig):
+  if cfg.family == "opt":
+    return transformers.OPTConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers, ffn_dim=cfg.ffn_dim,
+        num_attention_heads=cfg.num_heads, max_position_embeddings=cfg.max_positions,
+        word_embed_proj_dim=cfg.embed_dim, do_layer_norm_before=cfg.pre_layer_norm,
+        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, layerdrop=0.0,
+        pad_token_id=cfg.pad_token_id, eos_token_id=cfg.eos_token_id, bos_token_id=2)
+  return transformers.GPT2Config(
+      vocab_size=cfg.vocab_size, n_positions=cfg.max_positions, n_embd=cfg.hidden_size,
+      n_layer=cfg.num_layers, n_head=cfg.num_heads, n_inner=cfg.ffn_dim,
+      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, eos_token_id=cfg.eos_token_id,
+      bos_token_id=cfg.eos_token_id)
+
+
+def hf_model(cfg: ModelConfig, seed: int = 0, scale: float = 0.1):
+  """A HF model with every parameter random (LayerNorms too, so a wrong epsilon or a swapped
+  norm shows up), in eval mode."""
+  torch.manual_seed(seed)
+  hf = hf_config(cfg)
+  hf._attn_implementation = "eager"  # pylint: disable=protected-access
+  model = (transformers.OPTForCausalLM if cfg.family == "opt" else
+           transformers.GPT2LMHeadModel)(hf).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "norm" in name or ".ln_" in name:
+        p.copy_((1.0 if name.endswith("weight") else 0.0) + scale * torch.randn_like(p))
+      else:
+        p.copy_(scale * torch.randn_like(p))
+  return model
+
+
+def hf_logits(model, tokens):
+  """Full-sequence logits [B, T, V] of the reference (no padding)."""
+  with torch.no_grad():
+    return model(torch.as_tensor(tokens)).logits.numpy()
