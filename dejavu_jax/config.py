@@ -159,3 +159,48 @@ def tiny_config(family: str = "opt", **overrides) -> ModelConfig:
     base.update(eos_token_id=127, pad_token_id=127)
   base.update(overrides)
   return ModelConfig(**base)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeConfig:
+  """How a pipeline serves requests (static for the lifetime of an engine).
+
+  Attributes:
+    num_stages: pipeline depth D (stages on disjoint devices).
+    tensor: devices per stage (tensor parallelism inside a stage).
+    stage_ranges: explicit layer ranges per stage, or None for a balanced split.
+    microbatch_size: rows per microbatch; D microbatches are in flight.
+    max_len: KV cache length per row (prompt + generated tokens must fit).
+    mode: "paper" (a microbatch's rows share prompt and output length, all finish together) or
+      "mixed" (per-row lengths; a row's result returns as soon as it finishes).
+    pacing: "real" (steps last what they last) or "paced" (each stage step still computes for real
+      but lasts the duration the cost model gives; see dejavu_jax/serving/pacing.py).
+    eos_token_id: stop token, or None to always generate max_new_tokens.
+    temperature, top_k, top_p: sampling (temperature 0 is greedy).
+    seed: PRNG seed of sampling.
+    step_timeout_s: a stage step that takes longer than this is an error (a hang fails fast).
+  """
+
+  num_stages: int = 1
+  tensor: int = 1
+  stage_ranges: tuple[tuple[int, int], ...] | None = None
+  microbatch_size: int = 4
+  max_len: int = 256
+  mode: str = "mixed"
+  pacing: str = "real"
+  eos_token_id: int | None = None
+  temperature: float = 0.0
+  top_k: int = 0
+  top_p: float = 1.0
+  seed: int = 0
+  step_timeout_s: float = 120.0
+
+  def __post_init__(self):
+    if self.mode not in ("paper", "mixed"):
+      raise ValueError(f"unknown serving mode {self.mode!r}; expected 'paper' or 'mixed'")
+    if self.pacing not in ("real", "paced"):
+      raise ValueError(f"unknown pacing {self.pacing!r}; expected 'real' or 'paced'")
+    if self.microbatch_size < 1:
+      raise ValueError(f"microbatch_size must be >= 1, got {self.microbatch_size}")
+    if self.num_stages < 1 or self.tensor < 1:
+      raise ValueError(f"num_stages and tensor must be >= 1, got {self.num_stages}, {self.tensor}")

@@ -30,31 +30,28 @@ def bucket_length(n: int, limit: int) -> int:
   return min(b, limit)
 
 
-@functools.lru_cache(maxsize=None)
-def make_steps(cfg: ModelConfig, start: int = 0, stop: int | None = None):
-  """The jitted (prefill, decode) step functions of the stage [start, stop).
+def step_functions(cfg: ModelConfig, start: int = 0, stop: int | None = None):
+  """The un-jitted (prefill, decode) step functions of the stage [start, stop).
 
   prefill(params, cache, x, positions) -> (cache, out)
-    x: tokens [B, T] (first stage) or hidden [B, T, D]; positions [B, T], -1 marks padding.
-    out: logits [B, V] of each row's last prompt token on the last stage, else hidden [B, T, D].
+    Starts a new sequence in every row (lengths are reset: a reused slot's stale entries are
+    overwritten or masked). x: tokens [B, T] (first stage) or hidden [B, T, D]; positions [B, T],
+    -1 marks padding. out: logits [B, V] of each row's last prompt token on the last stage, else
+    hidden [B, T, D].
   decode(params, cache, x, positions) -> (cache, out)
     x: tokens [B] (first stage) or hidden [B, 1, D]; positions [B] (a row's current length;
     -1 for a row that must not write). out: logits [B, V] (last stage) or hidden [B, 1, D].
-
-  The cache argument of both is donated: the caller must not read the cache it passed in again
-  (copy it first if a background thread still needs it).
   """
   stop = cfg.num_layers if stop is None else stop
   check_layer_range(cfg, start, stop)
   last = stop == cfg.num_layers
 
-  @functools.partial(jax.jit, donate_argnums=(1,))
   def prefill(params, cache: KVCache, x, positions):
+    cache = cache.replace(lengths=jnp.zeros_like(cache.lengths))
     select = jnp.argmax(positions, axis=1) if last else None
     cache, out = stage_apply(cfg, start, stop, params, cache, x, positions, select=select)
     return cache, (out[:, 0] if last else out)
 
-  @functools.partial(jax.jit, donate_argnums=(1,))
   def decode(params, cache: KVCache, x, positions):
     if positions.ndim == 1:
       positions = positions[:, None]
@@ -64,6 +61,15 @@ def make_steps(cfg: ModelConfig, start: int = 0, stop: int | None = None):
     return cache, (out[:, 0] if last else out)
 
   return prefill, decode
+
+
+@functools.lru_cache(maxsize=None)
+def make_steps(cfg: ModelConfig, start: int = 0, stop: int | None = None):
+  """Jitted `step_functions` (see there) for one device. The cache argument of both is donated:
+  the caller must not read the cache it passed in again (copy it first if a background thread
+  still needs it)."""
+  prefill, decode = step_functions(cfg, start, stop)
+  return (jax.jit(prefill, donate_argnums=(1,)), jax.jit(decode, donate_argnums=(1,)))
 
 
 @functools.partial(jax.jit, static_argnames=("temperature", "top_k", "top_p"))

@@ -1,0 +1,1 @@
+"""Pipeline parallelism: stage plans on a device mesh, per-stage programs, stage workers."""

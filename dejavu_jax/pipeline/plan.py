@@ -1,0 +1,117 @@
+"""Stage plans: L layers -> D contiguous layer ranges -> disjoint device groups of a Mesh.
+
+The mesh has axes ('stage', 'tensor'): stage s owns the devices mesh.devices[s], and its
+parameters are placed on that sub-mesh, tensor-sharded Megatron-style when 'tensor' > 1 (column
+split of q/k/v/fc1, row split of out_proj/fc2, KV cache split by heads).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from dejavu_jax.config import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class StagePlan:
+  ranges: tuple[tuple[int, int], ...]   # [start, stop) layers per stage
+  tensor: int = 1
+
+  @property
+  def num_stages(self) -> int:
+    return len(self.ranges)
+
+  def layers(self, s: int) -> int:
+    return self.ranges[s][1] - self.ranges[s][0]
+
+
+def balanced_ranges(num_layers: int, num_stages: int) -> tuple[tuple[int, int], ...]:
+  """Contiguous ranges whose sizes differ by at most one (earlier stages get the extra layer)."""
+  base, extra = divmod(num_layers, num_stages)
+  out, start = [], 0
+  for s in range(num_stages):
+    stop = start + base + (1 if s < extra else 0)
+    out.append((start, stop))
+    start = stop
+  return tuple(out)
+
+
+def plan_stages(cfg: ModelConfig, num_stages: int, ranges=None, tensor: int = 1,
+                num_devices: int | None = None) -> StagePlan:
+  """Validates and returns a plan; every impossible plan is a ValueError that says why."""
+  if num_stages < 1:
+    raise ValueError(f"num_stages must be >= 1, got {num_stages}")
+  if num_stages > cfg.num_layers:
+    raise ValueError(f"cannot split {cfg.num_layers} layers into {num_stages} stages: more stages "
+                     "than layers")
+  if tensor < 1 or cfg.num_heads % tensor:
+    raise ValueError(f"tensor parallelism {tensor} must be >= 1 and divide the "
+                     f"{cfg.num_heads} attention heads")
+  num_devices = len(jax.devices()) if num_devices is None else num_devices
+  if num_stages * tensor > num_devices:
+    raise ValueError(f"plan needs {num_stages} stages x {tensor} devices = "
+                     f"{num_stages * tensor} devices but only {num_devices} are available")
+  if ranges is None:
+    ranges = balanced_ranges(cfg.num_layers, num_stages)
+  ranges = tuple((int(a), int(b)) for a, b in ranges)
+  if len(ranges) != num_stages:
+    raise ValueError(f"{len(ranges)} layer ranges given for {num_stages} stages")
+  expect = 0
+  for a, b in ranges:
+    if b <= a:
+      raise ValueError(f"stage range [{a}, {b}) is empty")
+    if a != expect:
+      what = "overlap" if a < expect else "leave a gap"
+      raise ValueError(f"stage ranges {list(ranges)} {what} at layer {min(a, expect)}: they must "
+                       f"cover [0, {cfg.num_layers}) contiguously")
+    expect = b
+  if expect != cfg.num_layers:
+    raise ValueError(f"stage ranges {list(ranges)} end at layer {expect}, but the model has "
+                     f"{cfg.num_layers} layers")
+  return StagePlan(ranges=ranges, tensor=tensor)
+
+
+def make_mesh(plan: StagePlan, devices=None) -> Mesh:
+  """A ('stage', 'tensor') mesh over the first D * tensor devices (or `devices`)."""
+  devices = jax.devices() if devices is None else list(devices)
+  n = plan.num_stages * plan.tensor
+  if len(devices) < n:
+    raise ValueError(f"plan needs {n} devices, got {len(devices)}")
+  return Mesh(np.asarray(devices[:n]).reshape(plan.num_stages, plan.tensor), ("stage", "tensor"))
+
+
+def stage_mesh(mesh: Mesh, s: int) -> Mesh:
+  """The 1-D ('tensor',) sub-mesh of stage s."""
+  return Mesh(mesh.devices[s], ("tensor",))
+
+
+_COLUMN = ("q_proj", "k_proj", "v_proj", "fc1")   # output features split
+_ROW = ("out_proj", "fc2")                        # input features split
+
+
+def param_spec(path) -> P:
+  """PartitionSpec of a parameter (by its path) in a tensor-parallel stage."""
+  names = [getattr(k, "key", str(k)) for k in path]
+  leaf, owner = names[-1], names[-2] if len(names) > 1 else ""
+  if owner in _COLUMN:
+    return P(None, "tensor") if leaf == "kernel" else P("tensor")
+  if owner in _ROW and leaf == "kernel":
+    return P("tensor", None)
+  return P()
+
+
+def param_shardings(sub: Mesh, params):
+  return jax.tree_util.tree_map_with_path(lambda p, _: NamedSharding(sub, param_spec(p)), params)
+
+
+def cache_sharding(sub: Mesh) -> NamedSharding:
+  """KV [L, B, S, H, K] split by heads over the stage's tensor devices."""
+  return NamedSharding(sub, P(None, None, None, "tensor", None))
+
+
+def replicated(sub: Mesh) -> NamedSharding:
+  return NamedSharding(sub, P())

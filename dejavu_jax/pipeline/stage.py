@@ -1,0 +1,75 @@
+"""StageProgram: the compiled prefill/decode steps of one pipeline stage on its sub-mesh.
+
+Stateless: the worker that runs it owns the params and the per-microbatch KV caches. Shapes are
+static per (microbatch size, prompt bucket, cache length), so serving compiles a handful of
+programs per stage and decoding never recompiles. Cache arguments are donated.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import jax
+import jax.numpy as jnp
+
+from dejavu_jax.config import ModelConfig
+from dejavu_jax.kv.cache import KVCache, init_cache_for
+from dejavu_jax.models.decoder import stage_params
+from dejavu_jax.models.generate import step_functions
+from dejavu_jax.pipeline import plan as plan_lib
+
+# XLA collectives on forced CPU devices, dispatched asynchronously from several threads, can
+# deadlock (measured: about half the runs; see DESIGN.md "Runtimes"). Tensor-parallel stages
+# therefore dispatch and complete their step under one process-wide lock.
+_COLLECTIVE_LOCK = threading.Lock()
+
+
+class StageProgram:
+  """Compiled steps of stage `s` of `plan` on `mesh`."""
+
+  def __init__(self, cfg: ModelConfig, plan: plan_lib.StagePlan, mesh, s: int):
+    self.cfg, self.index = cfg, s
+    self.start, self.stop = plan.ranges[s]
+    self.first, self.last = self.start == 0, self.stop == cfg.num_layers
+    self.num_layers = self.stop - self.start
+    self.sub = plan_lib.stage_mesh(mesh, s)
+    self.tensor = plan.tensor
+    self.devices = tuple(self.sub.devices.flat)
+    rep = plan_lib.replicated(self.sub)
+    kv_sharding = plan_lib.cache_sharding(self.sub)
+    self._rep = rep
+    self._cache_sharding = KVCache(k=kv_sharding, v=kv_sharding, lengths=rep)
+    prefill, decode = step_functions(cfg, self.start, self.stop)
+    out = (self._cache_sharding, rep)
+    self._prefill = jax.jit(prefill, donate_argnums=(1,), out_shardings=out)
+    self._decode = jax.jit(decode, donate_argnums=(1,), out_shardings=out)
+
+  def place_params(self, params):
+    """This stage's subset of the whole model's params, placed (and sharded) on its devices."""
+    sub = stage_params(self.cfg, params, self.start, self.stop)
+    return jax.device_put(sub, plan_lib.param_shardings(self.sub, sub))
+
+  def new_cache(self, batch: int, max_len: int) -> KVCache:
+    cache = init_cache_for(self.cfg, self.num_layers, batch, max_len)
+    return jax.device_put(cache, self._cache_sharding)
+
+  def to_stage(self, x):
+    """Moves an input (tokens, hidden states, positions) onto this stage's devices."""
+    return jax.device_put(x, self._rep)
+
+  def prefill(self, params, cache: KVCache, x, positions):
+    """See `step_functions`; `cache` is donated."""
+    return self._run(self._prefill, params, cache, x, positions)
+
+  def decode(self, params, cache: KVCache, x, positions):
+    """See `step_functions`; `cache` is donated."""
+    return self._run(self._decode, params, cache, x, positions)
+
+  def _run(self, fn, params, cache, x, positions):
+    x, positions = self.to_stage(x), self.to_stage(jnp.asarray(positions, jnp.int32))
+    if self.tensor == 1:
+      return fn(params, cache, x, positions)
+    with _COLLECTIVE_LOCK:
+      out = fn(params, cache, x, positions)
+      jax.block_until_ready(out)
+      return out

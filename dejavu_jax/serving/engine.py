@@ -1,0 +1,211 @@
+"""PipelineEngine: the paper's baseline server (pipeline parallelism with microbatch injection).
+
+It wires the pieces together: a `StagePlan` on a ('stage', 'tensor') mesh, one `StageProgram`
+and one `StageWorker` thread per stage (pipeline/worker.py walks through the threads and queues),
+the FIFO `Scheduler`, sampling, and per-request metrics. `serve` runs an open-loop workload:
+requests are admitted when their arrival time comes, whether or not the pipeline is busy.
+
+Bad requests (empty, token ids outside the vocabulary, prompt + new tokens longer than the
+context) are rejected one by one with a message naming the problem; every request admitted before
+or after them still finishes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import time
+from typing import Callable, Sequence
+
+import jax
+import numpy as np
+
+from dejavu_jax.config import ModelConfig, ServeConfig
+from dejavu_jax.models.generate import bucket_length, pad_prompts, sample, validate_prompts
+from dejavu_jax.pipeline.plan import make_mesh, plan_stages
+from dejavu_jax.pipeline.scheduler import Microbatch, Scheduler
+from dejavu_jax.pipeline.stage import StageProgram
+from dejavu_jax.pipeline.worker import StepError, StageWorker, StepMsg, StepResult
+from dejavu_jax.serving import metrics as metrics_lib
+from dejavu_jax.serving.pacing import make_pace_fn
+from dejavu_jax.serving.workload import Request
+
+
+@dataclasses.dataclass
+class ServeResult:
+  records: list                    # metrics.RequestRecord per served request, by request id
+  rejected: dict                   # request_id -> reason
+  summary: dict
+  wall_s: float
+  stage_busy_s: list
+
+  def tokens(self) -> dict[int, list[int]]:
+    return {r.request_id: list(r.tokens) for r in self.records}
+
+
+class PipelineEngine:
+  """A D-stage pipeline serving requests; use as a context manager (or call close())."""
+
+  def __init__(self, cfg: ModelConfig, params, serve: ServeConfig, cost_model=None,
+               devices: Sequence | None = None, time_scale: float = 1.0):
+    self.cfg, self.serve_cfg = cfg, serve
+    devices = jax.devices() if devices is None else list(devices)
+    self.plan = plan_stages(cfg, serve.num_stages, serve.stage_ranges, serve.tensor,
+                            num_devices=len(devices))
+    if serve.max_len > cfg.max_positions:
+      raise ValueError(f"max_len {serve.max_len} exceeds the model's {cfg.max_positions} "
+                       "positions")
+    self.mesh = make_mesh(self.plan, devices)
+    self.params = params  # kept: a replacement worker places its stage's subset again
+    self.pace = None
+    if serve.pacing == "paced":
+      if cost_model is None:
+        raise ValueError("pacing='paced' needs a cost model")
+      self.pace = make_pace_fn(cost_model, self.plan.num_stages, time_scale)
+    self.results: queue.Queue = queue.Queue()
+    self.programs = [StageProgram(cfg, self.plan, self.mesh, s)
+                     for s in range(self.plan.num_stages)]
+    self.workers = [self._new_worker(s) for s in range(self.plan.num_stages)]
+    self._link()
+    for w in self.workers:
+      w.start()
+    self._key = jax.random.key(serve.seed)
+
+  # ---- workers ----
+  def _new_worker(self, s: int) -> StageWorker:
+    return StageWorker(self.programs[s], self.params, self.plan.num_stages,
+                       self.serve_cfg.microbatch_size, self.serve_cfg.max_len, self.results,
+                       self.pace)
+
+  def _link(self) -> None:
+    for a, b in zip(self.workers[:-1], self.workers[1:]):
+      a.next = b
+
+  def replace_worker(self, s: int) -> StageWorker:
+    """Stops worker s (if alive) and starts a fresh one for the same stage (empty caches)."""
+    self.workers[s].stop()
+    self.workers[s] = self._new_worker(s)
+    self._link()
+    return self.workers[s].start()
+
+  def close(self) -> None:
+    for w in self.workers:
+      w.stop()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+  # ---- serving ----
+  def validate(self, request: Request) -> str | None:
+    """The reason `request` cannot be served, or None."""
+    try:
+      validate_prompts(self.cfg, [request.prompt], request.max_new_tokens, self.serve_cfg.max_len)
+    except ValueError as e:
+      return f"request {request.request_id}: " + str(e).replace("prompt 0", "prompt")
+    return None
+
+  def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+    """All prompts arrive at once; returns the generated tokens per prompt (in order)."""
+    reqs = [Request(i, 0.0, tuple(p), max_new_tokens) for i, p in enumerate(prompts)]
+    result = self.serve(reqs)
+    if result.rejected:
+      raise ValueError("; ".join(result.rejected.values()))
+    toks = result.tokens()
+    return [toks[i] for i in range(len(prompts))]
+
+  def serve(self, requests: Sequence[Request],
+            progress: Callable[[int, int], None] | None = None) -> ServeResult:
+    """Serves an open-loop workload (requests sorted by arrival, seconds from now)."""
+    sc = self.serve_cfg
+    sched = Scheduler(self.plan.num_stages, sc.microbatch_size, sc.mode)
+    requests = sorted(requests, key=lambda r: (r.arrival, r.request_id))
+    records: dict[int, metrics_lib.RequestRecord] = {}
+    rejected: dict[int, str] = {}
+    busy0 = [w.busy_s for w in self.workers]
+    t0 = time.perf_counter()
+    now = lambda: time.perf_counter() - t0  # noqa: E731
+    nxt, finished = 0, 0
+    last_progress = time.perf_counter()
+    while nxt < len(requests) or not sched.idle:
+      while nxt < len(requests) and requests[nxt].arrival <= now():
+        req = requests[nxt]
+        nxt += 1
+        reason = self.validate(req)
+        if reason:
+          rejected[req.request_id] = reason
+          continue
+        records[req.request_id] = metrics_lib.RequestRecord(
+            request_id=req.request_id, arrival=req.arrival, prompt_len=len(req.prompt))
+        sched.admit(req)
+      while (mb := sched.inject()) is not None:
+        self._send_prefill(mb)
+      if not sched.in_flight:
+        if nxt < len(requests):
+          time.sleep(max(0.0, min(requests[nxt].arrival - now(), 0.05)))
+        continue
+      wait = 0.05 if nxt >= len(requests) else max(0.0, min(requests[nxt].arrival - now(), 0.05))
+      try:
+        msg = self.results.get(timeout=max(wait, 1e-4))
+      except queue.Empty:
+        if time.perf_counter() - last_progress > sc.step_timeout_s:
+          raise TimeoutError(f"no pipeline step finished in {sc.step_timeout_s} s; worker "
+                             f"heartbeats: {[round(time.monotonic() - w.last_heartbeat, 2) for w in self.workers]} s ago")
+        continue
+      last_progress = time.perf_counter()
+      if isinstance(msg, StepError):
+        raise RuntimeError(f"stage {msg.stage} failed on microbatch {msg.mb_id}: "
+                           f"{msg.error!r}") from msg.error
+      finished += self._on_result(sched, msg, records, now)
+      if progress:
+        progress(finished, len(requests))
+    wall = now()
+    recs = [records[i] for i in sorted(records)]
+    summary = metrics_lib.summarize(recs, duration=wall)
+    summary["rejected"] = len(rejected)
+    return ServeResult(recs, rejected, summary, wall,
+                       [w.busy_s - b for w, b in zip(self.workers, busy0)])
+
+  def _send_prefill(self, mb: Microbatch) -> None:
+    bucket = bucket_length(mb.prompt_bucket_len, self.serve_cfg.max_len)
+    prompts = [r.prompt for r in mb.requests] + [[self.cfg.pad_token_id]] * (
+        mb.batch - len(mb.requests))
+    tokens, positions = pad_prompts(prompts, bucket, self.cfg.pad_token_id)
+    positions[len(mb.requests):] = -1  # empty rows write nothing
+    self.workers[0].put(StepMsg("prefill", mb.slot, mb.mb_id, 0, tokens, positions,
+                                len(mb.requests), mb.prompt_bucket_len, time.perf_counter()))
+
+  def _on_result(self, sched: Scheduler, res: StepResult, records, now) -> int:
+    mb = sched.in_flight[res.mb_id]
+    sc = self.serve_cfg
+    if sc.temperature == 0.0:
+      # Greedy on the host: same first-max tie rule as jnp.argmax, without extra dispatches on
+      # the engine thread (which is on every step's critical path).
+      toks = np.asarray(res.logits).argmax(axis=-1).astype(np.int32)
+    else:
+      key = jax.random.fold_in(jax.random.fold_in(self._key, mb.mb_id), mb.step)
+      toks = np.asarray(sample(res.logits, key, sc.temperature, sc.top_k, sc.top_p))
+    t = now()
+    finished_rows = sched.on_tokens(mb, toks, sc.eos_token_id)
+    for i, req in enumerate(mb.requests):
+      rec = records[req.request_id]
+      if len(mb.generated[i]) > len(rec.tokens):
+        rec.tokens.append(mb.generated[i][-1])
+        rec.token_times.append(t)
+        if rec.first_token is None:
+          rec.first_token = t
+    for i in finished_rows:
+      rec = records[mb.requests[i].request_id]
+      rec.finish, rec.output_len = t, len(rec.tokens)
+    if mb.complete:
+      sched.release(mb)
+      return len(finished_rows)
+    positions = sched.advance(mb)
+    x = np.where(mb.done, self.cfg.pad_token_id, toks).astype(np.int32)
+    live = int((~mb.done).sum())
+    # Sampling belongs to the last stage's step: the next step is ready when that one ended.
+    self.workers[0].put(StepMsg("decode", mb.slot, mb.mb_id, mb.step, x, positions, live,
+                                int(positions.max()) + 1, res.done_at))
+    return len(finished_rows)

@@ -1,0 +1,373 @@
+"""Per-request records, the metrics summary, its JSONL files, its table and its latency plot.
+
+This module owns what every serving experiment reports, for the real engine and (through
+`summarize`'s duck typing) for the simulator:
+
+* `RequestRecord`: one request's times (seconds on one clock): arrival, first token, finish, and
+  optionally every token's time; the tokens generated; the tokens a recovery recomputed.
+* `MetricsLog`: a thread-safe collector the client and the engine call as events happen.
+* `summarize`: throughput, TTFT, TPOT, ITL, end-to-end latency and the paper's normalized latency
+  (end-to-end latency / generated tokens, s/token) over the *finished* requests; the others are
+  counted in `num_unfinished` and left out of every other number.
+* `write_jsonl` / `read_jsonl`, `format_summary`, `plot_latency_vs_rate`.
+
+Metric names follow vLLM's `benchmark_serving.py` where the quantity is the same (`duration`,
+`completed`, `request_throughput`, `output_throughput`, `mean_ttft_ms`, `median_ttft_ms`,
+`p99_tpot_ms`, `mean_e2el_ms`, ...), so results sit beside vLLM's; the paper's metric is ours:
+`norm_latency_{mean,p50,p95,p99}_s_per_tok`. Definitions, for a finished request with n
+generated tokens:
+
+    ttft         = first_token - arrival
+    tpot         = (finish - first_token) / (n - 1)          (only requests with n > 1)
+    itl          = gaps between consecutive token times       (only where token times were kept)
+    e2el         = finish - arrival
+    norm_latency = e2el / n                                   (s/token, the paper's y axis)
+
+Throughput divides the finished requests' counts by `duration`: by default from the first arrival
+(of any request) to the last finish. Percentiles interpolate linearly (numpy's default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import threading
+import time
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+PERCENTILES = (95, 99)  # besides the mean and the median
+
+
+@dataclasses.dataclass
+class RequestRecord:
+  """One request's life. Times are seconds on the client's clock; None until they happen.
+
+  Attributes:
+    request_id: the workload's request id.
+    arrival: when the client sent it.
+    prompt_len: prompt tokens.
+    first_token: when the first generated token was produced (the prompt step yields it).
+    finish: when the last token was produced.
+    output_len: tokens generated (the first one included).
+    tokens: the generated token ids, when the engine reports them.
+    token_times: when each generated token was produced (token_times[0] == first_token), when
+      the engine reports them.
+    recomputed_tokens: tokens generated again after a failure (not counted in output_len).
+  """
+
+  request_id: int
+  arrival: float
+  prompt_len: int
+  first_token: float | None = None
+  finish: float | None = None
+  output_len: int = 0
+  tokens: list[int] = dataclasses.field(default_factory=list)
+  token_times: list[float] = dataclasses.field(default_factory=list)
+  recomputed_tokens: int = 0
+
+  @property
+  def done(self) -> bool:
+    return not _missing(self.finish)
+
+
+def _missing(t: float | None) -> bool:
+  # None is ours; NaN is how the simulator's records say "not yet".
+  return t is None or (isinstance(t, float) and math.isnan(t))
+
+
+def _stats(prefix: str, values: Sequence[float], scale: float, suffix: str) -> dict[str, float]:
+  """mean/median/std/p95/p99 of `values` * scale, keyed vLLM-style (`mean_ttft_ms`, ...)."""
+  v = np.asarray(values, np.float64) * scale
+  if v.size == 0:
+    out = {f"mean_{prefix}{suffix}": math.nan, f"median_{prefix}{suffix}": math.nan,
+           f"std_{prefix}{suffix}": math.nan}
+    return out | {f"p{p}_{prefix}{suffix}": math.nan for p in PERCENTILES}
+  out = {f"mean_{prefix}{suffix}": float(v.mean()),
+         f"median_{prefix}{suffix}": float(np.median(v)),
+         f"std_{prefix}{suffix}": float(v.std())}
+  return out | {f"p{p}_{prefix}{suffix}": float(np.percentile(v, p)) for p in PERCENTILES}
+
+
+def summarize(records: Iterable[Any], duration: float | None = None) -> dict:
+  """The metrics of a run (module docstring for the definitions).
+
+  Args:
+    records: `RequestRecord`s, or any objects with the attributes `arrival`, `prompt_len`,
+      `first_token`, `finish` (None or NaN when missing) and `output_len`, and optionally
+      `token_times` and `recomputed_tokens` (the simulator's records qualify).
+    duration: the run's length in seconds for the throughputs; by default from the first arrival
+      to the last finish.
+
+  Returns:
+    A flat dict of floats and ints. Latency metrics cover finished requests only (NaN when none
+    finished); `num_unfinished` says how many were left out.
+  """
+  records = list(records)
+  done = [r for r in records if not _missing(r.finish)]
+  if duration is None:
+    duration = (max(r.finish for r in done) - min(r.arrival for r in records)
+                if done else math.nan)
+  in_tokens = sum(int(r.prompt_len) for r in done)
+  out_tokens = sum(int(r.output_len) for r in done)
+
+  def per_sec(x: float) -> float:
+    if math.isnan(duration):
+      return math.nan
+    return x / duration if duration > 0 else math.inf
+
+  started = [r for r in done if not _missing(r.first_token)]
+  ttft = [r.first_token - r.arrival for r in started]
+  tpot = [(r.finish - r.first_token) / (r.output_len - 1) for r in started if r.output_len > 1]
+  itl = [gap for r in done for gap in np.diff(np.asarray(getattr(r, "token_times", ()) or (),
+                                                         np.float64))]
+  e2el = [r.finish - r.arrival for r in done]
+  norm = [(r.finish - r.arrival) / r.output_len for r in done if r.output_len > 0]
+
+  out = {
+      "num_requests": len(records),
+      "completed": len(done),
+      "num_unfinished": len(records) - len(done),
+      "duration": float(duration),
+      "total_input_tokens": in_tokens,
+      "total_output_tokens": out_tokens,
+      "total_recomputed_tokens": sum(int(getattr(r, "recomputed_tokens", 0)) for r in records),
+      "request_throughput": per_sec(len(done)),
+      "output_throughput": per_sec(out_tokens),
+      "total_token_throughput": per_sec(in_tokens + out_tokens),
+  }
+  norm = np.asarray(norm, np.float64)
+  out["norm_latency_mean_s_per_tok"] = float(norm.mean()) if norm.size else math.nan
+  for p in (50, *PERCENTILES):
+    out[f"norm_latency_p{p}_s_per_tok"] = float(np.percentile(norm, p)) if norm.size else math.nan
+  for name, values in (("ttft", ttft), ("tpot", tpot), ("itl", itl), ("e2el", e2el)):
+    out |= _stats(name, values, 1e3, "_ms")
+  return out
+
+
+def write_jsonl(path: str | os.PathLike, records: Iterable[RequestRecord]) -> None:
+  """Writes one JSON object per request (the record's fields), one per line."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w", encoding="utf-8") as f:
+    for r in records:
+      f.write(json.dumps(dataclasses.asdict(r)) + "\n")
+
+
+def read_jsonl(path: str | os.PathLike) -> list[RequestRecord]:
+  """Reads `write_jsonl`'s file. Keys that are not record fields are ignored (annotations)."""
+  fields = {f.name for f in dataclasses.fields(RequestRecord)}
+  out = []
+  with open(path, encoding="utf-8") as f:
+    for lineno, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      obj = json.loads(line)
+      try:
+        out.append(RequestRecord(**{k: v for k, v in obj.items() if k in fields}))
+      except TypeError as e:
+        raise ValueError(f"{path}:{lineno}: not a request record: {e}") from e
+  return out
+
+
+def _unit(key: str) -> str:
+  if key.endswith("_ms"):
+    return "ms"
+  if key.endswith("_s_per_tok"):
+    return "s/token"
+  if key == "request_throughput":
+    return "req/s"
+  if key.endswith("token_throughput") or key == "output_throughput":
+    return "tok/s"
+  if key == "duration":
+    return "s"
+  return ""
+
+
+def _family(key: str) -> str:
+  for name in ("norm_latency", "ttft", "tpot", "itl", "e2el", "throughput"):
+    if name in key:
+      return name
+  return ""
+
+
+def format_summary(summary: dict, title: str | None = None) -> str:
+  """A readable two-column table of `summary` (units from the key names), grouped by metric."""
+  width = max((len(k) for k in summary), default=0)
+  lines = [title, "=" * max(len(title), width + 20)] if title else []
+  family = None
+  for key, value in summary.items():
+    if family is not None and _family(key) != family:
+      lines.append("")
+    family = _family(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+      text = str(value)
+    elif isinstance(value, (int, np.integer)):
+      text = f"{value:d}"
+    else:
+      text = f"{value:.6g}"
+    lines.append(f"{key:<{width}}  {text:>12} {_unit(key)}".rstrip())
+  return "\n".join(lines)
+
+
+def _stat_name(key: str) -> str:
+  """'p99' from 'norm_latency_p99_s_per_tok' (the legend's name for a series)."""
+  m = re.search(r"(?:^|_)(p\d+|mean|median)(?:_|$)", key)
+  return m.group(1) if m else key
+
+
+def plot_latency_vs_rate(rows: Sequence[dict], path: str | os.PathLike, *,
+                         rate_key: str = "rate", system_key: str = "system",
+                         median_key: str = "norm_latency_p50_s_per_tok",
+                         tail_key: str | None = "norm_latency_p99_s_per_tok",
+                         title: str | None = None, log_y: bool = False) -> str:
+  """Normalized latency against request rate, as in the paper's figures, saved to `path`.
+
+  Args:
+    rows: one summary per (system, rate), with the request rate under `rate_key` and, when
+      several systems are compared, the system's name under `system_key`.
+    path: the image file (format from the extension, e.g. .png or .pdf).
+    rate_key: the key holding the request rate (requests/s).
+    system_key: the key naming the system; rows without it form one unnamed series.
+    median_key: drawn solid, with markers.
+    tail_key: drawn dashed in the same color; None to leave it out.
+    title: the figure title.
+    log_y: a logarithmic latency axis (latency explodes past saturation).
+
+  Returns:
+    `path`, as a string.
+  """
+  # The figure is built without pyplot: no global backend state, safe beside other threads.
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+
+  series: dict[str, list[dict]] = {}
+  for row in rows:
+    if rate_key not in row:
+      raise ValueError(f"a row has no request rate under {rate_key!r}: keys {sorted(row)}")
+    series.setdefault(str(row.get(system_key, "")), []).append(row)
+  fig = Figure(figsize=(6.4, 4.2))
+  FigureCanvasAgg(fig)
+  ax = fig.add_subplot()
+  for i, (system, pts) in enumerate(series.items()):
+    pts = sorted(pts, key=lambda r: r[rate_key])
+    rates = [r[rate_key] for r in pts]
+    color = f"C{i % 10}"
+    label = system or "system"
+    ax.plot(rates, [r[median_key] for r in pts], "o-", color=color,
+            label=f"{label} {_stat_name(median_key)}")
+    if tail_key is not None:
+      ax.plot(rates, [r[tail_key] for r in pts], "--", color=color,
+              label=f"{label} {_stat_name(tail_key)}")
+  ax.set_xlabel("request rate (requests/s)")
+  ax.set_ylabel("normalized latency (s/token)")
+  if log_y:
+    ax.set_yscale("log")
+  if title:
+    ax.set_title(title)
+  ax.grid(True, alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  path = os.fspath(path)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path)
+  return path
+
+
+class MetricsLog:
+  """A thread-safe collector of `RequestRecord`s, fed as events happen.
+
+  Who calls it: the client thread calls `on_arrival` as it sends each request; the engine's
+  thread(s) call `on_first_token` / `on_token` as tokens come out, `on_recompute` when a recovery
+  regenerates tokens, and `on_finish`; any thread may call `records()` or `summary()`. One lock
+  guards the records and every call holds it for O(1) work, so a token-producing thread never
+  waits long behind a reader (`records()` copies under the lock, then returns the copies).
+
+  Tokens are counted once, as the client receives them: `on_token` for each (the first one sets
+  `first_token`), or `on_first_token` for the first and `on_token` for the rest; tokens that a
+  recovery recomputes go to `on_recompute`, not `on_token`. An engine that does not report
+  tokens one by one calls `on_first_token` and then `on_finish(..., output_len=n)`.
+
+  Times: each method takes `t` in seconds; when it is None the log reads its clock, measured
+  from the log's creation (or `start`), so the workload's arrival times and the log share zero.
+  """
+
+  def __init__(self, clock: Callable[[], float] = time.perf_counter, start: float | None = None):
+    self._clock = clock
+    self._start = clock() if start is None else start
+    self._lock = threading.Lock()
+    self._records: dict[int, RequestRecord] = {}
+
+  def now(self) -> float:
+    """Seconds since the log's start, on its clock."""
+    return self._clock() - self._start
+
+  def _get(self, request_id: int, event: str) -> RequestRecord:
+    try:
+      return self._records[request_id]
+    except KeyError:
+      raise KeyError(f"request {request_id}: {event} before on_arrival") from None
+
+  def on_arrival(self, request_id: int, t: float | None = None, prompt_len: int = 0) -> None:
+    t = self.now() if t is None else t
+    with self._lock:
+      if request_id in self._records:
+        raise ValueError(f"request {request_id} arrived twice")
+      self._records[request_id] = RequestRecord(request_id, t, prompt_len)
+
+  def on_first_token(self, request_id: int, t: float | None = None,
+                     token: int | None = None) -> None:
+    t = self.now() if t is None else t
+    with self._lock:
+      r = self._get(request_id, "on_first_token")
+      if r.first_token is not None:
+        raise ValueError(f"request {request_id} already has its first token")
+      self._add_token(r, t, token)
+
+  def on_token(self, request_id: int, t: float | None = None, token: int | None = None) -> None:
+    t = self.now() if t is None else t
+    with self._lock:
+      self._add_token(self._get(request_id, "on_token"), t, token)
+
+  @staticmethod
+  def _add_token(r: RequestRecord, t: float, token: int | None) -> None:
+    if r.finish is not None:
+      raise ValueError(f"request {r.request_id} got a token after it finished")
+    if r.first_token is None:
+      r.first_token = t
+    r.output_len += 1
+    r.token_times.append(t)
+    if token is not None:
+      r.tokens.append(int(token))
+
+  def on_recompute(self, request_id: int, n: int) -> None:
+    """`n` tokens of this request were generated again (after a failure)."""
+    with self._lock:
+      self._get(request_id, "on_recompute").recomputed_tokens += n
+
+  def on_finish(self, request_id: int, t: float | None = None,
+                output_len: int | None = None) -> None:
+    """The request's last token is out; `output_len` is for engines that did not count tokens."""
+    t = self.now() if t is None else t
+    with self._lock:
+      r = self._get(request_id, "on_finish")
+      if r.finish is not None:
+        raise ValueError(f"request {request_id} finished twice")
+      if output_len is not None:
+        if r.token_times and output_len != len(r.token_times):
+          raise ValueError(f"request {request_id}: output_len {output_len} but "
+                           f"{len(r.token_times)} tokens were reported")
+        r.output_len = output_len
+      r.finish = t
+
+  def records(self) -> list[RequestRecord]:
+    """Copies of the records so far, by request id."""
+    with self._lock:
+      return [dataclasses.replace(r, tokens=list(r.tokens), token_times=list(r.token_times))
+              for _, r in sorted(self._records.items())]
+
+  def summary(self, duration: float | None = None) -> dict:
+    return summarize(self.records(), duration)

@@ -1,0 +1,193 @@
+"""Tests of the request metrics: exact numbers on hand-made records, files, plot, the collector."""
+
+import math
+import threading
+import types
+
+import numpy as np
+import pytest
+
+from dejavu_jax.serving import metrics as mx
+
+
+def _records() -> list[mx.RequestRecord]:
+  """Three finished requests and one unfinished, with numbers easy to follow by hand.
+
+      id  arrival  first  finish  n  prompt  ttft  tpot          e2e  norm = e2e/n
+      0   0        1      4       4  10      1     (4-1)/3 = 1   4    1
+      1   1        3      5       2  20      2     (5-3)/1 = 2   4    2
+      2   2        5      14      4  30      3     (14-5)/3 = 3  12   3
+      3   3        4      -       1  40      (unfinished: left out of every latency)
+
+  Duration: first arrival 0 to last finish 14 = 14 s. Finished: 3 requests, 10 output tokens,
+  60 prompt tokens. Request 0 kept token times 1, 2, 3, 4 (ITL 1, 1, 1), request 1 kept 3, 5
+  (ITL 2): ITLs 1, 1, 1, 2.
+  """
+  return [
+      mx.RequestRecord(0, 0.0, 10, first_token=1.0, finish=4.0, output_len=4,
+                       tokens=[5, 6, 7, 8], token_times=[1.0, 2.0, 3.0, 4.0]),
+      mx.RequestRecord(1, 1.0, 20, first_token=3.0, finish=5.0, output_len=2,
+                       token_times=[3.0, 5.0]),
+      mx.RequestRecord(2, 2.0, 30, first_token=5.0, finish=14.0, output_len=4),
+      mx.RequestRecord(3, 3.0, 40, first_token=4.0, output_len=1, recomputed_tokens=5),
+  ]
+
+
+def test_summary_exact_numbers():
+  s = mx.summarize(_records())
+  assert s["num_requests"] == 4 and s["completed"] == 3 and s["num_unfinished"] == 1
+  assert s["duration"] == 14.0
+  assert (s["total_input_tokens"], s["total_output_tokens"]) == (60, 10)
+  assert s["total_recomputed_tokens"] == 5
+  assert s["request_throughput"] == pytest.approx(3 / 14)
+  assert s["output_throughput"] == pytest.approx(10 / 14)
+  assert s["total_token_throughput"] == pytest.approx(70 / 14)
+  # norm = [1, 2, 3]; linear percentiles on 3 points: p95 at rank 0.95 * 2 = 1.9 -> 2 + 0.9 * 1.
+  assert s["norm_latency_mean_s_per_tok"] == pytest.approx(2.0)
+  assert s["norm_latency_p50_s_per_tok"] == pytest.approx(2.0)
+  assert s["norm_latency_p95_s_per_tok"] == pytest.approx(2.9)
+  assert s["norm_latency_p99_s_per_tok"] == pytest.approx(2.98)
+  # TTFT and TPOT are both [1, 2, 3] s (request 3's TTFT of 1 s is left out: it did not finish).
+  for name in ("ttft", "tpot"):
+    assert s[f"mean_{name}_ms"] == pytest.approx(2000)
+    assert s[f"median_{name}_ms"] == pytest.approx(2000)
+    assert s[f"std_{name}_ms"] == pytest.approx(1000 * math.sqrt(2 / 3))
+    assert s[f"p95_{name}_ms"] == pytest.approx(2900)
+    assert s[f"p99_{name}_ms"] == pytest.approx(2980)
+  # E2E = [4, 4, 12] s: mean 20/3, median 4, p95 = 4 + 0.9 * 8 = 11.2.
+  assert s["mean_e2el_ms"] == pytest.approx(20000 / 3)
+  assert s["median_e2el_ms"] == pytest.approx(4000)
+  assert s["p95_e2el_ms"] == pytest.approx(11200)
+  # ITL = [1, 1, 1, 2] s.
+  assert s["mean_itl_ms"] == pytest.approx(1250)
+  assert s["median_itl_ms"] == pytest.approx(1000)
+
+
+def test_explicit_duration_and_single_token_requests():
+  s = mx.summarize(_records(), duration=20.0)
+  assert s["duration"] == 20.0 and s["request_throughput"] == pytest.approx(0.15)
+  # A one-token request has a TTFT but no TPOT.
+  one = [mx.RequestRecord(0, 0.0, 4, first_token=0.5, finish=0.5, output_len=1)]
+  s = mx.summarize(one)
+  assert s["mean_ttft_ms"] == pytest.approx(500) and math.isnan(s["mean_tpot_ms"])
+  assert s["norm_latency_p50_s_per_tok"] == pytest.approx(0.5)
+
+
+def test_nothing_finished():
+  for records in ([], [mx.RequestRecord(0, 0.0, 4, first_token=1.0, output_len=1)]):
+    s = mx.summarize(records)
+    assert s["completed"] == 0 and s["num_unfinished"] == len(records)
+    assert math.isnan(s["request_throughput"]) and math.isnan(s["norm_latency_p50_s_per_tok"])
+    assert math.isnan(s["p99_ttft_ms"])
+
+
+def test_duck_typed_records_with_nan_for_missing():
+  # The simulator's records say "not yet" with NaN and have no token times.
+  recs = [types.SimpleNamespace(arrival=0.0, prompt_len=8, first_token=1.0, finish=3.0,
+                                output_len=3),
+          types.SimpleNamespace(arrival=1.0, prompt_len=8, first_token=math.nan,
+                                finish=math.nan, output_len=5)]
+  s = mx.summarize(recs)
+  assert s["completed"] == 1 and s["num_unfinished"] == 1 and s["duration"] == 3.0
+  assert s["norm_latency_p50_s_per_tok"] == pytest.approx(1.0)
+  assert s["mean_tpot_ms"] == pytest.approx(1000) and math.isnan(s["mean_itl_ms"])
+
+
+def test_jsonl_round_trip(tmp_path):
+  path = tmp_path / "run" / "requests.jsonl"
+  mx.write_jsonl(path, _records())
+  lines = path.read_text().splitlines()
+  assert len(lines) == 4 and '"finish": null' in lines[3]
+  assert mx.read_jsonl(path) == _records()
+
+
+def test_read_jsonl_rejects_other_objects(tmp_path):
+  path = tmp_path / "x.jsonl"
+  path.write_text('{"request_id": 0, "arrival": 0.0, "prompt_len": 3, "note": "ok"}\n'
+                  '{"arrival": 1.0}\n')
+  with pytest.raises(ValueError, match=":2:"):
+    mx.read_jsonl(path)
+
+
+def test_format_summary():
+  text = mx.format_summary(mx.summarize(_records()), title="run")
+  assert text.startswith("run\n")
+  line = next(x for x in text.splitlines() if x.startswith("request_throughput"))
+  assert "0.214286" in line and line.endswith("req/s")
+  assert "norm_latency_p99_s_per_tok" in text and "s/token" in text
+
+
+def test_plot_latency_vs_rate(tmp_path):
+  rows = []
+  for system, scale in (("baseline", 2.0), ("dejavu", 1.0)):
+    for rate in (0.5, 1.0, 2.0):
+      rows.append({"system": system, "rate": rate, "norm_latency_p50_s_per_tok": scale * rate,
+                   "norm_latency_p99_s_per_tok": 2 * scale * rate})
+  path = mx.plot_latency_vs_rate(rows, tmp_path / "fig" / "latency.png", title="t", log_y=True)
+  with open(path, "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  with pytest.raises(ValueError, match="rate"):
+    mx.plot_latency_vs_rate([{"norm_latency_p50_s_per_tok": 1.0}], tmp_path / "x.png")
+
+
+def test_metrics_log_from_several_threads():
+  log = mx.MetricsLog()
+  n_threads, per_thread, n_tokens = 4, 50, 10
+
+  def worker(k):
+    for j in range(per_thread):
+      rid = k * per_thread + j
+      t0 = float(rid)
+      log.on_arrival(rid, t0, prompt_len=rid % 7 + 1)
+      log.on_first_token(rid, t0 + 0.5, token=3)
+      for i in range(1, n_tokens):
+        log.on_token(rid, t0 + 0.5 + 0.1 * i, token=3 + i)
+      log.on_finish(rid, t0 + 0.5 + 0.1 * (n_tokens - 1))
+
+  threads = [threading.Thread(target=worker, args=(k,)) for k in range(n_threads)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  recs = log.records()
+  assert [r.request_id for r in recs] == list(range(n_threads * per_thread))
+  assert all(r.output_len == n_tokens and len(r.token_times) == n_tokens for r in recs)
+  assert all(r.tokens == list(range(3, 3 + n_tokens)) for r in recs)
+  s = log.summary()
+  assert s["completed"] == 200 and s["mean_ttft_ms"] == pytest.approx(500)
+  assert s["median_tpot_ms"] == pytest.approx(100) and s["p99_itl_ms"] == pytest.approx(100)
+  # E2E 1.4 s over 10 tokens.
+  assert s["norm_latency_p99_s_per_tok"] == pytest.approx(0.14)
+  # records() hands out copies.
+  recs[0].token_times.append(99.0)
+  assert len(log.records()[0].token_times) == n_tokens
+
+
+def test_metrics_log_clock_and_misuse():
+  clock = iter(np.arange(100.0, 200.0, 1.0)).__next__  # 100, 101, ... per read
+  log = mx.MetricsLog(clock=clock)  # start = 100
+  log.on_arrival(7, prompt_len=3)  # t = 1
+  log.on_token(7)  # t = 2: the first token
+  log.on_recompute(7, 4)
+  log.on_finish(7)  # t = 3
+  (r,) = log.records()
+  assert (r.arrival, r.first_token, r.finish, r.output_len) == (1.0, 2.0, 3.0, 1)
+  assert r.recomputed_tokens == 4
+  with pytest.raises(KeyError, match="before on_arrival"):
+    log.on_token(8, 1.0)
+  with pytest.raises(ValueError, match="twice"):
+    log.on_arrival(7, 1.0)
+  with pytest.raises(ValueError, match="finished twice"):
+    log.on_finish(7, 5.0)
+  with pytest.raises(ValueError, match="after it finished"):
+    log.on_token(7, 5.0)
+  log.on_arrival(9, 0.0)
+  log.on_first_token(9, 1.0)
+  with pytest.raises(ValueError, match="already has"):
+    log.on_first_token(9, 1.5)
+  with pytest.raises(ValueError, match="tokens were reported"):
+    log.on_finish(9, 2.0, output_len=5)
+  # An engine that does not count tokens reports the total at the end.
+  log.on_arrival(10, 0.0)
+  log.on_finish(10, 2.0, output_len=8)
+  assert log.records()[-1].output_len == 8
