@@ -1,0 +1,410 @@
+"""Prompt/token planner: how to split D machines between a prompt and a token pipeline.
+
+Two answers, as in the paper:
+  * `analytical_plan`: the closed-form split (DEJAVU.md) with the memory constraints,
+      I_c = Y + N t + (D-1)(Y-t)/D,   I_p = m D Y / Dp,   I_t = N D t / Dt,
+      Dt = ceil(D N t / (m Y + N t)),  Dp = D - Dt,
+      Pn = floor(M / (C0 + W0)) -> Dp >= ceil(L / Pn),
+      Tn = floor((M - L (C0 + K0)) / W0) -> Dt >= ceil(L / Tn),
+    where Y and t are per-stage times with the model over D stages and N counts token steps
+    (output length - 1: the prompt step yields the first token).
+  * `search`: saturated discrete-event simulations over every (Dp, Dt) with Dp + Dt <= D and each
+    batch size, against the colocated baseline of depth d with r data-parallel replicas
+    (d r <= D). Plans may leave machines idle, so more machines can never be predicted slower.
+
+CLI: python -m dejavu_jax.planner --model=opt_66b --machines=4 --hardware=a100_80gb --prompt_len=1000
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+from dejavu_jax import costmodel as cm
+from dejavu_jax.config import ModelConfig, get_model_config
+from dejavu_jax.sim import colocated, disagg, workload
+
+# Device memory kept free for activations, workspace and fragmentation.
+DEFAULT_MEMORY_RESERVE = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+  """What the plan is for: fixed prompt length, mean output length, microbatch size."""
+
+  prompt_len: int = 1000
+  output_len: int = 250
+  batch_size: int = 8
+
+  def __post_init__(self):
+    if self.prompt_len < 1 or self.output_len < 2 or self.batch_size < 1:
+      raise ValueError(f"need prompt_len >= 1, output_len >= 2, batch_size >= 1; got {self}")
+
+  @property
+  def token_steps(self) -> int:
+    return self.output_len - 1
+
+  @property
+  def mean_context(self) -> int:
+    return self.prompt_len + self.token_steps // 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Memory:
+  """The per-machine sizes of the formulas: W0, C0, K0 (bytes per layer) and usable M."""
+
+  W0: int
+  C0: int
+  K0: int
+  M: float
+
+  @classmethod
+  def of(cls, model: ModelConfig, wl: Workload, machine_bytes: float,
+         reserve: float = DEFAULT_MEMORY_RESERVE, batch: int | None = None) -> "Memory":
+    b = wl.batch_size if batch is None else batch
+    return cls(model.layer_weight_bytes(), cm.prompt_kv_bytes_per_layer(model, b, wl.prompt_len),
+               cm.kv_bytes(model, 1, b, wl.token_steps), machine_bytes * (1 - reserve))
+
+  def colocated_fits(self, layers: int, depth: int) -> bool:
+    """A baseline stage holds its layers and the caches of all `depth` microbatches in flight."""
+    return math.ceil(layers / depth) * (self.W0 + depth * (self.C0 + self.K0)) <= self.M
+
+  def prompt_layers(self) -> int:
+    return int(self.M // (self.C0 + self.W0))  # Pn
+
+  def token_layers(self, layers: int) -> int:
+    return int((self.M - layers * (self.C0 + self.K0)) // self.W0)  # Tn
+
+
+@dataclasses.dataclass(frozen=True)
+class AnalyticalPlan:
+  """The closed-form answer; `binding` names the constraint that fixed Dt."""
+
+  D: int
+  Y: float
+  t: float
+  N: int
+  m: float
+  Ic: float
+  Ip: float
+  It: float
+  Dp: int
+  Dt: int
+  Dt_balance: int
+  Dp_min: int
+  Dt_min: int
+  Pn: int
+  Tn: int
+  threshold: float
+  binding: str
+
+  @property
+  def gain(self) -> float:
+    return self.Ic / max(self.Ip, self.It)
+
+  @property
+  def helps(self) -> bool:
+    """The paper's condition Y/t > (D-1)/(D(2-m)-1)."""
+    return self.threshold > 0 and self.Y / self.t > self.threshold
+
+
+def _require_fit(model: ModelConfig, machines: int, mem: Memory) -> None:
+  L = model.num_layers
+  if machines < 1:
+    raise ValueError(f"machines must be >= 1, got {machines}")
+  if L * mem.W0 > machines * mem.M:
+    raise ValueError(
+        f"no feasible plan: {model.name} needs {L * mem.W0 / 1e9:.1f} GB of weights but "
+        f"{machines} machine(s) offer {machines * mem.M / 1e9:.1f} GB usable")
+
+
+def prompt_overhead(cost: cm.CostModel, wl: Workload, layers: int,
+                    stream_link: cm.Link | None) -> float:
+  """The paper's m for a prompt stage of `layers` layers streaming over `stream_link`."""
+  if stream_link is None:
+    return 1.0
+  y = cost.prompt_time(layers, wl.prompt_len, wl.batch_size)
+  x = stream_link.transfer_time(cm.prompt_kv_bytes_per_layer(cost.model, wl.batch_size,
+                                                             wl.prompt_len))
+  return disagg.streamed_prompt_time(y, layers, x) / y
+
+
+def analytical_plan(cost: cm.CostModel, machines: int, wl: Workload, machine_bytes: float,
+                    stream_link: cm.Link | None = None, m: float | None = None,
+                    reserve: float = DEFAULT_MEMORY_RESERVE) -> AnalyticalPlan:
+  """The paper's split of `machines` into Dp + Dt (see the module docstring).
+
+  Raises:
+    ValueError: if the model's weights do not fit, D < 2, or no split satisfies memory.
+  """
+  model, D, L = cost.model, machines, cost.model.num_layers
+  mem = Memory.of(model, wl, machine_bytes, reserve)
+  _require_fit(model, D, mem)
+  if D < 2:
+    raise ValueError("disaggregation needs at least 2 machines (one prompt, one token)")
+  Y = cost.prompt_time(L, wl.prompt_len, wl.batch_size) / D
+  t = cost.token_time(L, wl.batch_size, wl.mean_context) / D
+  N = wl.token_steps
+  Ic = Y + N * t + (D - 1) * (Y - t) / D
+  Pn, Tn = mem.prompt_layers(), mem.token_layers(L)
+  if Pn < 1 or Tn < 1:
+    which = "a prompt machine" if Pn < 1 else "a token machine"
+    raise ValueError(f"no feasible plan: {which} cannot hold even one layer of {model.name} with "
+                     f"its caches (batch {wl.batch_size}, prompt {wl.prompt_len})")
+  Dp_min, Dt_min = math.ceil(L / Pn), math.ceil(L / Tn)
+  if Dp_min + Dt_min > D:
+    raise ValueError(f"no feasible plan: memory needs Dp >= {Dp_min} and Dt >= {Dt_min}, "
+                     f"more than {D} machines")
+  m_used = 1.0 if m is None else m
+  for _ in range(3 if m is None else 1):  # m depends on Dp when estimated from the link
+    Dt_bal = min(max(math.ceil(D * N * t / (m_used * Y + N * t)), 1), D - 1)
+    Dt, binding = Dt_bal, "balance (I_p = I_t)"
+    if Dt < Dt_min:
+      Dt, binding = Dt_min, f"token memory (Tn = {Tn} layers per token machine)"
+    if D - Dt < Dp_min:
+      Dt, binding = D - Dp_min, f"prompt memory (Pn = {Pn} layers per prompt machine)"
+    if m is None:
+      m_used = prompt_overhead(cost, wl, math.ceil(L / (D - Dt)), stream_link)
+  Dp = D - Dt
+  denom = D * (2 - m_used) - 1
+  return AnalyticalPlan(D, Y, t, N, m_used, Ic, m_used * D * Y / Dp, N * D * t / Dt, Dp, Dt,
+                        Dt_bal, Dp_min, Dt_min, Pn, Tn, (D - 1) / denom if denom > 0 else math.inf,
+                        binding)
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+  """One simulated configuration and its saturated throughput."""
+
+  system: str  # "colocated" or "disaggregated"
+  batch: int
+  depth: int = 0  # colocated
+  replicas: int = 0
+  Dp: int = 0  # disaggregated
+  Dt: int = 0
+  inverse_throughput: float = math.nan  # seconds per microbatch, all replicas together
+
+  @property
+  def machines(self) -> int:
+    return self.depth * self.replicas if self.system == "colocated" else self.Dp + self.Dt
+
+  @property
+  def throughput_rps(self) -> float:
+    return self.batch / self.inverse_throughput
+
+  def describe(self) -> str:
+    if self.system == "colocated":
+      return f"colocated D={self.depth} x{self.replicas} replica(s), batch {self.batch}"
+    return f"disaggregated Dp={self.Dp} Dt={self.Dt}, batch {self.batch}"
+
+
+def _saturated(fn, period: int, wl: Workload, batch: int, **kw) -> float:
+  # Enough microbatches for warm-up, several steady periods and the drain.
+  n_mb = 7 * period + 4
+  reqs = workload.saturated_requests(n_mb * batch, wl.prompt_len, wl.output_len)
+  res = fn(requests=reqs, batch_size=batch, **kw)
+  return res.inverse_throughput(warmup=2 * period, cooldown=2 * period, period=period)
+
+
+def search(cost: cm.CostModel, machines: int, wl: Workload, machine_bytes: float,
+           batch_sizes: Sequence[int] = (2, 4, 8, 16), stream_link: cm.Link | None = None,
+           host_link: cm.Link | None = None, reserve: float = DEFAULT_MEMORY_RESERVE,
+           stats: dict | None = None) -> list[Candidate]:
+  """Simulates the memory-feasible candidates that could win; returns them best first.
+
+  Candidates whose lower-bound time already loses to a simulated one are skipped; `stats`, if
+  given, receives the counts ("feasible", "simulated").
+
+  Replicas of a colocated pipeline are independent under saturation, so r replicas are
+  simulated as one pipeline with r times its throughput.
+  """
+  model, L = cost.model, cost.model.num_layers
+  _require_fit(model, machines, Memory.of(model, wl, machine_bytes, reserve))
+  # (lower bound on seconds per microbatch, candidate, simulation) for every feasible candidate.
+  todo = []
+  for b in batch_sizes:
+    mem = Memory.of(model, wl, machine_bytes, reserve, batch=b)
+    wl_b = dataclasses.replace(wl, batch_size=b)
+    bound = _Bounds(cost, wl_b)
+    for d in range(1, min(machines, L) + 1):
+      if not mem.colocated_fits(L, d):
+        continue
+      r = machines // d
+      todo.append((bound.colocated(d) / r, Candidate("colocated", b, depth=d, replicas=r),
+                   lambda d=d, wl_b=wl_b, b=b, r=r: _saturated(
+                       colocated.simulate_colocated, d, wl_b, b, cost=cost, num_stages=d) / r))
+    Pn, Tn = mem.prompt_layers(), mem.token_layers(L)
+    if Pn < 1 or Tn < 1:
+      continue
+    for dp in range(math.ceil(L / Pn), machines):
+      for dt in range(max(math.ceil(L / Tn), 1), machines - dp + 1):
+        todo.append((bound.disaggregated(dp, dt), Candidate("disaggregated", b, Dp=dp, Dt=dt),
+                     lambda dp=dp, dt=dt, wl_b=wl_b, b=b: _saturated(
+                         disagg.simulate_disaggregated, max(dp, dt), wl_b, b, cost=cost,
+                         prompt_stages=dp, token_stages=dt, stream_link=stream_link,
+                         host_link=host_link)))
+  # Simulate the most promising first; skip what cannot beat the best simulated so far. The
+  # bounds are true lower bounds on time, so the best plan is exact (and more machines, a
+  # superset of candidates, can never be predicted slower).
+  out, best = [], 0.0
+  for lb, cand, simulate in sorted(todo, key=lambda x: x[1].batch / x[0], reverse=True):
+    if cand.batch / lb < best * (1 - 1e-9):
+      continue
+    cand = dataclasses.replace(cand, inverse_throughput=simulate())
+    best = max(best, cand.throughput_rps)
+    out.append(cand)
+  if stats is not None:
+    stats.update(feasible=len(todo), simulated=len(out))
+  if not out:
+    raise ValueError(f"no feasible plan: no candidate of {model.name} on {machines} machine(s) "
+                     f"fits memory for batch sizes {list(batch_sizes)}")
+  return sorted(out, key=lambda c: -c.throughput_rps)
+
+
+class _Bounds:
+  """Lower bounds on seconds per microbatch: the busiest stage must do all of its own work."""
+
+  def __init__(self, cost: cm.CostModel, wl: Workload):
+    self.cost, self.wl = cost, wl
+    self._cache = {}
+
+  def _stage(self, layers: int) -> tuple[float, float]:
+    if layers not in self._cache:
+      wl, c = self.wl, self.cost
+      prompt = c.prompt_time(layers, wl.prompt_len, wl.batch_size)
+      tokens = sum(c.token_time(layers, wl.batch_size, wl.prompt_len + k - 1)
+                   for k in range(1, wl.output_len))
+      self._cache[layers] = (prompt, tokens)
+    return self._cache[layers]
+
+  def colocated(self, depth: int) -> float:
+    p, t = self._stage(math.ceil(self.cost.model.num_layers / depth))
+    return p + t
+
+  def disaggregated(self, dp: int, dt: int) -> float:
+    L = self.cost.model.num_layers
+    return max(self._stage(math.ceil(L / dp))[0], self._stage(math.ceil(L / dt))[1])
+
+
+def default_stream_link(hardware: str) -> cm.Link:
+  """The paper's inter-VM network: 40 Gbps for A100 VMs, 32 Gbps for V100 VMs."""
+  return cm.LINKS["inter_vm_32gbps" if hardware.startswith("v100") else "inter_vm_40gbps"]
+
+
+def plan_report(model: ModelConfig, machines: int, hardware: str, wl: Workload,
+                gpus_per_machine: int = 2, batch_sizes: Sequence[int] = (2, 4, 8, 16),
+                top: int = 8) -> tuple[str, dict]:
+  """Runs both planners and returns (printable report, JSON-able summary)."""
+  cost = cm.roofline(model, hardware, gpus_per_machine=gpus_per_machine)
+  link = default_stream_link(hardware)
+  M = cost.machine_memory_bytes
+  try:
+    ap = analytical_plan(cost, machines, wl, M, stream_link=link)
+  except ValueError as e:
+    if "weights" in str(e):
+      raise
+    ap, ap_error = None, str(e)  # disaggregation is infeasible; the baseline may still fit
+  stats = {}
+  cands = search(cost, machines, wl, M, batch_sizes, stream_link=link,
+                 host_link=cost.hardware.host_link, stats=stats)
+  best = cands[0]
+  base = next(c for c in cands if c.system == "colocated")
+  plain = [c for c in cands if c.system == "colocated" and c.replicas == 1 and c.depth == machines]
+  dis = [c for c in cands if c.system == "disaggregated"]
+  lines = [
+      f"{model.name} ({model.dtype}, {model.num_layers} layers, "
+      f"{model.num_layers * model.layer_weight_bytes() / 1e9:.1f} GB of layer weights) on "
+      f"{machines} x {gpus_per_machine} {cost.hardware.name} ({M / 1e9:.0f} GB per machine), "
+      f"prompt {wl.prompt_len}, output {wl.output_len} tokens (N = {wl.token_steps} token steps), "
+      f"batch {wl.batch_size}, stream link {link.name}",
+      "",
+  ]
+  if ap is None:
+    lines += [f"Analytical: disaggregation infeasible ({ap_error})", ""]
+  else:
+    lines += _analytical_lines(ap, machines)
+  lines.append(f"Simulation search (saturated): {stats['feasible']} memory-feasible candidates, "
+               f"{stats['simulated']} simulated (the rest cannot beat them), best first:")
+  for c in cands[:top]:
+    lines.append(f"  {c.describe():48s} {c.machines} machines  {c.throughput_rps:8.3f} req/s")
+  gain = best.throughput_rps / base.throughput_rps if best.system != "colocated" else 1.0
+  best_dis = dis[0] if dis else None
+  lines += ["", f"Recommended: {best.describe()} ({best.throughput_rps:.3f} req/s, "
+                f"{best.throughput_rps * wl.output_len:.1f} tok/s)"]
+  if best.system == "disaggregated":
+    lines.append(f"  gain over the best baseline ({base.describe()}): {gain:.2f}x")
+  elif best_dis is not None:
+    lines.append(f"  disaggregation does not pay here: best split {best_dis.describe()} reaches "
+                 f"{best_dis.throughput_rps / best.throughput_rps:.2f}x of it")
+  if plain:
+    lines.append(f"  vs the paper's baseline (colocated D={machines}, no replicas, batch "
+                 f"{plain[0].batch} best): {best.throughput_rps / plain[0].throughput_rps:.2f}x")
+  if ap is None:
+    why = f"no prompt/token split fits memory ({ap_error})"
+  elif math.isinf(ap.threshold):
+    why = (f"the streaming overhead m = {ap.m:.2f} is too large for D = {machines}: "
+           "D(2-m)-1 <= 0, so no Y/t makes disaggregation pay")
+  elif not ap.helps:
+    why = (f"Y/t = {ap.Y / ap.t:.1f} is below the threshold {ap.threshold:.2f}: the bubbles cost "
+           "less than the machines a prompt pipeline takes")
+  elif ap.gain < 1 and not ap.binding.startswith("balance"):
+    why = (f"Y/t = {ap.Y / ap.t:.1f} is above the threshold, but {ap.binding} forces "
+           f"Dp = {ap.Dp}, Dt = {ap.Dt} away from the balanced Dt = {ap.Dt_balance}")
+  else:
+    why = (f"Y/t = {ap.Y / ap.t:.1f} is above the threshold {ap.threshold:.2f}: token steps stop "
+           f"waiting behind prompts; the split is bound by {ap.binding}")
+  lines.append(f"  why: {why}")
+  summary = {"model": model.name, "machines": machines, "hardware": hardware,
+             "prompt_len": wl.prompt_len, "output_len": wl.output_len,
+             "analytical": (dataclasses.asdict(ap) | {"gain": ap.gain, "helps": ap.helps})
+                           if ap else {"error": ap_error},
+             "best": dataclasses.asdict(best) | {"throughput_rps": best.throughput_rps},
+             "best_baseline": dataclasses.asdict(base) | {"throughput_rps": base.throughput_rps},
+             "gain_vs_best_baseline": best.throughput_rps / base.throughput_rps}
+  return "\n".join(lines), summary
+
+
+def _analytical_lines(ap: AnalyticalPlan, machines: int) -> list[str]:
+  return [
+      f"Analytical (model over D = {machines} stages): Y = {ap.Y:.4f} s, t = {ap.t * 1e3:.2f} ms,"
+      f" Y/t = {ap.Y / ap.t:.1f}, m = {ap.m:.3f}",
+      f"  baseline I_c = {ap.Ic:.3f} s/microbatch",
+      f"  disaggregation helps when Y/t > (D-1)/(D(2-m)-1) = {ap.threshold:.2f}: "
+      f"{'yes' if ap.helps else 'no'}",
+      f"  balance Dt = ceil(D N t / (m Y + N t)) = {ap.Dt_balance}; memory: Pn = {ap.Pn} -> "
+      f"Dp >= {ap.Dp_min}, Tn = {ap.Tn} -> Dt >= {ap.Dt_min}",
+      f"  split Dp = {ap.Dp}, Dt = {ap.Dt}; binding constraint: {ap.binding}",
+      f"  I_p = {ap.Ip:.3f} s, I_t = {ap.It:.3f} s -> predicted gain I_c / max(I_p, I_t) = "
+      f"{ap.gain:.2f}x",
+      "",
+  ]
+
+
+def main(argv):
+  del argv
+  from absl import flags
+  f = flags.FLAGS
+  model = get_model_config(f.model, dtype=f.dtype)
+  if f.hardware not in cm.HARDWARE and f.hardware != "this_cpu":
+    cm.get_hardware(f.hardware)  # raises the clear error
+  wl = Workload(f.prompt_len, f.output_len, f.batch_size)
+  text, _ = plan_report(model, f.machines, f.hardware, wl, f.gpus_per_machine,
+                        [int(b) for b in f.batch_sizes])
+  print(text)
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+  flags.DEFINE_string("model", "opt_66b", "model preset (see dejavu_jax.config.PRESETS)")
+  flags.DEFINE_string("dtype", "float16", "parameter dtype")
+  flags.DEFINE_integer("machines", 4, "machines D (one pipeline stage each)")
+  flags.DEFINE_string("hardware", "a100_80gb", "hardware preset: a100_80gb, v100_16gb, "
+                      "h100_80gb, this_cpu")
+  flags.DEFINE_integer("gpus_per_machine", 2, "devices per machine, tensor-parallel within a "
+                       "stage (the paper's VMs have 2)")
+  flags.DEFINE_integer("prompt_len", 1000, "prompt tokens")
+  flags.DEFINE_integer("output_len", 250, "mean generated tokens per request")
+  flags.DEFINE_integer("batch_size", 8, "microbatch size of the analytical plan")
+  flags.DEFINE_list("batch_sizes", ["2", "4", "8", "16"], "batch sizes the search tries")
+  app.run(main)

@@ -1,0 +1,105 @@
+"""Engine behaviour around the tokens: paced timing against the analytical formula, metrics with
+known step times, bad requests, errors and hangs surfacing."""
+
+import jax
+import pytest
+
+from dejavu_jax.config import ServeConfig, tiny_config
+from dejavu_jax.costmodel import TableCostModel
+from dejavu_jax.models import init_params
+from dejavu_jax.serving.engine import PipelineEngine
+from dejavu_jax.serving.workload import Request
+
+CFG = tiny_config("opt", num_layers=4, max_positions=128)
+
+
+@pytest.fixture(scope="module")
+def params():
+  return init_params(CFG, jax.random.key(0))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("stages", [2, 4])
+def test_paced_inverse_throughput_matches_formula(params, stages):
+  """Saturated pipeline, deterministic step times: I_c = Y + N t + (D-1)(Y-t)/D (DEJAVU.md)."""
+  y, t, n = 0.04, 0.008, 8
+  per_stage = CFG.num_layers // stages
+  cost = TableCostModel(CFG, prompt=y / per_stage, token=t / per_stage)
+  serve = ServeConfig(num_stages=stages, microbatch_size=1, max_len=32, pacing="paced",
+                      mode="paper")
+  num_mb = 6 * stages
+  reqs = [Request(i, 0.0, (5, 6, 7), n + 1) for i in range(num_mb)]   # 1 prompt + N token steps
+  with PipelineEngine(CFG, params, serve, cost_model=cost) as eng:
+    eng.generate([[5, 6, 7]], 3)  # compile outside the measurement
+    res = eng.serve(reqs)
+  fin = sorted(r.finish for r in res.records)
+  measured = (fin[-1] - fin[stages - 1]) / (num_mb - stages)   # steady state: skip the fill
+  formula = y + n * t + (stages - 1) * (y - t) / stages
+  assert abs(measured / formula - 1) < 0.10, (measured, formula)
+
+
+@pytest.mark.timeout(120)
+def test_metrics_from_known_step_times(params):
+  """One request on a paced 1-stage pipeline: prompt step 60 ms, token steps 20 ms."""
+  cost = TableCostModel(CFG, prompt=0.06 / 4, token=0.02 / 4)
+  serve = ServeConfig(num_stages=1, microbatch_size=1, max_len=32, pacing="paced")
+  with PipelineEngine(CFG, params, serve, cost_model=cost) as eng:
+    eng.generate([[5, 6]], 2)
+    res = eng.serve([Request(0, 0.0, (5, 6, 7), 6)])
+  rec, s = res.records[0], res.summary
+  # TTFT = 60 ms; 5 more tokens at 20 ms: E2E 160 ms, TPOT 20 ms, 160/6 ms per token.
+  assert rec.first_token == pytest.approx(0.06, abs=0.01)
+  assert rec.finish == pytest.approx(0.16, abs=0.015)
+  assert s["mean_tpot_ms"] == pytest.approx(20.0, abs=2.0)
+  assert s["norm_latency_p50_s_per_tok"] == pytest.approx(0.16 / 6, abs=0.003)
+  assert s["output_throughput"] == pytest.approx(6 / res.wall_s, rel=0.01)
+
+
+@pytest.mark.timeout(120)
+def test_bad_requests_rejected_others_finish(params):
+  good = [Request(0, 0.0, (5, 6), 4), Request(2, 0.0, (7, 8, 9), 3), Request(4, 0.01, (9,), 2)]
+  bad = [Request(1, 0.0, (5,) * 60, 10),            # 60 + 10 > max_len 64
+         Request(3, 0.0, (), 3),                    # empty
+         Request(5, 0.0, (5, 999), 3)]              # outside the vocabulary
+  with PipelineEngine(CFG, params, ServeConfig(num_stages=2, microbatch_size=2,
+                                               max_len=64)) as eng:
+    res = eng.serve(good + bad)
+    assert sorted(res.tokens()) == [0, 2, 4]
+    assert all(len(res.tokens()[r.request_id]) == r.max_new_tokens for r in good)
+    assert "longer than the context of 64" in res.rejected[1]
+    assert "empty" in res.rejected[3]
+    assert "token id 999 outside the vocabulary" in res.rejected[5]
+    with pytest.raises(ValueError, match="request 0: prompt is empty"):
+      eng.generate([[]], 3)
+
+
+def test_bad_engine_config(params):
+  with pytest.raises(ValueError, match="more stages than layers"):
+    PipelineEngine(CFG, params, ServeConfig(num_stages=5))
+  with pytest.raises(ValueError, match="needs a cost model"):
+    PipelineEngine(CFG, params, ServeConfig(pacing="paced", max_len=64))
+  with pytest.raises(ValueError, match="unknown serving mode"):
+    ServeConfig(mode="fancy")
+  with pytest.raises(ValueError, match="max_len 4096 exceeds"):
+    PipelineEngine(CFG, params, ServeConfig(max_len=4096))
+
+
+@pytest.mark.timeout(120)
+def test_stage_error_surfaces_with_its_stage(params):
+  with PipelineEngine(CFG, params, ServeConfig(num_stages=2, microbatch_size=1,
+                                               max_len=32)) as eng:
+    def boom(worker, msg):
+      raise OSError("link down")
+    eng.workers[1].after_step.append(boom)
+    with pytest.raises(RuntimeError, match="stage 1 failed on microbatch 0: OSError"):
+      eng.generate([[5, 6]], 3)
+
+
+@pytest.mark.timeout(120)
+def test_hang_fails_fast(params):
+  serve = ServeConfig(num_stages=2, microbatch_size=1, max_len=32, step_timeout_s=1.0)
+  with PipelineEngine(CFG, params, serve) as eng:
+    eng.workers[1].stop()   # a dead stage: the request never comes back
+    with pytest.raises(TimeoutError, match="no pipeline step finished in 1.0 s"):
+      eng.generate([[5, 6]], 3)
