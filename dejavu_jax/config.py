@@ -179,6 +179,10 @@ class ServeConfig:
     temperature, top_k, top_p: sampling (temperature 0 is greedy).
     seed: PRNG seed of sampling.
     step_timeout_s: a stage step that takes longer than this is an error (a hang fails fast).
+    heartbeat_s, heartbeat_timeout_s: worker heartbeat period, and the silence after which the
+      controller declares a worker dead (the paper: 1 s and 3 s).
+    recovery: what happens to in-flight work when a worker dies ("restart" | "reprefill"; see
+      dejavu_jax/fault/recovery.py).
   """
 
   num_stages: int = 1
@@ -194,8 +198,14 @@ class ServeConfig:
   top_p: float = 1.0
   seed: int = 0
   step_timeout_s: float = 120.0
+  heartbeat_s: float = 1.0
+  heartbeat_timeout_s: float = 3.0
+  recovery: str = "restart"
 
   def __post_init__(self):
+    if self.heartbeat_timeout_s <= self.heartbeat_s:
+      raise ValueError(f"heartbeat_timeout_s {self.heartbeat_timeout_s} must exceed the "
+                       f"heartbeat period {self.heartbeat_s}")
     if self.mode not in ("paper", "mixed"):
       raise ValueError(f"unknown serving mode {self.mode!r}; expected 'paper' or 'mixed'")
     if self.pacing not in ("real", "paced"):

@@ -5,10 +5,10 @@ The threads and queues of a local pipeline, and why each blocks:
 1. The engine thread (serving/engine.py) forms microbatches and puts a `StepMsg` (a prefill of a
    new microbatch, or the next decode step of one in flight) into stage 0's inbox. It then blocks
    on the shared `results` queue, with a timeout so arrivals and hangs are noticed.
-2. Worker s blocks on its inbox (`get` with a short timeout, so its heartbeat keeps ticking and a
-   stop is seen while idle). For each message it runs its `StageProgram` on the cache of the
-   message's slot (donated and replaced), blocks until the step is done (so step times are real
-   and, in paced mode, it can sleep to the modeled deadline), then hands the output on:
+2. Worker s blocks on its inbox (a `None` message wakes it to stop). For each message it runs its
+   `StageProgram` on the cache of the message's slot (donated and replaced), blocks until the step
+   is done (so step times are real and, in paced mode, it can sleep to the modeled deadline), then
+   hands the output on:
    `device_put` into the next stage's devices and into worker s+1's inbox, or, on the last stage,
    the logits into `results`.
 3. Inboxes are FIFO: a stage serves steps in arrival order, which is what makes a prompt step
@@ -16,9 +16,15 @@ The threads and queues of a local pipeline, and why each blocks:
 4. Any exception in a step is put into `results` as a `StepError` naming the stage: the engine
    raises it; nothing is swallowed. `stop()` ends the thread; a stopped worker is dead for good
    (its caches are dropped) and a new `StageWorker` for the same stage replaces it.
+5. A heartbeat thread per worker stamps `last_heartbeat` every `heartbeat_s` while the worker is
+   alive, busy or not (a long step or compile is not a failure); `kill()` stops both threads
+   without warning, as a crash would, and the controller notices the silence.
+6. After a recovery the engine raises the epoch: messages of microbatches that were lost, still
+   queued in surviving workers' inboxes, are dropped instead of run (a reused slot must not be
+   written by a step of the microbatch that held it before).
 
-Nothing here assumes threads beyond `start`/`stop`/`put`: a process-based runtime can offer the
-same four calls.
+Nothing here assumes threads beyond `start`/`stop`/`kill`/`put`: a process-based runtime can
+offer the same calls.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ class StepMsg:
   batch: int                  # rows in use (for the cost model)
   tokens: int                 # prompt length (prefill) or context length (decode)
   ready_at: float = 0.0       # perf_counter time the step could start here (paced mode)
+  epoch: int = 0              # recovery epoch; steps of an older epoch are dropped
 
 
 @dataclasses.dataclass
@@ -56,6 +63,7 @@ class StepResult:
   step: int
   logits: Any                 # [B, V] on the last stage's devices
   done_at: float
+  epoch: int
 
 
 @dataclasses.dataclass
@@ -63,6 +71,7 @@ class StepError:
   stage: int
   mb_id: int
   error: BaseException
+  epoch: int
 
 
 # (stage_index, kind, layers, batch, tokens) -> modeled seconds of the step.
@@ -88,15 +97,25 @@ class StageWorker:
     self.steps_done = 0
     self.busy_s = 0.0
     self.free_at = 0.0          # paced mode: when this stage's previous step ended (modeled)
+    self.min_epoch = 0
     self.overruns = 0           # paced steps whose real compute outlasted the modeled time
     self._stop = threading.Event()
     self._thread = threading.Thread(target=self._loop, name=f"stage-{self.index}", daemon=True)
+    self._beat = threading.Thread(target=self._heartbeat, name=f"beat-{self.index}", daemon=True)
     # Hooks run after a step on the worker thread: (worker, msg) -> None (replication uses this).
     self.after_step: list[Callable[["StageWorker", StepMsg], None]] = []
 
   def start(self) -> "StageWorker":
     self._thread.start()
+    self._beat.start()
     return self
+
+  def kill(self) -> None:
+    """A crash: the worker stops at once and its device state (params, KV caches) is lost."""
+    self._stop.set()
+    self.inbox.put(None)
+    self.caches.clear()
+    self.params = None
 
   def put(self, msg: StepMsg) -> None:
     self.inbox.put(msg)
@@ -111,19 +130,22 @@ class StageWorker:
   def alive(self) -> bool:
     return self._thread.is_alive() and not self._stop.is_set()
 
+  def _heartbeat(self) -> None:
+    while not self._stop.wait(self.heartbeat_s):
+      self.last_heartbeat = time.monotonic()
+
   def _loop(self) -> None:
     while not self._stop.is_set():
-      self.last_heartbeat = time.monotonic()
-      try:
-        msg = self.inbox.get(timeout=self.heartbeat_s)
-      except queue.Empty:
-        continue
+      msg = self.inbox.get()
       if msg is None or self._stop.is_set():
         break
+      if msg.epoch < self.min_epoch:
+        continue
       try:
         self._step(msg)
       except BaseException as e:  # pylint: disable=broad-except
-        self.results.put(StepError(self.index, msg.mb_id, e))
+        if not self._stop.is_set():  # a killed worker reports nothing, as a crashed one would
+          self.results.put(StepError(self.index, msg.mb_id, e, msg.epoch))
 
   def _step(self, msg: StepMsg) -> None:
     t0 = time.perf_counter()
@@ -147,7 +169,7 @@ class StageWorker:
     self.busy_s += time.perf_counter() - t0
     self.steps_done += 1
     if program.last:
-      self.results.put(StepResult(msg.mb_id, msg.slot, msg.step, out, end))
+      self.results.put(StepResult(msg.mb_id, msg.slot, msg.step, out, end, msg.epoch))
     else:
       nxt = self.next
       nxt.put(dataclasses.replace(msg, x=nxt.program.to_stage(out), ready_at=end))

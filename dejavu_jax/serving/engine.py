@@ -8,6 +8,11 @@ requests are admitted when their arrival time comes, whether or not the pipeline
 Bad requests (empty, token ids outside the vocabulary, prompt + new tokens longer than the
 context) are rejected one by one with a message naming the problem; every request admitted before
 or after them still finishes.
+
+Failures: `serve(..., failures=[FailureSpec(t, s)])` kills stage s's worker at time t. The
+controller notices the heartbeat silence, the engine replaces the worker (weights from host
+memory, or from an orbax checkpoint when `params_checkpoint` is given), drops the lost
+microbatches' queued steps (epoch), and the configured recovery strategy resubmits their requests.
 """
 
 from __future__ import annotations
@@ -21,6 +26,10 @@ import jax
 import numpy as np
 
 from dejavu_jax.config import ModelConfig, ServeConfig
+from dejavu_jax.fault.controller import Controller, FailureSpec, RecoveryEvent
+from dejavu_jax.fault.recovery import get_strategy
+from dejavu_jax.models.checkpoint import restore_params
+from dejavu_jax.models.decoder import param_shapes
 from dejavu_jax.models.generate import bucket_length, pad_prompts, sample, validate_prompts
 from dejavu_jax.pipeline.plan import make_mesh, plan_stages
 from dejavu_jax.pipeline.scheduler import Microbatch, Scheduler
@@ -38,6 +47,7 @@ class ServeResult:
   summary: dict
   wall_s: float
   stage_busy_s: list
+  recoveries: list = dataclasses.field(default_factory=list)   # RecoveryEvent per failure
 
   def tokens(self) -> dict[int, list[int]]:
     return {r.request_id: list(r.tokens) for r in self.records}
@@ -47,8 +57,13 @@ class PipelineEngine:
   """A D-stage pipeline serving requests; use as a context manager (or call close())."""
 
   def __init__(self, cfg: ModelConfig, params, serve: ServeConfig, cost_model=None,
-               devices: Sequence | None = None, time_scale: float = 1.0):
+               devices: Sequence | None = None, time_scale: float = 1.0,
+               params_checkpoint: str | None = None):
     self.cfg, self.serve_cfg = cfg, serve
+    self.recover = get_strategy(serve.recovery)
+    self.controller = Controller(serve.heartbeat_timeout_s)
+    self.params_checkpoint = params_checkpoint
+    self.epoch = 0
     devices = jax.devices() if devices is None else list(devices)
     self.plan = plan_stages(cfg, serve.num_stages, serve.stage_ranges, serve.tensor,
                             num_devices=len(devices))
@@ -72,19 +87,26 @@ class PipelineEngine:
     self._key = jax.random.key(serve.seed)
 
   # ---- workers ----
-  def _new_worker(self, s: int) -> StageWorker:
-    return StageWorker(self.programs[s], self.params, self.plan.num_stages,
-                       self.serve_cfg.microbatch_size, self.serve_cfg.max_len, self.results,
-                       self.pace)
+  def _new_worker(self, s: int, params=None) -> StageWorker:
+    w = StageWorker(self.programs[s], self.params if params is None else params,
+                    self.plan.num_stages, self.serve_cfg.microbatch_size, self.serve_cfg.max_len,
+                    self.results, self.pace, heartbeat_s=self.serve_cfg.heartbeat_s)
+    w.min_epoch = self.epoch
+    return w
 
   def _link(self) -> None:
     for a, b in zip(self.workers[:-1], self.workers[1:]):
       a.next = b
 
   def replace_worker(self, s: int) -> StageWorker:
-    """Stops worker s (if alive) and starts a fresh one for the same stage (empty caches)."""
+    """Stops worker s (if alive) and starts a fresh one for the same stage (empty caches); its
+    weights come from the orbax checkpoint when the engine has one, else from host memory."""
     self.workers[s].stop()
-    self.workers[s] = self._new_worker(s)
+    params = None
+    if self.params_checkpoint:
+      start, stop = self.plan.ranges[s]
+      params = restore_params(self.params_checkpoint, like=param_shapes(self.cfg, start, stop))
+    self.workers[s] = self._new_worker(s, params)
     self._link()
     return self.workers[s].start()
 
@@ -117,9 +139,18 @@ class PipelineEngine:
     return [toks[i] for i in range(len(prompts))]
 
   def serve(self, requests: Sequence[Request],
-            progress: Callable[[int, int], None] | None = None) -> ServeResult:
-    """Serves an open-loop workload (requests sorted by arrival, seconds from now)."""
+            progress: Callable[[int, int], None] | None = None,
+            failures: Sequence[FailureSpec] = ()) -> ServeResult:
+    """Serves an open-loop workload (arrival times in seconds from now), killing workers as
+    `failures` say."""
     sc = self.serve_cfg
+    for f in failures:
+      if not 0 <= f.stage < self.plan.num_stages:
+        raise ValueError(f"failure at stage {f.stage}, but the pipeline has stages "
+                         f"0..{self.plan.num_stages - 1}")
+    failures = sorted(failures, key=lambda f: f.time_s)
+    events: list[RecoveryEvent] = []
+    killed: dict[int, float] = {}
     sched = Scheduler(self.plan.num_stages, sc.microbatch_size, sc.mode)
     requests = sorted(requests, key=lambda r: (r.arrival, r.request_id))
     records: dict[int, metrics_lib.RequestRecord] = {}
@@ -130,6 +161,14 @@ class PipelineEngine:
     nxt, finished = 0, 0
     last_progress = time.perf_counter()
     while nxt < len(requests) or not sched.idle:
+      while failures and failures[0].time_s <= now():
+        f = failures.pop(0)
+        self.workers[f.stage].kill()
+        killed[f.stage] = now()
+      dead = self.controller.dead_stages(self.workers)
+      if dead:
+        events.append(self._recover(sched, records, dead, killed, now))
+        last_progress = time.perf_counter()
       while nxt < len(requests) and requests[nxt].arrival <= now():
         req = requests[nxt]
         nxt += 1
@@ -155,6 +194,8 @@ class PipelineEngine:
                              f"heartbeats: {[round(time.monotonic() - w.last_heartbeat, 2) for w in self.workers]} s ago")
         continue
       last_progress = time.perf_counter()
+      if msg.epoch < self.epoch or msg.mb_id not in sched.in_flight:
+        continue  # a step of a microbatch lost in a failure
       if isinstance(msg, StepError):
         raise RuntimeError(f"stage {msg.stage} failed on microbatch {msg.mb_id}: "
                            f"{msg.error!r}") from msg.error
@@ -165,8 +206,28 @@ class PipelineEngine:
     recs = [records[i] for i in sorted(records)]
     summary = metrics_lib.summarize(recs, duration=wall)
     summary["rejected"] = len(rejected)
+    if events:
+      summary["failures"] = len(events)
+      summary["mean_recovery_s"] = float(np.mean([e.recovery_s for e in events]))
     return ServeResult(recs, rejected, summary, wall,
-                       [w.busy_s - b for w, b in zip(self.workers, busy0)])
+                       [w.busy_s - b for w, b in zip(self.workers, busy0)], events)
+
+  def _recover(self, sched: Scheduler, records, dead: list[int], killed: dict, now):
+    detected = now()
+    self.epoch += 1
+    for w in self.workers:
+      w.min_epoch = self.epoch
+    for s in dead:
+      self.replace_worker(s)
+    lost = list(sched.in_flight.values())
+    sched.drop_in_flight()
+    recomputed = self.recover(sched, lost, records)
+    return RecoveryEvent(
+        stage=dead[0], strategy=self.serve_cfg.recovery,
+        failed_at=min(killed.pop(s, detected) for s in dead), detected_at=detected,
+        recovered_at=now(), lost_microbatches=len(lost),
+        lost_requests=sum(int((~mb.done[:len(mb.requests)]).sum()) for mb in lost),
+        recomputed_tokens=recomputed)
 
   def _send_prefill(self, mb: Microbatch) -> None:
     bucket = bucket_length(mb.prompt_bucket_len, self.serve_cfg.max_len)
@@ -175,7 +236,8 @@ class PipelineEngine:
     tokens, positions = pad_prompts(prompts, bucket, self.cfg.pad_token_id)
     positions[len(mb.requests):] = -1  # empty rows write nothing
     self.workers[0].put(StepMsg("prefill", mb.slot, mb.mb_id, 0, tokens, positions,
-                                len(mb.requests), mb.prompt_bucket_len, time.perf_counter()))
+                                len(mb.requests), mb.prompt_bucket_len, time.perf_counter(),
+                                self.epoch))
 
   def _on_result(self, sched: Scheduler, res: StepResult, records, now) -> int:
     mb = sched.in_flight[res.mb_id]
@@ -188,14 +250,16 @@ class PipelineEngine:
       key = jax.random.fold_in(jax.random.fold_in(self._key, mb.mb_id), mb.step)
       toks = np.asarray(sample(res.logits, key, sc.temperature, sc.top_k, sc.top_p))
     t = now()
+    was_done = mb.done.copy()
     finished_rows = sched.on_tokens(mb, toks, sc.eos_token_id)
     for i, req in enumerate(mb.requests):
+      if was_done[i]:
+        continue
       rec = records[req.request_id]
-      if len(mb.generated[i]) > len(rec.tokens):
-        rec.tokens.append(mb.generated[i][-1])
-        rec.token_times.append(t)
-        if rec.first_token is None:
-          rec.first_token = t
+      rec.tokens.append(mb.generated[i][-1])
+      rec.token_times.append(t)
+      if rec.first_token is None:
+        rec.first_token = t
     for i in finished_rows:
       rec = records[mb.requests[i].request_id]
       rec.finish, rec.output_len = t, len(rec.tokens)
@@ -207,5 +271,5 @@ class PipelineEngine:
     live = int((~mb.done).sum())
     # Sampling belongs to the last stage's step: the next step is ready when that one ended.
     self.workers[0].put(StepMsg("decode", mb.slot, mb.mb_id, mb.step, x, positions, live,
-                                int(positions.max()) + 1, res.done_at))
+                                int(positions.max()) + 1, res.done_at, self.epoch))
     return len(finished_rows)

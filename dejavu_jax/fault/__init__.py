@@ -1,0 +1,1 @@
+"""Fault tolerance: failure injection, heartbeat-based detection, pluggable recovery strategies."""

@@ -1,0 +1,56 @@
+"""The controller's view of worker health: heartbeats in, dead stages out.
+
+As in the paper, a worker is declared dead after `timeout_s` of heartbeat silence (1 s beats and a
+3 s timeout there; configurable here so tests and demos detect failures in a fraction of a
+second). Failures are injected by `FailureSpec`s: at `time_s` after serving starts, stage
+`stage`'s worker is killed (its thread stops, its params and KV caches are dropped).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+
+@dataclasses.dataclass(frozen=True)
+class FailureSpec:
+  time_s: float     # seconds after serving starts
+  stage: int        # which stage's worker dies
+
+
+@dataclasses.dataclass
+class RecoveryEvent:
+  """What one failure cost: the timeline and the work lost."""
+  stage: int
+  strategy: str
+  failed_at: float                  # seconds since serving started
+  detected_at: float
+  recovered_at: float = 0.0         # replacement running, lost work resubmitted
+  lost_microbatches: int = 0
+  lost_requests: int = 0
+  recomputed_tokens: int = 0        # generated tokens that must be generated again
+
+  @property
+  def detection_s(self) -> float:
+    return self.detected_at - self.failed_at
+
+  @property
+  def recovery_s(self) -> float:
+    return self.recovered_at - self.failed_at
+
+  def to_dict(self) -> dict:
+    return {**dataclasses.asdict(self), "detection_s": self.detection_s,
+            "recovery_s": self.recovery_s}
+
+
+class Controller:
+  """Watches the workers' heartbeats."""
+
+  def __init__(self, timeout_s: float = 3.0):
+    if timeout_s <= 0:
+      raise ValueError(f"heartbeat timeout must be > 0, got {timeout_s}")
+    self.timeout_s = timeout_s
+
+  def dead_stages(self, workers) -> list[int]:
+    now = time.monotonic()
+    return [w.index for w in workers if now - w.last_heartbeat > self.timeout_s]
