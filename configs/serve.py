@@ -1,0 +1,44 @@
+"""The main job: a small end-to-end serving run on this machine, with one failure and recovery.
+
+OPT-125M-shaped random weights (or a local Hugging Face checkpoint), a 2-stage pipeline on
+virtual CPU devices, an open-loop Poisson client, and stage 1 killed mid-run.
+"""
+
+import ml_collections
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+  # Model: a preset name, with optional overrides; or a local HF checkpoint directory.
+  c.model = "opt_125m"
+  c.model_overrides = ml_collections.ConfigDict({"max_positions": 2048})
+  c.checkpoint = ""                 # e.g. /path/to/opt-125m (config.json + safetensors)
+  c.dtype = "float32"
+  c.seed = 0
+  # Pipeline.
+  c.num_stages = 2
+  c.tensor = 1
+  c.microbatch_size = 4
+  c.max_len = 256
+  c.mode = "mixed"                  # "paper": a microbatch's rows share prompt/output lengths
+  c.pacing = "real"                 # "paced": stage steps last what `cost` below says
+  c.cost = ml_collections.ConfigDict({
+      "kind": "roofline",           # "roofline" | "table" | "calibrated"
+      "model": "opt_66b",           # for roofline: the model whose timing is replayed
+      "hardware": "a100_80gb",
+      "time_scale": 1.0,
+      "table": "",                  # for table: a JSON file {"prompt": ..., "token": ...}
+  })
+  # Workload: open loop, Poisson arrivals. Several rates make a rate sweep (one run per rate).
+  c.rates = [2.0]
+  c.num_requests = 12
+  c.prompt_len = 64
+  c.output_len = "lognormal:40,32"  # "lmsys" for the LMSys-Chat-1M fit (mean ~209 tokens)
+  c.max_output = 96
+  # Fault tolerance: kill these stages at these times (seconds into the run); [] for none.
+  c.fail_stages = [1]
+  c.fail_times = [4.0]
+  c.recovery = "restart"            # "restart" | "reprefill"
+  c.heartbeat_s = 0.1
+  c.heartbeat_timeout_s = 0.5       # the paper uses 1 s / 3 s
+  return c
