@@ -84,7 +84,7 @@ def _plot(rows, timelines, c, out_dir):
   for system, style in (("baseline", "o-"), ("disaggregated", "s-")):
     pts = [r for r in rows if r["kind"] == "rate_sweep" and r["system"] == system]
     for q, alpha in (("p50", 1.0), ("p99", 0.5)):
-      ax.plot([r["rate"] for r in pts], [r[f"norm_latency_{q}"] for r in pts], style,
+      ax.plot([r["rate"] for r in pts], [r[f"norm_latency_{q}_s_per_tok"] for r in pts], style,
               alpha=alpha, label=f"{system} {q}")
   ax.set(xlabel="request rate (req/s)", ylabel="normalized latency (s/token)", yscale="log",
          title=f"{c.model} on {c.machines} x {c.hardware}")

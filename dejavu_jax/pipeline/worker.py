@@ -51,7 +51,7 @@ class StepMsg:
   x: Any                      # tokens [B, T] / [B], or hidden states from the previous stage
   positions: np.ndarray       # [B, T] (prefill) or [B] (decode), -1 = do not write
   batch: int                  # rows in use (for the cost model)
-  tokens: int                 # prompt length (prefill) or context length (decode)
+  tokens: int                 # prompt length (prefill) or tokens already cached (decode)
   ready_at: float = 0.0       # perf_counter time the step could start here (paced mode)
   epoch: int = 0              # recovery epoch; steps of an older epoch are dropped
 

@@ -156,8 +156,11 @@ class PipelineEngine:
     records: dict[int, metrics_lib.RequestRecord] = {}
     rejected: dict[int, str] = {}
     busy0 = [w.busy_s for w in self.workers]
-    t0 = time.perf_counter()
+    t0 = self._t0 = time.perf_counter()
     now = lambda: time.perf_counter() - t0  # noqa: E731
+    # When each slot was last freed (perf_counter): a prefill injected into it is ready then, or
+    # when its last request arrived, whichever is later, however late the engine thread wakes.
+    self._slot_free_at = {}
     nxt, finished = 0, 0
     last_progress = time.perf_counter()
     while nxt < len(requests) or not sched.idle:
@@ -199,7 +202,7 @@ class PipelineEngine:
       if isinstance(msg, StepError):
         raise RuntimeError(f"stage {msg.stage} failed on microbatch {msg.mb_id}: "
                            f"{msg.error!r}") from msg.error
-      finished += self._on_result(sched, msg, records, now)
+      finished += self._on_result(sched, msg, records)
       if progress:
         progress(finished, len(requests))
     wall = now()
@@ -221,6 +224,8 @@ class PipelineEngine:
       self.replace_worker(s)
     lost = list(sched.in_flight.values())
     sched.drop_in_flight()
+    for mb in lost:
+      self._slot_free_at[mb.slot] = time.perf_counter()
     recomputed = self.recover(sched, lost, records)
     return RecoveryEvent(
         stage=dead[0], strategy=self.serve_cfg.recovery,
@@ -235,11 +240,12 @@ class PipelineEngine:
         mb.batch - len(mb.requests))
     tokens, positions = pad_prompts(prompts, bucket, self.cfg.pad_token_id)
     positions[len(mb.requests):] = -1  # empty rows write nothing
+    ready = max(self._slot_free_at.get(mb.slot, 0.0),
+                self._t0 + max(r.arrival for r in mb.requests))
     self.workers[0].put(StepMsg("prefill", mb.slot, mb.mb_id, 0, tokens, positions,
-                                len(mb.requests), mb.prompt_bucket_len, time.perf_counter(),
-                                self.epoch))
+                                len(mb.requests), mb.prompt_bucket_len, ready, self.epoch))
 
-  def _on_result(self, sched: Scheduler, res: StepResult, records, now) -> int:
+  def _on_result(self, sched: Scheduler, res: StepResult, records) -> int:
     mb = sched.in_flight[res.mb_id]
     sc = self.serve_cfg
     if sc.temperature == 0.0:
@@ -249,7 +255,7 @@ class PipelineEngine:
     else:
       key = jax.random.fold_in(jax.random.fold_in(self._key, mb.mb_id), mb.step)
       toks = np.asarray(sample(res.logits, key, sc.temperature, sc.top_k, sc.top_p))
-    t = now()
+    t = res.done_at - self._t0  # when the step ended, not when this thread got to it
     was_done = mb.done.copy()
     finished_rows = sched.on_tokens(mb, toks, sc.eos_token_id)
     for i, req in enumerate(mb.requests):
@@ -264,6 +270,7 @@ class PipelineEngine:
       rec = records[mb.requests[i].request_id]
       rec.finish, rec.output_len = t, len(rec.tokens)
     if mb.complete:
+      self._slot_free_at[mb.slot] = res.done_at
       sched.release(mb)
       return len(finished_rows)
     positions = sched.advance(mb)
@@ -271,5 +278,5 @@ class PipelineEngine:
     live = int((~mb.done).sum())
     # Sampling belongs to the last stage's step: the next step is ready when that one ended.
     self.workers[0].put(StepMsg("decode", mb.slot, mb.mb_id, mb.step, x, positions, live,
-                                int(positions.max()) + 1, res.done_at, self.epoch))
+                                int(positions.max()), res.done_at, self.epoch))
     return len(finished_rows)

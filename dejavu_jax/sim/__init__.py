@@ -13,11 +13,11 @@ from dejavu_jax.sim.colocated import simulate_colocated
 from dejavu_jax.sim.disagg import simulate_disaggregated, streamed_prompt_time
 from dejavu_jax.sim.failures import STRATEGIES, Failure, RecoveryConfig
 from dejavu_jax.sim.records import RequestRecord, SimResult, summarize
-from dejavu_jax.sim.workload import make_requests, poisson_arrivals, sample_output_lens, \
-    saturated_requests
+from dejavu_jax.sim.workload import from_serving, make_requests, poisson_arrivals, \
+    sample_output_lens, saturated_requests
 
 __all__ = [
     "simulate_colocated", "simulate_disaggregated", "streamed_prompt_time", "STRATEGIES",
-    "Failure", "RecoveryConfig", "RequestRecord", "SimResult", "summarize", "make_requests",
-    "poisson_arrivals", "sample_output_lens", "saturated_requests",
+    "Failure", "RecoveryConfig", "RequestRecord", "SimResult", "summarize", "from_serving",
+    "make_requests", "poisson_arrivals", "sample_output_lens", "saturated_requests",
 ]

@@ -22,23 +22,30 @@ from dejavu_jax.sim.records import RequestRecord, SimResult
 
 
 def step_time(cost: cm.CostModel, layers: int, mb: Microbatch, first: bool, last: bool,
-              include_head: bool) -> float:
-  """A stage's compute time for `mb`'s next step (prefill or decode) plus its share of the head."""
+              include_head: bool, live_rows_only: bool = False) -> float:
+  """A stage's compute time for `mb`'s next step (prefill or decode) plus its share of the head.
+
+  With `live_rows_only` a token step is charged for the rows still generating only (those of
+  requests finished earlier ride along as padding), as the engine's paced mode charges them.
+  """
   if mb.is_prefill():
     t = cost.prompt_time(layers, mb.step_tokens(), mb.batch)
+    batch = mb.batch
   else:
-    t = cost.token_time(layers, mb.batch, mb.context())
+    batch = mb.live_rows() if live_rows_only else mb.batch
+    t = cost.token_time(layers, batch, mb.context())
   if include_head and last:
-    t += cost.head_time(mb.batch)  # the LM head projects one position per row
+    t += cost.head_time(batch)  # the LM head projects one position per row
   return t
 
 
 class _Colocated:
   """Hooks of the baseline pipelines (see `PipelineHooks`)."""
 
-  def __init__(self, cost, loop, batch_size, max_inflight, include_head):
+  def __init__(self, cost, loop, batch_size, max_inflight, include_head, live_rows_only):
     self.cost, self.loop = cost, loop
     self.max_inflight, self.include_head = max_inflight, include_head
+    self.live_rows_only = live_rows_only
     self.pipes: list[Pipeline] = []
     self.feed: RequestFeed | None = None
     self.finish_times: list[float] = []
@@ -46,7 +53,7 @@ class _Colocated:
 
   def step_time(self, pipe, stage, mb):
     return step_time(self.cost, pipe.stages[stage].layers, mb, stage == 0,
-                     stage == pipe.num_stages - 1, self.include_head)
+                     stage == pipe.num_stages - 1, self.include_head, self.live_rows_only)
 
   def on_pass(self, pipe, mb, step):
     record_step(mb, step, self.loop.now)
@@ -77,7 +84,9 @@ def simulate_colocated(cost: cm.CostModel, requests: Sequence[RequestRecord], nu
                        batch_size: int = 8, replicas: int = 1, max_inflight: int | None = None,
                        stage_link: cm.Link | None = None, swap_link: cm.Link | None = None,
                        failures: Sequence[Failure] = (), recovery: RecoveryConfig | None = None,
-                       include_head: bool = True, until: float = math.inf) -> SimResult:
+                       include_head: bool = True, until: float = math.inf,
+                       microbatching: str = "greedy",
+                       live_rows_only: bool = False) -> SimResult:
   """Simulates the colocated baseline on `requests` (their timing fields are filled in).
 
   Args:
@@ -93,6 +102,12 @@ def simulate_colocated(cost: cm.CostModel, requests: Sequence[RequestRecord], nu
     recovery: how failures are recovered (default `RecoveryConfig()`: replica strategy).
     include_head: add the LM head's time to the last stage.
     until: stop the simulation at this time.
+    microbatching: how waiting requests form a microbatch: "greedy" (up to `batch_size` in
+      arrival order) or "paper" (only consecutive requests of equal prompt and output length, as
+      the engine's paper mode); see `dejavu_jax.sim.feed`.
+    live_rows_only: charge a token step (and the head) for the rows still generating, not the
+      whole microbatch (the engine's paced "mixed" mode does; equal-length microbatches never
+      differ).
   """
   if replicas < 1:
     raise ValueError(f"replicas must be >= 1, got {replicas}")
@@ -101,7 +116,7 @@ def simulate_colocated(cost: cm.CostModel, requests: Sequence[RequestRecord], nu
     raise ValueError(f"max_inflight must be >= 1, got {max_inflight}")
   recovery = recovery or RecoveryConfig()
   loop = EventLoop()
-  sys = _Colocated(cost, loop, batch_size, max_inflight, include_head)
+  sys = _Colocated(cost, loop, batch_size, max_inflight, include_head, live_rows_only)
   layers = split_layers(cost.model.num_layers, num_stages)
   replica_link = recovery.replica_link if failures and recovery.strategy == "replica" else None
   snap = recovery.snapshot_every if failures and recovery.strategy == "snapshot" else None
@@ -111,11 +126,12 @@ def simulate_colocated(cost: cm.CostModel, requests: Sequence[RequestRecord], nu
   names = {p.name: p for p in sys.pipes} | {"main": sys.pipes[0]}
   manager = FailureManager(loop, names, recovery)
   manager.schedule(failures)
-  sys.feed = RequestFeed(loop, requests, batch_size, sys.try_inject)
+  sys.feed = RequestFeed(loop, requests, batch_size, sys.try_inject, microbatching)
   loop.run(until)
   info = {"system": "colocated", "num_stages": num_stages, "replicas": replicas,
           "machines": num_stages * replicas, "batch_size": batch_size,
-          "max_inflight": max_inflight, "swapping": swap_link is not None,
+          "max_inflight": max_inflight, "microbatching": microbatching,
+          "swapping": swap_link is not None,
           "strategy": recovery.strategy if failures else None,
           "stage_busy_s": [sum(p.busy_time[s] for p in sys.pipes) for s in range(num_stages)]}
   return SimResult(list(requests), manager.recoveries, sys.finish_times, loop.now,

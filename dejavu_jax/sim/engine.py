@@ -77,6 +77,10 @@ class Microbatch:
     """The next step to run."""
     return self.done
 
+  def live_rows(self) -> int:
+    """Requests still generating when the next step runs (a request of n tokens ends at n - 1)."""
+    return sum(1 for r in self.requests if r.output_len > self.done)
+
   def context(self) -> int:
     """Tokens already cached when the next (token) step runs."""
     return self.prompt_len + self.done - 1

@@ -1,8 +1,15 @@
 """The request side of a simulated system: arrivals into a waiting queue, cut into microbatches.
 
 Arrivals are scheduled lazily (one pending event at a time) so that a run with many requests
-keeps a small event heap. Microbatches are formed greedily, as in the paper's baseline: when a
-pipeline can take one, it gets up to `batch_size` of the requests waiting (never an empty one).
+keeps a small event heap. When a pipeline can take a microbatch it gets one (never an empty one),
+formed as the engine's `pipeline.scheduler.Scheduler` forms it:
+
+  greedy  up to `batch_size` of the requests waiting, in arrival order (the engine's "mixed"
+          mode, and the paper's baseline);
+  paper   the longest run of waiting requests, in arrival order and at most `batch_size`, that
+          share the first one's (prompt length, output length): the engine's "paper" mode, where
+          all rows of a microbatch finish together. A request that arrives just after a group was
+          cut starts the next microbatch instead of joining the running one.
 """
 
 from __future__ import annotations
@@ -13,14 +20,20 @@ from typing import Callable, Sequence
 from dejavu_jax.sim.engine import EventLoop, Microbatch, form_microbatch
 from dejavu_jax.sim.records import RequestRecord
 
+MICROBATCHING = ("greedy", "paper")
+
 
 class RequestFeed:
   """Feeds `requests` (sorted by arrival) into `waiting`, calling `on_arrival` after each."""
 
   def __init__(self, loop: EventLoop, requests: Sequence[RequestRecord], batch_size: int,
-               on_arrival: Callable[[], None]):
+               on_arrival: Callable[[], None], microbatching: str = "greedy"):
     if batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if microbatching not in MICROBATCHING:
+      raise ValueError(f"unknown microbatching {microbatching!r}; expected one of "
+                       f"{', '.join(MICROBATCHING)}")
+    self.microbatching = microbatching
     if not requests:
       raise ValueError("no requests to simulate")
     self.loop, self.batch_size, self.on_arrival = loop, batch_size, on_arrival
@@ -50,7 +63,12 @@ class RequestFeed:
     """The next microbatch: a restarted one first, else up to batch_size waiting requests."""
     if self.redo:
       return self.redo.popleft()
-    reqs = [self.waiting.popleft() for _ in range(min(self.batch_size, len(self.waiting)))]
+    reqs = [self.waiting.popleft()]
+    key = (reqs[0].prompt_len, reqs[0].output_len)
+    while self.waiting and len(reqs) < self.batch_size and (
+        self.microbatching == "greedy" or
+        (self.waiting[0].prompt_len, self.waiting[0].output_len) == key):
+      reqs.append(self.waiting.popleft())
     mb = form_microbatch(self._mids, reqs)
     self._mids += 1
     return mb

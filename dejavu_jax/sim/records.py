@@ -1,9 +1,10 @@
-"""Per-request timing records and the metrics summary shared by the simulator and the engine.
+"""The simulator's per-request timing records, its run result, and its metrics summary.
 
-A `RequestRecord` holds the times (seconds) a request arrived, got its first token and finished;
-`summarize` turns a list of them into the result dict every experiment writes:
-throughput (requests/s and tokens/s), normalized latency (end-to-end latency / generated tokens,
-seconds per token) at p50/p95/p99, TTFT p50/p95 and TPOT p50.
+A `RequestRecord` holds the times (seconds) a request arrived, got its first token and finished.
+`summarize` is `dejavu_jax.serving.metrics.summarize` (one definition of throughput, normalized
+latency, TTFT and TPOT for the engine and the simulator) plus the key names the simulator used
+before (`throughput_rps`, `norm_latency_p50`, `ttft_p50`, ...; seconds throughout), kept as
+aliases. `SimResult` is what every simulation returns.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import dataclasses
 import math
 from typing import Sequence
 
-import numpy as np
+from dejavu_jax.serving import metrics
 
 
 @dataclasses.dataclass
@@ -60,39 +61,33 @@ class RequestRecord:
     return (self.finish - self.first_token) / (self.output_len - 1)
 
 
-def _pct(values: Sequence[float], q: float) -> float:
-  v = np.asarray([x for x in values if not math.isnan(x)], float)
-  return float(np.percentile(v, q)) if v.size else math.nan
+# The simulator's historical key names, as (alias, key of `metrics.summarize`, scale). They stay
+# so that planner, experiment and test code written against them keeps working.
+_ALIASES = (
+    ("duration_s", "duration", 1.0),
+    ("throughput_rps", "request_throughput", 1.0),
+    ("throughput_tok_s", "output_throughput", 1.0),
+    ("norm_latency_p50", "norm_latency_p50_s_per_tok", 1.0),
+    ("norm_latency_p95", "norm_latency_p95_s_per_tok", 1.0),
+    ("norm_latency_p99", "norm_latency_p99_s_per_tok", 1.0),
+    ("ttft_p50", "median_ttft_ms", 1e-3),
+    ("ttft_p95", "p95_ttft_ms", 1e-3),
+    ("tpot_p50", "median_tpot_ms", 1e-3),
+)
 
 
 def summarize(records: Sequence[RequestRecord]) -> dict:
-  """Metrics over the finished requests in `records`.
+  """`dejavu_jax.serving.metrics.summarize` over `records`, plus the simulator's old key names.
 
-  Throughput is measured from the first arrival to the last finish; unfinished requests are
-  counted in `num_unfinished` and left out of every other number.
+  Every metric is computed once, by the engine's summary, so simulated and served runs are judged
+  by the same definitions. The aliases in `_ALIASES` (seconds, not ms) follow its numbers, except
+  `num_requests`: here it keeps the simulator's meaning, the *finished* requests (= `completed`;
+  the general summary counts all of them), because simulator callers read it that way.
   """
-  done = [r for r in records if r.done]
-  out = {"num_requests": len(done), "num_unfinished": len(records) - len(done)}
-  if not done:
-    return out | {k: math.nan for k in (
-        "duration_s", "throughput_rps", "throughput_tok_s", "norm_latency_p50",
-        "norm_latency_p95", "norm_latency_p99", "ttft_p50", "ttft_p95", "tpot_p50")}
-  start = min(r.arrival for r in done)
-  duration = max(r.finish for r in done) - start
-  tokens = sum(r.output_len for r in done)
-  norm = [r.norm_latency for r in done]
-  ttft = [r.ttft for r in done]
-  return out | {
-      "duration_s": duration,
-      "throughput_rps": len(done) / duration if duration > 0 else math.inf,
-      "throughput_tok_s": tokens / duration if duration > 0 else math.inf,
-      "norm_latency_p50": _pct(norm, 50),
-      "norm_latency_p95": _pct(norm, 95),
-      "norm_latency_p99": _pct(norm, 99),
-      "ttft_p50": _pct(ttft, 50),
-      "ttft_p95": _pct(ttft, 95),
-      "tpot_p50": _pct([r.tpot for r in done], 50),
-  }
+  out = metrics.summarize(records)
+  out |= {alias: out[key] * scale for alias, key, scale in _ALIASES}
+  out["num_requests"] = out["completed"]
+  return out
 
 
 @dataclasses.dataclass

@@ -1,41 +1,43 @@
 """Simulated client: Poisson arrivals with a fixed prompt length and sampled output lengths.
 
-`dejavu_jax.serving.workload` (the engine's LMSys-fitted sampler) supersedes the default length
-sampler here; pass its lengths through `output_lens` to drive both with the same workload.
+The random draws are `dejavu_jax.serving.workload`'s (`poisson_arrivals`, re-exported here, and
+`sample_output_lengths`): the engine and the simulator share one client. This module only shapes
+them into the simulator's `RequestRecord`s; `from_serving` converts a served workload (same
+arrivals, prompt lengths and output lengths) so both can run the very same requests.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import numpy as np
 
+from dejavu_jax.serving.workload import Request, poisson_arrivals, sample_output_lengths
 from dejavu_jax.sim.records import RequestRecord
-
-
-def poisson_arrivals(rate: float, num_requests: int, seed: int = 0) -> np.ndarray:
-  """Arrival times (s) of an open-loop Poisson client at `rate` requests/s, starting at 0."""
-  if not rate > 0:
-    raise ValueError(f"request rate must be > 0 requests/s, got {rate}")
-  if num_requests < 1:
-    raise ValueError(f"num_requests must be >= 1, got {num_requests}")
-  gaps = np.random.default_rng(seed).exponential(1.0 / rate, num_requests)
-  gaps[0] = 0.0
-  return np.cumsum(gaps)
 
 
 def sample_output_lens(num_requests: int, seed: int = 0, median: float = 150.0,
                        sigma: float = 1.0, low: int = 2, high: int = 950) -> np.ndarray:
-  """Lognormal output lengths clamped to [low, high]: a stand-in for the LMSys-fitted sampler."""
-  rng = np.random.default_rng(seed + 1)
-  lens = np.exp(rng.normal(np.log(median), sigma, num_requests))
-  return np.clip(np.round(lens), low, high).astype(int)
+  """Lognormal output lengths (median, sigma) clamped to [low, high].
+
+  The sampling is `serving.workload.sample_output_lengths` with the lognormal given by its mean
+  and median; this signature stays because the simulator's configs speak in (median, sigma).
+  """
+  if sigma < 0:
+    raise ValueError(f"sigma must be >= 0, got {sigma}")
+  mean = median * math.exp(sigma**2 / 2)
+  # seed + 1: the arrivals draw from `seed`, and the two streams must differ.
+  return sample_output_lengths(f"lognormal:{mean!r},{median!r}", num_requests, seed + 1,
+                               low, high)
 
 
 def make_requests(rate: float, num_requests: int, prompt_len: int,
                   output_lens: Sequence[int] | int | None = None,
                   seed: int = 0) -> list[RequestRecord]:
   """Requests with Poisson arrivals; `output_lens` is an array, a constant, or None (sampled)."""
+  if not rate > 0:  # checked here too, for the simulator's own message
+    raise ValueError(f"request rate must be > 0 requests/s, got {rate}")
   if prompt_len < 1:
     raise ValueError(f"prompt_len must be >= 1, got {prompt_len}")
   arrivals = poisson_arrivals(rate, num_requests, seed)
@@ -56,3 +58,9 @@ def make_requests(rate: float, num_requests: int, prompt_len: int,
 def saturated_requests(num_requests: int, prompt_len: int, output_len: int) -> list[RequestRecord]:
   """All requests waiting at t=0: the pipeline is never starved (for throughput measurements)."""
   return [RequestRecord(i, 0.0, prompt_len, output_len) for i in range(num_requests)]
+
+
+def from_serving(requests: Sequence[Request]) -> list[RequestRecord]:
+  """Fresh simulator records for the engine's `requests` (ids, arrivals and lengths kept)."""
+  return [RequestRecord(r.request_id, float(r.arrival), r.prompt_len, int(r.max_new_tokens))
+          for r in sorted(requests, key=lambda r: (r.arrival, r.request_id))]
