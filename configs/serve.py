@@ -30,14 +30,14 @@ def get_config():
       "table": "",                  # for table: a JSON file {"prompt": ..., "token": ...}
   })
   # Workload: open loop, Poisson arrivals. Several rates make a rate sweep (one run per rate).
-  c.rates = [2.0]
+  c.rates = (2.0,)
   c.num_requests = 12
   c.prompt_len = 64
   c.output_len = "lognormal:40,32"  # "lmsys" for the LMSys-Chat-1M fit (mean ~209 tokens)
   c.max_output = 96
   # Fault tolerance: kill these stages at these times (seconds into the run); [] for none.
-  c.fail_stages = [1]
-  c.fail_times = [4.0]
+  c.fail_stages = (1,)
+  c.fail_times = (4.0,)
   c.recovery = "restart"            # "restart" | "reprefill"
   c.heartbeat_s = 0.1
   c.heartbeat_timeout_s = 0.5       # the paper uses 1 s / 3 s

@@ -20,7 +20,7 @@ def get_config():
   c.output_max = 950
   c.num_requests = 1000
   c.seed = 0
-  c.rates = [0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4]
+  c.rates = (0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4)
   # Disaggregated split simulated in the sweep (Dp + Dt = machines).
   c.prompt_stages = 1
   c.token_stages = 3
@@ -29,11 +29,11 @@ def get_config():
   c.failure_requests = 400
   c.fail_time = 200.0
   c.fail_stage = 1
-  c.strategies = ["restart", "replica", "snapshot", "reprefill"]
+  c.strategies = ("restart", "replica", "snapshot", "reprefill")
   c.snapshot_every = 10
   # Planner table rows: "model:hardware:machines".
-  c.planner_rows = ["opt_13b:v100_16gb:4", "opt_30b:a100_80gb:2", "opt_66b:a100_80gb:4",
-                    "opt_66b:v100_16gb:8", "bloom_176b:a100_80gb:4"]
+  c.planner_rows = ("opt_13b:v100_16gb:4", "opt_30b:a100_80gb:2", "opt_66b:a100_80gb:4",
+                    "opt_66b:v100_16gb:8", "bloom_176b:a100_80gb:4")
   c.planner_output_len = 250
-  c.planner_batch_sizes = [4, 8, 16]
+  c.planner_batch_sizes = (4, 8, 16)
   return c

@@ -59,3 +59,20 @@ def test_bad_input_is_named(params, prompts, new, match):
 def test_bad_sampling_config():
   with pytest.raises(ValueError, match="invalid sampling"):
     SamplingConfig(top_p=0.0)
+
+
+def test_decode_n_loop_equals_generate(params):
+  """The jitted multi-step decode loop (benchmarks use it) gives generate()'s greedy tokens."""
+  from dejavu_jax.kv.cache import init_cache_for  # pylint: disable=g-import-not-at-top
+  from dejavu_jax.models.generate import make_decode_n, make_steps, pad_prompts  # pylint: disable=g-import-not-at-top
+  prompts = [[4, 5, 6], [7, 8, 9, 10, 11]]
+  want = generate(CFG, params, prompts, 9, eos_token_id=-1, max_len=32)
+  prefill, _ = make_steps(CFG)
+  tokens, positions = pad_prompts(prompts, 16, CFG.pad_token_id)
+  cache = init_cache_for(CFG, CFG.num_layers, 2, 32)
+  cache, logits = prefill(params, cache, jnp.asarray(tokens), jnp.asarray(positions))
+  first = jnp.argmax(logits, -1).astype(jnp.int32)
+  _, new = make_decode_n(CFG, 8)(params, cache, first, jnp.array([3, 5], jnp.int32),
+                                 jax.random.key(0))
+  got = np.concatenate([np.asarray(first)[:, None], np.asarray(new)], axis=1)
+  assert got.tolist() == want

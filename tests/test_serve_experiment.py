@@ -31,6 +31,6 @@ def test_serve_experiment_end_to_end(tmp_path):
 
 def test_mismatched_failure_lists(tmp_path):
   c = serve_tiny.get_config()
-  c.fail_times = [0.1, 0.2]
+  c.fail_times = (0.1, 0.2)
   with pytest.raises(ValueError, match="fail_stages \\[1\\] and fail_times"):
     runner.run_experiment(c, str(tmp_path), log=lambda *a: None)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from dejavu_jax.config import ModelConfig
 from dejavu_jax.kv.cache import KVCache, init_cache_for
 from dejavu_jax.models.decoder import stage_params
-from dejavu_jax.models.generate import step_functions
+from dejavu_jax.models.generate import jit, step_functions
 from dejavu_jax.pipeline import plan as plan_lib
 
 # XLA collectives on forced CPU devices, dispatched asynchronously from several threads, can
@@ -41,8 +41,8 @@ class StageProgram:
     self._cache_sharding = KVCache(k=kv_sharding, v=kv_sharding, lengths=rep)
     prefill, decode = step_functions(cfg, self.start, self.stop)
     out = (self._cache_sharding, rep)
-    self._prefill = jax.jit(prefill, donate_argnums=(1,), out_shardings=out)
-    self._decode = jax.jit(decode, donate_argnums=(1,), out_shardings=out)
+    self._prefill = jit(prefill, donate_argnums=(1,), out_shardings=out)
+    self._decode = jit(decode, donate_argnums=(1,), out_shardings=out)
 
   def place_params(self, params):
     """This stage's subset of the whole model's params, placed (and sharded) on its devices."""

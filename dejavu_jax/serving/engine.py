@@ -76,7 +76,8 @@ class PipelineEngine:
     if serve.pacing == "paced":
       if cost_model is None:
         raise ValueError("pacing='paced' needs a cost model")
-      self.pace = make_pace_fn(cost_model, self.plan.num_stages, time_scale)
+      self.pace = make_pace_fn(cost_model, self.plan.num_stages, time_scale,
+                               cost_model.model.num_layers / cfg.num_layers)
     self.results: queue.Queue = queue.Queue()
     self.programs = [StageProgram(cfg, self.plan, self.mesh, s)
                      for s in range(self.plan.num_stages)]

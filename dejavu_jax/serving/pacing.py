@@ -14,16 +14,20 @@ the steps where it did not.
 from __future__ import annotations
 
 
-def make_pace_fn(cost_model, num_stages: int, time_scale: float = 1.0):
+def make_pace_fn(cost_model, num_stages: int, time_scale: float = 1.0,
+                 layer_scale: float = 1.0):
   """A `PaceFn` for StageWorker: (stage, kind, layers, batch, tokens) -> seconds.
 
   Prefill lasts cost_model.prompt_time(layers, prompt_len, batch), a decode step
   cost_model.token_time(layers, batch, context); the last stage adds head_time (LM head) for the
   tokens whose logits it computes. `time_scale` stretches every duration (e.g. 0.1 replays a
-  paper-scale model ten times faster than real time).
+  paper-scale model ten times faster than real time). `layer_scale` maps the served model's layers
+  onto the cost model's (cost layers / served layers): a 2-layer test model paced by OPT-66B's
+  cost model behaves as 2 stages of 32 OPT-66B layers each.
   """
 
   def pace(stage: int, kind: str, layers: int, batch: int, tokens: int) -> float:
+    layers = layers * layer_scale
     if kind == "prefill":
       t = cost_model.prompt_time(layers, tokens, batch)
     else:
