@@ -20,35 +20,22 @@ and context through small grids, so a disagreement about which batch or context 
 charged for would show. The rates are fractions of the saturated capacity from the paper's
 formula I_c = Y + N t + (D-1)(Y-t)/D (DEJAVU.md).
 
-Where the two still differ, and why. The simulator follows the engine's scheduling; what is left
-is the engine's host lag leaking into its paced clock (items 1-2, engine-side), one cost-model
-argument (3), and races that the lag causes (4-5). Each is small against the modeled steps, but
-the lag grows with the load on this shared 2-core machine.
+Where the two can still differ, and why. The engine keeps its paced clock from modeled instants
+(a prefill is ready at max(the modeled end of the step that freed its slot, its last request's
+arrival); a decode or inter-stage step at the previous step's modeled end; tokens are stamped at
+the step's end; a step charges the context already cached), so host lag on the engine thread does
+not leak into the schedule. With no pace overruns the two agree to rounding (measured: relative
+errors ~1e-12 on every scenario). What remains possible:
 
-1. Prefill start (serving/engine.py `_send_prefill`). A new microbatch's prefill is ready at
-   `time.perf_counter()` when the engine thread sends it, not at the modeled instant it could
-   start (max(the modeled end of the step that freed its slot, its last request's arrival)). So
-   every wake-up and bookkeeping delay of the engine thread (~1-10 ms under load) enters the
-   schedule at each injection and accumulates while the pipeline stays busy (decode and
-   inter-stage steps do not: their ready time is the previous step's modeled end). Measured on
-   D=2, B=8, load 0.85: engine finishes drift 15-22 ms late on average; with the prefill ready at
-   the modeled instant (a local patch, not committed) 10 ms, and the p50 error 3.4-5.4% -> 2.5%.
-2. Token times (`_on_result`). The engine stamps a token with its real clock when the engine
-   thread has processed the result, not with the step's modeled end (`res.done_at`): TTFT and
-   finish carry the lag once more (median TTFT of an idle D=1 pipeline: ~10 ms over the model
-   under load).
-3. Decode context. The engine charges a decode step for `positions.max() + 1` tokens, the cache
-   *including* the token being written (prompt_len + k at decode step k); the `CostModel`
-   contract, which the simulator follows, is the context already cached (prompt_len + k - 1).
-   The engine is one token off: ~0.1 ms per stage step with the grid below.
-4. Arrival races. The engine admits requests on its (lagging) real clock, so a request arriving
-   within the lag of an injection joins that microbatch in one run and the next one in the other.
-   Paper-mode grouping then splits the later groups differently and the two runs diverge for a
-   while (seen as a few requests finishing hundreds of ms apart, and as TTFT differences, mostly
-   where all D slots are busy with small microbatches, e.g. D=4, B=8 at the light rate).
-5. Ties. Steps ready at a stage at the same modeled instant run in event order in the simulator,
-   in inbox (real-time) order in the engine; the lag can swap them. Rarely changes a finish time.
-6. Mixed mode (`--mode=mixed`): the engine pads finished rows but charges a decode step (and the
+1. Overruns. A step whose real compute outlasts its modeled time ends when it really ended (the
+   engine counts these as `paced_overruns`); the simulator knows nothing of it. Keep the modeled
+   step times well above the real ones (here: tens of ms against ~1-3 ms).
+2. Arrival races. The engine admits requests on its real clock, so a request arriving within the
+   engine thread's lag of an injection can join a different microbatch than in the simulator;
+   paper-mode grouping then splits later groups differently for a while.
+3. Ties. Steps ready at a stage at the same modeled instant run in event order in the simulator,
+   in inbox (real-time) order in the engine.
+4. Mixed mode (`--mode=mixed`): the engine pads finished rows but charges a decode step (and the
    head) for the live rows only; the simulator follows with `live_rows_only=True`.
 
 Run: python benchmarks/sim_vs_paced.py [--quick]. Prints a table per scenario; the last stdout

@@ -162,8 +162,10 @@ class StageWorker:
       # and host bookkeeping shorter than the modeled time do not stretch the schedule.
       start = max(msg.ready_at, self.free_at)
       end = start + self.pace(self.index, msg.kind, program.num_layers, msg.batch, msg.tokens)
-      if time.perf_counter() > end:
+      late = time.perf_counter()
+      if late > end:  # the real step outlasted the model: it ends when it really ended
         self.overruns += 1
+        end = late
       _sleep_until(end)
       self.free_at = end
     self.busy_s += time.perf_counter() - t0

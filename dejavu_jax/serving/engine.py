@@ -156,7 +156,9 @@ class PipelineEngine:
     requests = sorted(requests, key=lambda r: (r.arrival, r.request_id))
     records: dict[int, metrics_lib.RequestRecord] = {}
     rejected: dict[int, str] = {}
-    busy0 = [w.busy_s for w in self.workers]
+    # Baselines per worker object: a worker replaced during this run starts from zero.
+    busy0 = {id(w): w.busy_s for w in self.workers}
+    overruns0 = {id(w): w.overruns for w in self.workers}
     t0 = self._t0 = time.perf_counter()
     now = lambda: time.perf_counter() - t0  # noqa: E731
     # When each slot was last freed (perf_counter): a prefill injected into it is ready then, or
@@ -210,11 +212,13 @@ class PipelineEngine:
     recs = [records[i] for i in sorted(records)]
     summary = metrics_lib.summarize(recs, duration=wall)
     summary["rejected"] = len(rejected)
+    if self.pace is not None:  # steps whose real compute outlasted the modeled time
+      summary["paced_overruns"] = sum(w.overruns - overruns0.get(id(w), 0) for w in self.workers)
     if events:
       summary["failures"] = len(events)
       summary["mean_recovery_s"] = float(np.mean([e.recovery_s for e in events]))
     return ServeResult(recs, rejected, summary, wall,
-                       [w.busy_s - b for w, b in zip(self.workers, busy0)], events)
+                       [w.busy_s - busy0.get(id(w), 0.0) for w in self.workers], events)
 
   def _recover(self, sched: Scheduler, records, dead: list[int], killed: dict, now):
     detected = now()
