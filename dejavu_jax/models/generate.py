@@ -166,9 +166,10 @@ def validate_prompts(cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new
     if len(p) == 0:
       raise ValueError(f"prompt {i} is empty")
     arr = np.asarray(p)
-    if arr.min() < 0 or arr.max() >= cfg.vocab_size:
-      raise ValueError(f"prompt {i} has token id {int(arr.max() if arr.max() >= cfg.vocab_size else arr.min())} "
-                       f"outside the vocabulary [0, {cfg.vocab_size})")
+    bad = arr[(arr < 0) | (arr >= cfg.vocab_size)]
+    if bad.size:
+      raise ValueError(f"prompt {i} has token id {int(bad[0])} outside the vocabulary "
+                       f"[0, {cfg.vocab_size})")
     if len(p) + max_new_tokens > limit:
       raise ValueError(f"prompt {i} of {len(p)} tokens + {max_new_tokens} new tokens is longer "
                        f"than the context of {limit} positions")

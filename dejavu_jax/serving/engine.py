@@ -196,8 +196,9 @@ class PipelineEngine:
         msg = self.results.get(timeout=max(wait, 1e-4))
       except queue.Empty:
         if time.perf_counter() - last_progress > sc.step_timeout_s:
+          beats = [round(time.monotonic() - w.last_heartbeat, 2) for w in self.workers]
           raise TimeoutError(f"no pipeline step finished in {sc.step_timeout_s} s; worker "
-                             f"heartbeats: {[round(time.monotonic() - w.last_heartbeat, 2) for w in self.workers]} s ago")
+                             f"heartbeats: {beats} s ago")
         continue
       last_progress = time.perf_counter()
       if msg.epoch < self.epoch or msg.mb_id not in sched.in_flight:
