@@ -5,8 +5,9 @@
       --config.fail_stages='()' --config.fail_times='()'          # a rate sweep, no failures
 
 Writes to --output_dir: `requests_rate{R}.jsonl` (one line per request), `summary.jsonl` (one
-summary per rate), `summary.txt` (readable), `recoveries.jsonl`, and `latency_vs_rate.png` when
-several rates ran.
+summary per rate), `summary.txt` (readable), `recoveries.jsonl`, `failure_timeline.png`
+(cumulative latency over time, as in the paper's failure figures) when failures were injected,
+and `latency_vs_rate.png` when several rates ran.
 """
 
 import os

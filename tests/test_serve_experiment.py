@@ -20,7 +20,7 @@ def test_serve_experiment_end_to_end(tmp_path):
     assert s["completed"] == c.num_requests and s["rejected"] == 0
     assert s["failures"] == 1
   files = set(os.listdir(tmp_path))
-  assert {"summary.jsonl", "summary.txt", "recoveries.jsonl", "latency_vs_rate.png",
+  assert {"summary.jsonl", "summary.txt", "recoveries.jsonl", "latency_vs_rate.png", "failure_timeline.png",
           "requests_rate5.jsonl", "requests_rate20.jsonl"} <= files
   recs = read_jsonl(tmp_path / "requests_rate5.jsonl")
   assert len(recs) == c.num_requests and all(r.output_len == 6 for r in recs)

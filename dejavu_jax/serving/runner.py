@@ -72,7 +72,7 @@ def run_experiment(c, out_dir: str, log=print) -> list[dict]:
   failures = [FailureSpec(float(t), int(s)) for s, t in zip(c.fail_stages, c.fail_times)]
   log(f"model {cfg.name}: {cfg.num_layers} layers, d={cfg.hidden_size}, "
       f"{cfg.param_count() / 1e6:.1f}M params, {cfg.dtype}")
-  summaries, texts = [], []
+  summaries, texts, timelines = [], [], {}
   t_build = time.perf_counter()
   with PipelineEngine(cfg, params, sc, cost_model=cost,
                       time_scale=c.cost.time_scale) as engine:
@@ -100,6 +100,7 @@ def run_experiment(c, out_dir: str, log=print) -> list[dict]:
             f"{ev.lost_requests} requests in flight, {ev.recomputed_tokens} tokens to redo")
       for rid, why in res.rejected.items():
         log(f"  rejected: {why}")
+      timelines[f"{rate:g} req/s"] = res.records
       text = metrics.format_summary(summary, title=f"rate {rate:g} req/s")
       log(text)
       texts.append(text)
@@ -111,4 +112,9 @@ def run_experiment(c, out_dir: str, log=print) -> list[dict]:
     f.write("\n\n".join(texts) + "\n")
   if len(summaries) > 1:
     metrics.plot_latency_vs_rate(summaries, os.path.join(out_dir, "latency_vs_rate.png"))
+  if failures:
+    metrics.plot_failure_timeline(
+        timelines, os.path.join(out_dir, "failure_timeline.png"),
+        failure_times=[f.time_s for f in failures],
+        title=f"stage(s) {[f.stage for f in failures]} killed; {sc.recovery} recovery")
   return summaries
