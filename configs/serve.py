@@ -38,7 +38,7 @@ def get_config():
   # Fault tolerance: kill these stages at these times (seconds into the run); [] for none.
   c.fail_stages = (1,)
   c.fail_times = (4.0,)
-  c.recovery = "restart"            # "restart" | "reprefill"
+  c.recovery = "replica"            # "replica" (DéjàVu) | "restart" | "reprefill"
   c.heartbeat_s = 0.1
   c.heartbeat_timeout_s = 0.5       # the paper uses 1 s / 3 s
   return c

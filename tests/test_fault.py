@@ -34,7 +34,7 @@ def _reference(params, reqs):
   return {r.request_id: o[:r.max_new_tokens] for r, o in zip(reqs, outs)}
 
 
-def _serve(params, strategy, stage, tmp_path=None, paced=False):
+def _serve(params, strategy, stage, tmp_path=None, paced=False, failures=None):
   serve = ServeConfig(num_stages=2, microbatch_size=3, max_len=64, heartbeat_s=0.02,
                       heartbeat_timeout_s=0.1, recovery=strategy,
                       pacing="paced" if paced else "real")
@@ -49,13 +49,14 @@ def _serve(params, strategy, stage, tmp_path=None, paced=False):
   reqs = _workload()
   with PipelineEngine(CFG, params, serve, cost_model=cost, params_checkpoint=ckpt) as eng:
     eng.generate([[5, 6]], 2)   # compile first, so the failure lands mid-generation
-    res = eng.serve(reqs, failures=[FailureSpec(0.3, stage)])
+    res = eng.serve(reqs, failures=failures or [FailureSpec(0.3, stage)])
   return reqs, res
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("strategy,stage", [("restart", 0), ("restart", 1), ("reprefill", 1)])
+@pytest.mark.parametrize("strategy,stage", [("restart", 0), ("restart", 1), ("reprefill", 1),
+                                            ("replica", 0), ("replica", 1)])
 def test_tokens_identical_after_failure(params, strategy, stage, tmp_path):
   reqs, res = _serve(params, strategy, stage, tmp_path if stage == 1 else None, paced=True)
   assert res.tokens() == _reference(params, reqs)
@@ -68,16 +69,31 @@ def test_tokens_identical_after_failure(params, strategy, stage, tmp_path):
   assert recomputed == ev.recomputed_tokens
   if strategy == "restart":
     assert recomputed > 0                     # restart redoes every token of the lost requests
-  else:
+  elif strategy == "reprefill":
     assert recomputed == 0                    # re-prefill keeps what was generated
+  else:                                       # replica: at most the unreplicated step per row
+    assert recomputed <= 3 * ev.lost_microbatches
+    assert ev.restored_microbatches >= 1
   assert all(r.output_len == r2.max_new_tokens for r, r2 in zip(res.records, reqs))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_replica_survives_two_failures_in_turn(params):
+  """Stage 1 dies, then stage 0: the second recovery needs the replica of stage 0 that the first
+  recovery rebuilt in the replacement of stage 1."""
+  reqs, res = _serve(params, "replica", None, paced=True,
+                     failures=[FailureSpec(0.25, 1), FailureSpec(0.6, 0)])
+  assert res.tokens() == _reference(params, reqs)
+  assert [ev.stage for ev in res.recoveries] == [1, 0]
+  assert all(ev.restored_microbatches >= 1 for ev in res.recoveries)
 
 
 def test_unknown_and_later_strategies_are_named():
   with pytest.raises(ValueError, match="unknown recovery strategy 'magic'"):
     get_strategy("magic")
-  with pytest.raises(ValueError, match="'replica' needs state replication"):
-    get_strategy("replica")
+  with pytest.raises(ValueError, match="'snapshot' is not built yet"):
+    get_strategy("snapshot")
 
 
 def test_failure_at_missing_stage(params):

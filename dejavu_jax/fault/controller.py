@@ -29,6 +29,7 @@ class RecoveryEvent:
   lost_microbatches: int = 0
   lost_requests: int = 0
   recomputed_tokens: int = 0        # generated tokens that must be generated again
+  restored_microbatches: int = 0    # resumed from replicas instead of requeued (replica)
 
   @property
   def detection_s(self) -> float:

@@ -11,9 +11,13 @@ microbatches (the epoch rises). They differ in how the lost requests come back:
              The rebuilt keys/values come from a prefill instead of step-by-step decoding, a
              different summation order: tokens match the uninterrupted run except at near-ties.
 
-`replica` (restore from the copy streamed to the next stage's host memory) and `snapshot`
-(periodic orbax snapshots) come with state replication; asking for them now is an error that
-says so.
+  replica    DéjàVu: restore the lost stage's caches from the replica its successor holds and
+             resume each microbatch at its last replicated step (fault/replication.py; the
+             engine runs it, since it restores caches rather than requeueing requests). Work
+             with no usable replica falls back to `restart`.
+
+`snapshot` (periodic orbax snapshots of the caches) is not built yet: asking for it is an error
+that says so.
 
 A strategy is a function (engine, scheduler, records, lost microbatches) -> recomputed token
 count, registered in STRATEGIES; add one there.
@@ -58,15 +62,16 @@ def reprefill(sched, lost, records) -> int:
   return 0
 
 
-STRATEGIES: dict[str, Callable] = {"restart": restart, "reprefill": reprefill}
-_LATER = ("replica", "snapshot")
+# "replica" requeues (restarts) only what its replicas cannot restore.
+STRATEGIES: dict[str, Callable] = {"restart": restart, "reprefill": reprefill, "replica": restart}
+_LATER = ("snapshot",)
 
 
 def get_strategy(name: str) -> Callable:
   if name in STRATEGIES:
     return STRATEGIES[name]
   if name in _LATER:
-    raise ValueError(f"recovery strategy {name!r} needs state replication, which this engine "
-                     f"does not run yet; available: {sorted(STRATEGIES)}")
+    raise ValueError(f"recovery strategy {name!r} is not built yet; available: "
+                     f"{sorted(STRATEGIES)}")
   raise ValueError(f"unknown recovery strategy {name!r}; available: {sorted(STRATEGIES)}")
 

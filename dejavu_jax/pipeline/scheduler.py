@@ -112,6 +112,11 @@ class Scheduler:
     self.free_slots.append(mb.slot)
     self.free_slots.sort()
 
+  def resume(self, mb: Microbatch) -> None:
+    """Puts a microbatch rewound by a recovery back in flight, in its old slot."""
+    self.free_slots.remove(mb.slot)
+    self.in_flight[mb.mb_id] = mb
+
   def drop_in_flight(self) -> list:
     """Removes every in-flight microbatch (a failure lost them); returns their requests."""
     lost = []

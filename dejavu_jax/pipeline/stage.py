@@ -53,6 +53,10 @@ class StageProgram:
     cache = init_cache_for(self.cfg, self.num_layers, batch, max_len)
     return jax.device_put(cache, self._cache_sharding)
 
+  def place_cache(self, cache: KVCache) -> KVCache:
+    """A cache (e.g. restored from a host replica) placed and sharded on this stage's devices."""
+    return jax.device_put(cache, self._cache_sharding)
+
   def to_stage(self, x):
     """Moves an input (tokens, hidden states, positions) onto this stage's devices."""
     return jax.device_put(x, self._rep)

@@ -98,6 +98,11 @@ class StageWorker:
     self.busy_s = 0.0
     self.free_at = 0.0          # paced mode: when this stage's previous step ended (modeled)
     self.min_epoch = 0
+    # Held for the whole of a step: whoever reads `caches` from another thread (replication
+    # recovery) takes it, so a cache is never read while a step donates it.
+    self.step_lock = threading.Lock()
+    self.slot_step: dict[int, tuple[int, int]] = {}   # slot -> (mb_id, step) last run here
+    self.replica_store = None   # replicas of the previous stage, in this worker's host memory
     self.overruns = 0           # paced steps whose real compute outlasted the modeled time
     self._stop = threading.Event()
     self._thread = threading.Thread(target=self._loop, name=f"stage-{self.index}", daemon=True)
@@ -116,6 +121,7 @@ class StageWorker:
     self.inbox.put(None)
     self.caches.clear()
     self.params = None
+    self.replica_store = None
 
   def put(self, msg: StepMsg) -> None:
     self.inbox.put(msg)
@@ -142,7 +148,8 @@ class StageWorker:
       if msg.epoch < self.min_epoch:
         continue
       try:
-        self._step(msg)
+        with self.step_lock:
+          self._step(msg)
       except BaseException as e:  # pylint: disable=broad-except
         if not self._stop.is_set():  # a killed worker reports nothing, as a crashed one would
           self.results.put(StepError(self.index, msg.mb_id, e, msg.epoch))

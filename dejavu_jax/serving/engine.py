@@ -28,6 +28,7 @@ import numpy as np
 from dejavu_jax.config import ModelConfig, ServeConfig
 from dejavu_jax.fault.controller import Controller, FailureSpec, RecoveryEvent
 from dejavu_jax.fault.recovery import get_strategy
+from dejavu_jax.fault.replication import Replicator, recover_from_replicas
 from dejavu_jax.models.checkpoint import restore_params
 from dejavu_jax.models.decoder import param_shapes
 from dejavu_jax.models.generate import bucket_length, pad_prompts, sample, validate_prompts
@@ -81,6 +82,8 @@ class PipelineEngine:
     self.results: queue.Queue = queue.Queue()
     self.programs = [StageProgram(cfg, self.plan, self.mesh, s)
                      for s in range(self.plan.num_stages)]
+    # Ring replication runs only for the strategy that needs it (it costs a copy per step).
+    self.replicator = Replicator(lambda: self.workers) if serve.recovery == "replica" else None
     self.workers = [self._new_worker(s) for s in range(self.plan.num_stages)]
     self._link()
     for w in self.workers:
@@ -93,6 +96,8 @@ class PipelineEngine:
                     self.plan.num_stages, self.serve_cfg.microbatch_size, self.serve_cfg.max_len,
                     self.results, self.pace, heartbeat_s=self.serve_cfg.heartbeat_s)
     w.min_epoch = self.epoch
+    if self.replicator is not None:
+      self.replicator.attach(w)
     return w
 
   def _link(self) -> None:
@@ -114,6 +119,8 @@ class PipelineEngine:
   def close(self) -> None:
     for w in self.workers:
       w.stop()
+    if self.replicator is not None:
+      self.replicator.close()
 
   def __enter__(self):
     return self
@@ -223,6 +230,12 @@ class PipelineEngine:
 
   def _recover(self, sched: Scheduler, records, dead: list[int], killed: dict, now):
     detected = now()
+    d = self.plan.num_stages
+    holder = None
+    if self.replicator is not None and len(dead) == 1 and d > 1:
+      succ = self.workers[(dead[0] + 1) % d]
+      holder = succ if succ.index not in dead and succ.replica_store is not None else None
+      self.replicator.streamer.drain(timeout=self.serve_cfg.step_timeout_s)
     self.epoch += 1
     for w in self.workers:
       w.min_epoch = self.epoch
@@ -230,15 +243,23 @@ class PipelineEngine:
       self.replace_worker(s)
     lost = list(sched.in_flight.values())
     sched.drop_in_flight()
+    resumed, dropped = [], 0
+    if holder is not None:
+      resumed, lost, dropped = recover_from_replicas(self, sched, lost, records, dead[0], holder)
+      prev = self.workers[(dead[0] - 1) % d]
+      self.replicator.resync(prev, self.workers[dead[0]], {mb.slot: mb.mb_id for mb in resumed})
     for mb in lost:
       self._slot_free_at[mb.slot] = time.perf_counter()
-    recomputed = self.recover(sched, lost, records)
+    recomputed = dropped + self.recover(sched, lost, records)
+    for mb in resumed:
+      sched.resume(mb)
+      self._send_decode(sched, mb, time.perf_counter())
     return RecoveryEvent(
         stage=dead[0], strategy=self.serve_cfg.recovery,
         failed_at=min(killed.pop(s, detected) for s in dead), detected_at=detected,
-        recovered_at=now(), lost_microbatches=len(lost),
-        lost_requests=sum(int((~mb.done[:len(mb.requests)]).sum()) for mb in lost),
-        recomputed_tokens=recomputed)
+        recovered_at=now(), lost_microbatches=len(lost) + len(resumed),
+        lost_requests=sum(int((~mb.done[:len(mb.requests)]).sum()) for mb in lost + resumed),
+        recomputed_tokens=recomputed, restored_microbatches=len(resumed))
 
   def _send_prefill(self, mb: Microbatch) -> None:
     bucket = bucket_length(mb.prompt_bucket_len, self.serve_cfg.max_len)
@@ -279,10 +300,16 @@ class PipelineEngine:
       self._slot_free_at[mb.slot] = res.done_at
       sched.release(mb)
       return len(finished_rows)
+    self._send_decode(sched, mb, res.done_at)
+    return len(finished_rows)
+
+  def _send_decode(self, sched: Scheduler, mb: Microbatch, ready_at: float) -> None:
+    """The next decode step of `mb`: each live row's latest token at its next position."""
     positions = sched.advance(mb)
-    x = np.where(mb.done, self.cfg.pad_token_id, toks).astype(np.int32)
+    x = np.array([g[-1] if g and not mb.done[i] else self.cfg.pad_token_id
+                  for i, g in enumerate(mb.generated)] +
+                 [self.cfg.pad_token_id] * (mb.batch - len(mb.generated)), np.int32)
     live = int((~mb.done).sum())
     # Sampling belongs to the last stage's step: the next step is ready when that one ended.
     self.workers[0].put(StepMsg("decode", mb.slot, mb.mb_id, mb.step, x, positions, live,
-                                int(positions.max()), res.done_at, self.epoch))
-    return len(finished_rows)
+                                int(positions.max()), ready_at, self.epoch))
