@@ -24,8 +24,11 @@ def params():
 
 def _workload(n=10, seed=0):
   rng = np.random.default_rng(seed)
-  return [Request(i, 0.01 * i, tuple(int(t) for t in rng.integers(3, 128, int(rng.integers(2, 12)))),
-                  int(rng.integers(10, 30))) for i in range(n)]
+  reqs = []
+  for i in range(n):
+    prompt = tuple(int(t) for t in rng.integers(3, 128, int(rng.integers(2, 12))))
+    reqs.append(Request(i, 0.01 * i, prompt, int(rng.integers(10, 30))))
+  return reqs
 
 
 def _reference(params, reqs):
@@ -34,8 +37,8 @@ def _reference(params, reqs):
   return {r.request_id: o[:r.max_new_tokens] for r, o in zip(reqs, outs)}
 
 
-def _serve(params, strategy, stage, tmp_path=None, paced=False, failures=None):
-  serve = ServeConfig(num_stages=2, microbatch_size=3, max_len=64, heartbeat_s=0.02,
+def _serve(params, strategy, stage, tmp_path=None, paced=False, failures=None, tensor=1):
+  serve = ServeConfig(num_stages=2, tensor=tensor, microbatch_size=3, max_len=64, heartbeat_s=0.02,
                       heartbeat_timeout_s=0.1, recovery=strategy,
                       pacing="paced" if paced else "real")
   ckpt = None
@@ -87,6 +90,15 @@ def test_replica_survives_two_failures_in_turn(params):
   assert res.tokens() == _reference(params, reqs)
   assert [ev.stage for ev in res.recoveries] == [1, 0]
   assert all(ev.restored_microbatches >= 1 for ev in res.recoveries)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_replica_with_tensor_parallel_stages(params):
+  """Replicas of head-sharded caches (tensor = 2) restore onto the replacement's two devices."""
+  reqs, res = _serve(params, "replica", 1, paced=True, tensor=2)
+  assert res.tokens() == _reference(params, reqs)
+  assert res.recoveries[0].restored_microbatches >= 1
 
 
 def test_unknown_and_later_strategies_are_named():
