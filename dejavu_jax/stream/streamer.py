@@ -29,7 +29,7 @@ How a transfer flows, and why each step blocks where it does:
    `on_done` callbacks run on the worker thread (e.g. an acknowledgement to the controller).
 6. Shutdown (caller's thread). `close(wait=True)` delivers everything queued, `close(wait=False)`
    cancels what has not started (each such ticket raises `StreamClosed`); either way it joins the
-   threads and returns a `ShutdownReport` naming every transfer as completed, failed or
+   threads and returns a `ShutdownReport` counting the completed transfers and naming the failed or
    cancelled, and raises `StreamError` for failures no waiter has seen, so none is swallowed.
 """
 
@@ -96,7 +96,8 @@ class Ticket:
 
 @dataclasses.dataclass
 class ShutdownReport:
-  completed: list[Ticket]
+  completed: int             # successful transfers are counted, not kept (a streamer may run for
+                              # millions of steps: replication submits one per stage per step)
   failed: list[tuple[Ticket, BaseException]]
   cancelled: list[Ticket]
 
@@ -132,7 +133,9 @@ class Streamer:
     self._fifos = [collections.deque() for _ in range(num_threads)]
     self._seq: dict[Hashable, int] = collections.defaultdict(int)
     self._poisoned: dict[Hashable, BaseException] = {}
-    self._tickets: list[Ticket] = []
+    # Unfinished and failed tickets only: a successful one is dropped when it completes.
+    self._tickets: dict[int, Ticket] = {}
+    self._completed = 0
     self._pending_bytes = 0
     self._pending_items = 0
     self.peak_bytes = 0   # the most bytes ever pending at once (backpressure's witness)
@@ -175,7 +178,7 @@ class Streamer:
       seq = self._seq[key]
       self._seq[key] = seq + 1
       ticket = Ticket(key, seq, nbytes)
-      self._tickets.append(ticket)
+      self._tickets[id(ticket)] = ticket
       self._pending_bytes += nbytes
       self._pending_items += 1
       self.peak_bytes = max(self.peak_bytes, self._pending_bytes)
@@ -214,7 +217,7 @@ class Streamer:
   def drain(self, timeout: float | None = None) -> None:
     """Waits until every transfer submitted so far is done (errors stay on their tickets)."""
     with self._cv:
-      tickets = list(self._tickets)
+      tickets = list(self._tickets.values())
     futures.wait([t._future for t in tickets], timeout)
 
   def close(self, wait: bool = True, timeout: float | None = None,
@@ -232,13 +235,14 @@ class Streamer:
       for fifo in self._fifos:   # Only reachable when a thread died; be exhaustive anyway.
         while fifo:
           self._finish(fifo.popleft(), exc=StreamClosed("streamer closed"))
-      tickets = list(self._tickets)
-    report = ShutdownReport([], [], [])
+      tickets = list(self._tickets.values())
+      completed = self._completed
+    report = ShutdownReport(completed, [], [])
     unseen = []
     for t in tickets:
       exc = t._future.exception()
       if exc is None:
-        report.completed.append(t)
+        report.completed += 1   # finished between the snapshot above and now
       elif isinstance(exc, StreamClosed):
         report.cancelled.append(t)
       else:
@@ -293,6 +297,9 @@ class Streamer:
       self._cv.notify_all()
     if exc is None:
       item.ticket._future.set_result(result)
+      with self._cv:
+        self._tickets.pop(id(item.ticket), None)
+        self._completed += 1
     else:
       item.ticket._future.set_exception(exc)
     if item.on_done is not None:
