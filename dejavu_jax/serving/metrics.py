@@ -240,18 +240,12 @@ def plot_latency_vs_rate(rows: Sequence[dict], path: str | os.PathLike, *,
   Returns:
     `path`, as a string.
   """
-  # The figure is built without pyplot: no global backend state, safe beside other threads.
-  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
-  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
-
   series: dict[str, list[dict]] = {}
   for row in rows:
     if rate_key not in row:
       raise ValueError(f"a row has no request rate under {rate_key!r}: keys {sorted(row)}")
     series.setdefault(str(row.get(system_key, "")), []).append(row)
-  fig = Figure(figsize=(6.4, 4.2))
-  FigureCanvasAgg(fig)
-  ax = fig.add_subplot()
+  fig, ax = _new_figure()
   for i, (system, pts) in enumerate(series.items()):
     pts = sorted(pts, key=lambda r: r[rate_key])
     rates = [r[rate_key] for r in pts]
@@ -262,10 +256,24 @@ def plot_latency_vs_rate(rows: Sequence[dict], path: str | os.PathLike, *,
     if tail_key is not None:
       ax.plot(rates, [r[tail_key] for r in pts], "--", color=color,
               label=f"{label} {_stat_name(tail_key)}")
-  ax.set_xlabel("request rate (requests/s)")
-  ax.set_ylabel("normalized latency (s/token)")
   if log_y:
     ax.set_yscale("log")
+  return _finish_figure(fig, ax, path, "request rate (requests/s)",
+                        "normalized latency (s/token)", title)
+
+
+def _new_figure():
+  """A figure built without pyplot: no global backend state, safe beside other threads."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  fig = Figure(figsize=(6.4, 4.2))
+  FigureCanvasAgg(fig)
+  return fig, fig.add_subplot()
+
+
+def _finish_figure(fig, ax, path, xlabel: str, ylabel: str, title: str | None) -> str:
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
   if title:
     ax.set_title(title)
   ax.grid(True, alpha=0.3)
@@ -385,12 +393,7 @@ def plot_failure_timeline(runs: dict, path: str | os.PathLike, *,
     failure_times: seconds at which failures were injected.
     title: the figure title.
   """
-  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
-  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
-
-  fig = Figure(figsize=(6.4, 4.2))
-  FigureCanvasAgg(fig)
-  ax = fig.add_subplot()
+  fig, ax = _new_figure()
   for i, (label, records) in enumerate(runs.items()):
     done = sorted((r for r in records if r.done), key=lambda r: r.finish)
     t = [r.finish for r in done]
@@ -398,14 +401,4 @@ def plot_failure_timeline(runs: dict, path: str | os.PathLike, *,
     ax.step([0.0] + t, [0.0] + cum.tolist(), where="post", color=f"C{i % 10}", label=str(label))
   for ft in failure_times:
     ax.axvline(ft, color="k", linestyle="--", linewidth=0.8)
-  ax.set_xlabel("time (s)")
-  ax.set_ylabel("cumulative latency (s)")
-  if title:
-    ax.set_title(title)
-  ax.grid(True, alpha=0.3)
-  ax.legend()
-  fig.tight_layout()
-  path = os.fspath(path)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=100)
-  return path
+  return _finish_figure(fig, ax, path, "time (s)", "cumulative latency (s)", title)
