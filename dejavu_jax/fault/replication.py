@@ -77,6 +77,8 @@ class Replicator:
     return workers[(s + 1) % len(workers)]
 
   def after_step(self, worker, msg) -> None:
+    if not worker.alive:  # a killed worker finishing its last step: a crash streams nothing
+      return
     s, slot = worker.index, msg.slot
     worker.slot_step[slot] = (msg.mb_id, msg.step)
     target = self.successor(s)
