@@ -76,6 +76,19 @@ def test_bad_requests_rejected_others_finish(params):
       eng.generate([[]], 3)
 
 
+@pytest.mark.timeout(120)
+def test_warmup_leaves_nothing_to_compile_while_serving(params):
+  with PipelineEngine(CFG, params, ServeConfig(num_stages=2, microbatch_size=2,
+                                               max_len=64)) as eng:
+    eng.warmup()
+    sizes = [(w.program._prefill._cache_size(), w.program._decode._cache_size())  # pylint: disable=protected-access
+             for w in eng.workers]
+    eng.generate([[5] * 40, [6] * 3, [7] * 20], 5)
+    assert sizes == [(w.program._prefill._cache_size(), w.program._decode._cache_size())  # pylint: disable=protected-access
+                     for w in eng.workers]
+    assert sizes[0] == (3, 1)   # buckets 16, 32, 64 and one decode step
+
+
 def test_bad_engine_config(params):
   with pytest.raises(ValueError, match="more stages than layers"):
     PipelineEngine(CFG, params, ServeConfig(num_stages=5))

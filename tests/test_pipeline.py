@@ -7,9 +7,9 @@ import pytest
 
 from dejavu_jax.config import ServeConfig, tiny_config
 from dejavu_jax.models import init_params
-from dejavu_jax.models.generate import generate
 from dejavu_jax.serving.engine import PipelineEngine
 from dejavu_jax.serving.workload import Request
+from tests.serving_util import greedy_references
 
 CFG = tiny_config("opt", num_layers=4, max_positions=128)
 
@@ -32,14 +32,6 @@ def _requests(n, mode, seed=0):
   return reqs
 
 
-def _references(params, reqs):
-  """Single-device greedy outputs; one batched call (mixed lengths in a batch equal each alone,
-  tests/test_decoder.py) keeps the compile count low."""
-  longest = max(r.max_new_tokens for r in reqs)
-  outs = generate(CFG, params, [r.prompt for r in reqs], longest, eos_token_id=-1, max_len=64)
-  return {r.request_id: o[:r.max_new_tokens] for r, o in zip(reqs, outs)}
-
-
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("stages,tensor,mb,mode", [
     (1, 1, 1, "mixed"),
@@ -58,14 +50,14 @@ def test_pipeline_tokens_identical_to_single_device(params, stages, tensor, mb, 
   with PipelineEngine(CFG, params, serve) as eng:
     result = eng.serve(reqs)
   assert not result.rejected
-  assert result.tokens() == _references(params, reqs)
+  assert result.tokens() == greedy_references(CFG, params, reqs)
   assert result.summary["completed"] == len(reqs)
 
 
 @pytest.mark.timeout(120)
 def test_explicit_uneven_ranges_and_eos(params):
   reqs = _requests(6, "mixed", seed=3)
-  ref = _references(params, reqs)
+  ref = greedy_references(CFG, params, reqs)
   # Pick an EOS id that some reference output contains, to exercise early per-row stops.
   eos = next(t for r in reqs for t in ref[r.request_id][:-1])
   serve = ServeConfig(num_stages=3, stage_ranges=((0, 1), (1, 3), (3, 4)), microbatch_size=4,

@@ -10,7 +10,6 @@ microbatches (the epoch rises). They differ in how the lost requests come back:
              generation continues where it stopped: only a prompt step per microbatch is redone.
              The rebuilt keys/values come from a prefill instead of step-by-step decoding, a
              different summation order: tokens match the uninterrupted run except at near-ties.
-
   replica    DéjàVu: restore the lost stage's caches from the replica its successor holds and
              resume each microbatch at its last replicated step (fault/replication.py; the
              engine runs it, since it restores caches rather than requeueing requests). Work
@@ -19,8 +18,8 @@ microbatches (the epoch rises). They differ in how the lost requests come back:
 `snapshot` (periodic orbax snapshots of the caches) is not built yet: asking for it is an error
 that says so.
 
-A strategy is a function (engine, scheduler, records, lost microbatches) -> recomputed token
-count, registered in STRATEGIES; add one there.
+A strategy is a function (scheduler, lost microbatches, records) -> recomputed token count that
+requeues the lost requests on `scheduler.pending`, registered in STRATEGIES; add one there.
 """
 
 from __future__ import annotations

@@ -117,10 +117,10 @@ class Scheduler:
     self.free_slots.remove(mb.slot)
     self.in_flight[mb.mb_id] = mb
 
-  def drop_in_flight(self) -> list:
-    """Removes every in-flight microbatch (a failure lost them); returns their requests."""
-    lost = []
-    for mb in list(self.in_flight.values()):
-      lost.extend(mb.requests)
+  def drop_in_flight(self) -> list[Microbatch]:
+    """Removes every in-flight microbatch (a failure lost them) and frees their slots; returns
+    them, rows and generated tokens intact, for the recovery strategy."""
+    lost = list(self.in_flight.values())
+    for mb in lost:
       self.release(mb)
     return lost

@@ -137,6 +137,19 @@ class PipelineEngine:
       return f"request {request.request_id}: " + str(e).replace("prompt 0", "prompt")
     return None
 
+  def warmup(self) -> None:
+    """Compiles every stage's prefill for every prompt bucket that fits `max_len`, and the decode
+    step, by serving one dummy request per bucket. Call it before a measured or failure-injected
+    run: a compile in the middle of serving skews latencies and, holding the GIL, can silence a
+    live worker's heartbeat long enough to be declared dead under a tight timeout."""
+    limit = self.serve_cfg.max_len - 1   # one new token must fit after the prompt
+    n, lengths = 1, []
+    while n <= limit:
+      lengths.append(n)
+      n = bucket_length(n, self.serve_cfg.max_len) + 1   # the first length of the next bucket
+    for n in lengths:   # one microbatch per bucket: a microbatch is padded to its longest row
+      self.generate([[self.cfg.pad_token_id] * n], 2 if n == 1 else 1)   # n == 1: + decode
+
   def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
     """All prompts arrive at once; returns the generated tokens per prompt (in order)."""
     reqs = [Request(i, 0.0, tuple(p), max_new_tokens) for i, p in enumerate(prompts)]
@@ -241,8 +254,7 @@ class PipelineEngine:
       w.min_epoch = self.epoch
     for s in dead:
       self.replace_worker(s)
-    lost = list(sched.in_flight.values())
-    sched.drop_in_flight()
+    lost = sched.drop_in_flight()
     resumed, dropped = [], 0
     if holder is not None:
       resumed, lost, dropped = recover_from_replicas(self, sched, lost, records, dead[0], holder)

@@ -78,7 +78,7 @@ def run_experiment(c, out_dir: str, log=print) -> list[dict]:
                       time_scale=c.cost.time_scale) as engine:
     log(f"pipeline: {engine.plan.num_stages} stages {list(engine.plan.ranges)} x tensor "
         f"{engine.plan.tensor}, microbatch {sc.microbatch_size}, {sc.mode} mode, {sc.pacing}")
-    engine.generate([[5] * min(c.prompt_len, sc.max_len // 2)], 2)   # compile before the clock
+    engine.warmup()   # compile every prompt bucket before the clock starts
     log(f"engine ready in {time.perf_counter() - t_build:.1f} s")
     for rate in c.rates:
       wl = WorkloadConfig(rate=float(rate), num_requests=c.num_requests, prompt_len=c.prompt_len,
