@@ -150,9 +150,9 @@ def run_scenario(eng: PipelineEngine, sc: Scenario, cost: TableCostModel) -> dic
   """Serves and simulates one scenario's requests; returns both summaries and the errors."""
   rate = sc.load * capacity_rps(cost, sc.stages, sc.batch)
   reqs = make_requests(sc, rate)
-  overruns0 = sum(w.overruns for w in eng.workers)
+  overruns0 = sum(st.overruns for st in eng.worker_stats())
   served = eng.serve(reqs)
-  overruns = sum(w.overruns for w in eng.workers) - overruns0
+  overruns = sum(st.overruns for st in eng.worker_stats()) - overruns0
   if served.rejected:
     raise RuntimeError(f"the engine rejected requests: {served.rejected}")
   simulated = sim.simulate_colocated(

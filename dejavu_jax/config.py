@@ -181,8 +181,13 @@ class ServeConfig:
     step_timeout_s: a stage step that takes longer than this is an error (a hang fails fast).
     heartbeat_s, heartbeat_timeout_s: worker heartbeat period, and the silence after which the
       controller declares a worker dead (the paper: 1 s and 3 s).
-    recovery: what happens to in-flight work when a worker dies ("restart" | "reprefill"; see
-      dejavu_jax/fault/recovery.py).
+    recovery: what happens to in-flight work when a worker dies: a strategy or a fallback chain,
+      "restart" | "reprefill" | "replica" | "snapshot" | e.g. "replica,snapshot,reprefill" (see
+      dejavu_jax/fault/strategies.py).
+    snapshot_every, snapshot_dir: the `snapshot` strategy's period (steps of a worker) and
+      directory (None: a temporary directory).
+    program: "model" (the transformer) or "fake" (pipeline/fake.py: arithmetic you can check by
+      hand; tests and failure campaigns).
   """
 
   num_stages: int = 1
@@ -201,8 +206,15 @@ class ServeConfig:
   heartbeat_s: float = 1.0
   heartbeat_timeout_s: float = 3.0
   recovery: str = "restart"
+  snapshot_every: int = 8
+  snapshot_dir: str | None = None
+  program: str = "model"
 
   def __post_init__(self):
+    if self.program not in ("model", "fake"):
+      raise ValueError(f"unknown stage program {self.program!r}; expected 'model' or 'fake'")
+    if self.snapshot_every < 1:
+      raise ValueError(f"snapshot_every must be >= 1, got {self.snapshot_every}")
     if self.heartbeat_timeout_s <= self.heartbeat_s:
       raise ValueError(f"heartbeat_timeout_s {self.heartbeat_timeout_s} must exceed the "
                        f"heartbeat period {self.heartbeat_s}")

@@ -81,11 +81,11 @@ def test_warmup_leaves_nothing_to_compile_while_serving(params):
   with PipelineEngine(CFG, params, ServeConfig(num_stages=2, microbatch_size=2,
                                                max_len=64)) as eng:
     eng.warmup()
-    sizes = [(w.program._prefill._cache_size(), w.program._decode._cache_size())  # pylint: disable=protected-access
-             for w in eng.workers]
+    sizes = [(p._prefill._cache_size(), p._decode._cache_size())  # pylint: disable=protected-access
+             for p in eng.programs]
     eng.generate([[5] * 40, [6] * 3, [7] * 20], 5)
-    assert sizes == [(w.program._prefill._cache_size(), w.program._decode._cache_size())  # pylint: disable=protected-access
-                     for w in eng.workers]
+    assert sizes == [(p._prefill._cache_size(), p._decode._cache_size())  # pylint: disable=protected-access
+                     for p in eng.programs]
     assert sizes[0] == (3, 1)   # buckets 16, 32, 64 and one decode step
 
 
@@ -104,9 +104,9 @@ def test_bad_engine_config(params):
 def test_stage_error_surfaces_with_its_stage(params):
   with PipelineEngine(CFG, params, ServeConfig(num_stages=2, microbatch_size=1,
                                                max_len=32)) as eng:
-    def boom(worker, msg):
+    def boom(stage, msg):
       raise OSError("link down")
-    eng.workers[1].after_step.append(boom)
+    eng.runtime.worker(1).after_step.append(boom)
     with pytest.raises(RuntimeError, match="stage 1 failed on microbatch 0: OSError"):
       eng.generate([[5, 6]], 3)
 
@@ -115,6 +115,6 @@ def test_stage_error_surfaces_with_its_stage(params):
 def test_hang_fails_fast(params):
   serve = ServeConfig(num_stages=2, microbatch_size=1, max_len=32, step_timeout_s=1.0)
   with PipelineEngine(CFG, params, serve) as eng:
-    eng.workers[1].stop()   # a dead stage: the request never comes back
+    eng.runtime.worker(1).stop()   # a dead stage: the request never comes back
     with pytest.raises(TimeoutError, match="no pipeline step finished in 1.0 s"):
       eng.generate([[5, 6]], 3)

@@ -7,7 +7,7 @@ import pytest
 
 from dejavu_jax.config import ServeConfig, tiny_config
 from dejavu_jax.fault.controller import FailureSpec
-from dejavu_jax.fault.recovery import get_strategy
+from dejavu_jax.fault.strategies import get_strategy
 from dejavu_jax.models import init_params
 from dejavu_jax.models.checkpoint import save_params
 from dejavu_jax.serving.engine import PipelineEngine
@@ -102,8 +102,9 @@ def test_replica_with_tensor_parallel_stages(params):
 def test_unknown_and_later_strategies_are_named():
   with pytest.raises(ValueError, match="unknown recovery strategy 'magic'"):
     get_strategy("magic")
-  with pytest.raises(ValueError, match="'snapshot' is not built yet"):
-    get_strategy("snapshot")
+  with pytest.raises(ValueError, match="'restart' handles everything"):
+    get_strategy("restart,replica")
+  assert get_strategy("replica,snapshot").name == "replica,snapshot,restart"
 
 
 def test_failure_at_missing_stage(params):

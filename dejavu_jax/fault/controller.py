@@ -29,7 +29,9 @@ class RecoveryEvent:
   lost_microbatches: int = 0
   lost_requests: int = 0
   recomputed_tokens: int = 0        # generated tokens that must be generated again
-  restored_microbatches: int = 0    # resumed from replicas instead of requeued (replica)
+  restored_microbatches: int = 0    # resumed from restored caches instead of requeued
+  stages: tuple = ()                # every stage that died in this failure
+  handled_by: dict = dataclasses.field(default_factory=dict)   # strategy -> microbatches
 
   @property
   def detection_s(self) -> float:
@@ -45,13 +47,35 @@ class RecoveryEvent:
 
 
 class Controller:
-  """Watches the workers' heartbeats."""
+  """Watches the workers' heartbeats, as they arrive on the runtime's event channel.
+
+  Each stage's current worker is known by id: beats of a replaced (dead) worker are ignored, and
+  a new worker gets a full timeout before it can be declared dead.
+  """
 
   def __init__(self, timeout_s: float = 3.0):
     if timeout_s <= 0:
       raise ValueError(f"heartbeat timeout must be > 0, got {timeout_s}")
     self.timeout_s = timeout_s
+    self._last: dict[int, tuple[int, float]] = {}   # stage -> (worker id, last beat)
 
-  def dead_stages(self, workers) -> list[int]:
+  def watch(self, stage: int, worker_id: int) -> None:
+    """A (new) worker serves `stage` from now on."""
+    self._last[stage] = (worker_id, time.monotonic())
+
+  def beat(self, stage: int, worker_id: int, t: float) -> None:
+    got = self._last.get(stage)
+    if got is not None and got[0] == worker_id and t > got[1]:
+      self._last[stage] = (worker_id, t)
+
+  def current(self, stage: int) -> int | None:
+    got = self._last.get(stage)
+    return None if got is None else got[0]
+
+  def silence(self) -> dict[int, float]:
     now = time.monotonic()
-    return [w.index for w in workers if now - w.last_heartbeat > self.timeout_s]
+    return {s: round(now - t, 3) for s, (_, t) in sorted(self._last.items())}
+
+  def dead_stages(self) -> list[int]:
+    now = time.monotonic()
+    return [s for s, (_, t) in sorted(self._last.items()) if now - t > self.timeout_s]

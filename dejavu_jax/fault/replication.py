@@ -1,162 +1,209 @@
-"""State replication (DéjàVu's third mechanism) and the `replica` recovery built on it.
+"""State replication (DéjàVu's third mechanism): every step's KV into the successor's host memory.
 
-Ring replication: after every step, stage s streams the KV entries that step wrote (the prompt
-block after a prefill, one token per row after a decode step) into a host KV log kept in the
-*next* worker's host memory, (s + 1) mod D. The receiving store records an acknowledgement
-(microbatch, step) once the entries have landed.
+Two halves, both living inside workers (so a process runtime runs them in the actor that owns
+the data):
 
-Threads: `Replicator.after_step` runs on the stage worker's thread right after its step, so the
-gather is dispatched before the next step of that slot can donate the cache; the device->host
-copy and the log write run on the `Streamer`'s threads; acknowledgements are written by those
-threads into the receiving `ReplicaStore` (under its lock).
+* `ReplicationTap` (the sender, in worker s): after each step it streams what the step wrote
+  into worker (s + 1) mod D's `ReplicaStore`, through the runtime's channel, on its own
+  background streamer thread (the gather is dispatched on the worker thread before the next step
+  can donate the cache; the device->host copy and the send run on the streamer thread).
+* `ReplicaStore` (the receiver, in worker s + 1): one host KV log per (stage, microbatch), and an
+  `Ack` event on the runtime's channel for each write that really landed.
 
-Recovery (`recover_from_replicas`, called by the engine when stage s died): for every microbatch
-in flight, the resume step r is the smaller of the last step the successor acknowledged for
-stage s and the last step every stage completed (the engine saw its result). The replacement
-worker's cache for that slot is read back from the replica, the tokens after step r are dropped
-(they are generated again), and the microbatch continues with step r + 1. The replicas the dead
-worker held (of stage s - 1) are rebuilt by streaming stage s - 1's caches into the replacement's
-store. A microbatch with no usable replica (its prompt not yet replicated or completed, the
-successor dead too, or a 1-stage pipeline whose replica lived on the dead worker) falls back to
-`restart`.
+What is acknowledged is exactly what is in the log, by construction:
+1. A delta is sent only when it extends the log contiguously (this step is the microbatch's last
+   sent step + 1). Anything else (a prefill, a microbatch rewound by a recovery, a microbatch
+   whose earlier transfer failed, a successor that was replaced) sends the *whole* cache as a
+   new block, under a new generation number.
+2. The receiver applies a delta only if its generation is the log's and its step is the log's
+   next; it acknowledges only after the write. A block resets the log at its step.
+3. A failed transfer is never acknowledged, and marks its microbatch for a whole-cache resend at
+   its next step; until that resend lands, no later delta of it is acknowledged (the streamer
+   poisons the generation's key, and the receiver rejects out-of-order steps).
+So the acknowledged step of (stage, microbatch) is one the log can be read at, and recovery's
+resume step reflects only what is really in the replica.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
+from typing import Any, Callable
 
 import jax.numpy as jnp
+import numpy as np
 
+from dejavu_jax.kv.cache import KVCache
+from dejavu_jax.stream import packing
 from dejavu_jax.stream.hostlog import HostKVLog
+from dejavu_jax.stream.packing import Packed
 from dejavu_jax.stream.streamer import Streamer
 
 
+class ReplicaGap(RuntimeError):
+  """A delta that does not extend its log (an earlier one was lost, or a newer block came)."""
+
+
+@dataclasses.dataclass
+class ReplicaWrite:
+  """One transfer from stage `stage` to its successor (what travels on the runtime's channel)."""
+  stage: int
+  mb_id: int
+  gen: int                    # sync generation; a block starts a new one
+  step: int                   # the microbatch step this write brings the log to
+  block: bool                 # True: the whole cache (the log restarts at `step`)
+  packed: Packed              # host (numpy) slice
+  shape: tuple                # the sender's cache shape [L, B, S, H, K] (to size a new log)
+  dtype: Any
+  layer_base: int
+
+
 class ReplicaStore:
-  """The replicas one worker holds in its host memory: (stage, slot) -> log and last ack."""
+  """The replicas one worker holds in host memory: (stage, mb_id) -> log (see module doc)."""
 
   def __init__(self):
-    self.logs: dict[tuple[int, int], HostKVLog] = {}
-    self._acked: dict[tuple[int, int], tuple[int, int]] = {}
+    self._logs: dict[tuple[int, int], tuple[HostKVLog, int, int]] = {}   # -> (log, base, gen)
+    # Microbatches that left the pipeline: a transfer still in flight for one must not re-create
+    # its log (ids are never reused, so this only grows by one int per microbatch).
+    self._dropped: set[int] = set()
     self._lock = threading.Lock()
 
-  def fresh_log(self, key, cache, layer_base: int) -> HostKVLog:
-    """The log of `key`, emptied (a new microbatch took the slot)."""
+  def write(self, w: ReplicaWrite) -> int:
+    """Lands one transfer; returns the step now acknowledged. Raises ReplicaGap."""
+    key = (w.stage, w.mb_id)
     with self._lock:
-      log = self.logs.get(key)
-      if log is None or log.kv.shape[1:] != tuple(cache.k.shape):
-        log = self.logs[key] = HostKVLog.like(cache, layer_base=layer_base)
-      log.reset()
-      self._acked.pop(key, None)
-      return log
-
-  def ack(self, key, mb_id: int, step: int) -> None:
-    with self._lock:
-      prev = self._acked.get(key)
-      if prev is None or prev[0] != mb_id or prev[1] < step:
-        self._acked[key] = (mb_id, step)
-
-  def acked_step(self, key, mb_id: int) -> int | None:
-    with self._lock:
-      got = self._acked.get(key)
-      return got[1] if got is not None and got[0] == mb_id else None
-
-
-class Replicator:
-  """Streams every stage's new KV entries to its successor's `ReplicaStore` (see module doc)."""
-
-  def __init__(self, workers_of, num_threads: int = 1):
-    self._workers_of = workers_of          # () -> the engine's current list of workers
-    self.streamer = Streamer(num_threads=num_threads)
-
-  def attach(self, worker) -> None:
-    worker.replica_store = ReplicaStore()
-    worker.after_step.append(self.after_step)
-
-  def successor(self, s: int):
-    workers = self._workers_of()
-    return workers[(s + 1) % len(workers)]
-
-  def after_step(self, worker, msg) -> None:
-    if not worker.alive:  # a killed worker finishing its last step: a crash streams nothing
-      return
-    s, slot = worker.index, msg.slot
-    worker.slot_step[slot] = (msg.mb_id, msg.step)
-    target = self.successor(s)
-    store = target.replica_store
-    if store is None:   # the successor is dead: nothing to replicate into until it is replaced
-      return
-    cache = worker.caches[slot]
-    key, base = (s, slot), worker.program.start
-    on_done = lambda _t, k=key, m=msg.mb_id, st=msg.step: store.ack(k, m, st)  # noqa: E731
-    if msg.kind == "prefill":
-      log = store.fresh_log(key, cache, base)
-      self.streamer.stream_tokens(cache, 0, max(msg.tokens, 1), log, key=(target.index, key),
-                                  layer_base=base, on_done=on_done)
+      if w.mb_id in self._dropped:
+        raise ReplicaGap(f"microbatch {w.mb_id} already left the pipeline")
+      if w.block:
+        got = self._logs.get(key)
+        log = got[0] if got is not None else None
+        if log is None or log.kv.shape[1:] != (w.shape[0], w.shape[1], w.shape[2], w.shape[3],
+                                               w.shape[4]):
+          log = HostKVLog(*w.shape, w.dtype, layer_base=w.layer_base)
+        log.reset()
+        self._logs[key] = (log, w.step, w.gen)
+      else:
+        got = self._logs.get(key)
+        if got is None:
+          raise ReplicaGap(f"delta of stage {w.stage} microbatch {w.mb_id} step {w.step} "
+                           "before its block")
+        log, base, gen = got
+        if gen != w.gen or w.step != base + log.step + 1:
+          raise ReplicaGap(f"delta of stage {w.stage} microbatch {w.mb_id} step {w.step} "
+                           f"(gen {w.gen}) does not extend the log at step {base + log.step} "
+                           f"(gen {gen})")
+    # The write itself runs outside the store's lock (the log has its own).
+    if w.block:
+      log.write(w.packed)
     else:
-      log = store.logs.get(key)
-      if log is None:
-        return
-      self.streamer.stream_step(cache, jnp.asarray(msg.positions, jnp.int32), log,
-                                key=(target.index, key), layer_base=base, on_done=on_done)
+      log.append(w.packed)
+    return w.step
 
-  def resync(self, source, target, slots: dict[int, int]) -> None:
-    """Streams `source`'s whole caches of `slots` (slot -> mb_id) into `target`'s store, so the
-    replicas a dead worker held exist again; acknowledged at the source's last step."""
-    for slot, mb_id in slots.items():
-      with source.step_lock:
-        cache = source.caches[slot]
-        key, base = (source.index, slot), source.program.start
-        log = target.replica_store.fresh_log(key, cache, base)
-        done = source.slot_step.get(slot)
-        step = done[1] if done is not None and done[0] == mb_id else None
-        ticket = self.streamer.stream_tokens(cache, 0, cache.max_len, log,
-                                             key=(target.index, key), layer_base=base)
-      ticket.wait()
-      if step is not None:
-        target.replica_store.ack(key, mb_id, step)
+  def read(self, stage: int, mb_id: int, step: int) -> tuple[np.ndarray, np.ndarray]:
+    """(kv [2, L, B, S, H, K], lengths [B]) of the replica as of `step`. Raises KeyError or
+    ValueError when the log does not hold that step."""
+    with self._lock:
+      got = self._logs.get((stage, mb_id))
+    if got is None:
+      raise KeyError(f"no replica of stage {stage} microbatch {mb_id} here")
+    log, base, _ = got
+    if not base <= step <= base + log.step:
+      raise ValueError(f"the replica of stage {stage} microbatch {mb_id} holds steps "
+                       f"{base}..{base + log.step}, not {step}")
+    return log.read_host(step - base)
+
+  def drop(self, mb_id: int) -> None:
+    with self._lock:
+      self._dropped.add(mb_id)
+      for key in [k for k in self._logs if k[1] == mb_id]:
+        del self._logs[key]
+
+  def keys(self) -> list[tuple[int, int]]:
+    with self._lock:
+      return sorted(self._logs)
+
+  @property
+  def nbytes(self) -> int:
+    with self._lock:
+      return sum(log.nbytes for log, _, _ in self._logs.values())
+
+
+class ReplicationTap:
+  """Sender half, owned by one worker (see module doc). All calls come from the worker thread,
+  except `_on_done`, which runs on the streamer thread.
+
+  Args:
+    stage: the worker's stage.
+    layer_base: the stage's first global layer.
+    send: (ReplicaWrite) -> step acknowledged; the runtime's channel to the successor (raises
+      when the successor is dead or the transfer fails).
+  """
+
+  def __init__(self, stage: int, layer_base: int, send: Callable[[ReplicaWrite], int]):
+    self.stage, self.layer_base, self._send = stage, layer_base, send
+    self.streamer = Streamer(num_threads=1)
+    self._lock = threading.Lock()
+    self._last: dict[int, int] = {}        # mb_id -> last step sent (in the current generation)
+    self._gen: dict[int, int] = {}         # mb_id -> current generation
+    self._broken: set[int] = set()         # a transfer failed: resend the whole cache
+    self._next_gen = 0
+    self.failed_transfers = 0
+
+  def after_step(self, mb_id: int, step: int, cache: KVCache, positions, kind: str,
+                 tokens: int) -> None:
+    """Streams what step `step` of `mb_id` wrote (dispatched before the cache is donated)."""
+    with self._lock:
+      contiguous = (kind == "decode" and mb_id not in self._broken and
+                    self._last.get(mb_id) == step - 1)
+    if contiguous:
+      packed = packing.gather_step(cache, jnp.asarray(positions, jnp.int32),
+                                   layer_base=self.layer_base)
+      self._submit(mb_id, step, packed, cache, block=False)
+    else:
+      size = max(tokens, 1) if kind == "prefill" else cache.max_len
+      self.send_block(mb_id, step, cache, size)
+
+  def send_block(self, mb_id: int, step: int, cache: KVCache, size: int | None = None) -> None:
+    """Sends positions [0, size) (default: all) of the cache as a new block at `step`."""
+    with self._lock:
+      self._gen[mb_id] = self._next_gen
+      self._next_gen += 1
+      self._broken.discard(mb_id)
+    packed = packing.gather(cache, 0, size or cache.max_len, layer_base=self.layer_base)
+    self._submit(mb_id, step, packed, cache, block=True)
+
+  def _submit(self, mb_id: int, step: int, packed: Packed, cache: KVCache, block: bool) -> None:
+    with self._lock:
+      gen = self._gen[mb_id]
+      self._last[mb_id] = step
+    write = dict(stage=self.stage, mb_id=mb_id, gen=gen, step=step, block=block,
+                 shape=tuple(cache.k.shape), dtype=cache.k.dtype, layer_base=self.layer_base)
+
+    def deliver(p):
+      return self._send(ReplicaWrite(packed=p, **write))
+
+    self.streamer.submit(packed, deliver, key=(mb_id, gen),
+                         on_done=lambda t, m=mb_id, g=gen: self._on_done(t, m, g))
+
+  def _on_done(self, ticket, mb_id: int, gen: int) -> None:
+    if ticket.exception() is None:
+      return
+    with self._lock:
+      self.failed_transfers += 1
+      if self._gen.get(mb_id) == gen:
+        self._broken.add(mb_id)   # the next step resends the whole cache, in a new generation
+    self.streamer.clear_error((mb_id, gen))   # the generation is abandoned; forget its poison
+
+  def forget(self, mb_id: int) -> None:
+    with self._lock:
+      self._last.pop(mb_id, None)
+      self._gen.pop(mb_id, None)
+      self._broken.discard(mb_id)
+
+  def last_step(self, mb_id: int) -> int | None:
+    with self._lock:
+      return self._last.get(mb_id)
 
   def close(self) -> None:
-    self.streamer.close(wait=True, raise_on_error=False)
-
-
-def recover_from_replicas(engine, sched, lost, records, dead_stage: int, holder):
-  """Restores stage `dead_stage`'s caches from the replicas in `holder`'s store (the successor,
-  alive) into the engine's replacement worker and rewinds each microbatch to its resume step.
-
-  Returns (resumed microbatches, microbatches to restart, tokens dropped to be redone).
-  """
-  new = engine.workers[dead_stage]
-  resumed, fallback, dropped = [], [], 0
-  for mb in lost:
-    key = (dead_stage, mb.slot)
-    acked = None if holder is None else holder.replica_store.acked_step(key, mb.mb_id)
-    if acked is None or mb.step == 0:
-      fallback.append(mb)
-      continue
-    r = min(acked, mb.step - 1)
-    log = holder.replica_store.logs[key]
-    restored = log.read()
-    with new.step_lock:
-      new.caches[mb.slot] = new.program.place_cache(restored)
-      # The replica's log restarts from the restored cache, so later appends cannot overflow it.
-      fresh = holder.replica_store.fresh_log(key, new.caches[mb.slot], new.program.start)
-      engine.replicator.streamer.stream_tokens(
-          new.caches[mb.slot], 0, restored.max_len, fresh, key=(holder.index, key),
-          layer_base=new.program.start).wait()
-    holder.replica_store.ack(key, mb.mb_id, r)
-    for i, req in enumerate(mb.requests):
-      rec = records[req.request_id]
-      if rec.finish is not None:
-        continue   # already returned to the client; its later cache entries are never read
-      extra = len(mb.generated[i]) - (r + 1)
-      if extra > 0:
-        del mb.generated[i][r + 1:]
-        del rec.tokens[r + 1:]
-        del rec.token_times[r + 1:]
-        rec.recomputed_tokens += extra
-        dropped += extra
-      mb.done[i] = False
-      mb.positions[i] = len(req.prompt) + r
-    mb.step = r + 1
-    resumed.append(mb)
-  return resumed, fallback, dropped
+    # Failed transfers were already counted and resent: they are not errors of the run.
+    self.streamer.close(wait=False, raise_on_error=False)

@@ -12,6 +12,15 @@ Modes:
   mixed  any requests share a microbatch; each row has its own position, and a row's result is
          returned as soon as it finishes (EOS or its max_new_tokens). The microbatch's slot is
          freed when its last row finishes.
+
+The scheduler is the single source of what each request has generated (`RequestState`): the
+engine records sampled tokens here, recovery rewinds or requeues here, and the metrics records
+are derived from it at the end. Recovery operations:
+  rewind(mb, r)          the microbatch resumes after step r (its caches were restored as of r):
+                         tokens of its live rows after step r are dropped (to be generated again)
+  requeue(mb, mode)      its unfinished requests go back to the front of the queue, "restart"
+                         (from the prompt: every generated token is computed again) or
+                         "continue" (prompt + tokens so far, re-prefilled as one prompt)
 """
 
 from __future__ import annotations
@@ -23,14 +32,29 @@ import numpy as np
 
 
 @dataclasses.dataclass
+class RequestState:
+  """What one admitted request has produced so far (times in seconds on the engine's clock)."""
+  request: object                # the request as submitted
+  tokens: list = dataclasses.field(default_factory=list)
+  token_times: list = dataclasses.field(default_factory=list)
+  finish: float | None = None
+  recomputed: int = 0            # tokens generated again after a failure
+
+  @property
+  def done(self) -> bool:
+    return self.finish is not None
+
+
+@dataclasses.dataclass
 class Microbatch:
   mb_id: int
   slot: int
-  requests: list                 # the requests in rows 0..n-1 (rows n..B-1 are empty)
-  batch: int                     # B, rows of the slot's cache
+  requests: list                 # the requests in rows 0..n-1 (rows n..B-1 are empty); a
+                                 # continuation's prompt holds the tokens generated before
+  batch: int                     # B, rows of the microbatch's cache
   positions: np.ndarray          # [B] next write position per row (= tokens in cache)
   done: np.ndarray               # [B] bool; empty rows are done from the start
-  generated: list                # per request: list of generated token ids
+  generated: list                # per request row: the tokens generated in this microbatch
   step: int = 0                  # completed steps (prefill = 1)
 
   @property
@@ -45,18 +69,27 @@ class Microbatch:
 class Scheduler:
   """FIFO admission, `depth` slots, microbatches of up to `microbatch_size` rows."""
 
-  def __init__(self, depth: int, microbatch_size: int, mode: str = "mixed"):
+  def __init__(self, depth: int, microbatch_size: int, mode: str = "mixed",
+               first_mb_id: int = 0):
     if depth < 1 or microbatch_size < 1:
       raise ValueError(f"depth and microbatch_size must be >= 1, got {depth}, {microbatch_size}")
     self.depth, self.microbatch_size, self.mode = depth, microbatch_size, mode
     self.pending: collections.deque = collections.deque()
     self.free_slots = list(range(depth))
     self.in_flight: dict[int, Microbatch] = {}      # mb_id -> microbatch
-    self._next_mb = 0
+    self._next_mb = first_mb_id
     self.injected_order: list[int] = []            # request ids in injection order
+    self.states: dict[int, RequestState] = {}      # request_id -> what it has produced
 
   def admit(self, request) -> None:
+    if request.request_id in self.states:
+      raise ValueError(f"request id {request.request_id} was already admitted")
+    self.states[request.request_id] = RequestState(request)
     self.pending.append(request)
+
+  @property
+  def next_mb_id(self) -> int:
+    return self._next_mb
 
   @property
   def idle(self) -> bool:
@@ -87,17 +120,25 @@ class Scheduler:
     self.injected_order.extend(r.request_id for r in take)
     return mb
 
-  def on_tokens(self, mb: Microbatch, tokens: np.ndarray, eos_token_id: int | None) -> list[int]:
-    """Records one step's sampled tokens [B]; returns the rows that finished with this step."""
+  def on_tokens(self, mb: Microbatch, tokens: np.ndarray, eos_token_id: int | None,
+                t: float = 0.0) -> list[int]:
+    """Records one step's sampled tokens [B] (produced at time t); returns the rows that
+    finished with this step."""
     finished = []
     for i, req in enumerate(mb.requests):
       if mb.done[i]:
         continue
       tok = int(tokens[i])
       mb.generated[i].append(tok)
+      state = self.states.get(req.request_id)
+      if state is not None:
+        state.tokens.append(tok)
+        state.token_times.append(t)
       if len(mb.generated[i]) >= req.max_new_tokens or tok == eos_token_id:
         mb.done[i] = True
         finished.append(i)
+        if state is not None:
+          state.finish = t
     mb.step += 1
     return finished
 
@@ -112,15 +153,53 @@ class Scheduler:
     self.free_slots.append(mb.slot)
     self.free_slots.sort()
 
-  def resume(self, mb: Microbatch) -> None:
-    """Puts a microbatch rewound by a recovery back in flight, in its old slot."""
-    self.free_slots.remove(mb.slot)
-    self.in_flight[mb.mb_id] = mb
+  # ---- recovery ----
+  def rewind(self, mb: Microbatch, step: int) -> int:
+    """The microbatch continues after `step` (its caches hold that step): the live rows' tokens
+    after it are dropped. Returns the number of tokens dropped (to be generated again)."""
+    if not 0 <= step < max(mb.step, 1):
+      raise ValueError(f"microbatch {mb.mb_id} cannot resume after step {step}: it completed "
+                       f"{mb.step} steps")
+    dropped = 0
+    for i, req in enumerate(mb.requests):
+      state = self.states[req.request_id]
+      if state.done:
+        continue   # already returned to the client; its later cache entries are never read
+      extra = len(mb.generated[i]) - (step + 1)
+      if extra > 0:
+        del mb.generated[i][step + 1:]
+        del state.tokens[len(state.tokens) - extra:]
+        del state.token_times[len(state.token_times) - extra:]
+        state.recomputed += extra
+        dropped += extra
+      mb.done[i] = False
+      mb.positions[i] = len(req.prompt) + step
+    mb.step = step + 1
+    return dropped
 
-  def drop_in_flight(self) -> list[Microbatch]:
-    """Removes every in-flight microbatch (a failure lost them) and frees their slots; returns
-    them, rows and generated tokens intact, for the recovery strategy."""
-    lost = list(self.in_flight.values())
-    for mb in lost:
+  def requeue(self, mb: Microbatch, mode: str) -> int:
+    """Takes the microbatch out of flight and puts its unfinished requests back at the front of
+    the queue: mode "restart" (from the prompt) or "continue" (prompt + tokens so far). Returns
+    the tokens that will be generated again."""
+    if mode not in ("restart", "continue"):
+      raise ValueError(f"unknown requeue mode {mode!r}; expected 'restart' or 'continue'")
+    if mb.mb_id in self.in_flight:
       self.release(mb)
-    return lost
+    again, recomputed = [], 0
+    for req in mb.requests:
+      state = self.states[req.request_id]
+      if state.done:
+        continue
+      orig = state.request
+      if mode == "restart":
+        recomputed += len(state.tokens)
+        state.recomputed += len(state.tokens)
+        state.tokens.clear()
+        state.token_times.clear()
+        again.append(orig)
+      else:
+        again.append(dataclasses.replace(
+            orig, prompt=tuple(orig.prompt) + tuple(state.tokens),
+            max_new_tokens=orig.max_new_tokens - len(state.tokens)))
+    self.pending.extendleft(reversed(again))
+    return recomputed

@@ -1,24 +1,30 @@
-"""PipelineEngine: the paper's baseline server (pipeline parallelism with microbatch injection).
+"""PipelineEngine: the paper's baseline server (pipeline parallelism with microbatch injection),
+orchestration only.
 
-It wires the pieces together: a `StagePlan` on a ('stage', 'tensor') mesh, one `StageProgram`
-and one `StageWorker` thread per stage (pipeline/worker.py walks through the threads and queues),
-the FIFO `Scheduler`, sampling, and per-request metrics. `serve` runs an open-loop workload:
-requests are admitted when their arrival time comes, whether or not the pipeline is busy.
+It wires the pieces together: a `StagePlan` on a ('stage', 'tensor') mesh, one stage program per
+stage (`StageProgram`, or the hand-checkable `FakeProgram`), a `Runtime` whose workers run them
+(runtime/local.py walks through the threads and queues), the FIFO `Scheduler` (the single source
+of the tokens generated), sampling, and the recovery strategy chain. The engine talks to workers
+only through the runtime's `Worker` messages and hears from them only on its event channel.
+`serve` runs an open-loop workload: requests are admitted when their arrival time comes, whether
+or not the pipeline is busy.
 
 Bad requests (empty, token ids outside the vocabulary, prompt + new tokens longer than the
-context) are rejected one by one with a message naming the problem; every request admitted before
-or after them still finishes.
+context, a repeated request id) are rejected one by one with a message naming the problem; every
+request admitted before or after them still finishes.
 
 Failures: `serve(..., failures=[FailureSpec(t, s)])` kills stage s's worker at time t. The
-controller notices the heartbeat silence, the engine replaces the worker (weights from host
-memory, or from an orbax checkpoint when `params_checkpoint` is given), drops the lost
-microbatches' queued steps (epoch), and the configured recovery strategy resubmits their requests.
+controller declares it dead after `heartbeat_timeout_s` of heartbeat silence; the engine then
+raises the epoch (queued steps of the lost work are dropped), replaces the dead workers (weights
+from host memory, or from an orbax checkpoint when `params_checkpoint` is given), asks the
+strategy chain for a plan and executes it: caches are loaded into the replacements from the
+plan's sources, microbatches rewound or requeued in the scheduler, and whatever a strategy could
+not restore goes down the chain (fault/strategies.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import queue
 import time
 from typing import Callable, Sequence
 
@@ -27,15 +33,16 @@ import numpy as np
 
 from dejavu_jax.config import ModelConfig, ServeConfig
 from dejavu_jax.fault.controller import Controller, FailureSpec, RecoveryEvent
-from dejavu_jax.fault.recovery import get_strategy
-from dejavu_jax.fault.replication import Replicator, recover_from_replicas
+from dejavu_jax.fault.strategies import FailureView, get_strategy
 from dejavu_jax.models.checkpoint import restore_params
 from dejavu_jax.models.decoder import param_shapes
 from dejavu_jax.models.generate import bucket_length, pad_prompts, sample, validate_prompts
+from dejavu_jax.pipeline.fake import FakeProgram
 from dejavu_jax.pipeline.plan import make_mesh, plan_stages
 from dejavu_jax.pipeline.scheduler import Microbatch, Scheduler
 from dejavu_jax.pipeline.stage import StageProgram
-from dejavu_jax.pipeline.worker import StepError, StageWorker, StepMsg, StepResult
+from dejavu_jax.runtime import api
+from dejavu_jax.runtime.local import LocalRuntime
 from dejavu_jax.serving import metrics as metrics_lib
 from dejavu_jax.serving.pacing import make_pace_fn
 from dejavu_jax.serving.workload import Request
@@ -61,7 +68,7 @@ class PipelineEngine:
                devices: Sequence | None = None, time_scale: float = 1.0,
                params_checkpoint: str | None = None):
     self.cfg, self.serve_cfg = cfg, serve
-    self.recover = get_strategy(serve.recovery)
+    self.strategy = get_strategy(serve.recovery, serve.snapshot_dir, serve.snapshot_every)
     self.controller = Controller(serve.heartbeat_timeout_s)
     self.params_checkpoint = params_checkpoint
     self.epoch = 0
@@ -73,54 +80,33 @@ class PipelineEngine:
                        "positions")
     self.mesh = make_mesh(self.plan, devices)
     self.params = params  # kept: a replacement worker places its stage's subset again
-    self.pace = None
+    pace = None
     if serve.pacing == "paced":
       if cost_model is None:
         raise ValueError("pacing='paced' needs a cost model")
-      self.pace = make_pace_fn(cost_model, self.plan.num_stages, time_scale,
-                               cost_model.model.num_layers / cfg.num_layers)
-    self.results: queue.Queue = queue.Queue()
-    self.programs = [StageProgram(cfg, self.plan, self.mesh, s)
-                     for s in range(self.plan.num_stages)]
-    # Ring replication runs only for the strategy that needs it (it costs a copy per step).
-    self.replicator = Replicator(lambda: self.workers) if serve.recovery == "replica" else None
-    self.workers = [self._new_worker(s) for s in range(self.plan.num_stages)]
-    self._link()
-    for w in self.workers:
-      w.start()
+      pace = make_pace_fn(cost_model, self.plan.num_stages, time_scale,
+                          cost_model.model.num_layers / cfg.num_layers)
+    program = FakeProgram if serve.program == "fake" else StageProgram
+    self.programs = [program(cfg, self.plan, self.mesh, s) for s in range(self.plan.num_stages)]
+    self._started = False
+    self.runtime = LocalRuntime(self.programs, self._params_for, self.plan.num_stages,
+                                serve.microbatch_size, serve.max_len, pace, serve.heartbeat_s)
+    self.runtime.start(self.strategy.options())
+    self._started = True
+    for s in range(self.plan.num_stages):
+      self.controller.watch(s, self.runtime.worker(s).worker_id)
     self._key = jax.random.key(serve.seed)
+    self._next_mb_id = 0   # microbatch ids stay unique across serve() calls
 
-  # ---- workers ----
-  def _new_worker(self, s: int, params=None) -> StageWorker:
-    w = StageWorker(self.programs[s], self.params if params is None else params,
-                    self.plan.num_stages, self.serve_cfg.microbatch_size, self.serve_cfg.max_len,
-                    self.results, self.pace, heartbeat_s=self.serve_cfg.heartbeat_s)
-    w.min_epoch = self.epoch
-    if self.replicator is not None:
-      self.replicator.attach(w)
-    return w
-
-  def _link(self) -> None:
-    for a, b in zip(self.workers[:-1], self.workers[1:]):
-      a.next = b
-
-  def replace_worker(self, s: int) -> StageWorker:
-    """Stops worker s (if alive) and starts a fresh one for the same stage (empty caches); its
-    weights come from the orbax checkpoint when the engine has one, else from host memory."""
-    self.workers[s].stop()
-    params = None
-    if self.params_checkpoint:
+  def _params_for(self, s: int):
+    """A (replacement) worker's weights: the orbax checkpoint when there is one, else host."""
+    if self._started and self.params_checkpoint:
       start, stop = self.plan.ranges[s]
-      params = restore_params(self.params_checkpoint, like=param_shapes(self.cfg, start, stop))
-    self.workers[s] = self._new_worker(s, params)
-    self._link()
-    return self.workers[s].start()
+      return restore_params(self.params_checkpoint, like=param_shapes(self.cfg, start, stop))
+    return self.params
 
   def close(self) -> None:
-    for w in self.workers:
-      w.stop()
-    if self.replicator is not None:
-      self.replicator.close()
+    self.runtime.close()
 
   def __enter__(self):
     return self
@@ -159,6 +145,9 @@ class PipelineEngine:
     toks = result.tokens()
     return [toks[i] for i in range(len(prompts))]
 
+  def worker_stats(self) -> list[api.WorkerStats]:
+    return [self.runtime.worker(s).stats() for s in range(self.plan.num_stages)]
+
   def serve(self, requests: Sequence[Request],
             progress: Callable[[int, int], None] | None = None,
             failures: Sequence[FailureSpec] = ()) -> ServeResult:
@@ -172,119 +161,94 @@ class PipelineEngine:
     failures = sorted(failures, key=lambda f: f.time_s)
     events: list[RecoveryEvent] = []
     killed: dict[int, float] = {}
-    sched = Scheduler(self.plan.num_stages, sc.microbatch_size, sc.mode)
+    sched = self._sched = Scheduler(self.plan.num_stages, sc.microbatch_size, sc.mode,
+                                    first_mb_id=self._next_mb_id)
     requests = sorted(requests, key=lambda r: (r.arrival, r.request_id))
-    records: dict[int, metrics_lib.RequestRecord] = {}
     rejected: dict[int, str] = {}
-    # Baselines per worker object: a worker replaced during this run starts from zero.
-    busy0 = {id(w): w.busy_s for w in self.workers}
-    overruns0 = {id(w): w.overruns for w in self.workers}
+    stats0 = {st.worker_id: st for st in self.worker_stats()}
     t0 = self._t0 = time.perf_counter()
     now = lambda: time.perf_counter() - t0  # noqa: E731
     # When each slot was last freed (perf_counter): a prefill injected into it is ready then, or
     # when its last request arrived, whichever is later, however late the engine thread wakes.
     self._slot_free_at = {}
     nxt, finished = 0, 0
-    last_progress = time.perf_counter()
-    while nxt < len(requests) or not sched.idle:
-      while failures and failures[0].time_s <= now():
-        f = failures.pop(0)
-        self.workers[f.stage].kill()
-        killed[f.stage] = now()
-      dead = self.controller.dead_stages(self.workers)
-      if dead:
-        events.append(self._recover(sched, records, dead, killed, now))
-        last_progress = time.perf_counter()
-      while nxt < len(requests) and requests[nxt].arrival <= now():
-        req = requests[nxt]
-        nxt += 1
-        reason = self.validate(req)
-        if reason:
-          rejected[req.request_id] = reason
+    self._last_progress = time.perf_counter()
+    try:
+      while nxt < len(requests) or not sched.idle:
+        while failures and failures[0].time_s <= now():
+          f = failures.pop(0)
+          self.runtime.kill(f.stage)
+          killed[f.stage] = now()
+        for ev in api.drain(self.runtime.events, 0.0):   # heartbeats first, then judge silence
+          finished += self._on_event(sched, ev)
+        dead = self.controller.dead_stages()
+        if dead:
+          events.append(self._recover(sched, dead, killed, now))
+          self._last_progress = time.perf_counter()
+        while nxt < len(requests) and requests[nxt].arrival <= now():
+          req = requests[nxt]
+          nxt += 1
+          reason = self.validate(req)
+          if reason is None and req.request_id in sched.states:
+            reason = f"request {req.request_id}: the request id was already used"
+          if reason:
+            rejected[req.request_id] = reason
+            continue
+          sched.admit(req)
+        while (mb := sched.inject()) is not None:
+          self._send_prefill(mb)
+        if not sched.in_flight:
+          if nxt < len(requests):
+            time.sleep(max(0.0, min(requests[nxt].arrival - now(), 0.05)))
           continue
-        records[req.request_id] = metrics_lib.RequestRecord(
-            request_id=req.request_id, arrival=req.arrival, prompt_len=len(req.prompt))
-        sched.admit(req)
-      while (mb := sched.inject()) is not None:
-        self._send_prefill(mb)
-      if not sched.in_flight:
-        if nxt < len(requests):
-          time.sleep(max(0.0, min(requests[nxt].arrival - now(), 0.05)))
-        continue
-      wait = 0.05 if nxt >= len(requests) else max(0.0, min(requests[nxt].arrival - now(), 0.05))
-      try:
-        msg = self.results.get(timeout=max(wait, 1e-4))
-      except queue.Empty:
-        if time.perf_counter() - last_progress > sc.step_timeout_s:
-          beats = [round(time.monotonic() - w.last_heartbeat, 2) for w in self.workers]
+        wait = 0.05 if nxt >= len(requests) else max(0.0,
+                                                     min(requests[nxt].arrival - now(), 0.05))
+        for ev in api.drain(self.runtime.events, wait):
+          finished += self._on_event(sched, ev)
+        if progress:
+          progress(finished, len(requests))
+        if time.perf_counter() - self._last_progress > sc.step_timeout_s:
           raise TimeoutError(f"no pipeline step finished in {sc.step_timeout_s} s; worker "
-                             f"heartbeats: {beats} s ago")
-        continue
-      last_progress = time.perf_counter()
-      if msg.epoch < self.epoch or msg.mb_id not in sched.in_flight:
-        continue  # a step of a microbatch lost in a failure
-      if isinstance(msg, StepError):
-        raise RuntimeError(f"stage {msg.stage} failed on microbatch {msg.mb_id}: "
-                           f"{msg.error!r}") from msg.error
-      finished += self._on_result(sched, msg, records)
-      if progress:
-        progress(finished, len(requests))
+                             f"heartbeats: {self.controller.silence()} s ago")
+    finally:
+      self._next_mb_id = sched.next_mb_id
     wall = now()
-    recs = [records[i] for i in sorted(records)]
+    recs = [_record(sched.states[i]) for i in sorted(sched.states)]
     summary = metrics_lib.summarize(recs, duration=wall)
     summary["rejected"] = len(rejected)
-    if self.pace is not None:  # steps whose real compute outlasted the modeled time
-      summary["paced_overruns"] = sum(w.overruns - overruns0.get(id(w), 0) for w in self.workers)
+    stats = self.worker_stats()
+    if sc.pacing == "paced":  # steps whose real compute outlasted the modeled time
+      summary["paced_overruns"] = sum(
+          st.overruns - getattr(stats0.get(st.worker_id), "overruns", 0) for st in stats)
     if events:
       summary["failures"] = len(events)
       summary["mean_recovery_s"] = float(np.mean([e.recovery_s for e in events]))
-    return ServeResult(recs, rejected, summary, wall,
-                       [w.busy_s - busy0.get(id(w), 0.0) for w in self.workers], events)
+    busy = [st.busy_s - getattr(stats0.get(st.worker_id), "busy_s", 0.0) for st in stats]
+    return ServeResult(recs, rejected, summary, wall, busy, events)
 
-  def _recover(self, sched: Scheduler, records, dead: list[int], killed: dict, now):
-    detected = now()
-    d = self.plan.num_stages
-    holder = None
-    if self.replicator is not None and len(dead) == 1 and d > 1:
-      succ = self.workers[(dead[0] + 1) % d]
-      holder = succ if succ.index not in dead and succ.replica_store is not None else None
-      self.replicator.streamer.drain(timeout=self.serve_cfg.step_timeout_s)
-    self.epoch += 1
-    for w in self.workers:
-      w.min_epoch = self.epoch
-    for s in dead:
-      self.replace_worker(s)
-    lost = sched.drop_in_flight()
-    resumed, dropped = [], 0
-    if holder is not None:
-      resumed, lost, dropped = recover_from_replicas(self, sched, lost, records, dead[0], holder)
-      prev = self.workers[(dead[0] - 1) % d]
-      self.replicator.resync(prev, self.workers[dead[0]], {mb.slot: mb.mb_id for mb in resumed})
-    for mb in lost:
-      self._slot_free_at[mb.slot] = time.perf_counter()
-    recomputed = dropped + self.recover(sched, lost, records)
-    for mb in resumed:
-      sched.resume(mb)
-      self._send_decode(sched, mb, time.perf_counter())
-    return RecoveryEvent(
-        stage=dead[0], strategy=self.serve_cfg.recovery,
-        failed_at=min(killed.pop(s, detected) for s in dead), detected_at=detected,
-        recovered_at=now(), lost_microbatches=len(lost) + len(resumed),
-        lost_requests=sum(int((~mb.done[:len(mb.requests)]).sum()) for mb in lost + resumed),
-        recomputed_tokens=recomputed, restored_microbatches=len(resumed))
+  # ---- events ----
+  def _on_event(self, sched: Scheduler, ev) -> int:
+    """Handles one runtime event; returns the requests it finished."""
+    if isinstance(ev, api.Heartbeat):
+      self.controller.beat(ev.stage, ev.worker_id, ev.t)
+    elif isinstance(ev, api.Progress):
+      self._last_progress = time.perf_counter()
+    elif isinstance(ev, api.Ack):
+      if self.controller.current(ev.holder) == ev.worker_id:   # a dead holder's acks are void
+        self.strategy.observe(ev)
+    elif isinstance(ev, api.SnapshotSaved):
+      self.strategy.observe(ev)
+    elif isinstance(ev, api.StepResult):
+      if ev.epoch == self.epoch and ev.mb_id in sched.in_flight:
+        self._last_progress = time.perf_counter()
+        return self._on_result(sched, ev)
+    elif isinstance(ev, api.StepError):
+      if ev.epoch == self.epoch and ev.mb_id in sched.in_flight:
+        raise RuntimeError(f"stage {ev.stage} failed on microbatch {ev.mb_id}: "
+                           f"{ev.error!r}") from ev.error
+    return 0
 
-  def _send_prefill(self, mb: Microbatch) -> None:
-    bucket = bucket_length(mb.prompt_bucket_len, self.serve_cfg.max_len)
-    prompts = [r.prompt for r in mb.requests] + [[self.cfg.pad_token_id]] * (
-        mb.batch - len(mb.requests))
-    tokens, positions = pad_prompts(prompts, bucket, self.cfg.pad_token_id)
-    positions[len(mb.requests):] = -1  # empty rows write nothing
-    ready = max(self._slot_free_at.get(mb.slot, 0.0),
-                self._t0 + max(r.arrival for r in mb.requests))
-    self.workers[0].put(StepMsg("prefill", mb.slot, mb.mb_id, 0, tokens, positions,
-                                len(mb.requests), mb.prompt_bucket_len, ready, self.epoch))
-
-  def _on_result(self, sched: Scheduler, res: StepResult, records) -> int:
+  def _on_result(self, sched: Scheduler, res: api.StepResult) -> int:
     mb = sched.in_flight[res.mb_id]
     sc = self.serve_cfg
     if sc.temperature == 0.0:
@@ -295,25 +259,102 @@ class PipelineEngine:
       key = jax.random.fold_in(jax.random.fold_in(self._key, mb.mb_id), mb.step)
       toks = np.asarray(sample(res.logits, key, sc.temperature, sc.top_k, sc.top_p))
     t = res.done_at - self._t0  # when the step ended, not when this thread got to it
-    was_done = mb.done.copy()
-    finished_rows = sched.on_tokens(mb, toks, sc.eos_token_id)
-    for i, req in enumerate(mb.requests):
-      if was_done[i]:
-        continue
-      rec = records[req.request_id]
-      rec.tokens.append(mb.generated[i][-1])
-      rec.token_times.append(t)
-      if rec.first_token is None:
-        rec.first_token = t
-    for i in finished_rows:
-      rec = records[mb.requests[i].request_id]
-      rec.finish, rec.output_len = t, len(rec.tokens)
+    finished_rows = sched.on_tokens(mb, toks, sc.eos_token_id, t)
     if mb.complete:
       self._slot_free_at[mb.slot] = res.done_at
       sched.release(mb)
+      self._free_everywhere(mb.mb_id)
       return len(finished_rows)
     self._send_decode(sched, mb, res.done_at)
     return len(finished_rows)
+
+  def _free_everywhere(self, mb_id: int) -> None:
+    for s in range(self.plan.num_stages):
+      self.runtime.worker(s).free(mb_id)
+
+  # ---- recovery ----
+  def _recover(self, sched: Scheduler, dead: list[int], killed: dict, now) -> RecoveryEvent:
+    detected = now()
+    d = self.plan.num_stages
+    self.epoch += 1
+    for s in range(d):
+      self.runtime.worker(s).set_epoch(self.epoch)
+    view = FailureView(tuple(dead), d, {m: mb.step for m, mb in sched.in_flight.items()})
+    self.strategy.forget(view)
+    for s in dead:
+      w = self.runtime.replace(s)
+      w.set_epoch(self.epoch)
+      self.controller.watch(s, w.worker_id)
+    resumed, requeue, used = [], {}, {}
+    todo = self.strategy.plan(view)
+    while todo:
+      index, plan = todo.pop(0)
+      name = self.strategy.strategies[index].name
+      requeue.update(plan.requeue)
+      failed = self._load_caches(plan.resume)
+      ok = [r for r in plan.resume if r.mb_id not in failed]
+      resumed += ok
+      for mb_id in list(plan.requeue) + [r.mb_id for r in ok]:
+        used[name] = used.get(name, 0) + 1
+      if failed:
+        retry = dataclasses.replace(view, completed={m: view.completed[m] for m in failed})
+        todo += self.strategy.plan(retry, start=index + 1)
+    lost_requests = sum(int((~mb.done[:len(mb.requests)]).sum())
+                        for mb in sched.in_flight.values())
+    recomputed = 0
+    for mb_id, mode in requeue.items():
+      mb = sched.in_flight[mb_id]
+      self._slot_free_at[mb.slot] = time.perf_counter()
+      recomputed += sched.requeue(mb, mode)
+      self._free_everywhere(mb_id)
+    for r in resumed:
+      recomputed += sched.rewind(sched.in_flight[r.mb_id], r.step)
+    if self.strategy.options().replicate and d > 1:
+      for s in dead:   # the replicas the dead worker held are rebuilt by its predecessor
+        if (s - 1) % d not in dead:
+          self.runtime.worker((s - 1) % d).resync()
+    for r in resumed:
+      self._send_decode(sched, sched.in_flight[r.mb_id], time.perf_counter())
+    return RecoveryEvent(
+        stage=dead[0], strategy=self.serve_cfg.recovery,
+        failed_at=min(killed.pop(s, detected) for s in dead), detected_at=detected,
+        recovered_at=now(), lost_microbatches=len(view.completed), lost_requests=lost_requests,
+        recomputed_tokens=recomputed, restored_microbatches=len(resumed), stages=tuple(dead),
+        handled_by=used)
+
+  def _load_caches(self, resumes) -> set[int]:
+    """Loads every resumed microbatch's caches into the replaced workers and waits for them;
+    returns the microbatches whose load failed (or did not finish in time)."""
+    waiting = {}
+    for r in resumes:
+      for s, source in r.sources.items():
+        self.runtime.worker(s).load_cache(r.mb_id, source, self.epoch)
+        waiting[(s, r.mb_id)] = r
+    failed = set()
+    deadline = time.perf_counter() + self.serve_cfg.step_timeout_s
+    while waiting and time.perf_counter() < deadline:
+      for ev in api.drain(self.runtime.events, 0.05):
+        if isinstance(ev, api.CacheLoaded):
+          r = waiting.pop((ev.stage, ev.mb_id), None)
+          if r is not None and ev.error is not None:
+            failed.add(ev.mb_id)
+        elif not isinstance(ev, (api.StepResult, api.StepError)):
+          self._on_event(self._sched, ev)   # heartbeats, acks, snapshots keep flowing
+    failed |= {mb for _, mb in waiting}
+    return failed
+
+  # ---- steps ----
+  def _send_prefill(self, mb: Microbatch) -> None:
+    bucket = bucket_length(mb.prompt_bucket_len, self.serve_cfg.max_len)
+    prompts = [r.prompt for r in mb.requests] + [[self.cfg.pad_token_id]] * (
+        mb.batch - len(mb.requests))
+    tokens, positions = pad_prompts(prompts, bucket, self.cfg.pad_token_id)
+    positions[len(mb.requests):] = -1  # empty rows write nothing
+    ready = max(self._slot_free_at.get(mb.slot, 0.0),
+                self._t0 + max(r.arrival for r in mb.requests))
+    self.runtime.worker(0).submit(api.Step("prefill", mb.mb_id, 0, tokens, positions,
+                                           len(mb.requests), mb.prompt_bucket_len, ready,
+                                           self.epoch))
 
   def _send_decode(self, sched: Scheduler, mb: Microbatch, ready_at: float) -> None:
     """The next decode step of `mb`: each live row's latest token at its next position."""
@@ -323,5 +364,14 @@ class PipelineEngine:
                  [self.cfg.pad_token_id] * (mb.batch - len(mb.generated)), np.int32)
     live = int((~mb.done).sum())
     # Sampling belongs to the last stage's step: the next step is ready when that one ended.
-    self.workers[0].put(StepMsg("decode", mb.slot, mb.mb_id, mb.step, x, positions, live,
-                                int(positions.max()), ready_at, self.epoch))
+    self.runtime.worker(0).submit(api.Step("decode", mb.mb_id, mb.step, x, positions, live,
+                                           int(positions.max()), ready_at, self.epoch))
+
+
+def _record(state) -> metrics_lib.RequestRecord:
+  req = state.request
+  return metrics_lib.RequestRecord(
+      request_id=req.request_id, arrival=req.arrival, prompt_len=len(req.prompt),
+      first_token=state.token_times[0] if state.token_times else None, finish=state.finish,
+      output_len=len(state.tokens) if state.done else 0, tokens=list(state.tokens),
+      token_times=list(state.token_times), recomputed_tokens=state.recomputed)

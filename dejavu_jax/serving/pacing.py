@@ -5,9 +5,9 @@ the duration a cost model gives for that step has passed. Why: on this 2-core ma
 device already uses both cores, so stages cannot really overlap; pacing makes pipeline bubbles and
 scheduling effects show in wall-clock time as they would on D accelerators, e.g. "OPT-66B over 4
 A100 stages" (`costmodel.roofline(get_model_config('opt_66b', dtype='float16'), 'a100_80gb')`).
-A modeled step starts when both its input and its stage are ready (`StageWorker` keeps that
+A modeled step starts when both its input and its stage are ready (the worker (runtime/local.py) keeps that
 clock), so thread hand-offs shorter than the modeled time do not stretch the schedule. The modeled
-time must exceed the real compute time for the pacing to be exact; `StageWorker.overruns` counts
+time must exceed the real compute time for the pacing to be exact; the workers' `overruns` stat counts
 the steps where it did not.
 """
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 def make_pace_fn(cost_model, num_stages: int, time_scale: float = 1.0,
                  layer_scale: float = 1.0):
-  """A `PaceFn` for StageWorker: (stage, kind, layers, batch, tokens) -> seconds.
+  """A `PaceFn` for the workers: (stage, kind, layers, batch, tokens) -> seconds.
 
   Prefill lasts cost_model.prompt_time(layers, prompt_len, batch), a decode step
   cost_model.token_time(layers, batch, context); the last stage adds head_time (LM head) for the

@@ -1,0 +1,139 @@
+"""A fake stage program whose tokens you can compute by hand, for serving, streaming and recovery
+tests that run in milliseconds.
+
+It has the interface of `StageProgram` (prefill/decode over a donated `KVCache` on the stage's
+devices) and an arithmetic "model" in place of a transformer. Hidden states are integers. At
+global layer g, for a token at position p in row b:
+
+    k[g, b, p, 0, 0] = h                      the layer's input is what the cache keeps
+    v[g, b, p, 0, 0] = g + 1                  which layer (so which stage) wrote the entry
+    h <- (h + 1 + sum_{j <= p} k[g, b, j, 0, 0]) mod 1009
+
+and the last stage's logits are one-hot at h mod vocab_size of each row's last written position.
+Every layer's output depends on every earlier entry of that layer's cache, so a restored cache
+with a hole, a stale entry that is not masked, or a step run twice with other inputs changes the
+tokens. The masking rule is the real model's (a query at p sees keys j <= p; position -1 writes
+nothing), so everything that relies on it (bucket padding, reused buffers, rewinding a microbatch)
+is exercised as with the model. `fake_generate` is the oracle: the same recurrence in plain
+Python, one sequence at a time.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dejavu_jax.config import ModelConfig
+from dejavu_jax.kv.cache import KVCache, init_cache_for
+from dejavu_jax.pipeline import plan as plan_lib
+
+MOD = 1009
+
+
+def _stage_step(cfg: ModelConfig, start: int, stop: int, cache: KVCache, x, positions):
+  """(cache, out): out is logits [B, V] on the last stage, else hidden [B, T] (int32)."""
+  if positions.ndim == 1:
+    positions = positions[:, None]
+  h = x if x.ndim == 2 else x[:, None]                                  # [B, T]
+  h = h.astype(jnp.int32)
+  s = cache.max_len
+  onehot = positions[:, :, None] == jnp.arange(s)[None, None, :]        # [B, T, S]
+  written = onehot.any(axis=1)                                          # [B, S]
+  sees = jnp.arange(s)[None, None, :] <= positions[:, :, None]          # [B, T, S]
+  k, v = cache.k, cache.v
+  for i in range(stop - start):
+    new = jnp.einsum("bts,bt->bs", onehot.astype(jnp.float32), h.astype(jnp.float32))
+    k0 = jnp.where(written, new, k[i, :, :, 0, 0])                       # [B, S]
+    k = k.at[i, :, :, 0, 0].set(k0)
+    v = v.at[i, :, :, 0, 0].set(jnp.where(written, float(start + i + 1), v[i, :, :, 0, 0]))
+    total = jnp.einsum("bts,bs->bt", sees.astype(jnp.float32), k0)       # [B, T]
+    h = (h + 1 + jnp.round(total).astype(jnp.int32)) % MOD
+  lengths = jnp.maximum(cache.lengths, positions.max(axis=1) + 1)
+  cache = KVCache(k=k, v=v, lengths=lengths)
+  if stop != cfg.num_layers:
+    return cache, h
+  last = jnp.take_along_axis(h, jnp.argmax(positions, axis=1)[:, None], axis=1)[:, 0]
+  return cache, jax.nn.one_hot(last % cfg.vocab_size, cfg.vocab_size, dtype=jnp.float32)
+
+
+class FakeProgram:
+  """Drop-in for `StageProgram` (same constructor and calls); no params."""
+
+  def __init__(self, cfg: ModelConfig, plan: plan_lib.StagePlan, mesh, s: int):
+    self.cfg, self.index = cfg, s
+    self.start, self.stop = plan.ranges[s]
+    self.first, self.last = self.start == 0, self.stop == cfg.num_layers
+    self.num_layers = self.stop - self.start
+    self.sub = plan_lib.stage_mesh(mesh, s)
+    self.devices = tuple(self.sub.devices.flat)
+    self._device = self.devices[0]
+
+    def prefill(params, cache, x, positions):
+      del params
+      cache = cache.replace(lengths=jnp.zeros_like(cache.lengths))
+      return _stage_step(cfg, self.start, self.stop, cache, x, positions)
+
+    def decode(params, cache, x, positions):
+      del params
+      return _stage_step(cfg, self.start, self.stop, cache, x, positions)
+
+    self._prefill = jax.jit(prefill, donate_argnums=(1,))
+    self._decode = jax.jit(decode, donate_argnums=(1,))
+
+  def place_params(self, params):
+    del params
+    return {}
+
+  def new_cache(self, batch: int, max_len: int) -> KVCache:
+    return jax.device_put(init_cache_for(self.cfg, self.num_layers, batch, max_len), self._device)
+
+  def place_cache(self, cache: KVCache) -> KVCache:
+    return jax.device_put(cache, self._device)
+
+  def to_stage(self, x):
+    return jax.device_put(x, self._device)
+
+  def prefill(self, params, cache: KVCache, x, positions):
+    """`cache` is donated."""
+    return self._prefill(params, cache, self.to_stage(x),
+                         self.to_stage(jnp.asarray(positions, jnp.int32)))
+
+  def decode(self, params, cache: KVCache, x, positions):
+    """`cache` is donated."""
+    return self._decode(params, cache, self.to_stage(x),
+                        self.to_stage(jnp.asarray(positions, jnp.int32)))
+
+
+def fake_generate(cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                  eos_token_id: int | None = None) -> list[list[int]]:
+  """The fake model's greedy tokens, computed one sequence at a time in plain Python."""
+  outs = []
+  for prompt in prompts:
+    keys = [[] for _ in range(cfg.num_layers)]   # per layer: k at positions 0, 1, ...
+    out = []
+    seq = list(prompt)
+    tok = None
+    for p, x in enumerate(seq):
+      tok = _forward(cfg, keys, x)
+    while len(out) < max_new_tokens:
+      out.append(tok)
+      if tok == eos_token_id or len(out) == max_new_tokens:
+        break
+      tok = _forward(cfg, keys, tok)
+    outs.append(out)
+  return outs
+
+
+def _forward(cfg: ModelConfig, keys: list, x: int) -> int:
+  h = int(x)
+  for layer in keys:
+    layer.append(h)
+    h = (h + 1 + sum(layer)) % MOD
+  return h % cfg.vocab_size
+
+
+def numpy_tokens(x) -> np.ndarray:
+  return np.asarray(x, np.int32)

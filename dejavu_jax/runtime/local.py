@@ -1,0 +1,413 @@
+"""LocalRuntime: the pipeline's workers as threads over the devices of one process.
+
+The threads and queues, and what each blocks on:
+
+1. The engine thread (serving/engine.py) submits steps to stage 0's worker and blocks on the
+   runtime's one `events` queue (with a timeout, so arrivals, failures and hangs are noticed).
+2. Worker s's thread blocks on its inbox (FIFO: steps, cache loads, frees, replica exports,
+   resyncs; `None` wakes it to stop). For a step it takes the microbatch's cache from its
+   `CacheStore`, runs its program (the cache is donated and replaced), blocks until the step is
+   done (so step times are real and, in paced mode, it can sleep to the modeled deadline), lets
+   the replication tap and the snapshotter dispatch their copies, and hands the output on through
+   the runtime: into worker s+1's inbox (the *receiver* places it on its own devices), or, on the
+   last stage, a `StepResult` into `events`. It emits a `Progress` event per step.
+3. Inboxes are FIFO: a stage serves steps in arrival order, which is what makes a prompt step
+   delay the token steps queued behind it (the pipeline bubbles DéjàVu attacks), and what orders
+   a `free` after the microbatch's last step.
+4. Each worker has a heartbeat thread that puts a `Heartbeat` into `events` every `heartbeat_s`
+   while the worker lives, busy or not (a long step or compile is not a failure).
+5. With replication, each worker's `ReplicationTap` has one streamer thread: it copies the step's
+   KV to host and calls the runtime's channel to the successor, which writes the successor's
+   `ReplicaStore` (its own lock) and puts an `Ack` into `events`. With snapshots, each worker's
+   `Snapshotter` has one thread writing orbax checkpoints.
+6. `set_epoch` is out of band (an attribute the worker thread reads before each step): queued
+   steps of microbatches lost in a failure are dropped rather than run.
+7. `kill` is a crash: the worker's threads stop without a word (a step in progress reports
+   nothing), its params, caches and replicas are dropped, and the controller notices the silence.
+   `replace` starts a new worker for the stage with fresh threads and empty state.
+
+Any exception in a step becomes a `StepError` naming the stage: nothing is swallowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import queue
+import threading
+import time
+from typing import Any, Callable
+
+import jax
+
+from dejavu_jax.fault import snapshot as snapshot_lib
+from dejavu_jax.fault.replication import ReplicaStore, ReplicationTap, ReplicaWrite
+from dejavu_jax.kv.cache import KVCache
+from dejavu_jax.kv.store import AllOnDevice, CacheStore, device_bytes
+from dejavu_jax.runtime.api import (Ack, CacheLoaded, Heartbeat, Progress, ReplicaSource,
+                                    SnapshotSaved, SnapshotSource, Step, StepError, StepResult,
+                                    WorkerOptions, WorkerStats)
+
+# (stage_index, kind, layers, batch, tokens) -> modeled seconds of the step.
+PaceFn = Callable[[int, str, int, int, int], float]
+
+
+class PeerDead(ConnectionError):
+  """The worker a message was sent to is dead (a crash, or not yet replaced)."""
+
+
+@dataclasses.dataclass
+class _Load:
+  mb_id: int
+  step: int
+  cache: Any          # host KVCache (numpy) to place here
+  epoch: int
+
+
+@dataclasses.dataclass
+class _Free:
+  mb_id: int
+
+
+@dataclasses.dataclass
+class _Export:
+  stage: int
+  mb_id: int
+  step: int
+  to: int
+  epoch: int
+
+
+@dataclasses.dataclass
+class _Restore:
+  mb_id: int
+  source: SnapshotSource
+  epoch: int
+
+
+class _Resync:
+  pass
+
+
+class LocalWorker:
+  """One stage on a thread (see module doc). Talk to it only through the `Worker` methods."""
+
+  _ids = itertools.count()
+
+  def __init__(self, runtime: "LocalRuntime", program, params, options: WorkerOptions):
+    self.stage = program.index
+    self.worker_id = next(LocalWorker._ids)
+    self._rt = runtime
+    self._program = program
+    self._params = program.place_params(params)
+    self._store = CacheStore(AllOnDevice(
+        lambda: program.new_cache(runtime.microbatch_size, runtime.max_len), runtime.depth))
+    self._inbox: queue.Queue = queue.Queue()
+    self._epoch = 0
+    self._last_step: dict[int, int] = {}       # mb_id -> last step run here
+    self.replicas = ReplicaStore() if options.replicate else None
+    self._tap = (ReplicationTap(self.stage, program.start, runtime.channel_to_successor(self))
+                 if options.replicate else None)
+    self._snap = (snapshot_lib.Snapshotter(options.snapshot_dir, self.stage, self.worker_id,
+                                           options.snapshot_every, self._snapshot_saved)
+                  if options.snapshot_dir else None)
+    self._restored: tuple[int, dict] | None = None   # (snapshot id, its caches), while loading
+    self._free_at = 0.0          # paced mode: when this stage's previous step ended (modeled)
+    self._steps_done = 0
+    self._busy_s = 0.0
+    self._overruns = 0
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._loop, name=f"stage-{self.stage}", daemon=True)
+    self._beat = threading.Thread(target=self._heartbeat, name=f"beat-{self.stage}",
+                                  daemon=True)
+    # Test hooks run after a step on the worker thread: (stage, step) -> None.
+    self.after_step: list[Callable[[int, Step], None]] = []
+
+  # ---- the Worker interface ----
+  def submit(self, step: Step) -> None:
+    self._inbox.put(step)
+
+  def set_epoch(self, epoch: int) -> None:
+    self._epoch = epoch
+
+  def load_cache(self, mb_id: int, source, epoch: int) -> None:
+    if isinstance(source, ReplicaSource):
+      self._rt.worker(source.holder).export_replica(self.stage, mb_id, source.step, self.stage,
+                                                    epoch)
+    elif isinstance(source, SnapshotSource):
+      self._inbox.put(_Restore(mb_id, source, epoch))
+    else:
+      raise TypeError(f"unknown cache source {source!r}")
+
+  def export_replica(self, stage: int, mb_id: int, step: int, to: int, epoch: int = 0) -> None:
+    self._inbox.put(_Export(stage, mb_id, step, to, epoch))
+
+  def free(self, mb_id: int) -> None:
+    self._inbox.put(_Free(mb_id))
+
+  def resync(self) -> None:
+    self._inbox.put(_Resync())
+
+  def stats(self) -> WorkerStats:
+    held = self._params
+    return WorkerStats(
+        stage=self.stage, worker_id=self.worker_id, alive=self.alive,
+        steps_done=self._steps_done, busy_s=self._busy_s, overruns=self._overruns,
+        live_device_bytes=(device_bytes(held) if held is not None else 0) +
+        self._store.live_device_bytes(),
+        cache_mb_ids=self._store.mb_ids(), inbox=self._inbox.qsize())
+
+  # ---- life cycle (the runtime's) ----
+  def start(self) -> "LocalWorker":
+    self._thread.start()
+    self._beat.start()
+    return self
+
+  @property
+  def alive(self) -> bool:
+    return self._thread.is_alive() and not self._stop.is_set()
+
+  def kill(self) -> None:
+    """A crash: the threads stop without a word; params, caches and replicas are lost."""
+    self._stop.set()
+    self._inbox.put(None)
+    self.replicas = None
+    if self._tap is not None:
+      self._tap.close()
+    if self._snap is not None:
+      self._snap.crash()
+
+  def stop(self, timeout: float = 10.0) -> None:
+    self._stop.set()
+    self._inbox.put(None)
+    if self._thread.is_alive() and threading.current_thread() is not self._thread:
+      self._thread.join(timeout)
+    if self._tap is not None:
+      self._tap.close()
+    if self._snap is not None:
+      self._snap.close()
+
+  def receive_replica(self, write: ReplicaWrite) -> int:
+    """The runtime's channel lands a predecessor's transfer here (on the sender's streamer
+    thread); acknowledged on the event channel once written."""
+    store = self.replicas
+    if store is None or not self.alive:
+      raise PeerDead(f"stage {self.stage} is dead")
+    step = store.write(write)
+    self._rt.events.put(Ack(self.stage, write.stage, write.mb_id, step, self.worker_id))
+    return step
+
+  # ---- threads ----
+  def _heartbeat(self) -> None:
+    while not self._stop.wait(self._rt.heartbeat_s):
+      self._rt.events.put(Heartbeat(self.stage, self.worker_id, time.monotonic()))
+
+  def _loop(self) -> None:
+    while not self._stop.is_set():
+      msg = self._inbox.get()
+      if msg is None or self._stop.is_set():
+        break
+      try:
+        self._handle(msg)
+      except BaseException as e:  # pylint: disable=broad-except
+        if self._stop.is_set():   # a killed worker reports nothing, as a crashed one would
+          break
+        if isinstance(msg, Step):
+          self._rt.events.put(StepError(self.stage, msg.mb_id, e, msg.epoch))
+        elif isinstance(msg, (_Load, _Restore)):
+          self._rt.events.put(CacheLoaded(self.stage, msg.mb_id, getattr(msg, "step", -1),
+                                          f"{type(e).__name__}: {e}"))
+        else:
+          self._rt.events.put(StepError(self.stage, getattr(msg, "mb_id", -1), e, self._epoch))
+
+  def _handle(self, msg) -> None:
+    if isinstance(msg, Step):
+      if msg.epoch >= self._epoch:
+        self._step(msg)
+    elif isinstance(msg, _Free):
+      self._store.release(msg.mb_id)
+      self._last_step.pop(msg.mb_id, None)
+      if self._tap is not None:
+        self._tap.forget(msg.mb_id)
+      if self.replicas is not None:
+        self.replicas.drop(msg.mb_id)
+    elif isinstance(msg, _Export):
+      self._export(msg)
+    elif isinstance(msg, _Load):
+      self._install(msg.mb_id, msg.step, msg.cache)
+    elif isinstance(msg, _Restore):
+      src = msg.source
+      if self._restored is None or self._restored[0] != (src.directory, src.snapshot_id):
+        self._restored = ((src.directory, src.snapshot_id), snapshot_lib.restore(src.directory, src.snapshot_id))
+      cache, step = self._restored[1][msg.mb_id]
+      self._install(msg.mb_id, step, cache)
+    elif isinstance(msg, _Resync):
+      if self._tap is not None:
+        for mb in self._store.mb_ids():
+          if mb in self._last_step:
+            self._tap.send_block(mb, self._last_step[mb], self._store.get(mb))
+
+  def _export(self, msg: _Export) -> None:
+    try:
+      if self.replicas is None:
+        raise ValueError(f"stage {self.stage} holds no replicas")
+      kv, lengths = self.replicas.read(msg.stage, msg.mb_id, msg.step)
+      cache = KVCache(k=kv[0], v=kv[1], lengths=lengths)
+    except (KeyError, ValueError) as e:
+      self._rt.events.put(CacheLoaded(msg.stage, msg.mb_id, msg.step,
+                                      f"replica on stage {self.stage}: {e}"))
+      return
+    try:
+      self._rt.send(msg.to, _Load(msg.mb_id, msg.step, cache, msg.epoch))
+    except PeerDead as e:
+      self._rt.events.put(CacheLoaded(msg.stage, msg.mb_id, msg.step, str(e)))
+
+  def _install(self, mb_id: int, step: int, host_cache) -> None:
+    cache = self._program.place_cache(host_cache)
+    self._store.install(mb_id, cache)
+    self._last_step[mb_id] = step
+    if self._tap is not None:   # the successor's replica restarts from the restored cache
+      self._tap.send_block(mb_id, step, cache)
+    self._rt.events.put(CacheLoaded(self.stage, mb_id, step))
+
+  def _snapshot_saved(self, path: str, sid: int, steps: dict) -> None:
+    if self.alive:
+      self._rt.events.put(SnapshotSaved(self.stage, path, sid, steps))
+
+  def _step(self, msg: Step) -> None:
+    t0 = time.perf_counter()
+    program = self._program
+    if msg.kind == "prefill":
+      cache = self._store.for_prefill(msg.mb_id)
+      fn = program.prefill
+    else:
+      cache = self._store.get(msg.mb_id)
+      fn = program.decode
+    cache, out = fn(self._params, cache, program.to_stage(msg.x), msg.positions)
+    self._store.put(msg.mb_id, cache)
+    jax.block_until_ready(out)
+    if self._stop.is_set():
+      return   # killed during the step: a crash streams and reports nothing
+    self._last_step[msg.mb_id] = msg.step
+    if self._tap is not None:
+      self._tap.after_step(msg.mb_id, msg.step, cache, msg.positions, msg.kind, msg.tokens)
+    if self._snap is not None:
+      self._snap.after_step({mb: (self._store.get(mb), self._last_step[mb])
+                             for mb in self._store.mb_ids() if mb in self._last_step})
+    for hook in self.after_step:
+      hook(self.stage, msg)
+    end = time.perf_counter()
+    pace = self._rt.pace
+    if pace is not None:
+      # A modeled step starts when both its input and this stage are ready, so thread hand-offs
+      # and host bookkeeping shorter than the modeled time do not stretch the schedule.
+      start = max(msg.ready_at, self._free_at)
+      end = start + pace(self.stage, msg.kind, program.num_layers, msg.batch, msg.tokens)
+      late = time.perf_counter()
+      if late > end:  # the real step outlasted the model: it ends when it really ended
+        self._overruns += 1
+        end = late
+      _sleep_until(end)
+      self._free_at = end
+    self._busy_s += time.perf_counter() - t0
+    self._steps_done += 1
+    self._rt.events.put(Progress(self.stage, msg.mb_id, msg.step, msg.epoch))
+    if program.last:
+      self._rt.events.put(StepResult(self.stage, msg.mb_id, msg.step, out, end, msg.epoch))
+    else:
+      self._rt.forward(self.stage, dataclasses.replace(msg, x=out, ready_at=end))
+
+
+class LocalRuntime:
+  """The workers of one pipeline as threads of this process (see module doc).
+
+  Args:
+    programs: one stage program per stage (`pipeline/stage.StageProgram`, or the fake one).
+    params_for: (stage) -> the params a (new) worker of that stage places (host or checkpoint).
+    depth: microbatches in flight (each worker's device cache buffers).
+    microbatch_size, max_len: the cache shape per microbatch.
+    pace: paced mode's step durations, or None.
+    heartbeat_s: heartbeat period.
+  """
+
+  def __init__(self, programs, params_for: Callable[[int], Any], depth: int,
+               microbatch_size: int, max_len: int, pace: PaceFn | None = None,
+               heartbeat_s: float = 1.0):
+    if heartbeat_s <= 0:
+      raise ValueError(f"heartbeat_s must be > 0, got {heartbeat_s}")
+    self.programs, self.params_for = list(programs), params_for
+    self.num_stages = len(self.programs)
+    self.depth, self.microbatch_size, self.max_len = depth, microbatch_size, max_len
+    self.pace, self.heartbeat_s = pace, heartbeat_s
+    self.events: queue.Queue = queue.Queue()
+    self.options = WorkerOptions()
+    self._workers: list[LocalWorker] = []
+    self._lock = threading.Lock()
+    self._link_faults: dict[int, Callable[[ReplicaWrite], bool]] = {}
+
+  def start(self, options: WorkerOptions) -> None:
+    self.options = options
+    self._workers = [self._spawn(s) for s in range(self.num_stages)]
+
+  def _spawn(self, s: int) -> LocalWorker:
+    return LocalWorker(self, self.programs[s], self.params_for(s), self.options).start()
+
+  def worker(self, stage: int) -> LocalWorker:
+    return self._workers[stage]
+
+  def alive(self, stage: int) -> bool:
+    return self._workers[stage].alive
+
+  def kill(self, stage: int) -> None:
+    self._workers[stage].kill()
+
+  def replace(self, stage: int) -> LocalWorker:
+    """A fresh worker for `stage` (empty caches and replicas); the old one is stopped."""
+    self._workers[stage].stop(timeout=0)
+    w = self._spawn(stage)
+    with self._lock:
+      self._workers[stage] = w
+    return w
+
+  def close(self) -> None:
+    for w in self._workers:
+      w.stop()
+
+  # ---- channels ----
+  def forward(self, stage: int, step: Step) -> None:
+    """Activations of `stage` to the next stage (host-side hand-off; the receiver places them)."""
+    self._workers[stage + 1].submit(step)
+
+  def send(self, stage: int, msg) -> None:
+    w = self._workers[stage]
+    if not w.alive:
+      raise PeerDead(f"stage {stage} is dead")
+    w._inbox.put(msg)  # pylint: disable=protected-access
+
+  def channel_to_successor(self, sender: LocalWorker) -> Callable[[ReplicaWrite], int]:
+    def send(write: ReplicaWrite) -> int:
+      fault = self._link_faults.get(write.stage)
+      if fault is not None and fault(write):
+        raise ConnectionError(f"injected transport failure: stage {write.stage} -> successor, "
+                              f"microbatch {write.mb_id} step {write.step}")
+      with self._lock:
+        target = self._workers[(sender.stage + 1) % self.num_stages]
+      return target.receive_replica(write)
+    return send
+
+  def inject_link_fault(self, stage: int, fails: Callable[[ReplicaWrite], bool] | None) -> None:
+    """Makes stage `stage`'s replication transfers fail where `fails(write)` (None: heal)."""
+    if fails is None:
+      self._link_faults.pop(stage, None)
+    else:
+      self._link_faults[stage] = fails
+
+
+def _sleep_until(deadline: float) -> None:
+  # time.sleep alone overshoots by up to a scheduler tick; finish the last stretch spinning.
+  while True:
+    left = deadline - time.perf_counter()
+    if left <= 0:
+      return
+    time.sleep(left - 0.0005 if left > 0.002 else 0)
+
