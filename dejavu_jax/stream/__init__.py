@@ -33,7 +33,6 @@ Public API:
   gather(cache, start, size, layers=None, rows=None, *, layer_base=0) -> Packed
   gather_step(cache, positions, layers=None, rows=None, *, layer_base=0) -> Packed
   scatter(cache, packed, *, layer_base=0) -> KVCache                      (cache donated)
-  bucket(n, minimum=16) -> int
   flush(x, out=None, method="auto") -> np.ndarray; start_flush(x, method) -> handle
   fetch(host, device) -> jax.Array; copy_to(x, device) -> jax.Array
   flush_packed / fetch_packed / copy_packed(packed, ...) -> Packed
@@ -57,7 +56,7 @@ Public API:
 """
 
 from dejavu_jax.stream import ablation
-from dejavu_jax.stream.packing import Packed, bucket, gather, gather_step, scatter, to_host
+from dejavu_jax.stream.packing import Packed, gather, gather_step, scatter, to_host
 from dejavu_jax.stream.hostlog import HostKVLog
 from dejavu_jax.stream.route import (Route, plan_routes, reroute, stream_in, stream_out,
                                      stream_out_to_logs)
@@ -66,7 +65,7 @@ from dejavu_jax.stream.streamer import (ShutdownReport, StreamClosed, StreamErro
 from dejavu_jax.stream.transport import (copy_packed, copy_to, fetch, fetch_packed, flush,
                                          flush_packed, host_memory_kind, start_flush)
 
-__all__ = ["Packed", "bucket", "gather", "gather_step", "scatter", "to_host", "HostKVLog",
+__all__ = ["Packed", "gather", "gather_step", "scatter", "to_host", "HostKVLog",
            "Route", "plan_routes", "reroute", "stream_in", "stream_out",
            "stream_out_to_logs", "ShutdownReport", "StreamClosed", "StreamError", "Streamer",
            "Ticket", "copy_packed", "copy_to", "fetch", "fetch_packed", "flush", "flush_packed",

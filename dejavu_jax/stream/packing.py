@@ -14,9 +14,9 @@ small ones (the paper's "buffered copies", its largest single win). `scatter` wr
 Positions make one format serve both kinds of slices the system streams: a token range shared by
 all rows (a prompt block) and one token at a different position in each row (a decode step's
 delta in a mixed-length batch). The layer and row ranges are static (a pipeline has a handful of
-them); token starts and per-row positions are traced; a token range's length is padded up to a
-power-of-two bucket, so streaming a growing range, or every decode step, compiles a few kernels
-once and never again.
+them); token starts and per-row positions are traced; a token range's length is padded up to its
+power-of-two bucket (`models.generate.bucket_length`, the same buckets as prompts), so streaming
+a growing range, or every decode step, compiles a few kernels once and never again.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import numpy as np
 from flax import struct
 
 from dejavu_jax.kv.cache import KVCache
+from dejavu_jax.models.generate import bucket_length
 
 Range = tuple[int, int]
 
@@ -57,13 +58,6 @@ class Packed:
     return self.layers[1] - self.layers[0]
 
 
-def bucket(n: int, minimum: int = 16) -> int:
-  """The power of two >= max(n, minimum): the padded length of an n-token range."""
-  if n < 1:
-    raise ValueError(f"a token range must hold at least one token, got {n}")
-  return max(minimum, 1 << (n - 1).bit_length())
-
-
 def _norm(r: Range | None, size: int, what: str) -> Range:
   if r is None:
     return (0, size)
@@ -74,8 +68,7 @@ def _norm(r: Range | None, size: int, what: str) -> Range:
 
 
 def gather(cache: KVCache, start, size: int, layers: Range | None = None,
-           rows: Range | None = None, *, layer_base: int = 0,
-           min_bucket: int = 16) -> Packed:
+           rows: Range | None = None, *, layer_base: int = 0) -> Packed:
   """Packs positions [start, start + size) of some layers and rows into one buffer.
 
   Args:
@@ -86,9 +79,9 @@ def gather(cache: KVCache, start, size: int, layers: Range | None = None,
     rows: (start, stop) batch rows, default all.
     layer_base: global index of the cache's layer 0 (a pipeline stage's first layer), so the
       packed slice names global layers and can be routed to a pipeline split differently.
-    min_bucket: the smallest padded length.
   Returns:
-    a Packed whose T is the bucket of the range length (capped at the cache length).
+    a Packed whose T is `bucket_length(size, cache.max_len)`: the range length's power-of-two
+    bucket, at least 16, capped at the cache length.
   """
   layers = _norm(layers, cache.num_layers, "layer")
   rows = _norm(rows, cache.batch, "row")
@@ -96,7 +89,7 @@ def gather(cache: KVCache, start, size: int, layers: Range | None = None,
   if not 0 < size <= cache.max_len:
     raise ValueError(f"token range of {size} is empty or exceeds the cache length "
                      f"{cache.max_len}")
-  t = min(bucket(size, min_bucket), cache.max_len)
+  t = bucket_length(size, cache.max_len)
   data, pos = _gather_range(cache.k, cache.v, jnp.asarray(start, jnp.int32),
                             jnp.asarray(size, jnp.int32), layers=layers, rows=rows, t=t)
   return Packed(data=data, positions=pos,
