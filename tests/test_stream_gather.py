@@ -159,3 +159,8 @@ def test_bad_ranges_raise():
     gather_step(cache, jnp.zeros((2,), jnp.int32))
   with pytest.raises(ValueError):
     scatter(cache, gather(cache, 0, 4), layer_base=1)
+  log = HostKVLog.like(cache)   # the host log checks its ranges with the same helper
+  with pytest.raises(ValueError, match="row range"):
+    log.read_host(rows=(0, B + 1))
+  with pytest.raises(ValueError, match="layer range"):
+    log.write(gather(cache, 0, 4, layer_base=1))

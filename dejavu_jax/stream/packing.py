@@ -1,7 +1,8 @@
 """Packing (gather / scatter): a non-contiguous KV slice <-> one contiguous device buffer.
 
-This module owns `Packed`, the unit every other part of the streaming library moves around, and
-the two jitted kernels that make and consume it.
+This module owns `Packed`, the unit every other part of the streaming library moves around, the
+two jitted kernels that make and consume it, and `check_range`, the layer/row range check the
+host log shares.
 
 A slice of a cache is a layer range x a batch-row range x some token positions of each row. In
 the cache `[L, B, S, H, K]` such a slice is many small strided pieces (one per layer, row and k/v);
@@ -58,7 +59,9 @@ class Packed:
     return self.layers[1] - self.layers[0]
 
 
-def _norm(r: Range | None, size: int, what: str) -> Range:
+def check_range(r: Range | None, size: int, what: str) -> Range:
+  """`r` as a pair of ints ([0, size) when None); ValueError naming `what` if it is empty or
+  leaves [0, size). Every range a packed slice or a host log is given goes through it."""
   if r is None:
     return (0, size)
   start, stop = int(r[0]), int(r[1])
@@ -83,8 +86,8 @@ def gather(cache: KVCache, start, size: int, layers: Range | None = None,
     a Packed whose T is `bucket_length(size, cache.max_len)`: the range length's power-of-two
     bucket, at least 16, capped at the cache length.
   """
-  layers = _norm(layers, cache.num_layers, "layer")
-  rows = _norm(rows, cache.batch, "row")
+  layers = check_range(layers, cache.num_layers, "layer")
+  rows = check_range(rows, cache.batch, "row")
   size = int(size)
   if not 0 < size <= cache.max_len:
     raise ValueError(f"token range of {size} is empty or exceeds the cache length "
@@ -102,8 +105,8 @@ def gather_step(cache: KVCache, positions: jax.Array, layers: Range | None = Non
 
   `positions` indexes the rows of the slice (`rows`), not of the whole batch.
   """
-  layers = _norm(layers, cache.num_layers, "layer")
-  rows = _norm(rows, cache.batch, "row")
+  layers = check_range(layers, cache.num_layers, "layer")
+  rows = check_range(rows, cache.batch, "row")
   positions = jnp.asarray(positions, jnp.int32)
   if positions.shape != (rows[1] - rows[0],):
     raise ValueError(f"positions must be [{rows[1] - rows[0]}], got {positions.shape}")
@@ -124,8 +127,8 @@ def scatter(cache: KVCache, packed: Packed, *, layer_base: int = 0) -> KVCache:
     the updated cache; a row's length grows to one past its highest written position.
   """
   l0, l1 = packed.layers[0] - layer_base, packed.layers[1] - layer_base
-  _norm((l0, l1), cache.num_layers, "layer")
-  _norm(packed.rows, cache.batch, "row")
+  check_range((l0, l1), cache.num_layers, "layer")
+  check_range(packed.rows, cache.batch, "row")
   k, v, lengths = _scatter(cache.k, cache.v, cache.lengths, jnp.asarray(packed.data),
                            jnp.asarray(packed.positions, jnp.int32), layers=(l0, l1),
                            rows=packed.rows)
