@@ -1,7 +1,5 @@
 """Cost model: links, byte helpers, roofline against hand-computed FLOPs/bytes, table, calibration."""
 
-import time
-
 import numpy as np
 import pytest
 
@@ -73,10 +71,9 @@ def test_bad_hardware_and_args():
     cm.roofline(OPT66).prompt_time(1, 10, 0)
 
 
-def test_measure_cpu_is_fast_and_positive():
-  t0 = time.perf_counter()
+def test_measure_cpu_is_positive():
+  # Its wall time (target < 1 s) is reported by benchmarks/sim_speed.py, not asserted here.
   hw = cm.measure_cpu()
-  assert time.perf_counter() - t0 < 1.0
   assert hw.peak_flops_32 > 1e8 and hw.mem_bandwidth > 1e8
   assert cm.roofline(get_model_config("opt_125m"), hw).token_time(12, 1, 10) > 0
 

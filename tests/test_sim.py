@@ -150,11 +150,9 @@ def test_bad_input_errors():
 
 
 @pytest.mark.slow
-def test_paper_scale_run_is_fast():
-  import time
+def test_paper_scale_run():
+  # Its wall time (target < 10 s) is reported by benchmarks/sim_speed.py, not asserted here.
   cost = cm.roofline(get_model_config("opt_66b", dtype="float16"), "a100_80gb", gpus_per_machine=2)
   reqs = make_requests(0.5, 1000, prompt_len=1000, seed=0)
-  t0 = time.perf_counter()
   res = simulate_colocated(cost, reqs, 4, batch_size=8)
-  assert time.perf_counter() - t0 < 10
   assert res.summary["num_requests"] == 1000

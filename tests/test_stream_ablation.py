@@ -10,7 +10,8 @@ from dejavu_jax.config import tiny_config
 from dejavu_jax.kv.cache import init_cache_for
 from dejavu_jax.models import init_params, stage_params
 from dejavu_jax.models.generate import make_steps
-from dejavu_jax.stream import ablation, route
+from dejavu_jax.partition import balanced_ranges
+from dejavu_jax.stream import ablation
 from dejavu_jax.stream.hostlog import HostKVLog
 from dejavu_jax.stream.streamer import Streamer
 
@@ -21,7 +22,7 @@ B, T, S, STEPS = 2, 16, 32, 3
 def test_all_modes_produce_the_same_log():
   cfg = tiny_config(num_layers=4, dtype="bfloat16")
   params = init_params(cfg, jax.random.key(0))
-  groups = route.even_split(cfg.num_layers, 2)
+  groups = balanced_ranges(cfg.num_layers, 2)
   steps = [make_steps(cfg, a, b) for a, b in groups]
   gparams = [stage_params(cfg, params, a, b) for a, b in groups]
   tokens = jax.random.randint(jax.random.key(1), (B, T), 3, cfg.vocab_size, jnp.int32)

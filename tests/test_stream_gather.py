@@ -7,9 +7,10 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from dejavu_jax.kv.cache import KVCache, init_cache, take_step
+from dejavu_jax.models.generate import bucket_length
 from dejavu_jax.stream import packing as gather_lib
 from dejavu_jax.stream import transport
-from dejavu_jax.stream.packing import bucket, gather, gather_step, scatter
+from dejavu_jax.stream.packing import gather, gather_step, scatter
 from dejavu_jax.stream.hostlog import HostKVLog
 
 L, B, S, H, K = 3, 3, 40, 2, 4
@@ -41,7 +42,7 @@ def test_range_round_trip(dtype, layers, rows, start, size, via_host):
   size = min(size, S - start)
   src = random_cache(DTYPES[dtype], seed=start)
   p = gather(src, start, size, layers, rows)
-  assert p.data.shape[3] == min(bucket(size), S)
+  assert p.data.shape[3] == bucket_length(size, S)
   if via_host:
     p = transport.fetch_packed(transport.flush_packed(p), jax.devices()[0])
   dst = scatter(init_cache(L, B, S, H, K, DTYPES[dtype]), p)
@@ -158,3 +159,8 @@ def test_bad_ranges_raise():
     gather_step(cache, jnp.zeros((2,), jnp.int32))
   with pytest.raises(ValueError):
     scatter(cache, gather(cache, 0, 4), layer_base=1)
+  log = HostKVLog.like(cache)   # the host log checks its ranges with the same helper
+  with pytest.raises(ValueError, match="row range"):
+    log.read_host(rows=(0, B + 1))
+  with pytest.raises(ValueError, match="layer range"):
+    log.write(gather(cache, 0, 4, layer_base=1))

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from dejavu_jax.kv.cache import init_cache, put_layers, take_layers
+from dejavu_jax.partition import balanced_ranges
 from dejavu_jax.stream import route
 from dejavu_jax.stream.hostlog import HostKVLog
 from dejavu_jax.stream.streamer import Streamer
@@ -33,8 +34,8 @@ def empties(splits, dtype=jnp.bfloat16, devices=None):
   return out
 
 
-def test_even_split_and_routes():
-  assert route.even_split(6, 4) == ((0, 2), (2, 4), (4, 5), (5, 6))
+def test_balanced_split_and_routes():
+  assert balanced_ranges(6, 4) == ((0, 2), (2, 4), (4, 5), (5, 6))
   routes = route.plan_routes(((0, 4), (4, 6)), ((0, 3), (3, 6)))
   assert [(r.src_stage, r.dst_stage, r.layers) for r in routes] == [
       (0, 0, (0, 3)), (0, 1, (3, 4)), (1, 1, (4, 6))]
@@ -46,7 +47,7 @@ def test_even_split_and_routes():
 
 @pytest.mark.parametrize("src,dst", [
     (((0, 6),), ((0, 3), (3, 6))),                                  # 1 -> 2
-    (((0, 3), (3, 6)), route.even_split(6, 4)),                     # 2 -> 4 (uneven 2,2,1,1)
+    (((0, 3), (3, 6)), balanced_ranges(6, 4)),                     # 2 -> 4 (uneven 2,2,1,1)
     (((0, 1), (1, 4), (4, 6)), ((0, 4), (4, 6))),                   # 3 -> 2, uneven splits
     (((0, 2), (2, 3), (3, 6)), ((0, 5), (5, 6))),                   # a stage straddles two
 ])

@@ -5,7 +5,6 @@ This module owns what every serving experiment reports, for the real engine and 
 
 * `RequestRecord`: one request's times (seconds on one clock): arrival, first token, finish, and
   optionally every token's time; the tokens generated; the tokens a recovery recomputed.
-* `MetricsLog`: a thread-safe collector the client and the engine call as events happen.
 * `summarize`: throughput, TTFT, TPOT, ITL, end-to-end latency and the paper's normalized latency
   (end-to-end latency / generated tokens, s/token) over the *finished* requests; the others are
   counted in `num_unfinished` and left out of every other number.
@@ -34,9 +33,7 @@ import json
 import math
 import os
 import re
-import threading
-import time
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -283,102 +280,6 @@ def _finish_figure(fig, ax, path, xlabel: str, ylabel: str, title: str | None) -
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.savefig(path)
   return path
-
-
-class MetricsLog:
-  """A thread-safe collector of `RequestRecord`s, fed as events happen.
-
-  Who calls it: the client thread calls `on_arrival` as it sends each request; the engine's
-  thread(s) call `on_first_token` / `on_token` as tokens come out, `on_recompute` when a recovery
-  regenerates tokens, and `on_finish`; any thread may call `records()` or `summary()`. One lock
-  guards the records and every call holds it for O(1) work, so a token-producing thread never
-  waits long behind a reader (`records()` copies under the lock, then returns the copies).
-
-  Tokens are counted once, as the client receives them: `on_token` for each (the first one sets
-  `first_token`), or `on_first_token` for the first and `on_token` for the rest; tokens that a
-  recovery recomputes go to `on_recompute`, not `on_token`. An engine that does not report
-  tokens one by one calls `on_first_token` and then `on_finish(..., output_len=n)`.
-
-  Times: each method takes `t` in seconds; when it is None the log reads its clock, measured
-  from the log's creation (or `start`), so the workload's arrival times and the log share zero.
-  """
-
-  def __init__(self, clock: Callable[[], float] = time.perf_counter, start: float | None = None):
-    self._clock = clock
-    self._start = clock() if start is None else start
-    self._lock = threading.Lock()
-    self._records: dict[int, RequestRecord] = {}
-
-  def now(self) -> float:
-    """Seconds since the log's start, on its clock."""
-    return self._clock() - self._start
-
-  def _get(self, request_id: int, event: str) -> RequestRecord:
-    try:
-      return self._records[request_id]
-    except KeyError:
-      raise KeyError(f"request {request_id}: {event} before on_arrival") from None
-
-  def on_arrival(self, request_id: int, t: float | None = None, prompt_len: int = 0) -> None:
-    t = self.now() if t is None else t
-    with self._lock:
-      if request_id in self._records:
-        raise ValueError(f"request {request_id} arrived twice")
-      self._records[request_id] = RequestRecord(request_id, t, prompt_len)
-
-  def on_first_token(self, request_id: int, t: float | None = None,
-                     token: int | None = None) -> None:
-    t = self.now() if t is None else t
-    with self._lock:
-      r = self._get(request_id, "on_first_token")
-      if r.first_token is not None:
-        raise ValueError(f"request {request_id} already has its first token")
-      self._add_token(r, t, token)
-
-  def on_token(self, request_id: int, t: float | None = None, token: int | None = None) -> None:
-    t = self.now() if t is None else t
-    with self._lock:
-      self._add_token(self._get(request_id, "on_token"), t, token)
-
-  @staticmethod
-  def _add_token(r: RequestRecord, t: float, token: int | None) -> None:
-    if r.finish is not None:
-      raise ValueError(f"request {r.request_id} got a token after it finished")
-    if r.first_token is None:
-      r.first_token = t
-    r.output_len += 1
-    r.token_times.append(t)
-    if token is not None:
-      r.tokens.append(int(token))
-
-  def on_recompute(self, request_id: int, n: int) -> None:
-    """`n` tokens of this request were generated again (after a failure)."""
-    with self._lock:
-      self._get(request_id, "on_recompute").recomputed_tokens += n
-
-  def on_finish(self, request_id: int, t: float | None = None,
-                output_len: int | None = None) -> None:
-    """The request's last token is out; `output_len` is for engines that did not count tokens."""
-    t = self.now() if t is None else t
-    with self._lock:
-      r = self._get(request_id, "on_finish")
-      if r.finish is not None:
-        raise ValueError(f"request {request_id} finished twice")
-      if output_len is not None:
-        if r.token_times and output_len != len(r.token_times):
-          raise ValueError(f"request {request_id}: output_len {output_len} but "
-                           f"{len(r.token_times)} tokens were reported")
-        r.output_len = output_len
-      r.finish = t
-
-  def records(self) -> list[RequestRecord]:
-    """Copies of the records so far, by request id."""
-    with self._lock:
-      return [dataclasses.replace(r, tokens=list(r.tokens), token_times=list(r.token_times))
-              for _, r in sorted(self._records.items())]
-
-  def summary(self, duration: float | None = None) -> dict:
-    return summarize(self.records(), duration)
 
 
 def plot_failure_timeline(runs: dict, path: str | os.PathLike, *,

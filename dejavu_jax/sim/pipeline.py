@@ -25,6 +25,7 @@ from typing import Protocol
 
 from dejavu_jax import costmodel as cm
 from dejavu_jax.config import ModelConfig
+from dejavu_jax.partition import balanced_ranges
 from dejavu_jax.sim.engine import EventLoop, Microbatch
 
 
@@ -48,13 +49,8 @@ class _Stage:
 
 
 def split_layers(num_layers: int, num_stages: int) -> list[int]:
-  """Contiguous, as-even-as-possible layer counts (earlier stages take the remainder)."""
-  if num_stages < 1:
-    raise ValueError(f"a pipeline needs >= 1 stage, got {num_stages}")
-  if num_stages > num_layers:
-    raise ValueError(f"cannot split {num_layers} layers over {num_stages} stages")
-  q, r = divmod(num_layers, num_stages)
-  return [q + (i < r) for i in range(num_stages)]
+  """Layers per stage of the even split (`partition.balanced_ranges`), as a served pipeline has."""
+  return [stop - start for start, stop in balanced_ranges(num_layers, num_stages)]
 
 
 class Pipeline:

@@ -33,7 +33,6 @@ Public API:
   gather(cache, start, size, layers=None, rows=None, *, layer_base=0) -> Packed
   gather_step(cache, positions, layers=None, rows=None, *, layer_base=0) -> Packed
   scatter(cache, packed, *, layer_base=0) -> KVCache                      (cache donated)
-  bucket(n, minimum=16) -> int
   flush(x, out=None, method="auto") -> np.ndarray; start_flush(x, method) -> handle
   fetch(host, device) -> jax.Array; copy_to(x, device) -> jax.Array
   flush_packed / fetch_packed / copy_packed(packed, ...) -> Packed
@@ -41,7 +40,7 @@ Public API:
   HostKVLog(L, B, S, H, K, dtype, *, layer_base=0) / HostKVLog.like(cache)
     .write(packed), .append(packed) -> step, .read(step=None, layers, rows, device) -> KVCache,
     .read_host(...) -> (kv, lengths), .reset(), .step, .lengths
-  even_split(num_layers, depth), plan_routes(src, dst) -> [Route]
+  plan_routes(src, dst) -> [Route]   (even splits: dejavu_jax.partition.balanced_ranges)
   stream_out(cache, stage, src, dst, *, start=0, size=None, positions=None, rows=None)
     -> [(dst_stage, Packed)]
   stream_in(cache, packets, stage, dst) -> KVCache                         (cache donated)
@@ -57,17 +56,17 @@ Public API:
 """
 
 from dejavu_jax.stream import ablation
-from dejavu_jax.stream.packing import Packed, bucket, gather, gather_step, scatter, to_host
+from dejavu_jax.stream.packing import Packed, gather, gather_step, scatter, to_host
 from dejavu_jax.stream.hostlog import HostKVLog
-from dejavu_jax.stream.route import (Route, even_split, plan_routes, reroute, stream_in,
-                                     stream_out, stream_out_to_logs)
+from dejavu_jax.stream.route import (Route, plan_routes, reroute, stream_in, stream_out,
+                                     stream_out_to_logs)
 from dejavu_jax.stream.streamer import (ShutdownReport, StreamClosed, StreamError, Streamer,
                                         Ticket)
 from dejavu_jax.stream.transport import (copy_packed, copy_to, fetch, fetch_packed, flush,
                                          flush_packed, host_memory_kind, start_flush)
 
-__all__ = ["Packed", "bucket", "gather", "gather_step", "scatter", "to_host", "HostKVLog",
-           "Route", "even_split", "plan_routes", "reroute", "stream_in", "stream_out",
+__all__ = ["Packed", "gather", "gather_step", "scatter", "to_host", "HostKVLog",
+           "Route", "plan_routes", "reroute", "stream_in", "stream_out",
            "stream_out_to_logs", "ShutdownReport", "StreamClosed", "StreamError", "Streamer",
            "Ticket", "copy_packed", "copy_to", "fetch", "fetch_packed", "flush", "flush_packed",
            "host_memory_kind", "start_flush", "ablation"]

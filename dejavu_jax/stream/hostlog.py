@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from dejavu_jax.kv.cache import KVCache
-from dejavu_jax.stream.packing import Packed, Range, _norm
+from dejavu_jax.stream.packing import Packed, Range, check_range
 
 
 class HostKVLog:
@@ -78,8 +78,8 @@ class HostKVLog:
     data = np.asarray(packed.data)   # On CPU a zero-copy view: the copy below is the only one.
     pos = np.asarray(packed.positions)      # [Bs, T]
     l0, l1 = packed.layers[0] - self.layer_base, packed.layers[1] - self.layer_base
-    _norm((l0, l1), self.num_layers, "layer")
-    r0, r1 = _norm(packed.rows, self.kv.shape[2], "row")
+    check_range((l0, l1), self.num_layers, "layer")
+    r0, r1 = check_range(packed.rows, self.kv.shape[2], "row")
     if data.shape[:4] != (2, l1 - l0, r1 - r0, pos.shape[1]):
       raise ValueError(f"packed data {data.shape} does not match its ranges and positions "
                        f"{pos.shape}")
@@ -115,7 +115,7 @@ class HostKVLog:
   def grow(self, top, rows: Range | None = None) -> None:
     """Raises the current step's row lengths to at least `top` (for writes made into `kv`
     directly, e.g. the naive piece-by-piece transport of the ablation)."""
-    r0, r1 = _norm(rows, self.kv.shape[2], "row")
+    r0, r1 = check_range(rows, self.kv.shape[2], "row")
     with self._lock:
       cur = self.history[self._step, r0:r1]
       self.history[self._step, r0:r1] = np.maximum(cur, top)
@@ -136,8 +136,8 @@ class HostKVLog:
         raise ValueError(f"step {step} is not in the log (0..{self._step})")
       l0, l1 = (0, self.num_layers) if layers is None else (
           layers[0] - self.layer_base, layers[1] - self.layer_base)
-      _norm((l0, l1), self.num_layers, "layer")
-      r0, r1 = _norm(rows, self.kv.shape[2], "row")
+      check_range((l0, l1), self.num_layers, "layer")
+      r0, r1 = check_range(rows, self.kv.shape[2], "row")
       lengths = self.history[step, r0:r1].copy()
       kv = self.kv[:, l0:l1, r0:r1].copy()
     if step < self._step:

@@ -1,7 +1,8 @@
 """Packing (gather / scatter): a non-contiguous KV slice <-> one contiguous device buffer.
 
-This module owns `Packed`, the unit every other part of the streaming library moves around, and
-the two jitted kernels that make and consume it.
+This module owns `Packed`, the unit every other part of the streaming library moves around, the
+two jitted kernels that make and consume it, and `check_range`, the layer/row range check the
+host log shares.
 
 A slice of a cache is a layer range x a batch-row range x some token positions of each row. In
 the cache `[L, B, S, H, K]` such a slice is many small strided pieces (one per layer, row and k/v);
@@ -14,9 +15,9 @@ small ones (the paper's "buffered copies", its largest single win). `scatter` wr
 Positions make one format serve both kinds of slices the system streams: a token range shared by
 all rows (a prompt block) and one token at a different position in each row (a decode step's
 delta in a mixed-length batch). The layer and row ranges are static (a pipeline has a handful of
-them); token starts and per-row positions are traced; a token range's length is padded up to a
-power-of-two bucket, so streaming a growing range, or every decode step, compiles a few kernels
-once and never again.
+them); token starts and per-row positions are traced; a token range's length is padded up to its
+power-of-two bucket (`models.generate.bucket_length`, the same buckets as prompts), so streaming
+a growing range, or every decode step, compiles a few kernels once and never again.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import numpy as np
 from flax import struct
 
 from dejavu_jax.kv.cache import KVCache
+from dejavu_jax.models.generate import bucket_length
 
 Range = tuple[int, int]
 
@@ -57,14 +59,9 @@ class Packed:
     return self.layers[1] - self.layers[0]
 
 
-def bucket(n: int, minimum: int = 16) -> int:
-  """The power of two >= max(n, minimum): the padded length of an n-token range."""
-  if n < 1:
-    raise ValueError(f"a token range must hold at least one token, got {n}")
-  return max(minimum, 1 << (n - 1).bit_length())
-
-
-def _norm(r: Range | None, size: int, what: str) -> Range:
+def check_range(r: Range | None, size: int, what: str) -> Range:
+  """`r` as a pair of ints ([0, size) when None); ValueError naming `what` if it is empty or
+  leaves [0, size). Every range a packed slice or a host log is given goes through it."""
   if r is None:
     return (0, size)
   start, stop = int(r[0]), int(r[1])
@@ -74,8 +71,7 @@ def _norm(r: Range | None, size: int, what: str) -> Range:
 
 
 def gather(cache: KVCache, start, size: int, layers: Range | None = None,
-           rows: Range | None = None, *, layer_base: int = 0,
-           min_bucket: int = 16) -> Packed:
+           rows: Range | None = None, *, layer_base: int = 0) -> Packed:
   """Packs positions [start, start + size) of some layers and rows into one buffer.
 
   Args:
@@ -86,17 +82,17 @@ def gather(cache: KVCache, start, size: int, layers: Range | None = None,
     rows: (start, stop) batch rows, default all.
     layer_base: global index of the cache's layer 0 (a pipeline stage's first layer), so the
       packed slice names global layers and can be routed to a pipeline split differently.
-    min_bucket: the smallest padded length.
   Returns:
-    a Packed whose T is the bucket of the range length (capped at the cache length).
+    a Packed whose T is `bucket_length(size, cache.max_len)`: the range length's power-of-two
+    bucket, at least 16, capped at the cache length.
   """
-  layers = _norm(layers, cache.num_layers, "layer")
-  rows = _norm(rows, cache.batch, "row")
+  layers = check_range(layers, cache.num_layers, "layer")
+  rows = check_range(rows, cache.batch, "row")
   size = int(size)
   if not 0 < size <= cache.max_len:
     raise ValueError(f"token range of {size} is empty or exceeds the cache length "
                      f"{cache.max_len}")
-  t = min(bucket(size, min_bucket), cache.max_len)
+  t = bucket_length(size, cache.max_len)
   data, pos = _gather_range(cache.k, cache.v, jnp.asarray(start, jnp.int32),
                             jnp.asarray(size, jnp.int32), layers=layers, rows=rows, t=t)
   return Packed(data=data, positions=pos,
@@ -109,8 +105,8 @@ def gather_step(cache: KVCache, positions: jax.Array, layers: Range | None = Non
 
   `positions` indexes the rows of the slice (`rows`), not of the whole batch.
   """
-  layers = _norm(layers, cache.num_layers, "layer")
-  rows = _norm(rows, cache.batch, "row")
+  layers = check_range(layers, cache.num_layers, "layer")
+  rows = check_range(rows, cache.batch, "row")
   positions = jnp.asarray(positions, jnp.int32)
   if positions.shape != (rows[1] - rows[0],):
     raise ValueError(f"positions must be [{rows[1] - rows[0]}], got {positions.shape}")
@@ -131,8 +127,8 @@ def scatter(cache: KVCache, packed: Packed, *, layer_base: int = 0) -> KVCache:
     the updated cache; a row's length grows to one past its highest written position.
   """
   l0, l1 = packed.layers[0] - layer_base, packed.layers[1] - layer_base
-  _norm((l0, l1), cache.num_layers, "layer")
-  _norm(packed.rows, cache.batch, "row")
+  check_range((l0, l1), cache.num_layers, "layer")
+  check_range(packed.rows, cache.batch, "row")
   k, v, lengths = _scatter(cache.k, cache.v, cache.lengths, jnp.asarray(packed.data),
                            jnp.asarray(packed.positions, jnp.int32), layers=(l0, l1),
                            rows=packed.rows)

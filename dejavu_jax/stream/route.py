@@ -1,9 +1,11 @@
 """stream_out / stream_in: route a cache's layer ranges between pipelines of different depths.
 
 This module owns layer routing. A pipeline is described by its *splits*: the global layer range
-of each stage, e.g. `((0, 12), (12, 24))` for two stages of a 24-layer model. A cache produced
-by stage s of a D1-stage pipeline holds layers src[s]; each destination stage d of a D2-stage
-pipeline owns dst[d]; the piece that moves from s to d is the intersection of the two ranges.
+of each stage, e.g. `((0, 12), (12, 24))` for two stages of a 24-layer model (any contiguous
+ranges from layer 0; `dejavu_jax.partition.balanced_ranges` gives the even split the pipeline
+and the simulator use). A cache produced by stage s of a D1-stage pipeline holds layers src[s];
+each destination stage d of a D2-stage pipeline owns dst[d]; the piece that moves from s to d is
+the intersection of the two ranges.
 This covers D2 a multiple of D1 (each source stage feeds D2/D1 stages) and arbitrary uneven
 splits (a source stage straddles two destinations, a destination takes from two sources).
 
@@ -29,19 +31,6 @@ from dejavu_jax.stream.packing import Packed, Range
 from dejavu_jax.stream import transport
 
 Splits = Sequence[Range]
-
-
-def even_split(num_layers: int, depth: int) -> tuple[Range, ...]:
-  """Splits layers over `depth` stages; the first num_layers % depth stages get one more."""
-  if not 1 <= depth <= num_layers:
-    raise ValueError(f"cannot split {num_layers} layers over {depth} stages")
-  per, extra = divmod(num_layers, depth)
-  bounds, start = [], 0
-  for s in range(depth):
-    stop = start + per + (s < extra)
-    bounds.append((start, stop))
-    start = stop
-  return tuple(bounds)
 
 
 def check_splits(splits: Splits) -> int:
