@@ -5,7 +5,8 @@ import pytest
 
 from dejavu_jax.config import tiny_config
 from dejavu_jax.models import init_params
-from dejavu_jax.pipeline.plan import balanced_ranges, make_mesh, plan_stages
+from dejavu_jax.partition import balanced_ranges
+from dejavu_jax.pipeline.plan import make_mesh, plan_stages
 from dejavu_jax.pipeline.stage import StageProgram
 
 CFG = tiny_config("opt", num_layers=6)

@@ -14,6 +14,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dejavu_jax.config import ModelConfig
+from dejavu_jax.partition import balanced_ranges
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,17 +28,6 @@ class StagePlan:
 
   def layers(self, s: int) -> int:
     return self.ranges[s][1] - self.ranges[s][0]
-
-
-def balanced_ranges(num_layers: int, num_stages: int) -> tuple[tuple[int, int], ...]:
-  """Contiguous ranges whose sizes differ by at most one (earlier stages get the extra layer)."""
-  base, extra = divmod(num_layers, num_stages)
-  out, start = [], 0
-  for s in range(num_stages):
-    stop = start + base + (1 if s < extra else 0)
-    out.append((start, stop))
-    start = stop
-  return tuple(out)
 
 
 def plan_stages(cfg: ModelConfig, num_stages: int, ranges=None, tensor: int = 1,
