@@ -276,6 +276,9 @@ class PipelineEngine:
   def _recover(self, sched: Scheduler, dead: list[int], killed: dict, now) -> RecoveryEvent:
     detected = now()
     d = self.plan.num_stages
+    # A worker that died around this failure but is not yet silent long enough (the runtime
+    # already knows: a stopped thread, a dead actor) is recovered now too, not planned around.
+    dead = sorted(set(dead) | {s for s in range(d) if not self.runtime.alive(s)})
     self.epoch += 1
     for s in range(d):
       self.runtime.worker(s).set_epoch(self.epoch)
@@ -333,6 +336,12 @@ class PipelineEngine:
     failed = set()
     deadline = time.perf_counter() + self.serve_cfg.step_timeout_s
     while waiting and time.perf_counter() < deadline:
+      for (s, mb), r in list(waiting.items()):   # a holder or a replacement died meanwhile
+        src = r.sources[s]
+        if not self.runtime.alive(s) or (isinstance(src, api.ReplicaSource) and
+                                         not self.runtime.alive(src.holder)):
+          del waiting[(s, mb)]
+          failed.add(mb)
       for ev in api.drain(self.runtime.events, 0.05):
         if isinstance(ev, api.CacheLoaded):
           r = waiting.pop((ev.stage, ev.mb_id), None)

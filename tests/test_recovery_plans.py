@@ -1,0 +1,117 @@
+"""Recovery as plans, on the fake stage program (tokens computable by hand, steps in milliseconds):
+replica, snapshot and the fallback chain after single and adjacent-double failures, and a
+replication link that fails mid-run. Oracle: every request's tokens equal `fake_generate`."""
+
+import time
+
+import numpy as np
+import pytest
+
+from dejavu_jax.config import ServeConfig, tiny_config
+from dejavu_jax.costmodel import TableCostModel
+from dejavu_jax.fault.controller import FailureSpec
+from dejavu_jax.pipeline.fake import fake_generate
+from dejavu_jax.serving.engine import PipelineEngine
+from dejavu_jax.serving.workload import Request
+
+CFG = tiny_config("opt", num_layers=4, max_positions=128)
+
+
+def _workload(n=12, seed=0):
+  rng = np.random.default_rng(seed)
+  return [Request(i, 0.02 * i, tuple(int(t) for t in rng.integers(3, 128, int(rng.integers(2, 12)))),
+                  int(rng.integers(20, 40))) for i in range(n)]
+
+
+def _reference(reqs):
+  return {r.request_id: fake_generate(CFG, [r.prompt], r.max_new_tokens)[0] for r in reqs}
+
+
+def _serve(recovery, failures, stages=4, link_fault=None, snapshot_every=8):
+  # Paced: every stage step lasts 4 ms (token) / 8 ms (prompt), so the failures land mid-run.
+  cost = TableCostModel(CFG, prompt=0.008 * stages / 4, token=0.004 * stages / 4)
+  serve = ServeConfig(num_stages=stages, microbatch_size=3, max_len=64, heartbeat_s=0.03,
+                      heartbeat_timeout_s=0.3, recovery=recovery, program="fake",
+                      pacing="paced", snapshot_every=snapshot_every)
+  reqs = _workload()
+  with PipelineEngine(CFG, None, serve, cost_model=cost) as eng:
+    eng.warmup()
+    if link_fault is not None:
+      eng.runtime.inject_link_fault(*link_fault)
+    res = eng.serve(reqs, failures=failures)
+    # Frees travel behind the last steps in the inboxes: let the workers take them.
+    deadline = time.monotonic() + 5
+    while any(st.inbox for st in eng.worker_stats()) and time.monotonic() < deadline:
+      time.sleep(0.01)
+    stats = eng.worker_stats()
+  return reqs, res, stats
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("recovery,stage", [("replica", 1), ("replica", 0), ("replica", 3),
+                                            ("snapshot", 2), ("snapshot", 0),
+                                            ("restart", 1), ("reprefill", 3)])
+def test_single_failure_identical(recovery, stage):
+  reqs, res, stats = _serve(recovery, [FailureSpec(0.5, stage)])
+  assert res.tokens() == _reference(reqs)
+  (ev,) = res.recoveries
+  assert ev.stages == (stage,) and ev.lost_microbatches >= 1
+  if recovery in ("replica", "snapshot"):
+    # Restored from state; only a microbatch newer than its replica or snapshot is requeued.
+    assert ev.handled_by.get(recovery, 0) >= 1
+    assert ev.restored_microbatches == ev.handled_by[recovery]
+  assert sum(r.recomputed_tokens for r in res.records) == ev.recomputed_tokens
+  # Every microbatch left the pipeline: no worker still holds a cache.
+  assert all(st.cache_mb_ids == [] for st in stats), (
+      [(st.stage, st.cache_mb_ids) for st in stats], res.recoveries)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("stages,dead", [(4, (1, 2)), (3, (2, 0)), (2, (0, 1))])
+def test_adjacent_double_failure_falls_down_the_chain(stages, dead):
+  """Both stages die at once: the first one's replica lived on the second, so it cannot come
+  from a replica; the chain restores it from the snapshot instead."""
+  reqs, res, _ = _serve("replica,snapshot,reprefill", [FailureSpec(0.5, s) for s in dead], stages)
+  assert res.tokens() == _reference(reqs)
+  (ev,) = res.recoveries
+  assert set(ev.stages) == set(dead)
+  # Snapshots are taken every 8 steps of a worker; microbatches newer than the last complete
+  # one are re-prefilled.
+  assert set(ev.handled_by) <= {"snapshot", "reprefill"}
+
+
+@pytest.mark.timeout(120)
+def test_adjacent_double_without_snapshot_reprefills():
+  reqs, res, _ = _serve("replica,reprefill", [FailureSpec(0.5, 1), FailureSpec(0.5, 2)])
+  assert res.tokens() == _reference(reqs)
+  assert set(res.recoveries[0].handled_by) == {"reprefill"}
+
+
+@pytest.mark.timeout(120)
+def test_failures_in_turn_and_during_replacement():
+  reqs, res, _ = _serve("replica,snapshot,restart",
+                        [FailureSpec(0.3, 1), FailureSpec(0.45, 2), FailureSpec(0.7, 0)])
+  assert res.tokens() == _reference(reqs)
+  assert len(res.recoveries) >= 2
+
+
+@pytest.mark.timeout(120)
+def test_failed_replication_transfers_are_never_acknowledged():
+  """Stage 1's link to its replica fails for every transfer past step 6: what the replica really
+  holds stops there. Stage 1 then dies: recovery must resume from what landed (acknowledging a
+  failed transfer would restore a log with holes, and the fake model's tokens would differ)."""
+  reqs, res, stats = _serve("replica", [FailureSpec(0.6, 1)],
+                            link_fault=(1, lambda w: w.step > 6))
+  assert res.tokens() == _reference(reqs)
+  (ev,) = res.recoveries
+  assert ev.restored_microbatches >= 1
+  assert ev.recomputed_tokens > 0   # steps past 6 were not in the replica: generated again
+
+
+@pytest.mark.timeout(120)
+def test_dead_link_falls_back():
+  """No transfer of stage 1 ever lands: nothing is acknowledged, recovery falls back."""
+  reqs, res, _ = _serve("replica,reprefill", [FailureSpec(0.5, 1)],
+                        link_fault=(1, lambda w: True))
+  assert res.tokens() == _reference(reqs)
+  assert set(res.recoveries[0].handled_by) == {"reprefill"}
