@@ -111,3 +111,28 @@ def test_failure_at_missing_stage(params):
   with PipelineEngine(CFG, params, ServeConfig(num_stages=2, max_len=64)) as eng:
     with pytest.raises(ValueError, match="failure at stage 5, but the pipeline has stages 0..1"):
       eng.serve(_workload(2), failures=[FailureSpec(0.0, 5)])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("recovery,failures", [
+    ("snapshot", [FailureSpec(0.3, 1)]),
+    ("replica,snapshot,reprefill", [FailureSpec(0.3, 0), FailureSpec(0.3, 1)]),   # adjacent
+])
+def test_snapshot_and_chain_identical(params, recovery, failures):
+  """The real model: restored from orbax snapshots (and, when both neighbours die, replica
+  falls down the chain) with tokens equal to the plain greedy run."""
+  serve = ServeConfig(num_stages=2, microbatch_size=3, max_len=64, heartbeat_s=0.03,
+                      heartbeat_timeout_s=0.3, recovery=recovery, pacing="paced",
+                      snapshot_every=4)
+  from dejavu_jax.costmodel import TableCostModel  # pylint: disable=g-import-not-at-top
+  cost = TableCostModel(CFG, prompt=0.01, token=0.004)
+  reqs = _workload()
+  with PipelineEngine(CFG, params, serve, cost_model=cost) as eng:
+    eng.warmup()
+    res = eng.serve(reqs, failures=failures)
+  assert res.tokens() == greedy_references(CFG, params, reqs)
+  ev = res.recoveries[0]
+  assert set(ev.stages) == {f.stage for f in failures}
+  assert set(ev.handled_by) <= {"snapshot", "reprefill", "restart"}
+  assert ev.handled_by.get("snapshot", 0) >= 1

@@ -27,13 +27,14 @@ def _reference(reqs):
   return {r.request_id: fake_generate(CFG, [r.prompt], r.max_new_tokens)[0] for r in reqs}
 
 
-def _serve(recovery, failures, stages=4, link_fault=None, snapshot_every=8):
+def _serve(recovery, failures, stages=4, link_fault=None, snapshot_every=8, reqs=None,
+           max_len=64):
   # Paced: every stage step lasts 4 ms (token) / 8 ms (prompt), so the failures land mid-run.
   cost = TableCostModel(CFG, prompt=0.008 * stages / 4, token=0.004 * stages / 4)
-  serve = ServeConfig(num_stages=stages, microbatch_size=3, max_len=64, heartbeat_s=0.03,
+  serve = ServeConfig(num_stages=stages, microbatch_size=3, max_len=max_len, heartbeat_s=0.03,
                       heartbeat_timeout_s=0.3, recovery=recovery, program="fake",
                       pacing="paced", snapshot_every=snapshot_every)
-  reqs = _workload()
+  reqs = reqs or _workload()
   with PipelineEngine(CFG, None, serve, cost_model=cost) as eng:
     eng.warmup()
     if link_fault is not None:
@@ -98,14 +99,18 @@ def test_failures_in_turn_and_during_replacement():
 @pytest.mark.timeout(120)
 def test_failed_replication_transfers_are_never_acknowledged():
   """Stage 1's link to its replica fails for every transfer past step 6: what the replica really
-  holds stops there. Stage 1 then dies: recovery must resume from what landed (acknowledging a
-  failed transfer would restore a log with holes, and the fake model's tokens would differ)."""
-  reqs, res, stats = _serve("replica", [FailureSpec(0.6, 1)],
-                            link_fault=(1, lambda w: w.step > 6))
+  holds stops there. Stage 1 then dies with all four microbatches well past step 6. Recovery must
+  resume every one of them from what landed, at step 6. (Were a failed transfer acknowledged, the
+  plan would ask the replica for steps it does not hold: the holder refuses and the microbatch
+  falls back to a restart; without that check the log's holes would change the tokens.)"""
+  reqs = [Request(i, 0.0, (3 + i, 7, 11 + i), 90) for i in range(12)]   # 4 microbatches of 3
+  reqs, res, _ = _serve("replica", [FailureSpec(0.6, 1)], reqs=reqs, max_len=128,
+                        link_fault=(1, lambda w: w.step > 6))
   assert res.tokens() == _reference(reqs)
   (ev,) = res.recoveries
-  assert ev.restored_microbatches >= 1
-  assert ev.recomputed_tokens > 0   # steps past 6 were not in the replica: generated again
+  assert ev.handled_by == {"replica": 4}
+  # Every row resumed after step 6 while past it: each generates at least one token again.
+  assert ev.recomputed_tokens >= len(reqs)
 
 
 @pytest.mark.timeout(120)
