@@ -38,7 +38,11 @@ def get_config():
   # Fault tolerance: kill these stages at these times (seconds into the run); [] for none.
   c.fail_stages = (1,)
   c.fail_times = (4.0,)
-  c.recovery = "replica"            # "replica" (DéjàVu) | "restart" | "reprefill"
+  # "replica" (DéjàVu) | "restart" | "reprefill" | "snapshot", or a fallback chain such as
+  # "replica,snapshot,reprefill" (dejavu_jax/fault/strategies.py)
+  c.recovery = "replica"
+  c.snapshot_every = 8              # snapshot strategy: orbax snapshot every this many steps
+  c.program = "model"               # "model" | "fake" (hand-checkable arithmetic, for tests)
   c.heartbeat_s = 0.1
   c.heartbeat_timeout_s = 0.5       # the paper uses 1 s / 3 s
   return c

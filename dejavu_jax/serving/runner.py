@@ -43,7 +43,8 @@ def serve_config(c) -> ServeConfig:
   return ServeConfig(num_stages=c.num_stages, tensor=c.tensor, microbatch_size=c.microbatch_size,
                      max_len=c.max_len, mode=c.mode, pacing=c.pacing, seed=c.seed,
                      heartbeat_s=c.heartbeat_s, heartbeat_timeout_s=c.heartbeat_timeout_s,
-                     recovery=c.recovery)
+                     recovery=c.recovery, snapshot_every=c.snapshot_every,
+                     program=c.program)
 
 
 def _progress(log):
