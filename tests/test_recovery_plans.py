@@ -120,3 +120,16 @@ def test_dead_link_falls_back():
                         link_fault=(1, lambda w: True))
   assert res.tokens() == _reference(reqs)
   assert set(res.recoveries[0].handled_by) == {"reprefill"}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("recovery", ["replica", "snapshot"])
+def test_adjacent_double_failure_each_strategy_alone(recovery):
+  """Alone, a strategy restores what it can and the appended `restart` takes the rest."""
+  reqs, res, _ = _serve(recovery, [FailureSpec(0.5, 1), FailureSpec(0.5, 2)])
+  assert res.tokens() == _reference(reqs)
+  (ev,) = res.recoveries
+  assert set(ev.stages) == {1, 2}
+  assert set(ev.handled_by) <= {recovery, "restart"}
+  if recovery == "replica":   # stage 1's replica lived on stage 2: nothing can be resumed
+    assert set(ev.handled_by) == {"restart"}
