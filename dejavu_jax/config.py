@@ -181,6 +181,8 @@ class ServeConfig:
     step_timeout_s: a stage step that takes longer than this is an error (a hang fails fast).
     heartbeat_s, heartbeat_timeout_s: worker heartbeat period, and the silence after which the
       controller declares a worker dead (the paper: 1 s and 3 s).
+    progress_timeout_s: the progress watchdog: a stage that has work waiting and finishes no step
+      for this long is stalled, and is killed and replaced like a crashed one.
     recovery: what happens to in-flight work when a worker dies: a strategy or a fallback chain,
       "restart" | "reprefill" | "replica" | "snapshot" | e.g. "replica,snapshot,reprefill" (see
       dejavu_jax/fault/strategies.py).
@@ -205,6 +207,7 @@ class ServeConfig:
   step_timeout_s: float = 120.0
   heartbeat_s: float = 1.0
   heartbeat_timeout_s: float = 3.0
+  progress_timeout_s: float = 30.0
   recovery: str = "restart"
   snapshot_every: int = 8
   snapshot_dir: str | None = None
@@ -213,6 +216,8 @@ class ServeConfig:
   def __post_init__(self):
     if self.program not in ("model", "fake"):
       raise ValueError(f"unknown stage program {self.program!r}; expected 'model' or 'fake'")
+    if not self.progress_timeout_s > 0:
+      raise ValueError(f"progress_timeout_s must be > 0, got {self.progress_timeout_s}")
     if self.snapshot_every < 1:
       raise ValueError(f"snapshot_every must be >= 1, got {self.snapshot_every}")
     if self.heartbeat_timeout_s <= self.heartbeat_s:

@@ -28,12 +28,13 @@ def _reference(reqs):
 
 
 def _serve(recovery, failures, stages=4, link_fault=None, snapshot_every=8, reqs=None,
-           max_len=64):
+           max_len=64, progress_timeout_s=30.0):
   # Paced: every stage step lasts 4 ms (token) / 8 ms (prompt), so the failures land mid-run.
   cost = TableCostModel(CFG, prompt=0.008 * stages / 4, token=0.004 * stages / 4)
   serve = ServeConfig(num_stages=stages, microbatch_size=3, max_len=max_len, heartbeat_s=0.03,
                       heartbeat_timeout_s=0.3, recovery=recovery, program="fake",
-                      pacing="paced", snapshot_every=snapshot_every)
+                      pacing="paced", snapshot_every=snapshot_every,
+                      progress_timeout_s=progress_timeout_s)
   reqs = reqs or _workload()
   with PipelineEngine(CFG, None, serve, cost_model=cost) as eng:
     eng.warmup()

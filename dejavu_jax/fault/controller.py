@@ -2,8 +2,8 @@
 
 As in the paper, a worker is declared dead after `timeout_s` of heartbeat silence (1 s beats and a
 3 s timeout there; configurable here so tests and demos detect failures in a fraction of a
-second). Failures are injected by `FailureSpec`s: at `time_s` after serving starts, stage
-`stage`'s worker is killed (its thread stops, its params and KV caches are dropped).
+second). Failures are injected by `FailureSpec`s (fault/inject.py). A worker that lives but
+makes no progress (a stall) is caught by the engine's progress watchdog, not here.
 """
 
 from __future__ import annotations
@@ -11,11 +11,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
-
-@dataclasses.dataclass(frozen=True)
-class FailureSpec:
-  time_s: float     # seconds after serving starts
-  stage: int        # which stage's worker dies
+from dejavu_jax.fault.inject import FailureSpec  # noqa: F401  (re-exported)
 
 
 @dataclasses.dataclass

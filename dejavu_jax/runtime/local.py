@@ -116,6 +116,8 @@ class LocalWorker:
     self._steps_done = 0
     self._busy_s = 0.0
     self._overruns = 0
+    self._armed: tuple[int, str, float] | None = None   # (steps left, kind, stall_s)
+    self._stall_until = 0.0
     self._stop = threading.Event()
     self._thread = threading.Thread(target=self._loop, name=f"stage-{self.stage}", daemon=True)
     self._beat = threading.Thread(target=self._heartbeat, name=f"beat-{self.stage}",
@@ -156,6 +158,16 @@ class LocalWorker:
         live_device_bytes=(device_bytes(held) if held is not None else 0) +
         self._store.live_device_bytes(),
         cache_mb_ids=self._store.mb_ids(), inbox=self._inbox.qsize())
+
+  # ---- failure injection (the runtime's) ----
+  def arm(self, after_steps: int, kind: str, stall_s: float = 0.0) -> None:
+    """Crash (or stall for `stall_s`) right after `after_steps` more steps compute, before the
+    last one's output is handed on."""
+    self._armed = (after_steps, kind, stall_s)
+
+  def stall(self, seconds: float) -> None:
+    """Stop making progress for `seconds` while living (heartbeats go on)."""
+    self._stall_until = time.monotonic() + seconds
 
   # ---- life cycle (the runtime's) ----
   def start(self) -> "LocalWorker":
@@ -207,6 +219,8 @@ class LocalWorker:
       msg = self._inbox.get()
       if msg is None or self._stop.is_set():
         break
+      while time.monotonic() < self._stall_until and not self._stop.is_set():
+        time.sleep(min(0.01, max(0.0, self._stall_until - time.monotonic())))
       try:
         self._handle(msg)
       except BaseException as e:  # pylint: disable=broad-except
@@ -286,6 +300,16 @@ class LocalWorker:
     cache, out = fn(self._params, cache, program.to_stage(msg.x), msg.positions)
     self._store.put(msg.mb_id, cache)
     jax.block_until_ready(out)
+    if self._armed is not None:
+      left, kind, stall_s = self._armed
+      if left <= 1:
+        self._armed = None
+        if kind == "crash":
+          self.kill()
+        else:
+          self.stall(stall_s)
+      else:
+        self._armed = (left - 1, kind, stall_s)
     if self._stop.is_set():
       return   # killed during the step: a crash streams and reports nothing
     self._last_step[msg.mb_id] = msg.step
@@ -360,6 +384,13 @@ class LocalRuntime:
 
   def kill(self, stage: int) -> None:
     self._workers[stage].kill()
+
+  def stall(self, stage: int, seconds: float) -> None:
+    self._workers[stage].stall(seconds)
+
+  def arm(self, stage: int, after_steps: int, kind: str = "crash", stall_s: float = 0.0) -> None:
+    """Stage `stage`'s current worker fails right after `after_steps` more steps."""
+    self._workers[stage].arm(after_steps, kind, stall_s)
 
   def replace(self, stage: int) -> LocalWorker:
     """A fresh worker for `stage` (empty caches and replicas); the old one is stopped."""

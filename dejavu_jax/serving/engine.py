@@ -13,8 +13,11 @@ Bad requests (empty, token ids outside the vocabulary, prompt + new tokens longe
 context, a repeated request id) are rejected one by one with a message naming the problem; every
 request admitted before or after them still finishes.
 
-Failures: `serve(..., failures=[FailureSpec(t, s)])` kills stage s's worker at time t. The
-controller declares it dead after `heartbeat_timeout_s` of heartbeat silence; the engine then
+Failures: `serve(..., failures=[FailureSpec(t, s)])` kills stage s's worker at time t (or after
+a number of its steps, or during the next recovery; or stalls it: fault/inject.py). The
+controller declares a crashed worker dead after `heartbeat_timeout_s` of heartbeat silence; the
+progress watchdog declares a stage stalled when it has work waiting and finishes no step for
+`progress_timeout_s` (it is then killed). The engine then
 raises the epoch (queued steps of the lost work are dropped), replaces the dead workers (weights
 from host memory, or from an orbax checkpoint when `params_checkpoint` is given), asks the
 strategy chain for a plan and executes it: caches are loaded into the replacements from the
@@ -32,7 +35,8 @@ import jax
 import numpy as np
 
 from dejavu_jax.config import ModelConfig, ServeConfig
-from dejavu_jax.fault.controller import Controller, FailureSpec, RecoveryEvent
+from dejavu_jax.fault.controller import Controller, RecoveryEvent
+from dejavu_jax.fault.inject import FailureSpec
 from dejavu_jax.fault.strategies import FailureView, get_strategy
 from dejavu_jax.models.checkpoint import restore_params
 from dejavu_jax.models.decoder import param_shapes
@@ -158,7 +162,14 @@ class PipelineEngine:
       if not 0 <= f.stage < self.plan.num_stages:
         raise ValueError(f"failure at stage {f.stage}, but the pipeline has stages "
                          f"0..{self.plan.num_stages - 1}")
-    failures = sorted(failures, key=lambda f: f.time_s)
+    timed = sorted((f for f in failures if f.time_s is not None), key=lambda f: f.time_s)
+    self._during_recovery = [f for f in failures if f.during_recovery]
+    for f in failures:
+      if f.after_steps is not None:
+        if f.after_steps == 0:
+          timed.insert(0, dataclasses.replace(f, time_s=0.0, after_steps=None))
+        else:
+          self.runtime.arm(f.stage, f.after_steps, f.kind, f.stall_s)
     events: list[RecoveryEvent] = []
     killed: dict[int, float] = {}
     sched = self._sched = Scheduler(self.plan.num_stages, sc.microbatch_size, sc.mode,
@@ -173,15 +184,16 @@ class PipelineEngine:
     self._slot_free_at = {}
     nxt, finished = 0, 0
     self._last_progress = time.perf_counter()
+    self._killed = killed
+    self._waiting: dict[int, tuple[int, float]] = {}   # mb_id -> (stage it waits on, since)
+    self._stage_progress = {s: time.monotonic() for s in range(self.plan.num_stages)}
     try:
       while nxt < len(requests) or not sched.idle:
-        while failures and failures[0].time_s <= now():
-          f = failures.pop(0)
-          self.runtime.kill(f.stage)
-          killed[f.stage] = now()
+        while timed and timed[0].time_s <= now():
+          self._inject(timed.pop(0), now)
         for ev in api.drain(self.runtime.events, 0.0):   # heartbeats first, then judge silence
           finished += self._on_event(sched, ev)
-        dead = self.controller.dead_stages()
+        dead = sorted(set(self.controller.dead_stages()) | set(self._stalled()))
         if dead:
           events.append(self._recover(sched, dead, killed, now))
           self._last_progress = time.perf_counter()
@@ -226,6 +238,25 @@ class PipelineEngine:
     busy = [st.busy_s - getattr(stats0.get(st.worker_id), "busy_s", 0.0) for st in stats]
     return ServeResult(recs, rejected, summary, wall, busy, events)
 
+  # ---- failures ----
+  def _inject(self, f: FailureSpec, now) -> None:
+    self._killed[f.stage] = now()   # when the failure began (a stall is caught later)
+    if f.kind == "crash":
+      self.runtime.kill(f.stage)
+    else:
+      self.runtime.stall(f.stage, f.stall_s)
+
+  def _stalled(self) -> list[int]:
+    """The progress watchdog: stages with a step waiting on them that finished no step for
+    `progress_timeout_s` (alive, heartbeating, stuck). They are killed, to be replaced."""
+    t, limit = time.monotonic(), self.serve_cfg.progress_timeout_s
+    out = sorted({s for s, since in self._waiting.values()
+                  if t - max(since, self._stage_progress[s]) > limit})
+    for s in out:
+      self.runtime.kill(s)
+      self._killed.setdefault(s, time.perf_counter() - self._t0)
+    return out
+
   # ---- events ----
   def _on_event(self, sched: Scheduler, ev) -> int:
     """Handles one runtime event; returns the requests it finished."""
@@ -233,6 +264,14 @@ class PipelineEngine:
       self.controller.beat(ev.stage, ev.worker_id, ev.t)
     elif isinstance(ev, api.Progress):
       self._last_progress = time.perf_counter()
+      if ev.epoch == self.epoch and self.controller.current(ev.stage) is not None:
+        self._stage_progress[ev.stage] = time.monotonic()
+        if ev.mb_id in self._waiting:
+          nxt = ev.stage + 1
+          if nxt < self.plan.num_stages:
+            self._waiting[ev.mb_id] = (nxt, time.monotonic())
+          else:
+            del self._waiting[ev.mb_id]
     elif isinstance(ev, api.Ack):
       if self.controller.current(ev.holder) == ev.worker_id:   # a dead holder's acks are void
         self.strategy.observe(ev)
@@ -288,8 +327,12 @@ class PipelineEngine:
       w = self.runtime.replace(s)
       w.set_epoch(self.epoch)
       self.controller.watch(s, w.worker_id)
+      self._stage_progress[s] = time.monotonic()
+    self._waiting.clear()   # every in-flight microbatch is resumed or requeued below
     resumed, requeue, used = [], {}, {}
     todo = self.strategy.plan(view)
+    while self._during_recovery:   # injected: a failure while this recovery loads caches
+      self._inject(self._during_recovery.pop(0), now)
     while todo:
       index, plan = todo.pop(0)
       name = self.strategy.strategies[index].name
@@ -361,6 +404,7 @@ class PipelineEngine:
     positions[len(mb.requests):] = -1  # empty rows write nothing
     ready = max(self._slot_free_at.get(mb.slot, 0.0),
                 self._t0 + max(r.arrival for r in mb.requests))
+    self._waiting[mb.mb_id] = (0, time.monotonic())
     self.runtime.worker(0).submit(api.Step("prefill", mb.mb_id, 0, tokens, positions,
                                            len(mb.requests), mb.prompt_bucket_len, ready,
                                            self.epoch))
@@ -373,6 +417,7 @@ class PipelineEngine:
                  [self.cfg.pad_token_id] * (mb.batch - len(mb.generated)), np.int32)
     live = int((~mb.done).sum())
     # Sampling belongs to the last stage's step: the next step is ready when that one ended.
+    self._waiting[mb.mb_id] = (0, time.monotonic())
     self.runtime.worker(0).submit(api.Step("decode", mb.mb_id, mb.step, x, positions, live,
                                            int(positions.max()), ready_at, self.epoch))
 

@@ -1,0 +1,60 @@
+"""Failure injection: what can go wrong, when, and how the runtime is told to make it happen.
+
+A `FailureSpec` names a stage and one trigger:
+  time_s            seconds after serving starts (the engine's clock);
+  after_steps       right after that many more steps of the stage's worker (counted from when the
+                    spec is armed, at the start of `serve`): "fail at (stage, step)", independent
+                    of timing, so randomized campaigns are reproducible;
+  during_recovery   when the engine's next recovery starts loading caches: a failure of a
+                    survivor (e.g. the holder of the replica being restored) in the middle of a
+                    recovery.
+and a kind:
+  crash             the worker dies at once (runtime `kill`): its caches, replicas and queued
+                    work are lost; detected by heartbeat silence;
+  stall             the worker lives and heartbeats but makes no progress for `stall_s` seconds;
+                    detected by the engine's progress watchdog (`ServeConfig.progress_timeout_s`),
+                    which then kills and replaces it like a crash.
+Adjacent or close failures are several specs. A transport failure mid-stream is
+`LocalRuntime.inject_link_fault(stage, predicate)` (replication transfers fail where the
+predicate holds).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+
+@dataclasses.dataclass(frozen=True)
+class FailureSpec:
+  time_s: float | None = None       # seconds after serving starts
+  stage: int = 0                    # which stage's worker fails
+  after_steps: int | None = None    # ... or after this many more steps of that worker
+  during_recovery: bool = False     # ... or when the next recovery starts loading caches
+  kind: str = "crash"               # "crash" | "stall"
+  stall_s: float = 0.0              # how long a stall lasts
+
+  def __post_init__(self):
+    triggers = [self.time_s is not None, self.after_steps is not None, self.during_recovery]
+    if sum(triggers) != 1:
+      raise ValueError(f"failure of stage {self.stage}: give exactly one of time_s, after_steps, "
+                       "during_recovery")
+    if self.time_s is not None and (not isinstance(self.time_s, (int, float)) or
+                                    not math.isfinite(self.time_s) or self.time_s < 0):
+      raise ValueError(f"failure time_s must be a finite number >= 0, got {self.time_s!r}")
+    if self.after_steps is not None and (not isinstance(self.after_steps, int) or
+                                         self.after_steps < 0):
+      raise ValueError(f"failure after_steps must be an int >= 0, got {self.after_steps!r}")
+    if not isinstance(self.stage, int) or self.stage < 0:
+      raise ValueError(f"failure stage must be an int >= 0, got {self.stage!r}")
+    if self.kind not in ("crash", "stall"):
+      raise ValueError(f"unknown failure kind {self.kind!r}; expected 'crash' or 'stall'")
+    if self.kind == "stall" and not (math.isfinite(self.stall_s) and self.stall_s > 0):
+      raise ValueError(f"a stall needs stall_s > 0, got {self.stall_s!r}")
+
+  def describe(self) -> str:
+    when = (f"at {self.time_s:g} s" if self.time_s is not None else
+            f"after {self.after_steps} steps" if self.after_steps is not None else
+            "during a recovery")
+    what = "crash" if self.kind == "crash" else f"stall {self.stall_s:g} s"
+    return f"stage {self.stage} {what} {when}"
