@@ -388,6 +388,11 @@ class LocalRuntime:
   def stall(self, stage: int, seconds: float) -> None:
     self._workers[stage].stall(seconds)
 
+  def disarm(self) -> None:
+    """Cancels every injected failure that has not fired (the end of a run)."""
+    for w in self._workers:
+      w._armed = None  # pylint: disable=protected-access
+
   def arm(self, stage: int, after_steps: int, kind: str = "crash", stall_s: float = 0.0) -> None:
     """Stage `stage`'s current worker fails right after `after_steps` more steps."""
     self._workers[stage].arm(after_steps, kind, stall_s)

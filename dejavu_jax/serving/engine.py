@@ -224,6 +224,7 @@ class PipelineEngine:
                              f"heartbeats: {self.controller.silence()} s ago")
     finally:
       self._next_mb_id = sched.next_mb_id
+      self.runtime.disarm()   # an injected failure that did not fire must not outlive the run
     wall = now()
     recs = [_record(sched.states[i]) for i in sorted(sched.states)]
     summary = metrics_lib.summarize(recs, duration=wall)
