@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from dejavu_jax.fault.replication import ReplicaGap, ReplicaStore, ReplicationTap
-from dejavu_jax.kv.cache import init_cache, put_step
+from dejavu_jax.kv.cache import init_cache
 from dejavu_jax.kv.store import AllOnDevice, CacheStore, StoreFull
 
 
@@ -32,8 +32,11 @@ def test_all_on_device_pool_reuses_its_buffers():
 
 
 def _step_cache(cache, step, positions):
+  """The cache after a decode step that wrote step + 1 at `positions` [B] of every layer."""
+  rows, pos = jnp.arange(cache.batch), jnp.asarray(positions, jnp.int32)
   k = jnp.full((2, 3, 2, 4), float(step + 1))
-  return put_step(cache, jnp.asarray(positions, jnp.int32), k, -k)
+  return cache.replace(k=cache.k.at[:, rows, pos].set(k), v=cache.v.at[:, rows, pos].set(-k),
+                       lengths=jnp.maximum(cache.lengths, pos + 1))
 
 
 def test_replica_store_rejects_gaps_and_reads_only_what_it_holds():
