@@ -15,7 +15,7 @@ from dejavu_jax.models.convert import load_hf_checkpoint
 from tests import hf_util
 
 
-@pytest.mark.parametrize("family", ["opt", "gpt2"])
+@pytest.mark.parametrize("family", ["opt", "gpt2", "llama", "bloom"])
 def test_hf_to_orbax_roundtrip_bit_exact(tmp_path, family):
   cfg = tiny_config(family)
   model = hf_util.hf_model(cfg)
