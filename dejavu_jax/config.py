@@ -171,7 +171,7 @@ def _gpt2(name, layers, hidden, heads, **kw) -> ModelConfig:
 
 
 def _llama(name, layers, hidden, heads, kv_heads, ffn, vocab, positions, theta, tied, **kw):
-  # Llama-2 and SmolLM2 RMSNorm eps is 1e-5 as well (their config.json files).
+  # rms_norm_eps is 1e-5 in the Llama-2, Llama-3 and SmolLM2 config.json files.
   return ModelConfig(name=name, family="llama", num_layers=layers, hidden_size=hidden,
                      num_heads=heads, num_kv_heads=kv_heads, ffn_dim=ffn, vocab_size=vocab,
                      max_positions=positions, rope_theta=theta, tie_word_embeddings=tied,

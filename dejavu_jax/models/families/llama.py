@@ -34,8 +34,8 @@ def _rope_theta(hf: dict) -> float:
 
 def config_from_hf(hf: dict, name: str = "hf_llama") -> ModelConfig:
   """ModelConfig from a Llama config.json dict (also the dict the GGUF reader builds)."""
-  base.refuse(hf, "Llama", hidden_act="silu", attention_bias=False, mlp_bias=False,
-              pretraining_tp=1)
+  # pretraining_tp only changed how old transformers split the same products: no refusal.
+  base.refuse(hf, "Llama", hidden_act="silu", attention_bias=False, mlp_bias=False)
   d = base.field(hf, "hidden_size", "Llama")
   heads = base.field(hf, "num_attention_heads", "Llama")
   if hf.get("head_dim") is not None and hf["head_dim"] != d // heads:
