@@ -129,3 +129,15 @@ def test_every_family_builds_and_counts_its_params():
     count = sum(math.prod(s.shape) for s in jax.tree.leaves(param_shapes(cfg)))
     assert count == cfg.param_count(), fam
     assert isinstance(cfg, ModelConfig)
+
+
+def test_gqa_cache_host_log_and_byte_helpers_agree():
+  """The cache holds KV heads only, and the byte helpers count exactly the cache's bytes."""
+  from dejavu_jax import costmodel as cm  # pylint: disable=g-import-not-at-top
+  from dejavu_jax.kv.cache import init_cache_for  # pylint: disable=g-import-not-at-top
+  from dejavu_jax.stream import HostKVLog  # pylint: disable=g-import-not-at-top
+  cfg = tiny_config("llama", num_kv_heads=1)
+  cache = init_cache_for(cfg, 3, 2, 32)
+  assert cache.k.shape == (3, 2, 32, 1, cfg.head_dim)
+  assert cm.kv_bytes(cfg, 3, 2, 32) == cache.k.nbytes + cache.v.nbytes
+  assert HostKVLog.like(cache).kv.shape == (2, 3, 2, 32, 1, cfg.head_dim)

@@ -161,3 +161,30 @@ def test_engine_tokens_identical_to_single_device(family, stages, tensor):
   with PipelineEngine(cfg, params, serve) as eng:
     result = eng.serve(reqs)
   assert result.tokens() == greedy_references(cfg, params, reqs)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_replica_recovery_of_a_grouped_query_model():
+  """Stage 1 of a GQA Llama dies mid-serving; ring replication of its [.., Hkv, K] caches restores
+  it and every request still returns the failure-free greedy tokens."""
+  from dejavu_jax.costmodel import TableCostModel  # pylint: disable=g-import-not-at-top
+  from dejavu_jax.fault.controller import FailureSpec  # pylint: disable=g-import-not-at-top
+  from dejavu_jax.models import init_params  # pylint: disable=g-import-not-at-top
+  from dejavu_jax.serving.engine import PipelineEngine  # pylint: disable=g-import-not-at-top
+  from dejavu_jax.serving.workload import Request  # pylint: disable=g-import-not-at-top
+  from tests.serving_util import greedy_references  # pylint: disable=g-import-not-at-top
+  cfg = tiny_config("llama", num_kv_heads=1)
+  params = init_params(cfg, jax.random.key(0))
+  rng = np.random.default_rng(0)
+  reqs = [Request(i, 0.01 * i, tuple(int(t) for t in rng.integers(3, 128, int(rng.integers(2, 12)))),
+                  int(rng.integers(10, 30))) for i in range(8)]
+  serve = ServeConfig(num_stages=2, microbatch_size=3, max_len=64, heartbeat_s=0.02,
+                      heartbeat_timeout_s=0.1, recovery="replica", pacing="paced")
+  cost = TableCostModel(cfg, prompt=0.01, token=0.004)
+  with PipelineEngine(cfg, params, serve, cost_model=cost) as eng:
+    eng.warmup()
+    res = eng.serve(reqs, failures=[FailureSpec(0.3, 1)])
+  assert res.tokens() == greedy_references(cfg, params, reqs)
+  (ev,) = res.recoveries
+  assert ev.strategy == "replica" and ev.restored_microbatches >= 1
