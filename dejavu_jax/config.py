@@ -69,9 +69,9 @@ class ModelConfig:
     if self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads:
       raise ValueError(f"num_kv_heads {self.num_kv_heads} must be >= 1 and divide num_heads "
                        f"{self.num_heads}")
-    if self.pad_token_id is None or not 0 <= self.pad_token_id < self.vocab_size:
-      raise ValueError(f"pad_token_id {self.pad_token_id} must be an id in the vocabulary "
-                       f"[0, {self.vocab_size})")
+    # (Not checked against vocab_size: presets shrunk by overrides keep their special ids.)
+    if self.pad_token_id is None or self.pad_token_id < 0:
+      raise ValueError(f"pad_token_id must be a token id (int >= 0), got {self.pad_token_id!r}")
     if self.dtype not in _DTYPES:
       raise ValueError(f"unknown dtype {self.dtype!r}; expected one of {sorted(_DTYPES)}")
     if self.num_layers < 1:
