@@ -38,6 +38,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from absl import app, flags  # noqa: E402
+from transformers.initialization import no_init_weights  # noqa: E402
 
 from dejavu_jax.kv.cache import init_cache_for  # noqa: E402
 from dejavu_jax.models import gguf  # noqa: E402
@@ -109,12 +110,15 @@ def token_match(ours: np.ndarray, hf: np.ndarray, stop: int) -> float:
 
 def torch_model(hf_cfg: dict, tensors: dict):
   cfg = transformers.LlamaConfig(**{k: v for k, v in hf_cfg.items() if not k.startswith("_")})
-  model = transformers.LlamaForCausalLM(cfg).eval()
+  with no_init_weights():  # every weight is assigned below: skip the random init
+    model = transformers.LlamaForCausalLM(cfg).eval()
   missing, unexpected = model.load_state_dict(
-      {k: torch.from_numpy(np.array(v)) for k, v in tensors.items()}, strict=False)
+      {k: torch.from_numpy(np.array(v)) for k, v in tensors.items()}, strict=False, assign=True)
   if unexpected or set(missing) - {"lm_head.weight"}:
     raise RuntimeError(f"torch model: missing {missing}, unexpected {unexpected}")
   model.tie_weights()
+  if model.lm_head.weight is not model.model.embed_tokens.weight:
+    raise RuntimeError("torch model: LM head not tied to the embeddings")
   model.generation_config.eos_token_id = None  # both sides generate all new_tokens
   model.generation_config.pad_token_id = hf_cfg["pad_token_id"]
   return model
@@ -136,6 +140,7 @@ def main(argv):
     sides[b] = (Ours(cfg, params, prompts, new_tokens),
                 Torch(model, prompts, new_tokens, cfg.pad_token_id), prompts)
 
+  load_start = os.getloadavg()[0]
   rec = {b: {"ours": [], "hf": [], "match": []} for b in batches}
   sample = None
   for rnd in range(_RUNS.value + 1):  # round 0 warms up (and compiles); not recorded
@@ -143,8 +148,10 @@ def main(argv):
       ours, hf, prompts = sides[b]
       toks, total = ours.run()
       hf_toks, hf_total = hf.run()
-      if sample is None:
-        sample = {"prompt": texts[0], "ours": tok.decode(toks[0]), "hf": tok.decode(hf_toks[0])}
+      if sample is None:  # row 0's text up to its end of turn
+        row = list(toks[0])
+        row = row[:row.index(tok.eos_token_id)] if tok.eos_token_id in row else row
+        sample = {"prompt": texts[0], "ours": tok.decode(row)}
       if rnd:
         r = rec[b]
         r["ours"].append(total)
@@ -152,12 +159,14 @@ def main(argv):
         r["match"].append(token_match(toks, hf_toks, tok.eos_token_id))
         print(f"round {rnd} B={b}: ours {b * new_tokens / total:.1f} tok/s, torch "
               f"{b * new_tokens / hf_total:.1f} tok/s, match {r['match'][-1]:.3f}", flush=True)
-  print(f"sample: {sample['prompt']!r} -> ours {sample['ours'][:120]!r}")
+  print(f"sample: {sample['prompt']!r} -> {sample['ours']!r}")
 
   med = statistics.median
   result = {"model": cfg.name, "weights": "GGUF Q4_1 dequantized to float32 (both sides)",
             "new_tokens": new_tokens, "runs": _RUNS.value, "max_len": _MAX_LEN,
-            "xla_threads": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+            "xla_threads": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            # Other jobs share this machine's cores: the 1-minute load average before/after.
+            "load_avg_start": round(load_start, 2), "load_avg_end": round(os.getloadavg()[0], 2)}
   for b in batches:
     r = rec[b]
     ours_tps = med([b * new_tokens / t for t in r["ours"]])

@@ -23,10 +23,17 @@ KNOWN_IDS = {
     "<|im_start|>user\nHi<|im_end|>": [1, 4093, 198, 26843, 2],
 }
 
-# Greedy continuations (float32, our single-device path) of the first prompts of data/prompts.txt
-# through the chat template; stored from a run of `generate` (see test_greedy_golden).
+# Greedy continuations (float32, our single-device `generate`) of three prompts through the chat
+# template, stored from a run of it; transformers' greedy generate gives the same ids (checked by
+# hand for all of data/prompts.txt, 24 tokens). The first stops at <|im_end|> (id 2).
 GOLDEN_NEW_TOKENS = 12
-GOLDEN: dict[str, list[int]] = {}
+GOLDEN: dict[str, list[int]] = {
+    "What is the capital of France?": [504, 3575, 282, 4649, 314, 7042, 30, 2],
+    "Write a haiku about the sea.":
+        [504, 6147, 282, 260, 3426, 28, 253, 13879, 6122, 28, 198, 49],
+    "Give me three tips for staying focused while studying.":
+        [33, 30, 1903, 7143, 18900, 19064, 4253, 6993, 4335, 469, 1108, 7021],
+}
 
 
 @pytest.fixture(scope="module")
@@ -126,3 +133,77 @@ def test_chat_template(tok):
   prompts = tokenizer_lib.read_prompts()
   assert 4 <= len(prompts) <= 10 and all(p and not p.startswith("#") for p in prompts)
   assert tokenizer_lib.encode_prompts(tok, prompts[:1]) == [tok.encode_chat(prompts[0])]
+
+
+# ---- the model: ours vs transformers, stored greedy tokens, pipelines ----
+@pytest.fixture(scope="module")
+def model(loaded):
+  del loaded  # the same cached tensors
+  return gguf.load_smollm2("float32")
+
+
+def _prompt_ids(tok):
+  return [tok.encode_chat(p) for p in GOLDEN]
+
+
+@pytest.mark.slow
+def test_logits_match_transformers(loaded, model):
+  """Our Flax Llama and transformers' LlamaForCausalLM on the same dequantized tensors: the
+  prefill's last-position logits and one decode step's, per prompt of a mixed-length batch."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from dejavu_jax.kv.cache import init_cache_for  # pylint: disable=g-import-not-at-top
+  from dejavu_jax.models.generate import bucket_length, make_steps, pad_prompts  # pylint: disable=g-import-not-at-top
+  hf_cfg, tensors, tok = loaded
+  cfg, params, _ = model
+  ids = _prompt_ids(tok)
+  from transformers.initialization import no_init_weights  # pylint: disable=g-import-not-at-top
+  with no_init_weights():  # every weight is assigned below: skip the random init
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        **{k: v for k, v in hf_cfg.items() if not k.startswith("_")})).eval()
+  hf.load_state_dict({k: torch.from_numpy(v) for k, v in tensors.items()}, strict=False,
+                     assign=True)
+  hf.tie_weights()
+  assert hf.lm_head.weight is hf.model.embed_tokens.weight
+  # The shapes `generate` uses for these prompts and GOLDEN_NEW_TOKENS: the compile is shared.
+  longest = max(len(p) for p in ids)
+  max_len = bucket_length(longest + GOLDEN_NEW_TOKENS, cfg.max_positions)
+  prefill, decode = make_steps(cfg)
+  tokens, positions = pad_prompts(ids, bucket_length(longest, max_len), cfg.pad_token_id)
+  cache = init_cache_for(cfg, cfg.num_layers, len(ids), max_len)
+  cache, logits = prefill(params, cache, jnp.asarray(tokens), jnp.asarray(positions))
+  nxt = np.asarray(logits).argmax(-1).astype(np.int32)
+  _, logits2 = decode(params, cache, jnp.asarray(nxt), jnp.asarray([len(p) for p in ids], np.int32))
+  for i, p in enumerate(ids):
+    with torch.no_grad():
+      ref = hf(torch.tensor([p + [int(nxt[i])]])).logits[0, -2:].numpy()      # [2, V]
+    np.testing.assert_allclose(np.asarray(logits[i]), ref[0], atol=2e-3, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(logits2[i]), ref[1], atol=2e-3, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_greedy_golden(model):
+  """Our float32 greedy continuations are the stored ones (and read as sensible English)."""
+  from dejavu_jax.models.generate import generate  # pylint: disable=g-import-not-at-top
+  cfg, params, tok = model
+  out = generate(cfg, params, _prompt_ids(tok), GOLDEN_NEW_TOKENS)
+  assert out == list(GOLDEN.values())
+  assert "Paris" in tok.decode(out[0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("num_stages", [1, 2])
+def test_pipeline_reproduces_golden(model, num_stages):
+  """The pipeline engine (microbatches of 2: the three prompts in two microbatches in flight)
+  reproduces the stored tokens at depth 1 and 2; EOS stops a row as in `generate`."""
+  from dejavu_jax.serving import text  # pylint: disable=g-import-not-at-top
+  from dejavu_jax.serving.engine import PipelineEngine  # pylint: disable=g-import-not-at-top
+  cfg, params, tok = model
+  ids = _prompt_ids(tok)
+  serve = text.text_serve_config(tok, num_stages=num_stages, microbatch_size=2,
+                                 max_len=text.cache_length(ids, GOLDEN_NEW_TOKENS, 8192))
+  with PipelineEngine(cfg, params, serve) as engine:
+    completions = text.complete(engine, tok, list(GOLDEN), GOLDEN_NEW_TOKENS)
+  assert [list(c.token_ids) for c in completions] == list(GOLDEN.values())
+  assert completions[0].text == "The capital of France is Paris."

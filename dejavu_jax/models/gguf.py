@@ -185,7 +185,9 @@ def dequantize(tensor) -> np.ndarray:
   except NotImplementedError as e:
     raise ValueError(f"GGUF tensor {tensor.name!r}: {e}") from None
   shape = tuple(int(d) for d in reversed(tensor.shape))
-  return np.ascontiguousarray(arr, dtype=np.float32).reshape(shape)
+  arr = np.ascontiguousarray(arr, dtype=np.float32).reshape(shape)
+  # F32 tensors come back as views of the read-only memory map: own (and may write) the result.
+  return arr if arr.flags.writeable else arr.copy()
 
 
 def hf_tensors_from_gguf(reader, hf_cfg: dict) -> dict[str, np.ndarray]:
