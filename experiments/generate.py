@@ -24,27 +24,10 @@ _PROMPT = flags.DEFINE_multi_string("prompt", None, "prompt(s); overrides the co
 _OUTPUT = flags.DEFINE_string("output", "", "optional JSON-lines file of the completions")
 
 
-def run(c, prompts=None) -> list[text.Completion]:
-  """Loads the model, serves `prompts` (default: the config's) on the configured pipeline."""
-  from dejavu_jax.models.tokenizer import read_prompts  # pylint: disable=g-import-not-at-top
-  from dejavu_jax.serving.engine import PipelineEngine  # pylint: disable=g-import-not-at-top
-  if not prompts:
-    prompts = read_prompts(c.prompts_file) if c.prompts_file else [c.prompt]
-  cfg, params, tok = text.load_text_model(c.gguf, c.dtype)
-  system = c.system or None
-  ids = [tok.encode_chat(p, system) if c.chat else tok.encode(p) for p in prompts]
-  max_len = c.max_len or text.cache_length(ids, c.max_new_tokens, cfg.max_positions)
-  serve = text.text_serve_config(
-      tok, num_stages=c.num_stages, tensor=c.tensor, microbatch_size=c.microbatch_size,
-      max_len=max_len, temperature=c.temperature, top_k=c.top_k, top_p=c.top_p, seed=c.seed)
-  with PipelineEngine(cfg, params, serve) as engine:
-    return text.complete(engine, tok, prompts, c.max_new_tokens, chat=c.chat, system=system)
-
-
 def main(argv):
   del argv
   c = _CONFIG.value
-  completions = run(c, _PROMPT.value)
+  completions = text.run_config(c, _PROMPT.value)
   for comp in completions:
     print(f"\n>>> {comp.prompt}\n{comp.text}")
   if _OUTPUT.value:

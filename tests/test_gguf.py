@@ -194,16 +194,14 @@ def test_greedy_golden(model):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("num_stages", [1, 2])
-def test_pipeline_reproduces_golden(model, num_stages):
-  """The pipeline engine (microbatches of 2: the three prompts in two microbatches in flight)
-  reproduces the stored tokens at depth 1 and 2; EOS stops a row as in `generate`."""
+def test_pipeline_reproduces_golden(num_stages):
+  """experiments/generate.py's path (configs/generate.py -> text.run_config -> PipelineEngine,
+  microbatches of 2: the three prompts in two microbatches in flight) reproduces the stored
+  tokens at depth 1 and 2; EOS stops a row as in `generate`."""
+  from configs import generate as generate_config  # pylint: disable=g-import-not-at-top
   from dejavu_jax.serving import text  # pylint: disable=g-import-not-at-top
-  from dejavu_jax.serving.engine import PipelineEngine  # pylint: disable=g-import-not-at-top
-  cfg, params, tok = model
-  ids = _prompt_ids(tok)
-  serve = text.text_serve_config(tok, num_stages=num_stages, microbatch_size=2,
-                                 max_len=text.cache_length(ids, GOLDEN_NEW_TOKENS, 8192))
-  with PipelineEngine(cfg, params, serve) as engine:
-    completions = text.complete(engine, tok, list(GOLDEN), GOLDEN_NEW_TOKENS)
-  assert [list(c.token_ids) for c in completions] == list(GOLDEN.values())
+  c = generate_config.get_config()
+  c.num_stages, c.microbatch_size, c.max_new_tokens = num_stages, 2, GOLDEN_NEW_TOKENS
+  completions = text.run_config(c, list(GOLDEN))
+  assert [list(x.token_ids) for x in completions] == list(GOLDEN.values())
   assert completions[0].text == "The capital of France is Paris."

@@ -235,10 +235,11 @@ def load_gguf(path: str | None = None) -> tuple[dict, dict[str, np.ndarray], GGU
   return hf_cfg, tensors, tokenizer_from_gguf(meta)
 
 
+@functools.lru_cache(maxsize=2)
 def load_llama_gguf(path: str | None = None, dtype: str = "float32", name: str | None = None):
   """(ModelConfig, params, tokenizer): a llama GGUF file as this project's Flax Llama (the
   `llama` family's Hugging Face converter, shape-checked and cast to `dtype`); default: the
-  packaged SmolLM2-135M-Instruct."""
+  packaged SmolLM2-135M-Instruct. Cached per arguments (params are immutable jax arrays)."""
   from dejavu_jax.models import convert  # pylint: disable=g-import-not-at-top
   from dejavu_jax.models.families import llama  # pylint: disable=g-import-not-at-top
   hf_cfg, tensors, tok = load_gguf(path)

@@ -6,8 +6,9 @@ served by the pipeline engine at any depth.
       for c in complete(engine, tok, ["What is the capital of France?"], max_new_tokens=32):
         print(c.prompt, "->", c.text)
 
-`experiments/generate.py` is the command-line front end; the README main job uses `read_prompts`
-and `encode_prompts` (models/tokenizer.py) with the same model.
+`run_config` serves the prompts of a `configs/generate.py` config (what `experiments/generate.py`,
+the command-line front end, calls); the README main job uses `read_prompts` and `encode_prompts`
+(models/tokenizer.py) with the same model.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Sequence
 from dejavu_jax.config import ServeConfig
 from dejavu_jax.models import gguf
 from dejavu_jax.models.generate import bucket_length
-from dejavu_jax.models.tokenizer import GGUFTokenizer, encode_prompts
+from dejavu_jax.models.tokenizer import GGUFTokenizer, encode_prompts, read_prompts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,3 +56,20 @@ def complete(engine, tok: GGUFTokenizer, prompts: Sequence[str], max_new_tokens:
   ids = encode_prompts(tok, prompts, chat=chat, system=system)
   outs = engine.generate(ids, max_new_tokens)
   return [Completion(p, tuple(i), tuple(o), tok.decode(o)) for p, i, o in zip(prompts, ids, outs)]
+
+
+def run_config(c, prompts: Sequence[str] | None = None) -> list[Completion]:
+  """Loads the model of config `c` (configs/generate.py) and serves `prompts` (default: the
+  config's `prompts_file`, else its `prompt`) on the configured pipeline."""
+  from dejavu_jax.serving.engine import PipelineEngine  # pylint: disable=g-import-not-at-top
+  if not prompts:
+    prompts = read_prompts(c.prompts_file) if c.prompts_file else [c.prompt]
+  cfg, params, tok = load_text_model(c.gguf, c.dtype)
+  system = c.system or None
+  ids = encode_prompts(tok, prompts, chat=c.chat, system=system)
+  max_len = c.max_len or cache_length(ids, c.max_new_tokens, cfg.max_positions)
+  serve = text_serve_config(
+      tok, num_stages=c.num_stages, tensor=c.tensor, microbatch_size=c.microbatch_size,
+      max_len=max_len, temperature=c.temperature, top_k=c.top_k, top_p=c.top_p, seed=c.seed)
+  with PipelineEngine(cfg, params, serve) as engine:
+    return complete(engine, tok, prompts, c.max_new_tokens, chat=c.chat, system=system)
