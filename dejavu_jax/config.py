@@ -36,6 +36,9 @@ class ModelConfig:
       is [L, B, S, num_kv_heads, K].
     tie_word_embeddings: the LM head is the token embedding (else a separate `lm_head`).
     rope_theta: RoPE base (families with rotary positions).
+    rope_scaling: None (plain RoPE) or sorted (key, value) pairs of a frequency rescaling, as
+      Hugging Face's rope_parameters name them: rope_type "linear" (factor) or "llama3" (factor,
+      low_freq_factor, high_freq_factor, original_max_position_embeddings; Llama-3.1 and later).
     attn_scale: attention score scale; None means 1/sqrt(head_dim) (GPT-2's
       scale_attn_weights=False is 1.0).
   """
@@ -58,6 +61,7 @@ class ModelConfig:
   tie_word_embeddings: bool = True
   rope_theta: float = 10000.0
   attn_scale: float | None = None
+  rope_scaling: tuple[tuple[str, float | str], ...] | None = None
 
   def __post_init__(self):
     self.family_spec  # pylint: disable=pointless-statement  # a ValueError names unknown families

@@ -13,6 +13,13 @@ def hf_class(cfg: ModelConfig):
   return getattr(transformers, HF_CLASSES[cfg.family])
 
 
+def _rope_parameters(cfg: ModelConfig) -> dict:
+  params = {"rope_type": "default"}
+  for k, v in cfg.rope_scaling or ():
+    params[k] = int(v) if k == "original_max_position_embeddings" else v
+  return {**params, "rope_theta": cfg.rope_theta}
+
+
 def hf_config(cfg: ModelConfig):
   tied = cfg.tie_word_embeddings
   if cfg.family == "opt":
@@ -30,7 +37,7 @@ def hf_config(cfg: ModelConfig):
         num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
         num_key_value_heads=cfg.num_kv_heads, max_position_embeddings=cfg.max_positions,
         rms_norm_eps=cfg.layer_norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        rope_parameters=_rope_parameters(cfg),
         tie_word_embeddings=tied, pad_token_id=cfg.pad_token_id, eos_token_id=cfg.eos_token_id,
         bos_token_id=1)
   if cfg.family == "bloom":

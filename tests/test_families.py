@@ -53,8 +53,18 @@ def test_llama_config_from_hf_both_rope_spellings_and_refusals():
   v5 = {k: v for k, v in SMOLLM_STYLE.items() if k != "rope_theta"}
   v5["rope_parameters"] = {"rope_type": "default", "rope_theta": 100000.0}
   assert llama.config_from_hf(v5, name="smol") == cfg
-  with pytest.raises(ValueError, match="rope_type='llama3'"):
+  with pytest.raises(ValueError, match="rope_type='yarn' is not supported"):
+    llama.config_from_hf({**SMOLLM_STYLE, "rope_scaling": {"rope_type": "yarn", "factor": 8.0}})
+  with pytest.raises(ValueError, match="llama3 RoPE scaling lacks the field 'low_freq_factor'"):
     llama.config_from_hf({**SMOLLM_STYLE, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
+  # Llama-3.1's transformers-4 spelling: "rope_scaling" next to a top-level rope_theta.
+  l31 = llama.config_from_hf({**SMOLLM_STYLE, "rope_scaling": {
+      "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+      "original_max_position_embeddings": 8192}})
+  assert dict(l31.rope_scaling) == {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                    "high_freq_factor": 4.0,
+                                    "original_max_position_embeddings": 8192.0}
+  assert l31.rope_theta == 1e5
   with pytest.raises(ValueError, match="attention_bias=True is not supported"):
     llama.config_from_hf({**SMOLLM_STYLE, "attention_bias": True})
   with pytest.raises(ValueError, match="lacks the required field 'num_hidden_layers'"):
@@ -81,10 +91,16 @@ def test_alibi_slopes_equal_transformers(heads):
                              _get_alibi_slopes(heads, "cpu").numpy(), rtol=1e-6, atol=0)
 
 
-def test_rope_equals_transformers():
+LLAMA3_SCALING = (("factor", 8.0), ("high_freq_factor", 4.0), ("low_freq_factor", 1.0),
+                  ("original_max_position_embeddings", 32.0), ("rope_type", "llama3"))
+
+
+@pytest.mark.parametrize("scaling", [None, (("factor", 4.0), ("rope_type", "linear")),
+                                     LLAMA3_SCALING], ids=["plain", "linear", "llama3"])
+def test_rope_equals_transformers(scaling):
   import transformers  # pylint: disable=g-import-not-at-top
   from transformers.models.llama import modeling_llama as ml  # pylint: disable=g-import-not-at-top
-  cfg = tiny_config("llama", rope_theta=500000.0)
+  cfg = tiny_config("llama", rope_theta=500000.0, rope_scaling=scaling)
   hf = hf_util.hf_config(cfg)
   assert isinstance(hf, transformers.LlamaConfig)
   rng = np.random.default_rng(0)
@@ -92,7 +108,7 @@ def test_rope_equals_transformers():
   pos = np.stack([np.arange(7), np.arange(40, 47)]).astype(np.int32)
   cos, sin = ml.LlamaRotaryEmbedding(hf)(torch.tensor(x), torch.tensor(pos, dtype=torch.long))
   want, _ = ml.apply_rotary_pos_emb(torch.tensor(x), torch.tensor(x), cos, sin, unsqueeze_dim=2)
-  got = positions_lib.rope(x, pos, cfg.rope_theta)
+  got = positions_lib.rope(x, pos, cfg.rope_theta, cfg.rope_scaling)
   np.testing.assert_allclose(np.asarray(got), want.numpy(), atol=1e-5, rtol=0)
 
 

@@ -22,6 +22,11 @@ CONFIGS = {
     "llama_kv2": tiny_config("llama"),                                    # 2 queries per KV head
     "llama_kv1": tiny_config("llama", num_kv_heads=1),                    # multi-query
     "llama_tied": tiny_config("llama", tie_word_embeddings=True, rope_theta=1e5),  # SmolLM2-like
+    # Llama-3.1's RoPE scaling; with K = 16 and an original context of 32 positions the
+    # frequencies fall in all three bands (kept, interpolated, divided by the factor).
+    "llama3_rope": tiny_config("llama", rope_scaling=(
+        ("factor", 8.0), ("high_freq_factor", 4.0), ("low_freq_factor", 1.0),
+        ("original_max_position_embeddings", 32.0), ("rope_type", "llama3"))),
     "bloom": tiny_config("bloom"),
     # 6 heads: ALiBi's slopes for a head count that is not a power of two.
     "bloom_6heads": tiny_config("bloom", hidden_size=48, num_heads=6, ffn_dim=192),

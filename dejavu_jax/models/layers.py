@@ -126,8 +126,8 @@ class Attention(nn.Module):
     k = _dense(cfg, hkv * kd, "k_proj")(x).reshape(b, t, hkv, kd)              # [B, T, Hkv, K]
     v = _dense(cfg, hkv * kd, "v_proj")(x).reshape(b, t, hkv, kd)
     if fam.positions == "rope":
-      q = positions_lib.rope(q, positions, cfg.rope_theta)
-      k = positions_lib.rope(k, positions, cfg.rope_theta)
+      q = positions_lib.rope(q, positions, cfg.rope_theta, cfg.rope_scaling)
+      k = positions_lib.rope(k, positions, cfg.rope_theta, cfg.rope_scaling)
     k_all, v_all = write_kv(k_all, v_all, layer, k, v, positions)
     slopes = positions_lib.alibi_slopes(h) if fam.positions == "alibi" else None
     scale = kd**-0.5 if cfg.attn_scale is None else cfg.attn_scale

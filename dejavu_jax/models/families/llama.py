@@ -1,5 +1,6 @@
-"""Llama (Llama-2/3 layout, SmolLM2): RMSNorm, SwiGLU MLP, RoPE on q/k, grouped-query attention,
-no biases, tied or untied LM head; Hugging Face `LlamaForCausalLM` config and weight names.
+"""Llama (Llama-2/3 layout, SmolLM2): RMSNorm, SwiGLU MLP, RoPE on q/k (plain, or Llama-3.1's
+"llama3" / "linear" frequency scaling), grouped-query attention, no biases, tied or untied LM
+head; Hugging Face `LlamaForCausalLM` config and weight names.
 
 Two entry points also serve other sources of Llama weights (the GGUF reader maps its tensors to
 these Hugging Face names first):
@@ -21,15 +22,27 @@ from dejavu_jax.config import ModelConfig
 from dejavu_jax.models.families import base
 
 
-def _rope_theta(hf: dict) -> float:
-  """RoPE base from `rope_theta` (transformers < 5) or `rope_parameters` (>= 5); only the
-  unscaled ("default") RoPE is implemented."""
-  rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+_SCALING_KEYS = {"linear": ("factor",),
+                 "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                            "original_max_position_embeddings")}
+
+
+def _rope(hf: dict) -> dict:
+  """rope_theta and rope_scaling for ModelConfig, from `rope_theta` + `rope_scaling`
+  (transformers < 5) or `rope_parameters` (>= 5). Plain, "linear" and "llama3" RoPE only."""
+  rope = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
   kind = rope.get("rope_type", rope.get("type", "default"))
-  if kind != "default":
-    raise ValueError(f"Llama config field rope_type={kind!r} (RoPE scaling) is not supported "
-                     "(only the default, unscaled RoPE)")
-  return float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+  theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+  if kind == "default":
+    return {"rope_theta": theta}
+  if kind not in _SCALING_KEYS:
+    raise ValueError(f"Llama config field rope_type={kind!r} is not supported (only "
+                     f"'default', {', '.join(repr(k) for k in _SCALING_KEYS)})")
+  missing = [k for k in _SCALING_KEYS[kind] if rope.get(k) is None]
+  if missing:
+    raise ValueError(f"Llama config's {kind} RoPE scaling lacks the field {missing[0]!r}")
+  scaling = {k: float(rope[k]) for k in _SCALING_KEYS[kind]}
+  return {"rope_theta": theta, "rope_scaling": tuple(sorted({**scaling, "rope_type": kind}.items()))}
 
 
 def config_from_hf(hf: dict, name: str = "hf_llama") -> ModelConfig:
@@ -47,7 +60,7 @@ def config_from_hf(hf: dict, name: str = "hf_llama") -> ModelConfig:
       ffn_dim=base.field(hf, "intermediate_size", "Llama"),
       vocab_size=base.field(hf, "vocab_size", "Llama"),
       max_positions=base.field(hf, "max_position_embeddings", "Llama"),
-      layer_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=_rope_theta(hf),
+      layer_norm_eps=hf.get("rms_norm_eps", 1e-6), **_rope(hf),
       # LlamaConfig's default is untied (Llama-2/3); SmolLM2 ties.
       tie_word_embeddings=hf.get("tie_word_embeddings", False), **base.special_ids(hf, 2))
 
