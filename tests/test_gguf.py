@@ -77,6 +77,10 @@ def test_hf_config_from_metadata():
   assert cfg["num_hidden_layers"] == 2 and cfg["num_key_value_heads"] == 2
   assert cfg["head_dim"] == 4 and cfg["rope_theta"] == 10000.0
   assert cfg["rms_norm_eps"] == 1e-6     # the float32 value, given back as the decimal it was
+  assert "tie_word_embeddings" not in cfg
+  assert gguf.hf_config_from_gguf(_meta(), ["token_embd.weight"])["tie_word_embeddings"]
+  assert not gguf.hf_config_from_gguf(_meta(), ["token_embd.weight", "output.weight"])[
+      "tie_word_embeddings"]
 
 
 @pytest.mark.parametrize("kw,match", [

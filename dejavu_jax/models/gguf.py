@@ -28,7 +28,7 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import os
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -109,9 +109,11 @@ def _f32(x: float) -> float:
   return float(np.format_float_positional(np.float32(x), unique=True, trim="-"))
 
 
-def hf_config_from_gguf(meta: dict) -> dict[str, Any]:
+def hf_config_from_gguf(meta: dict, tensor_names: Iterable[str] | None = None) -> dict[str, Any]:
   """A Hugging Face LlamaConfig-style dict (config.json keys) from GGUF metadata.
 
+  `tensor_names` (the file's tensor names) decides `tie_word_embeddings`: llama.cpp omits
+  `output.weight` when the head is the embedding; without them the key is left out.
   Only `general.architecture == "llama"` with plain RoPE over the whole head is accepted; other
   layouts are a ValueError naming the key."""
   arch = _require(meta, "general.architecture")
@@ -148,12 +150,13 @@ def hf_config_from_gguf(meta: dict) -> dict[str, Any]:
       "hidden_act": "silu",
       "attention_bias": False,
       "mlp_bias": False,
-      "tie_word_embeddings": None,   # set by hf_tensors_from_gguf's caller from the tensors
       "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
       "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
       "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
       "torch_dtype": "float32",
   }
+  if tensor_names is not None:
+    cfg["tie_word_embeddings"] = "output.weight" not in set(tensor_names)
   return cfg
 
 
@@ -204,7 +207,7 @@ def hf_tensors_from_gguf(reader, hf_cfg: dict) -> dict[str, np.ndarray]:
       hf = _GLOBAL_NAMES[name]
     elif name.startswith("blk."):
       _, idx, rest = name.split(".", 2)
-      if rest not in _TENSOR_NAMES:
+      if rest not in _TENSOR_NAMES or not idx.isdigit():
         raise ValueError(f"GGUF tensor {name!r} has no Hugging Face Llama counterpart")
       if int(idx) >= layers:
         raise ValueError(f"GGUF tensor {name!r} is beyond the {layers} layers of the metadata")
@@ -224,13 +227,12 @@ def hf_tensors_from_gguf(reader, hf_cfg: dict) -> dict[str, np.ndarray]:
 def load_gguf(path: str | None = None) -> tuple[dict, dict[str, np.ndarray], GGUFTokenizer]:
   """(HF config dict, HF-named float32 tensors, tokenizer) of a llama GGUF file; default: the
   packaged SmolLM2-135M-Instruct. Cached per path (the tensors are ~0.5 GB in float32): treat
-  the returned arrays as read-only."""
+  the returned dict and arrays as read-only."""
   path = smollm2_path() if path is None else path
   reader = open_gguf(path)
   meta = read_metadata(reader)
-  hf_cfg = hf_config_from_gguf(meta)
+  hf_cfg = hf_config_from_gguf(meta, [t.name for t in reader.tensors])
   tensors = hf_tensors_from_gguf(reader, hf_cfg)
-  hf_cfg["tie_word_embeddings"] = "lm_head.weight" not in tensors
   hf_cfg["_name_or_path"] = os.path.basename(path)
   return hf_cfg, tensors, tokenizer_from_gguf(meta)
 
