@@ -140,7 +140,7 @@ def step_bytes(cfg, params, batch: int, prompt_len: int, new_tokens: int) -> tup
   weights -= params["embed_positions"]["embedding"].nbytes
   # The step at position p reads keys and values 0..p of every layer (p written by itself).
   valid = np.mean([p + 1 for p in range(prompt_len, prompt_len + new_tokens - 1)])
-  per_token = 2 * cfg.num_layers * cfg.num_heads * cfg.head_dim * cfg.dtype_bytes
+  per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * cfg.dtype_bytes
   return weights, float(batch * valid * per_token)
 
 

@@ -64,7 +64,7 @@ def random_cache(cfg, layers: int, batch: int, max_len: int, length: int) -> KVC
 
 
 def log_for(cfg, layers, batch, max_len, base=0) -> HostKVLog:
-  log = HostKVLog(layers, batch, max_len, cfg.num_heads, cfg.head_dim, cfg.jnp_dtype,
+  log = HostKVLog(layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim, cfg.jnp_dtype,
                   layer_base=base)
   log.kv.fill(0)   # Touch every page now, so no run pays the first-touch page faults.
   return log

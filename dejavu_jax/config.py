@@ -1,7 +1,10 @@
-"""Frozen model configurations and the presets of every public OPT and GPT-2 size.
+"""Frozen model configurations, the presets of public OPT, GPT-2, Llama, SmolLM2 and BLOOM sizes,
+and ServeConfig.
 
 A `ModelConfig` is static (hashable): it is closed over by jitted step functions, so changing
-one recompiles. Everything that varies per request (lengths, positions) is a traced array.
+one recompiles. Everything that varies per request (lengths, positions) is a traced array. What a
+family means (norm, activation, positions, biases) lives in `models/families/`; the parameter
+counts here read it from there.
 """
 
 from __future__ import annotations
@@ -16,17 +19,28 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """Architecture of a decoder-only transformer of the OPT or GPT-2 family.
+  """Architecture of a decoder-only transformer of a registered family.
 
   Attributes:
-    family: "opt" or "gpt2" ("bloom" exists for sizing only: cost model and planner).
+    family: a name in the family registry ("opt", "gpt2", "llama", "bloom").
     num_layers, hidden_size, num_heads, ffn_dim, vocab_size: the usual sizes.
-    max_positions: number of learned positions (prompt + generated tokens must fit).
+    max_positions: context length (learned positions: rows of the table; RoPE and ALiBi: the
+      longest context the cache may hold). Prompt + generated tokens must fit.
     word_embed_proj_dim: OPT-350M embeds in 512 and projects to/from hidden_size.
     pre_layer_norm: False for OPT-350M (post-LayerNorm blocks and no final norm).
-    layer_norm_eps: LayerNorm epsilon (1e-5 for both families).
+    layer_norm_eps: LayerNorm or RMSNorm epsilon.
     dtype: parameter and compute dtype name ("float32", "bfloat16", "float16").
-    eos_token_id, pad_token_id: special ids (OPT: 2 and 1; GPT-2: 50256 for both).
+    eos_token_id: stop token (None: the model has none); pad_token_id: fills padding (never
+      attended, so any id in the vocabulary is sound).
+    num_kv_heads: key/value heads (grouped-query attention); None means num_heads. The KV cache
+      is [L, B, S, num_kv_heads, K].
+    tie_word_embeddings: the LM head is the token embedding (else a separate `lm_head`).
+    rope_theta: RoPE base (families with rotary positions).
+    rope_scaling: None (plain RoPE) or sorted (key, value) pairs of a frequency rescaling, as
+      Hugging Face's rope_parameters name them: rope_type "linear" (factor) or "llama3" (factor,
+      low_freq_factor, high_freq_factor, original_max_position_embeddings; Llama-3.1 and later).
+    attn_scale: attention score scale; None means 1/sqrt(head_dim) (GPT-2's
+      scale_attn_weights=False is 1.0).
   """
 
   name: str
@@ -41,19 +55,37 @@ class ModelConfig:
   pre_layer_norm: bool = True
   layer_norm_eps: float = 1e-5
   dtype: str = "float32"
-  eos_token_id: int = 2
+  eos_token_id: int | None = 2
   pad_token_id: int = 1
+  num_kv_heads: int | None = None
+  tie_word_embeddings: bool = True
+  rope_theta: float = 10000.0
+  attn_scale: float | None = None
+  rope_scaling: tuple[tuple[str, float | str], ...] | None = None
 
   def __post_init__(self):
-    if self.family not in ("opt", "gpt2", "bloom"):
-      raise ValueError(f"unknown model family {self.family!r}; expected 'opt', 'gpt2' or 'bloom'")
+    self.family_spec  # pylint: disable=pointless-statement  # a ValueError names unknown families
     if self.hidden_size % self.num_heads:
       raise ValueError(
           f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+    if self.num_kv_heads is None:
+      object.__setattr__(self, "num_kv_heads", self.num_heads)
+    if self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads:
+      raise ValueError(f"num_kv_heads {self.num_kv_heads} must be >= 1 and divide num_heads "
+                       f"{self.num_heads}")
+    # (Not checked against vocab_size: presets shrunk by overrides keep their special ids.)
+    if self.pad_token_id is None or self.pad_token_id < 0:
+      raise ValueError(f"pad_token_id must be a token id (int >= 0), got {self.pad_token_id!r}")
     if self.dtype not in _DTYPES:
       raise ValueError(f"unknown dtype {self.dtype!r}; expected one of {sorted(_DTYPES)}")
     if self.num_layers < 1:
       raise ValueError(f"num_layers must be >= 1, got {self.num_layers}")
+
+  @property
+  def family_spec(self):
+    """The `models.families.base.Family` record of this config's family."""
+    from dejavu_jax.models import families  # pylint: disable=g-import-not-at-top
+    return families.get(self.family)
 
   @property
   def head_dim(self) -> int:
@@ -77,25 +109,46 @@ class ModelConfig:
     return self.pre_layer_norm
 
   def replace(self, **kw) -> "ModelConfig":
+    # A multi-head config (num_kv_heads == num_heads) stays multi-head when num_heads changes.
+    if "num_heads" in kw and "num_kv_heads" not in kw and self.num_kv_heads == self.num_heads:
+      kw["num_kv_heads"] = None
     return dataclasses.replace(self, **kw)
 
   # ---- sizes used by the KV cache, the cost model and the planner ----
-  def layer_param_count(self) -> int:
-    """Parameters of one decoder layer (attention + MLP + two LayerNorms)."""
+  def layer_matmul_params(self) -> int:
+    """Weights of one layer's matrix products (q, k, v, out and the MLP projections)."""
     d, f = self.hidden_size, self.ffn_dim
-    return 4 * d * d + 4 * d + 2 * d * f + f + d + 4 * d
+    q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+    return 2 * d * q + 2 * d * kv + (3 if self.family_spec.gated_mlp else 2) * d * f
+
+  def _norm_params(self) -> int:
+    return self.hidden_size * (1 if self.family_spec.norm == "rmsnorm" else 2)
+
+  def layer_param_count(self) -> int:
+    """Parameters of one decoder layer (attention + MLP + two norms)."""
+    fam = self.family_spec
+    d, f = self.hidden_size, self.ffn_dim
+    n = self.layer_matmul_params() + 2 * self._norm_params()
+    if fam.bias:
+      q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+      n += q + 2 * kv + d + (2 * f if fam.gated_mlp else f) + d
+    return n
 
   def embed_param_count(self) -> int:
-    """Token + position embeddings, OPT-350M projections and the final norm (LM head is tied)."""
+    """Token (+ learned position) embeddings, embedding norm, OPT-350M projections, the final
+    norm and an untied LM head."""
+    fam = self.family_spec
     n = self.vocab_size * self.embed_dim
-    if self.family == "opt":
-      n += (self.max_positions + 2) * self.hidden_size
-    elif self.family == "gpt2":
-      n += self.max_positions * self.hidden_size
+    if fam.positions == "learned":
+      n += (self.max_positions + fam.position_offset) * self.hidden_size
+    if fam.embed_norm:
+      n += self._norm_params()
     if self.word_embed_proj_dim and self.word_embed_proj_dim != self.hidden_size:
       n += 2 * self.hidden_size * self.word_embed_proj_dim
     if self.has_final_norm:
-      n += 2 * self.hidden_size
+      n += self._norm_params()
+    if not self.tie_word_embeddings:
+      n += self.vocab_size * self.embed_dim
     return n
 
   def param_count(self) -> int:
@@ -105,8 +158,8 @@ class ModelConfig:
     return self.layer_param_count() * self.dtype_bytes
 
   def kv_bytes_per_token_per_layer(self) -> int:
-    """Bytes of K and V for one token of one sequence in one layer."""
-    return 2 * self.hidden_size * self.dtype_bytes
+    """Bytes of K and V for one token of one sequence in one layer (KV heads, not query heads)."""
+    return 2 * self.num_kv_heads * self.head_dim * self.dtype_bytes
 
 
 def _opt(name, layers, hidden, heads, **kw) -> ModelConfig:
@@ -119,6 +172,20 @@ def _gpt2(name, layers, hidden, heads, **kw) -> ModelConfig:
   return ModelConfig(name=name, family="gpt2", num_layers=layers, hidden_size=hidden,
                      num_heads=heads, ffn_dim=4 * hidden, vocab_size=50257,
                      max_positions=1024, eos_token_id=50256, pad_token_id=50256, **kw)
+
+
+def _llama(name, layers, hidden, heads, kv_heads, ffn, vocab, positions, theta, tied, **kw):
+  # rms_norm_eps is 1e-5 in the Llama-2, Llama-3 and SmolLM2 config.json files.
+  return ModelConfig(name=name, family="llama", num_layers=layers, hidden_size=hidden,
+                     num_heads=heads, num_kv_heads=kv_heads, ffn_dim=ffn, vocab_size=vocab,
+                     max_positions=positions, rope_theta=theta, tie_word_embeddings=tied,
+                     layer_norm_eps=1e-5, **kw)
+
+
+def _bloom(name, layers, hidden, heads, **kw) -> ModelConfig:
+  return ModelConfig(name=name, family="bloom", num_layers=layers, hidden_size=hidden,
+                     num_heads=heads, ffn_dim=4 * hidden, vocab_size=250880,
+                     max_positions=2048, eos_token_id=2, pad_token_id=3, **kw)
 
 
 PRESETS: dict[str, Callable[[], ModelConfig]] = {
@@ -135,15 +202,34 @@ PRESETS: dict[str, Callable[[], ModelConfig]] = {
     "gpt2_medium": lambda: _gpt2("gpt2_medium", 24, 1024, 16),
     "gpt2_large": lambda: _gpt2("gpt2_large", 36, 1280, 20),
     "gpt2_xl": lambda: _gpt2("gpt2_xl", 48, 1600, 25),
-    # Sizing only (cost model, simulator, planner): there is no BLOOM decoder implementation.
-    "bloom_176b": lambda: ModelConfig(name="bloom_176b", family="bloom", num_layers=70,
-                                      hidden_size=14336, num_heads=112, ffn_dim=4 * 14336,
-                                      vocab_size=250880, max_positions=2048, dtype="float16"),
+    # Llama-2 (eos 2; no pad token: 0 is <unk>), Llama-3 (eos <|end_of_text|>), SmolLM2 (the
+    # Instruct ids: bos 1, eos and pad 2 <|im_end|>).
+    "llama2_7b": lambda: _llama("llama2_7b", 32, 4096, 32, 32, 11008, 32000, 4096, 1e4, False,
+                                eos_token_id=2, pad_token_id=0),
+    "llama2_13b": lambda: _llama("llama2_13b", 40, 5120, 40, 40, 13824, 32000, 4096, 1e4, False,
+                                 eos_token_id=2, pad_token_id=0),
+    "llama2_70b": lambda: _llama("llama2_70b", 80, 8192, 64, 8, 28672, 32000, 4096, 1e4, False,
+                                 eos_token_id=2, pad_token_id=0),
+    "llama3_8b": lambda: _llama("llama3_8b", 32, 4096, 32, 8, 14336, 128256, 8192, 5e5, False,
+                                eos_token_id=128001, pad_token_id=128001),
+    "smollm2_135m": lambda: _llama("smollm2_135m", 30, 576, 9, 3, 1536, 49152, 8192, 1e5, True,
+                                   eos_token_id=2, pad_token_id=2),
+    "smollm2_360m": lambda: _llama("smollm2_360m", 32, 960, 15, 5, 2560, 49152, 8192, 1e5, True,
+                                   eos_token_id=2, pad_token_id=2),
+    "smollm2_1_7b": lambda: _llama("smollm2_1_7b", 24, 2048, 32, 32, 8192, 49152, 8192, 1.3e5,
+                                   True, eos_token_id=2, pad_token_id=2),
+    "bloom_560m": lambda: _bloom("bloom_560m", 24, 1024, 16),
+    "bloom_1b1": lambda: _bloom("bloom_1b1", 24, 1536, 16),
+    "bloom_1b7": lambda: _bloom("bloom_1b7", 24, 2048, 16),
+    "bloom_3b": lambda: _bloom("bloom_3b", 30, 2560, 32),
+    "bloom_7b1": lambda: _bloom("bloom_7b1", 30, 4096, 32),
+    # float16 as the cost-model and simulator experiments have always sized it.
+    "bloom_176b": lambda: _bloom("bloom_176b", 70, 14336, 112, dtype="float16"),
 }
 
 
 def get_model_config(name: str, **overrides) -> ModelConfig:
-  """Returns the preset `name` ("opt_125m", "gpt2_xl", ...) with `overrides` applied."""
+  """Returns the preset `name` ("opt_125m", "gpt2_xl", "llama3_8b", ...) with `overrides`."""
   key = name.lower().replace("-", "_")
   if key not in PRESETS:
     raise ValueError(f"unknown model preset {name!r}; known presets: {', '.join(PRESETS)}")
@@ -152,11 +238,12 @@ def get_model_config(name: str, **overrides) -> ModelConfig:
 
 
 def tiny_config(family: str = "opt", **overrides) -> ModelConfig:
-  """A model small enough for unit tests (random weights, milliseconds per step)."""
+  """A model small enough for unit tests (random weights, milliseconds per step); each family
+  adjusts it (`Family.tiny`: e.g. Llama is grouped-query with an untied head)."""
+  from dejavu_jax.models import families  # pylint: disable=g-import-not-at-top
   base = dict(name=f"tiny_{family}", family=family, num_layers=4, hidden_size=64, num_heads=4,
               ffn_dim=128, vocab_size=128, max_positions=128)
-  if family == "gpt2":
-    base.update(eos_token_id=127, pad_token_id=127)
+  base.update(families.get(family).tiny)
   base.update(overrides)
   return ModelConfig(**base)
 

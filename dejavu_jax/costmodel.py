@@ -239,8 +239,7 @@ class RooflineCostModel:
     return max(t_compute, t_memory) + layers * hw.layer_overhead_s
 
   def _matmul_params(self) -> int:
-    d, f = self.model.hidden_size, self.model.ffn_dim
-    return 4 * d * d + 2 * d * f
+    return self.model.layer_matmul_params()
 
   def prompt_time(self, layers: int, prompt_len: int, batch: int) -> float:
     _check_args(layers=layers, prompt_len=prompt_len, batch=batch)

@@ -5,8 +5,23 @@ import transformers
 
 from dejavu_jax.config import ModelConfig
 
+HF_CLASSES = {"opt": "OPTForCausalLM", "gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM",
+              "bloom": "BloomForCausalLM"}
+
+
+def hf_class(cfg: ModelConfig):
+  return getattr(transformers, HF_CLASSES[cfg.family])
+
+
+def _rope_parameters(cfg: ModelConfig) -> dict:
+  params = {"rope_type": "default"}
+  for k, v in cfg.rope_scaling or ():
+    params[k] = int(v) if k == "original_max_position_embeddings" else v
+  return {**params, "rope_theta": cfg.rope_theta}
+
 
 def hf_config(cfg: ModelConfig):
+  tied = cfg.tie_word_embeddings
   if cfg.family == "opt":
     return transformers.OPTConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
@@ -14,12 +29,29 @@ def hf_config(cfg: ModelConfig):
         num_attention_heads=cfg.num_heads, max_position_embeddings=cfg.max_positions,
         word_embed_proj_dim=cfg.embed_dim, do_layer_norm_before=cfg.pre_layer_norm,
         dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, layerdrop=0.0,
-        pad_token_id=cfg.pad_token_id, eos_token_id=cfg.eos_token_id, bos_token_id=2)
+        pad_token_id=cfg.pad_token_id, eos_token_id=cfg.eos_token_id, bos_token_id=2,
+        tie_word_embeddings=tied)
+  if cfg.family == "llama":
+    return transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_dim,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads, max_position_embeddings=cfg.max_positions,
+        rms_norm_eps=cfg.layer_norm_eps,
+        rope_parameters=_rope_parameters(cfg),
+        tie_word_embeddings=tied, pad_token_id=cfg.pad_token_id, eos_token_id=cfg.eos_token_id,
+        bos_token_id=1)
+  if cfg.family == "bloom":
+    return transformers.BloomConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, n_layer=cfg.num_layers,
+        n_head=cfg.num_heads, layer_norm_epsilon=cfg.layer_norm_eps, hidden_dropout=0.0,
+        attention_dropout=0.0, tie_word_embeddings=tied, pad_token_id=cfg.pad_token_id,
+        eos_token_id=cfg.eos_token_id, bos_token_id=1, seq_length=cfg.max_positions)
   return transformers.GPT2Config(
       vocab_size=cfg.vocab_size, n_positions=cfg.max_positions, n_embd=cfg.hidden_size,
       n_layer=cfg.num_layers, n_head=cfg.num_heads, n_inner=cfg.ffn_dim,
       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, eos_token_id=cfg.eos_token_id,
-      bos_token_id=cfg.eos_token_id)
+      bos_token_id=cfg.eos_token_id, tie_word_embeddings=tied,
+      scale_attn_weights=cfg.attn_scale is None)
 
 
 def hf_model(cfg: ModelConfig, seed: int = 0, scale: float = 0.1):
@@ -28,8 +60,7 @@ def hf_model(cfg: ModelConfig, seed: int = 0, scale: float = 0.1):
   torch.manual_seed(seed)
   hf = hf_config(cfg)
   hf._attn_implementation = "eager"  # pylint: disable=protected-access
-  model = (transformers.OPTForCausalLM if cfg.family == "opt" else
-           transformers.GPT2LMHeadModel)(hf).eval()
+  model = hf_class(cfg)(hf).eval()
   with torch.no_grad():
     for name, p in model.named_parameters():
       if "norm" in name or ".ln_" in name:

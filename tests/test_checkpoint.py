@@ -15,7 +15,7 @@ from dejavu_jax.models.convert import load_hf_checkpoint
 from tests import hf_util
 
 
-@pytest.mark.parametrize("family", ["opt", "gpt2"])
+@pytest.mark.parametrize("family", ["opt", "gpt2", "llama", "bloom"])
 def test_hf_to_orbax_roundtrip_bit_exact(tmp_path, family):
   cfg = tiny_config(family)
   model = hf_util.hf_model(cfg)
@@ -72,8 +72,8 @@ def test_shape_mismatch_is_named(tmp_path):
 def test_missing_pieces_are_named(tmp_path):
   with pytest.raises(ValueError, match="no config.json"):
     load_hf_checkpoint(str(tmp_path))
-  (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
-  with pytest.raises(ValueError, match="unsupported model_type 'llama'"):
+  (tmp_path / "config.json").write_text(json.dumps({"model_type": "mamba"}))
+  with pytest.raises(ValueError, match="unsupported model_type 'mamba'"):
     load_hf_checkpoint(str(tmp_path))
   with pytest.raises(ValueError, match="no checkpoint"):
     restore_params(str(tmp_path / "nothing"))

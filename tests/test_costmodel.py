@@ -116,3 +116,16 @@ def test_calibrate_recovers_an_affine_model():
     cm.calibrate(m, [("prompt", 1, 10, 1, 0.1)])
   with pytest.raises(ValueError, match="unknown measurement kind"):
     cm.calibrate(m, [("decode", 1, 10, 1, 0.1)])
+
+
+def test_kv_bytes_use_kv_heads():
+  """Grouped-query models cache only their KV heads: Llama-2-70B's 8 of 64 heads."""
+  m = get_model_config("llama2_70b", dtype="float16")
+  per = 2 * 8 * 128 * 2
+  assert m.kv_bytes_per_token_per_layer() == per
+  assert cm.kv_bytes(m, 3, 8, 100) == 3 * 8 * 100 * per
+  assert cm.token_kv_bytes(m, 80, 4) == 80 * 4 * per
+  # A decode step of the GQA model reads 8x less cache than a multi-head one of the same size.
+  mha = m.replace(num_kv_heads=64)
+  rl, rl_mha = cm.roofline(m, "a100_80gb"), cm.roofline(mha, "a100_80gb")
+  assert rl.token_time(10, 64, 4000) < rl_mha.token_time(10, 64, 4000)

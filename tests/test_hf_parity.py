@@ -1,4 +1,6 @@
-"""Logits equal transformers' OPTForCausalLM / GPT2LMHeadModel on the same random weights."""
+"""Logits equal transformers' OPTForCausalLM / GPT2LMHeadModel / LlamaForCausalLM /
+BloomForCausalLM on the same random weights (more Llama and BLOOM cases:
+tests/test_families_parity.py)."""
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +19,8 @@ CONFIGS = {
     "opt_350m_style": tiny_config("opt", hidden_size=64, word_embed_proj_dim=32,
                                   pre_layer_norm=False),
     "gpt2": tiny_config("gpt2"),
+    "llama": tiny_config("llama"),
+    "bloom": tiny_config("bloom"),
 }
 PROMPT, DECODE = 11, 16
 TOL = 1e-4

@@ -5,13 +5,12 @@ import math
 import jax
 import pytest
 import torch
-import transformers
 
 from dejavu_jax.config import PRESETS, get_model_config, tiny_config
 from dejavu_jax.models import param_shapes
 from tests import hf_util
 
-MODEL_PRESETS = [n for n in PRESETS if not n.startswith("bloom")]
+MODEL_PRESETS = list(PRESETS)
 
 
 @pytest.mark.parametrize("name", MODEL_PRESETS)
@@ -21,8 +20,7 @@ def test_preset_eval_shape_and_param_count(name):
   count = sum(math.prod(s.shape) for s in jax.tree.leaves(shapes))
   assert count == cfg.param_count()
   with torch.device("meta"):  # no weights allocated
-    hf = (transformers.OPTForCausalLM if cfg.family == "opt" else
-          transformers.GPT2LMHeadModel)(hf_util.hf_config(cfg))
+    hf = hf_util.hf_class(cfg)(hf_util.hf_config(cfg))
   # HF counts the tied LM head once (parameters() deduplicates shared tensors).
   assert count == sum(p.numel() for p in hf.parameters())
 
@@ -31,6 +29,11 @@ def test_known_sizes():
   assert round(get_model_config("opt_125m").param_count() / 1e6) == 125
   assert round(get_model_config("opt_66b").param_count() / 1e9) == 66
   assert round(get_model_config("gpt2_xl").param_count() / 1e9, 1) == 1.6
+  assert round(get_model_config("llama2_7b").param_count() / 1e9, 2) == 6.74
+  assert round(get_model_config("llama3_8b").param_count() / 1e9, 2) == 8.03
+  assert round(get_model_config("smollm2_135m").param_count() / 1e6) == 135
+  assert round(get_model_config("bloom_560m").param_count() / 1e6) == 559
+  assert round(get_model_config("bloom_176b").param_count() / 1e9) == 176
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])

@@ -33,7 +33,7 @@ def test_all_modes_produce_the_same_log():
   with Streamer() as streamer:
     for mode in ablation.MODES:
       caches = [init_cache_for(cfg, b - a, B, S) for a, b in groups]
-      logs = [HostKVLog(b - a, B, S, cfg.num_heads, cfg.head_dim, caches[0].k.dtype,
+      logs = [HostKVLog(b - a, B, S, cfg.num_kv_heads, cfg.head_dim, caches[0].k.dtype,
                         layer_base=a) for a, b in groups]     # one log per worker (stage)
       caches, logits, tickets = ablation.prefill_and_stream(
           mode, [p for p, _ in steps], gparams, caches, groups, tokens, positions, logs, prompt,

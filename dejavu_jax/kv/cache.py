@@ -1,6 +1,7 @@
 """KVCache: the keys and values of one stage for one microbatch, as a value.
 
-Shape vocabulary: L layers of the stage, B batch rows, S cache length (max tokens), H heads,
+Shape vocabulary: L layers of the stage, B batch rows, S cache length (max tokens), H key/value
+heads (the model's num_kv_heads: fewer than its query heads under grouped-query attention),
 K head dim, T tokens of a slice.
 
     k, v     [L, B, S, H, K]
@@ -54,7 +55,7 @@ def init_cache_for(cfg, num_layers: int, batch: int, max_len: int) -> KVCache:
   """An empty cache for `num_layers` layers of model `cfg` (a ModelConfig)."""
   if max_len > cfg.max_positions:
     raise ValueError(f"cache length {max_len} exceeds the model's {cfg.max_positions} positions")
-  return init_cache(num_layers, batch, max_len, cfg.num_heads, cfg.head_dim, cfg.jnp_dtype)
+  return init_cache(num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim, cfg.jnp_dtype)
 
 
 def cache_nbytes(cache: KVCache) -> int:

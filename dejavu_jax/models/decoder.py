@@ -3,7 +3,9 @@
 The whole model is the stage [0, L). A pipeline stage [i, j) is the same module with a subset of
 the whole model's parameters (`stage_params`), because every parameter is named globally:
 layer 7 is `layers_7` in every stage that owns it, and the embedding table is shared by the first
-stage (lookup) and the last (tied LM head).
+stage (lookup) and the last (tied LM head; an untied head is its own `lm_head`). What the
+embeddings hold (a learned position table, BLOOM's embedding norm) comes from the family
+(models/families/).
 
 A stage step is the pure function
 
@@ -24,9 +26,6 @@ from dejavu_jax.config import ModelConfig
 from dejavu_jax.kv.cache import KVCache
 from dejavu_jax.models.layers import DecoderLayer, _norm
 
-# OPT's learned position table has two extra rows in front (a fairseq legacy).
-OPT_POSITION_OFFSET = 2
-
 
 class DecoderStage(nn.Module):
   cfg: ModelConfig
@@ -34,16 +33,20 @@ class DecoderStage(nn.Module):
   stop: int
 
   def setup(self):
-    cfg = self.cfg
+    cfg, fam = self.cfg, self.cfg.family_spec
     dt = cfg.jnp_dtype
     first, last = self.start == 0, self.stop == cfg.num_layers
-    if first or last:
+    if first or (last and cfg.tie_word_embeddings):
       self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.embed_dim, dtype=dt, param_dtype=dt,
                                    embedding_init=nn.initializers.normal(0.02))
-    if first:
-      n_pos = cfg.max_positions + (OPT_POSITION_OFFSET if cfg.family == "opt" else 0)
-      self.embed_positions = nn.Embed(n_pos, cfg.hidden_size, dtype=dt, param_dtype=dt,
+    if first and fam.positions == "learned":
+      self.embed_positions = nn.Embed(cfg.max_positions + fam.position_offset, cfg.hidden_size,
+                                      dtype=dt, param_dtype=dt,
                                       embedding_init=nn.initializers.normal(0.02))
+    if first and fam.embed_norm:
+      self.embed_norm = _norm(cfg, "embed_norm")
+    if last and not cfg.tie_word_embeddings:
+      self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dt, param_dtype=dt)
     projected = cfg.embed_dim != cfg.hidden_size
     if first and projected:
       self.project_in = nn.Dense(cfg.hidden_size, use_bias=False, dtype=dt, param_dtype=dt)
@@ -57,16 +60,16 @@ class DecoderStage(nn.Module):
                logits: bool = True, select: jax.Array | None = None):
     """See the module docstring. `select` [B]: the last stage keeps only token select[b] of each
     row before the LM head (a prefill needs just the last prompt token's logits)."""
-    cfg = self.cfg
+    cfg, fam = self.cfg, self.cfg.family_spec
     first, last = self.start == 0, self.stop == cfg.num_layers
     if first:
       h = self.embed_tokens(x)                                                 # [B, T, E]
       if cfg.embed_dim != cfg.hidden_size:
         h = self.project_in(h)                                                 # [B, T, D]
-      pos = jnp.maximum(positions, 0)
-      if cfg.family == "opt":
-        pos = pos + OPT_POSITION_OFFSET
-      h = h + self.embed_positions(pos)
+      if fam.positions == "learned":
+        h = h + self.embed_positions(jnp.maximum(positions, 0) + fam.position_offset)
+      if fam.embed_norm:
+        h = self.embed_norm(h)
     else:
       h = x
     k_all, v_all = cache.k, cache.v
@@ -82,7 +85,10 @@ class DecoderStage(nn.Module):
       if logits:
         if cfg.embed_dim != cfg.hidden_size:
           h = self.project_out(h)
-        h = self.embed_tokens.attend(h)                                        # [B, T, V]
+        if cfg.tie_word_embeddings:
+          h = self.embed_tokens.attend(h)                                      # [B, T, V]
+        else:
+          h = self.lm_head(h)                                                  # [B, T, V]
     return cache, h
 
 
@@ -95,12 +101,17 @@ def stage_apply(cfg: ModelConfig, start: int, stop: int, params, cache: KVCache,
 
 def stage_param_names(cfg: ModelConfig, start: int, stop: int) -> list[str]:
   """Top-level parameter names owned by the stage [start, stop)."""
+  fam = cfg.family_spec
   names = [f"layers_{i}" for i in range(start, stop)]
   projected = cfg.embed_dim != cfg.hidden_size
   if start == 0:
-    names += ["embed_tokens", "embed_positions"] + (["project_in"] if projected else [])
+    names += ["embed_tokens"] + (["embed_positions"] if fam.positions == "learned" else [])
+    names += (["embed_norm"] if fam.embed_norm else []) + (["project_in"] if projected else [])
   if stop == cfg.num_layers:
-    names += ["embed_tokens"] if start != 0 else []
+    if cfg.tie_word_embeddings:
+      names += ["embed_tokens"] if start != 0 else []
+    else:
+      names += ["lm_head"]
     names += (["project_out"] if projected else []) + (["final_norm"] if cfg.has_final_norm
                                                         else [])
   return names
@@ -119,7 +130,7 @@ def check_layer_range(cfg: ModelConfig, start: int, stop: int) -> None:
 
 
 def _dummy_inputs(cfg: ModelConfig, start: int, stop: int, batch: int = 1, tokens: int = 1):
-  cache = jax.ShapeDtypeStruct((stop - start, batch, tokens, cfg.num_heads, cfg.head_dim),
+  cache = jax.ShapeDtypeStruct((stop - start, batch, tokens, cfg.num_kv_heads, cfg.head_dim),
                                cfg.jnp_dtype)
   cache = KVCache(k=cache, v=cache, lengths=jax.ShapeDtypeStruct((batch,), jnp.int32))
   if start == 0:
@@ -131,8 +142,6 @@ def _dummy_inputs(cfg: ModelConfig, start: int, stop: int, batch: int = 1, token
 
 def init_params(cfg: ModelConfig, key: jax.Array, start: int = 0, stop: int | None = None):
   """Random parameters of the stage [start, stop) (the whole model by default)."""
-  if cfg.family == "bloom":
-    raise ValueError("bloom presets are for sizing (cost model, planner) only: no decoder exists")
   stop = cfg.num_layers if stop is None else stop
   check_layer_range(cfg, start, stop)
   cache, x, pos = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),

@@ -211,7 +211,9 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], max_new
     nxt = np.asarray(sample(logits, sub, sampling.temperature, sampling.top_k, sampling.top_p))
     for i in np.flatnonzero(~done):
       out[i].append(int(nxt[i]))
-    done |= (nxt == eos) | np.array([len(o) >= max_new_tokens for o in out])
+    if eos is not None:  # a model without a stop token (eos None) always runs to the limit
+      done |= nxt == eos
+    done |= np.array([len(o) >= max_new_tokens for o in out])
     if done.all():
       break
     cache, logits = decode(params, cache, jnp.asarray(nxt), jnp.asarray(np.where(done, -1, pos)))

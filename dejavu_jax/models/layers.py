@@ -1,63 +1,95 @@
-"""Decoder building blocks shared by OPT and GPT-2: attention over an explicit KV cache, MLP, block.
+"""Decoder building blocks of every family: attention over an explicit KV cache (grouped-query,
+RoPE or ALiBi when the family says so), MLP (plain or gated), norms, the decoder block.
 
-Shape vocabulary: B batch, T new tokens, S cache length, D hidden, H heads, K head dim.
-The cache is passed in and returned (never kept in a Flax collection), so a caller can slice it
-per microbatch, stream it, swap it or restore it.
+Shape vocabulary: B batch, T new tokens, S cache length, D hidden, H query heads, Hkv key/value
+heads, G = H / Hkv queries per KV head, K head dim. The cache is passed in and returned (never kept
+in a Flax collection), so a caller can slice it per microbatch, stream it, swap it or restore it.
+What differs between families is read from `cfg.family_spec` (models/families/), never from a
+comparison of family names.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 from dejavu_jax.config import ModelConfig
 from dejavu_jax.kv.cache import write_kv
+from dejavu_jax.models import positions as positions_lib
 
 
-def _dense(cfg: ModelConfig, features: int, name: str) -> nn.Dense:
-  return nn.Dense(features, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_dtype, name=name)
+def _dense(cfg: ModelConfig, features: int, name: str, use_bias: bool | None = None) -> nn.Dense:
+  use_bias = cfg.family_spec.bias if use_bias is None else use_bias
+  return nn.Dense(features, use_bias=use_bias, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_dtype,
+                  name=name)
 
 
-def _norm(cfg: ModelConfig, name: str) -> nn.LayerNorm:
+class RMSNorm(nn.Module):
+  """x / rms(x) * scale, with the statistics in float32 and the scale applied after casting back
+  (Hugging Face's LlamaRMSNorm order)."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.cfg.jnp_dtype)
+    h = x.astype(jnp.float32)
+    h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.cfg.layer_norm_eps)
+    return scale * h.astype(x.dtype)
+
+
+def _norm(cfg: ModelConfig, name: str) -> nn.Module:
+  if cfg.family_spec.norm == "rmsnorm":
+    return RMSNorm(cfg, name=name)
   return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.jnp_dtype,
                       param_dtype=cfg.jnp_dtype, name=name)
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, scale: float,
-           scale_queries: bool) -> jax.Array:
+           scale_queries: bool, slopes: np.ndarray | None = None) -> jax.Array:
   """Causal attention of new queries over a cache.
 
   Args:
-    q: [B, T, H, K] queries. k, v: [B, S, H, K] the cache, new entries already written.
+    q: [B, T, H, K] queries. k, v: [B, S, Hkv, K] the cache, new entries already written; query
+      head h reads KV head h // G.
     q_pos: [B, T] position of each query (negative for padding).
-    scale: 1/sqrt(K). scale_queries: OPT scales q before the product, GPT-2 the scores after
-      (kept apart so float32 logits match Hugging Face to the last bits).
+    scale: the score scale (usually 1/sqrt(K)). scale_queries: OPT scales q before the product,
+      the others the scores after (kept apart so float32 logits match Hugging Face to the bits).
+    slopes: [H] ALiBi slopes, or None: adds slopes[h] * key position to the scores (softmax is
+      shift-invariant per query, so this equals the distance bias, and is what BLOOM computes).
   Returns:
     [B, T, H, K].
   """
   if scale_queries:
     q = q * jnp.asarray(scale, q.dtype)
-  if q.shape[1] == 1:
-    return _attend_one(q[:, 0], k, v, q_pos[:, 0], scale, scale_queries)[:, None]
-  scores = jnp.einsum("BTHK,BSHK->BHTS", q, k, preferred_element_type=jnp.float32)
+  b, t, h, kd = q.shape
+  hkv = k.shape[2]
+  if t == 1:
+    return _attend_one(q[:, 0], k, v, q_pos[:, 0], scale, scale_queries, slopes)[:, None]
+  q = q.reshape(b, t, hkv, h // hkv, kd)                                       # [B, T, Hkv, G, K]
+  scores = jnp.einsum("BTHGK,BSHK->BHGTS", q, k, preferred_element_type=jnp.float32)
   if not scale_queries:
     scores = scores * scale
   key_pos = jnp.arange(k.shape[1])
+  if slopes is not None:
+    bias = slopes.reshape(hkv, -1)[:, :, None, None] * key_pos.astype(jnp.float32)  # [Hkv, G, 1, S]
+    scores = scores + bias
   # Key j is visible to a query at position p iff j <= p: every position below p has been written,
   # so stale entries beyond a row's length (padding, a freed slot) are never read.
   mask = key_pos[None, None, :] <= q_pos[:, :, None]                           # [B, T, S]
-  scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)                      # [B, H, T, S]
-  return jnp.einsum("BHTS,BSHK->BTHK", probs, v)
+  scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)                      # [B, Hkv, G, T, S]
+  out = jnp.einsum("BHGTS,BSHK->BTHGK", probs, v)
+  return out.reshape(b, t, h, kd)
 
 
 def _attend_one(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, scale: float,
-                scale_queries: bool) -> jax.Array:
+                scale_queries: bool, slopes: np.ndarray | None) -> jax.Array:
   """`attend` for one query per row (a decode step): q [B, H, K] (already scaled for OPT),
   q_pos [B]; returns [B, H, K].
 
-  Both products are a multiply and a sum over the cache in its own [B, S, H, K] layout, fused by
+  Both products are a multiply and a sum over the cache in its own [B, S, Hkv, K] layout, fused by
   XLA with the read of the layer's slice. The einsums of `attend` lower, for T == 1, to a
   transposed copy of every layer's cache slice plus B * H tiny matrix-vector products. On the
   2-core development CPU (OPT-125M shapes, 256 positions) this path with
@@ -65,13 +97,20 @@ def _attend_one(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, scal
   to 77 ms at batch 8 (medians). Without those options it is slower than the einsums (see there).
   """
   f32 = jnp.float32
-  scores = jnp.sum(q[:, None].astype(f32) * k.astype(f32), axis=-1)             # [B, S, H]
+  b, h, kd = q.shape
+  hkv = k.shape[2]
+  q = q.reshape(b, 1, hkv, h // hkv, kd)                                       # [B, 1, Hkv, G, K]
+  scores = jnp.sum(q.astype(f32) * k[:, :, :, None].astype(f32), axis=-1)      # [B, S, Hkv, G]
   if not scale_queries:
     scores = scores * scale
-  mask = jnp.arange(k.shape[1])[None, :] <= q_pos[:, None]                     # [B, S]
-  scores = jnp.where(mask[:, :, None], scores, jnp.finfo(f32).min)
-  probs = jax.nn.softmax(scores, axis=1)                                        # [B, S, H]
-  return jnp.sum(probs[..., None] * v.astype(f32), axis=1).astype(v.dtype)      # [B, H, K]
+  key_pos = jnp.arange(k.shape[1])
+  if slopes is not None:
+    scores = scores + key_pos.astype(f32)[:, None, None] * slopes.reshape(hkv, -1)
+  mask = key_pos[None, :] <= q_pos[:, None]                                    # [B, S]
+  scores = jnp.where(mask[:, :, None, None], scores, jnp.finfo(f32).min)
+  probs = jax.nn.softmax(scores, axis=1)                                        # [B, S, Hkv, G]
+  out = jnp.sum(probs[..., None] * v[:, :, :, None].astype(f32), axis=1)        # [B, Hkv, G, K]
+  return out.reshape(b, h, kd).astype(v.dtype)
 
 
 class Attention(nn.Module):
@@ -79,17 +118,21 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x, k_all, v_all, layer: int, positions):
-    """x [B, T, D]; k_all, v_all [L, B, S, H, K] (this stage's caches); layer indexes L."""
-    cfg = self.cfg
+    """x [B, T, D]; k_all, v_all [L, B, S, Hkv, K] (this stage's caches); layer indexes L."""
+    cfg, fam = self.cfg, self.cfg.family_spec
     b, t, _ = x.shape
-    heads = (b, t, cfg.num_heads, cfg.head_dim)
-    q = _dense(cfg, cfg.hidden_size, "q_proj")(x).reshape(heads)                # [B, T, H, K]
-    k = _dense(cfg, cfg.hidden_size, "k_proj")(x).reshape(heads)
-    v = _dense(cfg, cfg.hidden_size, "v_proj")(x).reshape(heads)
+    h, hkv, kd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    q = _dense(cfg, h * kd, "q_proj")(x).reshape(b, t, h, kd)                  # [B, T, H, K]
+    k = _dense(cfg, hkv * kd, "k_proj")(x).reshape(b, t, hkv, kd)              # [B, T, Hkv, K]
+    v = _dense(cfg, hkv * kd, "v_proj")(x).reshape(b, t, hkv, kd)
+    if fam.positions == "rope":
+      q = positions_lib.rope(q, positions, cfg.rope_theta, cfg.rope_scaling)
+      k = positions_lib.rope(k, positions, cfg.rope_theta, cfg.rope_scaling)
     k_all, v_all = write_kv(k_all, v_all, layer, k, v, positions)
-    out = attend(q, k_all[layer], v_all[layer], positions, cfg.head_dim**-0.5,
-                 scale_queries=cfg.family == "opt")
-    out = _dense(cfg, cfg.hidden_size, "out_proj")(out.reshape(b, t, cfg.hidden_size))
+    slopes = positions_lib.alibi_slopes(h) if fam.positions == "alibi" else None
+    scale = kd**-0.5 if cfg.attn_scale is None else cfg.attn_scale
+    out = attend(q, k_all[layer], v_all[layer], positions, scale, fam.scale_queries, slopes)
+    out = _dense(cfg, cfg.hidden_size, "out_proj")(out.reshape(b, t, h * kd))
     return out, k_all, v_all
 
 
@@ -98,15 +141,17 @@ class MLP(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    cfg = self.cfg
-    h = _dense(cfg, cfg.ffn_dim, "fc1")(x)                                      # [B, T, F]
-    # OPT uses ReLU; GPT-2 the tanh approximation of GELU ("gelu_new").
-    h = nn.relu(h) if cfg.family == "opt" else nn.gelu(h, approximate=True)
+    cfg, fam = self.cfg, self.cfg.family_spec
+    if fam.gated_mlp:  # SwiGLU: down(act(gate(x)) * up(x))
+      h = fam.activation(_dense(cfg, cfg.ffn_dim, "gate_proj")(x))              # [B, T, F]
+      h = h * _dense(cfg, cfg.ffn_dim, "up_proj")(x)
+      return _dense(cfg, cfg.hidden_size, "down_proj")(h)
+    h = fam.activation(_dense(cfg, cfg.ffn_dim, "fc1")(x))                      # [B, T, F]
     return _dense(cfg, cfg.hidden_size, "fc2")(h)
 
 
 class DecoderLayer(nn.Module):
-  """One transformer block; pre-LayerNorm, or post-LayerNorm when cfg.pre_layer_norm is False."""
+  """One transformer block; pre-norm, or post-LayerNorm when cfg.pre_layer_norm is False."""
   cfg: ModelConfig
 
   @nn.compact

@@ -1,8 +1,11 @@
 """Stage plans: L layers -> D contiguous layer ranges -> disjoint device groups of a Mesh.
 
 The mesh has axes ('stage', 'tensor'): stage s owns the devices mesh.devices[s], and its
-parameters are placed on that sub-mesh, tensor-sharded Megatron-style when 'tensor' > 1 (column
-split of q/k/v/fc1, row split of out_proj/fc2, KV cache split by heads).
+parameters are placed on that sub-mesh, tensor-sharded Megatron-style when 'tensor' > 1. Each
+family names the logical axes of its weights (`Family.param_axes`: q/k/v and the MLP's input
+projections split by heads / KV heads / MLP features, the output projections by their input);
+LOGICAL_TO_MESH says which logical axes the 'tensor' mesh axis splits. The KV cache is split by
+KV heads.
 """
 
 from __future__ import annotations
@@ -38,9 +41,9 @@ def plan_stages(cfg: ModelConfig, num_stages: int, ranges=None, tensor: int = 1,
   if num_stages > cfg.num_layers:
     raise ValueError(f"cannot split {cfg.num_layers} layers into {num_stages} stages: more stages "
                      "than layers")
-  if tensor < 1 or cfg.num_heads % tensor:
+  if tensor < 1 or cfg.num_heads % tensor or cfg.num_kv_heads % tensor:
     raise ValueError(f"tensor parallelism {tensor} must be >= 1 and divide the "
-                     f"{cfg.num_heads} attention heads")
+                     f"{cfg.num_heads} attention heads and the {cfg.num_kv_heads} KV heads")
   num_devices = len(jax.devices()) if num_devices is None else num_devices
   if num_stages * tensor > num_devices:
     raise ValueError(f"plan needs {num_stages} stages x {tensor} devices = "
@@ -79,27 +82,30 @@ def stage_mesh(mesh: Mesh, s: int) -> Mesh:
   return Mesh(mesh.devices[s], ("tensor",))
 
 
-_COLUMN = ("q_proj", "k_proj", "v_proj", "fc1")   # output features split
-_ROW = ("out_proj", "fc2")                        # input features split
+# Logical axis -> mesh axis; a logical axis not named here (embed, vocab) is replicated.
+LOGICAL_TO_MESH = {"heads": "tensor", "kv_heads": "tensor", "mlp": "tensor"}
 
 
-def param_spec(path) -> P:
-  """PartitionSpec of a parameter (by its path) in a tensor-parallel stage."""
+def param_spec(path, cfg: ModelConfig) -> P:
+  """PartitionSpec of a parameter (by its path) in a tensor-parallel stage of model `cfg`: the
+  logical axes its family gives the (owner, leaf) pair, mapped by LOGICAL_TO_MESH; parameters
+  without axes (norms, embeddings) are replicated."""
   names = [getattr(k, "key", str(k)) for k in path]
   leaf, owner = names[-1], names[-2] if len(names) > 1 else ""
-  if owner in _COLUMN:
-    return P(None, "tensor") if leaf == "kernel" else P("tensor")
-  if owner in _ROW and leaf == "kernel":
-    return P("tensor", None)
-  return P()
+  axes = cfg.family_spec.param_axes.get(owner, {}).get(leaf)
+  if axes is None:
+    return P()
+  return P(*(LOGICAL_TO_MESH.get(a) for a in axes))
 
 
-def param_shardings(sub: Mesh, params):
-  return jax.tree_util.tree_map_with_path(lambda p, _: NamedSharding(sub, param_spec(p)), params)
+def param_shardings(sub: Mesh, params, cfg: ModelConfig):
+  """NamedShardings of a (stage's) params tree on the stage sub-mesh `sub`."""
+  return jax.tree_util.tree_map_with_path(
+      lambda p, _: NamedSharding(sub, param_spec(p, cfg)), params)
 
 
 def cache_sharding(sub: Mesh) -> NamedSharding:
-  """KV [L, B, S, H, K] split by heads over the stage's tensor devices."""
+  """KV [L, B, S, Hkv, K] split by KV heads over the stage's tensor devices."""
   return NamedSharding(sub, P(None, None, None, "tensor", None))
 
 

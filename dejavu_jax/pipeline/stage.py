@@ -47,7 +47,7 @@ class StageProgram:
   def place_params(self, params):
     """This stage's subset of the whole model's params, placed (and sharded) on its devices."""
     sub = stage_params(self.cfg, params, self.start, self.stop)
-    return jax.device_put(sub, plan_lib.param_shardings(self.sub, sub))
+    return jax.device_put(sub, plan_lib.param_shardings(self.sub, sub, self.cfg))
 
   def new_cache(self, batch: int, max_len: int) -> KVCache:
     cache = init_cache_for(self.cfg, self.num_layers, batch, max_len)

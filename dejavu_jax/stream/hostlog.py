@@ -31,7 +31,8 @@ class HostKVLog:
   """Host KV log of one stage's layers for one microbatch.
 
   Args:
-    num_layers, batch, max_len, num_heads, head_dim: the cache shape [L, B, S, H, K].
+    num_layers, batch, max_len, num_heads, head_dim: the cache shape [L, B, S, H, K] (H: the
+      model's num_kv_heads).
     dtype: element type (the cache's).
     layer_base: global index of layer 0 here, so packed slices naming global layers land right.
   """

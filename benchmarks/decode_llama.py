@@ -1,0 +1,185 @@
+"""Greedy decoding speed of the real SmolLM2-135M-Instruct: this project against transformers.
+
+  python benchmarks/decode_llama.py [--runs=3] [--batches=1,8] [--new_tokens=128]
+
+Method. One process loads the packaged GGUF file once (models/gguf.py: Q4_1/Q8_0 dequantized to
+float32, Hugging Face names) and gives the same float32 tensors to both sides: this project's
+Flax Llama (`load_llama_gguf`'s path: the llama family converter) and transformers'
+`LlamaForCausalLM` (CPU torch). The prompts are the shipped `data/prompts.txt` through the chat
+template (cycled to fill a batch of B rows; 35-45 tokens each). Per batch size B both sides
+generate `new_tokens` tokens greedily per row with no EOS stop:
+
+  * ours: `make_steps` prefill (rows right-padded, padding at position -1), argmax, then
+    `make_decode_n` (new_tokens - 1 decode steps in one jitted loop), cache of 256 positions;
+  * torch: `model.generate(do_sample=False)` (rows left-padded with an attention mask, its default
+    dynamic cache and attention).
+
+A run is timed from the prompt to the last token on the host; tokens/s = B * new_tokens / run
+time. The sides alternate run by run (a warm-up round first, which also compiles), because
+other jobs share this machine's cores; every figure is a median over `--runs` rounds. XLA uses
+its default thread pool, torch its default thread count (both reported). `greedy_token_match`
+is the fraction of positions, up to each row's first end-of-turn token on the torch side, where
+the two sides chose the same token (1.0 unless a near-tie flips an argmax).
+
+The last stdout line is one JSON object.
+"""
+
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from absl import app, flags  # noqa: E402
+from transformers.initialization import no_init_weights  # noqa: E402
+
+from dejavu_jax.kv.cache import init_cache_for  # noqa: E402
+from dejavu_jax.models import gguf  # noqa: E402
+from dejavu_jax.models.generate import make_decode_n, make_steps, pad_prompts  # noqa: E402
+from dejavu_jax.models.tokenizer import encode_prompts, read_prompts  # noqa: E402
+
+_RUNS = flags.DEFINE_integer("runs", 3, "timed rounds (median reported); each runs both sides")
+_BATCHES = flags.DEFINE_list("batches", ["1", "8"], "batch sizes")
+_NEW = flags.DEFINE_integer("new_tokens", 128, "tokens generated per row")
+_MAX_LEN = 256
+
+
+class Ours:
+  """This project's side: prefill, then one jitted loop of decode steps."""
+
+  def __init__(self, cfg, params, prompts: list[list[int]], new_tokens: int):
+    self.cfg, self.params = cfg, params
+    bucket = 1 << (max(len(p) for p in prompts) - 1).bit_length()
+    tokens, positions = pad_prompts(prompts, bucket, cfg.pad_token_id)
+    self.tokens, self.positions = jnp.asarray(tokens), jnp.asarray(positions)    # [B, T]
+    self.next_pos = jnp.asarray([len(p) for p in prompts], jnp.int32)            # [B]
+    self.prefill, _ = make_steps(cfg)
+    self.decode_n = make_decode_n(cfg, new_tokens - 1)
+    self.key = jax.random.key(0)
+
+  def run(self):
+    """-> (new tokens [B, N], seconds)."""
+    t0 = time.perf_counter()
+    cache = init_cache_for(self.cfg, self.cfg.num_layers, self.tokens.shape[0], _MAX_LEN)
+    cache, logits = self.prefill(self.params, cache, self.tokens, self.positions)
+    first = jnp.argmax(logits, axis=-1).astype(jnp.int32)                        # [B]
+    _, new = self.decode_n(self.params, cache, first, self.next_pos, self.key)
+    new = np.asarray(new)
+    t1 = time.perf_counter()
+    return np.concatenate([np.asarray(first)[:, None], new], axis=1), t1 - t0
+
+
+class Torch:
+  """transformers' side: `generate` (greedy) on left-padded rows."""
+
+  def __init__(self, model, prompts: list[list[int]], new_tokens: int, pad_id: int):
+    self.model, self.new_tokens = model, new_tokens
+    width = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), width), pad_id, np.int64)
+    mask = np.zeros_like(ids)
+    for i, p in enumerate(prompts):
+      ids[i, width - len(p):] = p
+      mask[i, width - len(p):] = 1
+    self.ids, self.mask = torch.as_tensor(ids), torch.as_tensor(mask)
+
+  def run(self):
+    t0 = time.perf_counter()
+    with torch.no_grad():
+      out = self.model.generate(self.ids, attention_mask=self.mask, do_sample=False,
+                                max_new_tokens=self.new_tokens, min_new_tokens=self.new_tokens)
+    t1 = time.perf_counter()
+    return out[:, self.ids.shape[1]:].numpy(), t1 - t0
+
+
+def token_match(ours: np.ndarray, hf: np.ndarray, stop: int) -> float:
+  """Fraction of equal tokens, per row up to (and including) torch's first `stop` token."""
+  same = total = 0
+  for a, b in zip(ours, hf):
+    n = int(np.argmax(b == stop)) + 1 if (b == stop).any() else len(b)
+    same += int((a[:n] == b[:n]).sum())
+    total += n
+  return same / total
+
+
+def torch_model(hf_cfg: dict, tensors: dict):
+  cfg = transformers.LlamaConfig(**{k: v for k, v in hf_cfg.items() if not k.startswith("_")})
+  with no_init_weights():  # every weight is assigned below: skip the random init
+    model = transformers.LlamaForCausalLM(cfg).eval()
+  missing, unexpected = model.load_state_dict(
+      {k: torch.from_numpy(np.array(v)) for k, v in tensors.items()}, strict=False, assign=True)
+  if unexpected or set(missing) - {"lm_head.weight"}:
+    raise RuntimeError(f"torch model: missing {missing}, unexpected {unexpected}")
+  model.tie_weights()
+  if model.lm_head.weight is not model.model.embed_tokens.weight:
+    raise RuntimeError("torch model: LM head not tied to the embeddings")
+  model.generation_config.eos_token_id = None  # both sides generate all new_tokens
+  model.generation_config.pad_token_id = hf_cfg["pad_token_id"]
+  return model
+
+
+def main(argv):
+  del argv
+  new_tokens = _NEW.value
+  batches = [int(b) for b in _BATCHES.value]
+  hf_cfg, tensors, tok = gguf.load_gguf()
+  cfg, params, _ = gguf.load_smollm2("float32")
+  model = torch_model(hf_cfg, tensors)
+  texts = read_prompts()
+  sides = {}
+  for b in batches:
+    prompts = encode_prompts(tok, [texts[i % len(texts)] for i in range(b)])
+    if max(len(p) for p in prompts) + new_tokens > _MAX_LEN:
+      raise ValueError(f"prompts + {new_tokens} new tokens exceed the {_MAX_LEN}-position cache")
+    sides[b] = (Ours(cfg, params, prompts, new_tokens),
+                Torch(model, prompts, new_tokens, cfg.pad_token_id), prompts)
+
+  load_start = os.getloadavg()[0]
+  rec = {b: {"ours": [], "hf": [], "match": []} for b in batches}
+  sample = None
+  for rnd in range(_RUNS.value + 1):  # round 0 warms up (and compiles); not recorded
+    for b in batches:
+      ours, hf, prompts = sides[b]
+      toks, total = ours.run()
+      hf_toks, hf_total = hf.run()
+      if sample is None:  # row 0's text up to its end of turn
+        row = list(toks[0])
+        row = row[:row.index(tok.eos_token_id)] if tok.eos_token_id in row else row
+        sample = {"prompt": texts[0], "ours": tok.decode(row)}
+      if rnd:
+        r = rec[b]
+        r["ours"].append(total)
+        r["hf"].append(hf_total)
+        r["match"].append(token_match(toks, hf_toks, tok.eos_token_id))
+        print(f"round {rnd} B={b}: ours {b * new_tokens / total:.1f} tok/s, torch "
+              f"{b * new_tokens / hf_total:.1f} tok/s, match {r['match'][-1]:.3f}", flush=True)
+  print(f"sample: {sample['prompt']!r} -> {sample['ours']!r}")
+
+  med = statistics.median
+  result = {"model": cfg.name, "weights": "GGUF Q4_1 dequantized to float32 (both sides)",
+            "new_tokens": new_tokens, "runs": _RUNS.value, "max_len": _MAX_LEN,
+            "xla_threads": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            # Other jobs share this machine's cores: the 1-minute load average before/after.
+            "load_avg_start": round(load_start, 2), "load_avg_end": round(os.getloadavg()[0], 2)}
+  for b in batches:
+    r = rec[b]
+    ours_tps = med([b * new_tokens / t for t in r["ours"]])
+    hf_tps = med([b * new_tokens / t for t in r["hf"]])
+    result.update({
+        f"speedup_b{b}": round(ours_tps / hf_tps, 3),
+        f"ours_tok_s_b{b}": round(ours_tps, 2),
+        f"hf_tok_s_b{b}": round(hf_tps, 2),
+        f"prompt_tokens_b{b}": [len(p) for p in sides[b][2]],
+        f"greedy_token_match_b{b}": round(med(r["match"]), 4),
+    })
+  print(json.dumps(result))
+
+
+if __name__ == "__main__":
+  app.run(main)
