@@ -28,6 +28,7 @@ class RecoveryEvent:
   restored_microbatches: int = 0    # resumed from restored caches instead of requeued
   stages: tuple = ()                # every stage that died in this failure
   handled_by: dict = dataclasses.field(default_factory=dict)   # strategy -> microbatches
+  load_errors: list = dataclasses.field(default_factory=list)  # why a planned restore fell back
 
   @property
   def detection_s(self) -> float:

@@ -331,6 +331,7 @@ class PipelineEngine:
       self._stage_progress[s] = time.monotonic()
     self._waiting.clear()   # every in-flight microbatch is resumed or requeued below
     resumed, requeue, used = [], {}, {}
+    self._load_errors: list[str] = []
     todo = self.strategy.plan(view)
     while self._during_recovery:   # injected: a failure while this recovery loads caches
       self._inject(self._during_recovery.pop(0), now)
@@ -367,7 +368,7 @@ class PipelineEngine:
         failed_at=min(killed.pop(s, detected) for s in dead), detected_at=detected,
         recovered_at=now(), lost_microbatches=len(view.completed), lost_requests=lost_requests,
         recomputed_tokens=recomputed, restored_microbatches=len(resumed), stages=tuple(dead),
-        handled_by=used)
+        handled_by=used, load_errors=self._load_errors)
 
   def _load_caches(self, resumes) -> set[int]:
     """Loads every resumed microbatch's caches into the replaced workers and waits for them;
@@ -391,6 +392,7 @@ class PipelineEngine:
           r = waiting.pop((ev.stage, ev.mb_id), None)
           if r is not None and ev.error is not None:
             failed.add(ev.mb_id)
+            self._load_errors.append(f"microbatch {ev.mb_id} on stage {ev.stage}: {ev.error}")
         elif not isinstance(ev, (api.StepResult, api.StepError)):
           self._on_event(self._sched, ev)   # heartbeats, acks, snapshots keep flowing
     failed |= {mb for _, mb in waiting}
