@@ -49,3 +49,13 @@ def test_bad_failure_specs_are_named():
     FailureSpec(1.0, 0, kind="stall")
   with pytest.raises(ValueError, match="unknown failure kind 'melt'"):
     FailureSpec(1.0, 0, kind="melt")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("stages", [3, 4])
+def test_predecessor_killed_before_first_failure_is_detected(stages):
+  """The outside campaign's crash: stage 2 killed at 0.3 s, stage 1 at 0.35 s (before stage 2's
+  silence is judged). Replica recovery must re-check who is alive and fall back, never raise."""
+  reqs, res, _ = _serve("replica", [FailureSpec(0.3, 2), FailureSpec(0.35, 1)], stages=stages)
+  assert res.tokens() == _reference(reqs)
+  assert {s for ev in res.recoveries for s in ev.stages} == {1, 2}
