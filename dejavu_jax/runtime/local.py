@@ -117,6 +117,7 @@ class LocalWorker:
     self._busy_s = 0.0
     self._overruns = 0
     self._armed: tuple[int, str, float] | None = None   # (steps left, kind, stall_s)
+    self.died_at: float | None = None
     self._stall_until = 0.0
     self._stop = threading.Event()
     self._thread = threading.Thread(target=self._loop, name=f"stage-{self.stage}", daemon=True)
@@ -181,6 +182,7 @@ class LocalWorker:
 
   def kill(self) -> None:
     """A crash: the threads stop without a word; params, caches and replicas are lost."""
+    self.died_at = time.perf_counter()   # for the report only: nobody is told
     self._stop.set()
     self._inbox.put(None)
     self.replicas = None
@@ -387,6 +389,10 @@ class LocalRuntime:
 
   def stall(self, stage: int, seconds: float) -> None:
     self._workers[stage].stall(seconds)
+
+  def died_at(self, stage: int) -> float | None:
+    """perf_counter time the stage's current worker crashed, if it did (reports only)."""
+    return self._workers[stage].died_at
 
   def disarm(self) -> None:
     """Cancels every injected failure that has not fired (the end of a run)."""

@@ -319,6 +319,10 @@ class PipelineEngine:
     # A worker that died around this failure but is not yet silent long enough (the runtime
     # already knows: a stopped thread, a dead actor) is recovered now too, not planned around.
     dead = sorted(set(dead) | {s for s in range(d) if not self.runtime.alive(s)})
+    for s in dead:   # a worker that crashed by itself (an armed failure): when, for the report
+      t = self.runtime.died_at(s)
+      if s not in killed and t is not None:
+        killed[s] = t - self._t0
     self.epoch += 1
     for s in range(d):
       self.runtime.worker(s).set_epoch(self.epoch)
