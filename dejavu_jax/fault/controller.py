@@ -9,6 +9,8 @@ second). Failures are injected by `FailureSpec`s: at `time_s` after serving star
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import time
 
 
@@ -16,6 +18,15 @@ import time
 class FailureSpec:
   time_s: float     # seconds after serving starts
   stage: int        # which stage's worker dies
+
+  def __post_init__(self):
+    # A NaN time compares false with every clock reading: it would never fire, silently.
+    if (isinstance(self.time_s, bool) or not isinstance(self.time_s, numbers.Real) or
+        not 0 <= self.time_s < math.inf):
+      raise ValueError(f"FailureSpec time_s must be a finite number >= 0, got {self.time_s!r}")
+    if (isinstance(self.stage, bool) or not isinstance(self.stage, numbers.Integral) or
+        self.stage < 0):
+      raise ValueError(f"FailureSpec stage must be an integer >= 0, got {self.stage!r}")
 
 
 @dataclasses.dataclass
