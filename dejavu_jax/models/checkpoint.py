@@ -1,4 +1,5 @@
-"""Save and restore params with orbax-checkpoint (also how a replacement worker gets its weights)."""
+"""Save, restore and check params with orbax-checkpoint (also how a replacement worker gets its
+weights; `check_params_checkpoint` lets an engine check a checkpoint at construction)."""
 
 from __future__ import annotations
 
