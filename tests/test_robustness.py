@@ -234,6 +234,9 @@ def test_summary_of_nothing_finished_is_valid_json(tmp_path):
   assert back["mean_ttft_ms"] is None and back["completed"] == 0
   assert _strict_json(metrics.dumps({"x": math.inf, "y": [math.nan, 1.5]})) == {
       "x": None, "y": [None, 1.5]}
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  assert _strict_json(metrics.dumps({"a": np.array([np.nan, 2.0]), "n": np.int64(3)})) == {
+      "a": [None, 2.0], "n": 3}
   metrics.write_jsonl(tmp_path / "r.jsonl", [metrics.RequestRecord(0, 0.0, 3, finish=math.nan)])
   _strict_json((tmp_path / "r.jsonl").read_text())
 

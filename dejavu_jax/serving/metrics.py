@@ -152,6 +152,8 @@ def _json_safe(x):
     return {k: _json_safe(v) for k, v in x.items()}
   if isinstance(x, (list, tuple)):
     return [_json_safe(v) for v in x]
+  if isinstance(x, np.ndarray):
+    return _json_safe(x.tolist())
   if isinstance(x, (np.integer, np.bool_)):
     return x.item()
   if isinstance(x, (float, np.floating)):
