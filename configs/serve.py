@@ -45,4 +45,7 @@ def get_config():
   c.program = "model"               # "model" | "fake" (hand-checkable arithmetic, for tests)
   c.heartbeat_s = 0.1
   c.heartbeat_timeout_s = 0.5       # the paper uses 1 s / 3 s
+  # Admission control: requests waiting for a microbatch slot; one arriving when this many wait
+  # is rejected ("queue full"). None: unbounded.
+  c.max_pending = ml_collections.config_dict.placeholder(int)
   return c

@@ -10,6 +10,8 @@ counts here read it from there.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import Callable
 
 import jax.numpy as jnp
@@ -277,6 +279,10 @@ class ServeConfig:
       directory (None: a temporary directory).
     program: "model" (the transformer) or "fake" (pipeline/fake.py: arithmetic you can check by
       hand; tests and failure campaigns).
+    max_pending: admission control: at most this many admitted requests wait for a microbatch
+      slot; one arriving when the queue is full is rejected ("queue full"). None: unbounded.
+    raise_on_error: when serving fails (a stage error, a hang), `serve` raises an `EngineError`
+      carrying what was served so far (True), or returns it with `ServeResult.error` set (False).
   """
 
   num_stages: int = 1
@@ -299,14 +305,29 @@ class ServeConfig:
   snapshot_every: int = 8
   snapshot_dir: str | None = None
   program: str = "model"
+  max_pending: int | None = None
+  raise_on_error: bool = True
 
   def __post_init__(self):
+    # Each field checked by name here, so a bad value fails at construction, not mid-serve
+    # (a heartbeat_s of 0 would spin the heartbeat threads, a NaN timeout never fire).
+    _positive_int(self, "max_len", "microbatch_size", "num_stages", "tensor", "snapshot_every")
+    _positive_float(self, "step_timeout_s", "heartbeat_s", "heartbeat_timeout_s",
+                    "progress_timeout_s")
+    if not _is_int(self.top_k) or self.top_k < 0:
+      raise ValueError(f"top_k must be an integer >= 0 (0: no top-k), got {self.top_k!r}")
+    if not _is_real(self.temperature) or not 0 <= self.temperature < math.inf:
+      raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+    if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
+      raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+    if self.max_pending is not None and (not _is_int(self.max_pending) or self.max_pending < 1):
+      raise ValueError(f"max_pending must be None (unbounded) or an integer >= 1, got "
+                       f"{self.max_pending!r}")
+    if self.eos_token_id is not None and (not _is_int(self.eos_token_id) or
+                                          self.eos_token_id < 0):
+      raise ValueError(f"eos_token_id must be None or a token id >= 0, got {self.eos_token_id!r}")
     if self.program not in ("model", "fake"):
       raise ValueError(f"unknown stage program {self.program!r}; expected 'model' or 'fake'")
-    if not self.progress_timeout_s > 0:
-      raise ValueError(f"progress_timeout_s must be > 0, got {self.progress_timeout_s}")
-    if self.snapshot_every < 1:
-      raise ValueError(f"snapshot_every must be >= 1, got {self.snapshot_every}")
     if self.heartbeat_timeout_s <= self.heartbeat_s:
       raise ValueError(f"heartbeat_timeout_s {self.heartbeat_timeout_s} must exceed the "
                        f"heartbeat period {self.heartbeat_s}")
@@ -314,7 +335,25 @@ class ServeConfig:
       raise ValueError(f"unknown serving mode {self.mode!r}; expected 'paper' or 'mixed'")
     if self.pacing not in ("real", "paced"):
       raise ValueError(f"unknown pacing {self.pacing!r}; expected 'real' or 'paced'")
-    if self.microbatch_size < 1:
-      raise ValueError(f"microbatch_size must be >= 1, got {self.microbatch_size}")
-    if self.num_stages < 1 or self.tensor < 1:
-      raise ValueError(f"num_stages and tensor must be >= 1, got {self.num_stages}, {self.tensor}")
+
+
+def _is_int(x) -> bool:
+  return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+  return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _positive_int(cfg, *names: str) -> None:
+  for name in names:
+    v = getattr(cfg, name)
+    if not _is_int(v) or v < 1:
+      raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+
+
+def _positive_float(cfg, *names: str) -> None:
+  for name in names:
+    v = getattr(cfg, name)
+    if not _is_real(v) or not 0 < v < math.inf:   # NaN fails both comparisons
+      raise ValueError(f"{name} must be a finite number > 0 (seconds), got {v!r}")

@@ -6,7 +6,6 @@ Writes `results.jsonl` (one JSON object per simulated point, planner row) and th
   python -m experiments.simulate --config=configs/simulate.py --output_dir=/tmp/sim
 """
 
-import json
 import os
 
 from absl import app, flags
@@ -21,6 +20,7 @@ from dejavu_jax import costmodel as cm  # noqa: E402
 from dejavu_jax import planner  # noqa: E402
 from dejavu_jax import sim  # noqa: E402
 from dejavu_jax.config import get_model_config  # noqa: E402
+from dejavu_jax.serving import metrics  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/simulate.py")
 _OUT = flags.DEFINE_string("output_dir", "/tmp/dejavu_simulate", "where results and plots go")
@@ -74,7 +74,7 @@ def run(c, out_dir):
                    "machines": int(machines), "error": str(e)})
   with open(os.path.join(out_dir, "results.jsonl"), "w") as f:
     for row in rows:
-      f.write(json.dumps(row, default=float) + "\n")
+      f.write(metrics.dumps(row) + "\n")   # strict JSON: NaN (nothing finished) -> null
   _plot(rows, timelines, c, out_dir)
   return rows
 

@@ -39,14 +39,15 @@ class FailureSpec:
     if sum(triggers) != 1:
       raise ValueError(f"failure of stage {self.stage}: give exactly one of time_s, after_steps, "
                        "during_recovery")
-    if self.time_s is not None and (not isinstance(self.time_s, (int, float)) or
+    if self.time_s is not None and (isinstance(self.time_s, bool) or
+                                    not isinstance(self.time_s, (int, float)) or
                                     not math.isfinite(self.time_s) or self.time_s < 0):
-      raise ValueError(f"failure time_s must be a finite number >= 0, got {self.time_s!r}")
+      raise ValueError(f"FailureSpec time_s must be a finite number >= 0, got {self.time_s!r}")
     if self.after_steps is not None and (not isinstance(self.after_steps, int) or
                                          self.after_steps < 0):
       raise ValueError(f"failure after_steps must be an int >= 0, got {self.after_steps!r}")
-    if not isinstance(self.stage, int) or self.stage < 0:
-      raise ValueError(f"failure stage must be an int >= 0, got {self.stage!r}")
+    if isinstance(self.stage, bool) or not isinstance(self.stage, int) or self.stage < 0:
+      raise ValueError(f"FailureSpec stage must be an integer >= 0, got {self.stage!r}")
     if self.kind not in ("crash", "stall"):
       raise ValueError(f"unknown failure kind {self.kind!r}; expected 'crash' or 'stall'")
     if self.kind == "stall" and not (math.isfinite(self.stall_s) and self.stall_s > 0):

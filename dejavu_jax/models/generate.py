@@ -155,26 +155,56 @@ class SamplingConfig:
 GREEDY = SamplingConfig()
 
 
+def _is_int(x) -> bool:
+  # bool is an int subclass but never a token id or a count; floats are never silently truncated.
+  return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
 def validate_prompts(cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                      max_len: int | None = None) -> None:
-  """Raises ValueError naming the first problem: empty prompt, out-of-vocabulary token, or a
-  prompt (plus the tokens to generate) longer than the model's positions or the cache."""
-  if not prompts:
+  """Raises ValueError naming the first problem: `max_new_tokens` not an integer >= 1, a prompt
+  that is not a sequence, empty, with a token id that is not an integer or outside the
+  vocabulary, or (plus the tokens to generate) longer than the model's positions or the cache.
+  Everything is checked by type first: 5.7 or "5" is an error, never truncated or parsed."""
+  if not _is_int(max_new_tokens) or max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be >= 1 and an integer, got {max_new_tokens!r}")
+  if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__len__"):
+    raise ValueError(f"prompts must be a sequence of prompts, got {type(prompts).__name__}")
+  if len(prompts) == 0:
     raise ValueError("no prompts given")
   limit = cfg.max_positions if max_len is None else min(max_len, cfg.max_positions)
   for i, p in enumerate(prompts):
-    if len(p) == 0:
-      raise ValueError(f"prompt {i} is empty")
-    arr = np.asarray(p)
-    bad = arr[(arr < 0) | (arr >= cfg.vocab_size)]
-    if bad.size:
-      raise ValueError(f"prompt {i} has token id {int(bad[0])} outside the vocabulary "
-                       f"[0, {cfg.vocab_size})")
+    _check_tokens(cfg, i, p)
     if len(p) + max_new_tokens > limit:
       raise ValueError(f"prompt {i} of {len(p)} tokens + {max_new_tokens} new tokens is longer "
                        f"than the context of {limit} positions")
-  if max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+
+
+def _check_tokens(cfg: ModelConfig, i: int, p) -> None:
+  if isinstance(p, (list, tuple, range)):
+    # Element by element: np.asarray would turn [True, 3] into ints and ["5"] into a str array.
+    bad = next((t for t in p if not _is_int(t)), None)
+    if bad is not None:
+      raise ValueError(f"prompt {i} has token id {bad!r} ({type(bad).__name__}), not an integer")
+    # Python ints may be beyond int64: compare them before any conversion.
+    bad = next((t for t in p if not 0 <= t < cfg.vocab_size), None)
+    if bad is not None:
+      raise ValueError(f"prompt {i} has token id {int(bad)} outside the vocabulary "
+                       f"[0, {cfg.vocab_size})")
+    arr = np.asarray(p, np.int64)
+  else:
+    arr = None if isinstance(p, (str, bytes)) else np.asarray(p)   # numpy or jax arrays
+    if arr is None or arr.ndim != 1:
+      raise ValueError(f"prompt {i} is not a sequence of token ids: {type(p).__name__} "
+                       f"{str(p)[:40]!r}")
+    if arr.dtype.kind not in "iu" and arr.size:
+      raise ValueError(f"prompt {i} has token ids of dtype {arr.dtype}, not integers")
+  if arr.size == 0:
+    raise ValueError(f"prompt {i} is empty")
+  bad = arr[(arr < 0) | (arr >= cfg.vocab_size)]
+  if bad.size:
+    raise ValueError(f"prompt {i} has token id {int(bad[0])} outside the vocabulary "
+                     f"[0, {cfg.vocab_size})")
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], bucket: int, pad_id: int):

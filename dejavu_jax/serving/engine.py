@@ -9,9 +9,21 @@ only through the runtime's `Worker` messages and hears from them only on its eve
 `serve` runs an open-loop workload: requests are admitted when their arrival time comes, whether
 or not the pipeline is busy.
 
-Bad requests (empty, token ids outside the vocabulary, prompt + new tokens longer than the
-context, a repeated request id) are rejected one by one with a message naming the problem; every
-request admitted before or after them still finishes.
+Bad requests (a NaN, infinite or negative arrival, a prompt that is not a sequence of integer
+token ids inside the vocabulary, max_new_tokens not an integer >= 1, prompt + new tokens longer
+than the context, a request id already used) are rejected one by one in `ServeResult.rejected`,
+with a message naming the request and the field; every other request still finishes. All checks
+live in `validate` (and `models.generate.validate_prompts`); a request is checked before serving
+starts, so one that can never arrive cannot stall the loop.
+
+Admission control: with `ServeConfig.max_pending`, a request that arrives while that many admitted
+requests wait for a microbatch slot is rejected ("queue full"); the summary reports `rejected`,
+`rejected_queue_full` and `max_queue_depth`.
+
+Nothing served is lost: when serving fails (a `StepError` from a stage, a hang past
+`step_timeout_s`, any exception in the loop), `serve` raises an `EngineError` whose `.result` is
+the `ServeResult` so far (every admitted request's record, the finished ones complete) with
+`error` naming the failure, or returns that result when `raise_on_error` is False.
 
 Failures: `serve(..., failures=[FailureSpec(t, s)])` kills stage s's worker at time t (or after
 a number of its steps, or during the next recovery; or stalls it: fault/inject.py). The
@@ -28,6 +40,8 @@ not restore goes down the chain (fault/strategies.py).
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import time
 from typing import Callable, Sequence
 
@@ -38,7 +52,7 @@ from dejavu_jax.config import ModelConfig, ServeConfig
 from dejavu_jax.fault.controller import Controller, RecoveryEvent
 from dejavu_jax.fault.inject import FailureSpec
 from dejavu_jax.fault.strategies import FailureView, get_strategy
-from dejavu_jax.models.checkpoint import restore_params
+from dejavu_jax.models.checkpoint import check_params_checkpoint, restore_params
 from dejavu_jax.models.decoder import param_shapes
 from dejavu_jax.models.generate import bucket_length, pad_prompts, sample, validate_prompts
 from dejavu_jax.pipeline.fake import FakeProgram
@@ -60,9 +74,22 @@ class ServeResult:
   wall_s: float
   stage_busy_s: list
   recoveries: list = dataclasses.field(default_factory=list)   # RecoveryEvent per failure
+  error: str | None = None         # why serving stopped early (None: everything was served)
 
   def tokens(self) -> dict[int, list[int]]:
     return {r.request_id: list(r.tokens) for r in self.records}
+
+
+class EngineError(RuntimeError):
+  """Serving failed; `.result` is the `ServeResult` of everything served until then."""
+
+  def __init__(self, message: str, result: ServeResult):
+    super().__init__(message)
+    self.result = result
+
+
+class EngineTimeout(EngineError, TimeoutError):
+  """Serving failed on a hang (no step finished within `step_timeout_s`)."""
 
 
 class PipelineEngine:
@@ -82,6 +109,17 @@ class PipelineEngine:
     if serve.max_len > cfg.max_positions:
       raise ValueError(f"max_len {serve.max_len} exceeds the model's {cfg.max_positions} "
                        "positions")
+    if serve.top_k > cfg.vocab_size:
+      raise ValueError(f"top_k {serve.top_k} exceeds the model's vocabulary of "
+                       f"{cfg.vocab_size} tokens")
+    if serve.eos_token_id is not None and serve.eos_token_id >= cfg.vocab_size:
+      raise ValueError(f"eos_token_id {serve.eos_token_id} is outside the model's vocabulary "
+                       f"[0, {cfg.vocab_size})")
+    if params_checkpoint is not None:
+      # Read now, not at the first recovery: a missing path or another model's checkpoint
+      # would otherwise lose the run when a worker must be replaced.
+      for start, stop in self.plan.ranges:
+        check_params_checkpoint(params_checkpoint, param_shapes(cfg, start, stop))
     self.mesh = make_mesh(self.plan, devices)
     self.params = params  # kept: a replacement worker places its stage's subset again
     pace = None
@@ -120,12 +158,49 @@ class PipelineEngine:
 
   # ---- serving ----
   def validate(self, request: Request) -> str | None:
-    """The reason `request` cannot be served, or None."""
+    """The reason `request` cannot be served (naming it and the field), or None."""
+    rid = getattr(request, "request_id", None)
+    if not isinstance(rid, numbers.Integral) or isinstance(rid, bool):
+      return f"request {rid!r}: request_id must be an integer"
+    arrival = getattr(request, "arrival", None)
+    # NaN compares false with every clock reading: such a request would never arrive.
+    if (not isinstance(arrival, numbers.Real) or isinstance(arrival, bool) or
+        not 0 <= arrival < math.inf):
+      return f"request {rid}: arrival must be a finite time >= 0 (seconds), got {arrival!r}"
     try:
-      validate_prompts(self.cfg, [request.prompt], request.max_new_tokens, self.serve_cfg.max_len)
+      validate_prompts(self.cfg, [getattr(request, "prompt", None)],
+                       getattr(request, "max_new_tokens", None), self.serve_cfg.max_len)
     except ValueError as e:
-      return f"request {request.request_id}: " + str(e).replace("prompt 0", "prompt")
+      return f"request {rid}: " + str(e).replace("prompt 0", "prompt")
     return None
+
+  def _admissible(self, requests, rejected: dict) -> list[Request]:
+    """The valid requests, normalized (plain ints and floats) and in arrival order; the others
+    go to `rejected`. Of several requests with one id, the first to arrive is served."""
+    ok = []
+    for req in requests:
+      reason = self.validate(req)
+      if reason:
+        rejected[getattr(req, "request_id", None)] = reason
+      else:
+        fields = dict(request_id=int(req.request_id), arrival=float(req.arrival),
+                      prompt=tuple(int(t) for t in req.prompt),
+                      max_new_tokens=int(req.max_new_tokens))
+        ok.append(dataclasses.replace(req, **fields) if dataclasses.is_dataclass(req)
+                  else Request(**fields))
+    ok.sort(key=lambda r: r.arrival)   # stable: equal arrivals keep the caller's order
+    first, out = {}, []
+    for req in ok:
+      if req.request_id in first:
+        rejected[req.request_id] = (
+            f"request {req.request_id}: request_id {req.request_id} is already used by the "
+            f"request arriving at {first[req.request_id]:g} s; this one (arrival "
+            f"{req.arrival:g} s) is rejected and the first is served")
+        continue
+      first[req.request_id] = req.arrival
+      out.append(req)
+    out.sort(key=lambda r: (r.arrival, r.request_id))
+    return out
 
   def warmup(self) -> None:
     """Compiles every stage's prefill for every prompt bucket that fits `max_len`, and the decode
@@ -141,8 +216,11 @@ class PipelineEngine:
       self.generate([[self.cfg.pad_token_id] * n], 2 if n == 1 else 1)   # n == 1: + decode
 
   def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
-    """All prompts arrive at once; returns the generated tokens per prompt (in order)."""
-    reqs = [Request(i, 0.0, tuple(p), max_new_tokens) for i, p in enumerate(prompts)]
+    """All prompts arrive at once; returns the generated tokens per prompt (in order). Raises
+    ValueError naming the first bad prompt or argument."""
+    if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__len__"):
+      raise ValueError(f"prompts must be a sequence of prompts, got {type(prompts).__name__}")
+    reqs = [Request(i, 0.0, p, max_new_tokens) for i, p in enumerate(prompts)]
     result = self.serve(reqs)
     if result.rejected:
       raise ValueError("; ".join(result.rejected.values()))
@@ -154,10 +232,13 @@ class PipelineEngine:
 
   def serve(self, requests: Sequence[Request],
             progress: Callable[[int, int], None] | None = None,
-            failures: Sequence[FailureSpec] = ()) -> ServeResult:
+            failures: Sequence[FailureSpec] = (),
+            raise_on_error: bool | None = None) -> ServeResult:
     """Serves an open-loop workload (arrival times in seconds from now), killing workers as
-    `failures` say."""
+    `failures` say. On a failure to serve (module doc), raises an `EngineError` carrying the
+    partial result, or returns it when `raise_on_error` (default: the ServeConfig's) is False."""
     sc = self.serve_cfg
+    raise_on_error = sc.raise_on_error if raise_on_error is None else raise_on_error
     for f in failures:
       if not 0 <= f.stage < self.plan.num_stages:
         raise ValueError(f"failure at stage {f.stage}, but the pipeline has stages "
@@ -174,8 +255,9 @@ class PipelineEngine:
     killed: dict[int, float] = {}
     sched = self._sched = Scheduler(self.plan.num_stages, sc.microbatch_size, sc.mode,
                                     first_mb_id=self._next_mb_id)
-    requests = sorted(requests, key=lambda r: (r.arrival, r.request_id))
     rejected: dict[int, str] = {}
+    requests = self._admissible(requests, rejected)
+    queue_full, max_depth = 0, 0
     stats0 = {st.worker_id: st for st in self.worker_stats()}
     t0 = self._t0 = time.perf_counter()
     now = lambda: time.perf_counter() - t0  # noqa: E731
@@ -183,6 +265,7 @@ class PipelineEngine:
     # when its last request arrived, whichever is later, however late the engine thread wakes.
     self._slot_free_at = {}
     nxt, finished = 0, 0
+    error = cause = None
     self._last_progress = time.perf_counter()
     self._killed = killed
     self._waiting: dict[int, tuple[int, float]] = {}   # mb_id -> (stage it waits on, since)
@@ -197,16 +280,22 @@ class PipelineEngine:
         if dead:
           events.append(self._recover(sched, dead, killed, now))
           self._last_progress = time.perf_counter()
+          # Requeued requests were admitted already: they are never rejected, so after a
+          # failure the queue may exceed max_pending for a while.
+          max_depth = max(max_depth, len(sched.pending))
         while nxt < len(requests) and requests[nxt].arrival <= now():
           req = requests[nxt]
           nxt += 1
-          reason = self.validate(req)
-          if reason is None and req.request_id in sched.states:
-            reason = f"request {req.request_id}: the request id was already used"
-          if reason:
-            rejected[req.request_id] = reason
-            continue
+          if sc.max_pending is not None and len(sched.pending) >= sc.max_pending:
+            while (mb := sched.inject()) is not None:   # a free slot empties the queue first
+              self._send_prefill(mb)
+            if len(sched.pending) >= sc.max_pending:
+              rejected[req.request_id] = (f"request {req.request_id}: queue full: "
+                                          f"{len(sched.pending)} pending")
+              queue_full += 1
+              continue
           sched.admit(req)
+          max_depth = max(max_depth, len(sched.pending))
         while (mb := sched.inject()) is not None:
           self._send_prefill(mb)
         if not sched.in_flight:
@@ -222,6 +311,10 @@ class PipelineEngine:
         if time.perf_counter() - self._last_progress > sc.step_timeout_s:
           raise TimeoutError(f"no pipeline step finished in {sc.step_timeout_s} s; worker "
                              f"heartbeats: {self.controller.silence()} s ago")
+    except Exception as e:  # pylint: disable=broad-except
+      # Whatever broke, what was served so far is returned or carried by the EngineError.
+      error, cause = f"{type(e).__name__}: {e}", e
+      self._abandon(sched)
     finally:
       self._next_mb_id = sched.next_mb_id
       self.runtime.disarm()   # an injected failure that did not fire must not outlive the run
@@ -229,6 +322,8 @@ class PipelineEngine:
     recs = [_record(sched.states[i]) for i in sorted(sched.states)]
     summary = metrics_lib.summarize(recs, duration=wall)
     summary["rejected"] = len(rejected)
+    summary["rejected_queue_full"] = queue_full
+    summary["max_queue_depth"] = max_depth
     stats = self.worker_stats()
     if sc.pacing == "paced":  # steps whose real compute outlasted the modeled time
       summary["paced_overruns"] = sum(
@@ -236,8 +331,28 @@ class PipelineEngine:
     if events:
       summary["failures"] = len(events)
       summary["mean_recovery_s"] = float(np.mean([e.recovery_s for e in events]))
+    if error is not None:
+      summary["error"] = error
     busy = [st.busy_s - getattr(stats0.get(st.worker_id), "busy_s", 0.0) for st in stats]
-    return ServeResult(recs, rejected, summary, wall, busy, events)
+    result = ServeResult(recs, rejected, summary, wall, busy, events, error)
+    if error is not None and raise_on_error:
+      done = sum(r.done for r in recs)
+      kind = EngineTimeout if isinstance(cause, TimeoutError) else EngineError
+      raise kind(f"serving failed with {done} of {len(recs)} admitted requests finished "
+                 f"(see .result): {error}", result) from cause
+    return result
+
+  def _abandon(self, sched: Scheduler) -> None:
+    """After a failed serve: the steps still queued or running are void (a new epoch) and their
+    caches are freed, so the engine can serve again."""
+    try:
+      self.epoch += 1
+      for s in range(self.plan.num_stages):
+        self.runtime.worker(s).set_epoch(self.epoch)
+      for mb_id in list(sched.in_flight):
+        self._free_everywhere(mb_id)
+    except Exception:  # pylint: disable=broad-except
+      pass   # best effort: the error being reported matters more than this cleanup
 
   # ---- failures ----
   def _inject(self, f: FailureSpec, now) -> None:

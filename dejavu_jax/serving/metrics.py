@@ -8,7 +8,8 @@ This module owns what every serving experiment reports, for the real engine and 
 * `summarize`: throughput, TTFT, TPOT, ITL, end-to-end latency and the paper's normalized latency
   (end-to-end latency / generated tokens, s/token) over the *finished* requests; the others are
   counted in `num_unfinished` and left out of every other number.
-* `write_jsonl` / `read_jsonl`, `format_summary`, `plot_latency_vs_rate`.
+* `write_jsonl` / `read_jsonl`, `dumps` (valid JSON: a NaN or infinite number, e.g. the latency
+  of a run where nothing finished, is written as null), `format_summary`, `plot_latency_vs_rate`.
 
 Metric names follow vLLM's `benchmark_serving.py` where the quantity is the same (`duration`,
 `completed`, `request_throughput`, `output_throughput`, `mean_ttft_ms`, `median_ttft_ms`,
@@ -146,12 +147,32 @@ def summarize(records: Iterable[Any], duration: float | None = None) -> dict:
   return out
 
 
+def _json_safe(x):
+  if isinstance(x, dict):
+    return {k: _json_safe(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_json_safe(v) for v in x]
+  if isinstance(x, np.ndarray):
+    return _json_safe(x.tolist())
+  if isinstance(x, (np.integer, np.bool_)):
+    return x.item()
+  if isinstance(x, (float, np.floating)):
+    return float(x) if math.isfinite(x) else None
+  return x
+
+
+def dumps(obj) -> str:
+  """`obj` as strict JSON: NaN and infinities (which `json.dumps` writes as bare `NaN` and
+  `Infinity`, rejected by every other JSON parser) become null; numpy scalars become numbers."""
+  return json.dumps(_json_safe(obj), allow_nan=False)
+
+
 def write_jsonl(path: str | os.PathLike, records: Iterable[RequestRecord]) -> None:
   """Writes one JSON object per request (the record's fields), one per line."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, "w", encoding="utf-8") as f:
     for r in records:
-      f.write(json.dumps(dataclasses.asdict(r)) + "\n")
+      f.write(dumps(dataclasses.asdict(r)) + "\n")
 
 
 def read_jsonl(path: str | os.PathLike) -> list[RequestRecord]:

@@ -1,9 +1,11 @@
 """Runs a serving experiment from an ml_collections config: model, engine, workload, failures,
-results on disk. The experiment scripts stay thin; tests call `run_experiment` directly."""
+results on disk. The experiment scripts stay thin; tests call `run_experiment` directly.
+
+When serving fails (`EngineError`), everything already served is still written (the requests
+file of the failed rate, and a summary with "error") before the error is raised again."""
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -16,7 +18,7 @@ from dejavu_jax.fault.controller import FailureSpec
 from dejavu_jax.models import init_params
 from dejavu_jax.models.convert import load_hf_checkpoint
 from dejavu_jax.serving import metrics
-from dejavu_jax.serving.engine import PipelineEngine
+from dejavu_jax.serving.engine import EngineError, PipelineEngine
 from dejavu_jax.serving.workload import WorkloadConfig, make_workload
 
 
@@ -44,7 +46,7 @@ def serve_config(c) -> ServeConfig:
                      max_len=c.max_len, mode=c.mode, pacing=c.pacing, seed=c.seed,
                      heartbeat_s=c.heartbeat_s, heartbeat_timeout_s=c.heartbeat_timeout_s,
                      recovery=c.recovery, snapshot_every=c.snapshot_every,
-                     program=c.program)
+                     program=c.program, max_pending=c.get("max_pending"))
 
 
 def _progress(log):
@@ -88,13 +90,23 @@ def run_experiment(c, out_dir: str, log=print) -> list[dict]:
       requests = make_workload(wl)
       log(f"rate {rate} req/s: {len(requests)} requests, failures "
           f"{[(f.stage, f.time_s) for f in failures] or 'none'}, recovery {sc.recovery}")
-      res = engine.serve(requests, progress=_progress(log), failures=failures)
+      failed = None
+      try:
+        res = engine.serve(requests, progress=_progress(log), failures=failures)
+      except EngineError as e:
+        failed, res = e, e.result
       summary = {"rate": float(rate), "system": f"pipeline_D{sc.num_stages}",
                  "model": cfg.name, **res.summary}
       metrics.write_jsonl(os.path.join(out_dir, f"requests_rate{rate:g}.jsonl"), res.records)
       with open(os.path.join(out_dir, "recoveries.jsonl"), "a") as f:
         for ev in res.recoveries:
-          f.write(json.dumps({"rate": float(rate), **ev.to_dict()}) + "\n")
+          f.write(metrics.dumps({"rate": float(rate), **ev.to_dict()}) + "\n")
+      if failed is not None:
+        summaries.append(summary)
+        _write_summaries(out_dir, summaries)
+        log(f"  serving failed at rate {rate:g}: {res.error}; the "
+            f"{sum(r.done for r in res.records)} requests served are written to {out_dir}")
+        raise failed
       for ev in res.recoveries:
         log(f"  failure of stage {ev.stage} at {ev.failed_at:.2f} s: detected after "
             f"{ev.detection_s:.2f} s, recovered ({ev.strategy}) after {ev.recovery_s:.2f} s, "
@@ -106,9 +118,7 @@ def run_experiment(c, out_dir: str, log=print) -> list[dict]:
       log(text)
       texts.append(text)
       summaries.append(summary)
-  with open(os.path.join(out_dir, "summary.jsonl"), "w") as f:
-    for s in summaries:
-      f.write(json.dumps(s) + "\n")
+  _write_summaries(out_dir, summaries)
   with open(os.path.join(out_dir, "summary.txt"), "w") as f:
     f.write("\n\n".join(texts) + "\n")
   if len(summaries) > 1:
@@ -119,3 +129,9 @@ def run_experiment(c, out_dir: str, log=print) -> list[dict]:
         failure_times=[f.time_s for f in failures],
         title=f"stage(s) {[f.stage for f in failures]} killed; {sc.recovery} recovery")
   return summaries
+
+
+def _write_summaries(out_dir: str, summaries: list[dict]) -> None:
+  with open(os.path.join(out_dir, "summary.jsonl"), "w") as f:
+    for s in summaries:
+      f.write(metrics.dumps(s) + "\n")
