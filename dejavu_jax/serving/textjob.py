@@ -12,7 +12,6 @@ with plain single-device greedy decoding and says whether every completion is id
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 from dejavu_jax.fault.inject import FailureSpec
@@ -77,13 +76,13 @@ def run_text_job(c, out_dir: str, log=print) -> dict:
       f"({sum(same)}/{len(prompts)} identical), with {len(res.recoveries)} failure(s) recovered")
   with open(os.path.join(out_dir, "completions.jsonl"), "w") as f:
     for r in rows:
-      f.write(json.dumps(r) + "\n")
+      f.write(metrics.dumps(r) + "\n")
   metrics.write_jsonl(os.path.join(out_dir, "requests.jsonl"), res.records)
   with open(os.path.join(out_dir, "recoveries.jsonl"), "w") as f:
     for ev in res.recoveries:
-      f.write(json.dumps(ev.to_dict()) + "\n")
+      f.write(metrics.dumps(ev.to_dict()) + "\n")
   summary = {"system": f"pipeline_D{sc.num_stages}", "model": cfg.name,
              "recovery": sc.recovery, "identical": all(same), **res.summary}
   with open(os.path.join(out_dir, "summary.jsonl"), "w") as f:
-    f.write(json.dumps(summary) + "\n")
+    f.write(metrics.dumps(summary) + "\n")
   return summary
