@@ -48,18 +48,19 @@ def _serve(recovery, failures, stages=4, link_fault=None, snapshot_every=8, reqs
     if link_fault is not None:
       eng.runtime.inject_link_fault(*link_fault)
     res = eng.serve(reqs, failures=failures)
-    # Frees travel behind the last steps in the inboxes: let the workers take them.
+    # The last frees are sent as serve() returns: let the workers take them (a leak would stay).
     deadline = time.monotonic() + 5
-    while any(st.inbox for st in eng.worker_stats()) and time.monotonic() < deadline:
+    while (any(st.inbox or st.cache_mb_ids for st in eng.worker_stats()) and
+           time.monotonic() < deadline):
       time.sleep(0.01)
     stats = eng.worker_stats()
   return reqs, res, stats
 
 
 @pytest.mark.timeout(120)
+# (restart and reprefill: tests/test_fault.py on the real model, and the campaign test.)
 @pytest.mark.parametrize("recovery,stage", [("replica", 1), ("replica", 0), ("replica", 3),
-                                            ("snapshot", 2), ("snapshot", 0),
-                                            ("restart", 1), ("reprefill", 3)])
+                                            ("snapshot", 2), ("snapshot", 0)])
 def test_single_failure_identical(recovery, stage):
   long = dict(reqs=LONG, max_len=128) if recovery == "snapshot" else {}
   reqs, res, stats = _serve(recovery, [FailureSpec(LATE if long else 0.5, stage)], **long)
@@ -77,7 +78,7 @@ def test_single_failure_identical(recovery, stage):
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("stages,dead", [(4, (1, 2)), (3, (2, 0)), (2, (0, 1))])
+@pytest.mark.parametrize("stages,dead", [(4, (1, 2)), (3, (2, 0))])
 def test_adjacent_double_failure_falls_down_the_chain(stages, dead):
   """Both stages die at once: the first one's replica lived on the second, so it cannot come
   from a replica; the chain restores it from the snapshot instead."""
