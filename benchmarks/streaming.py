@@ -39,7 +39,7 @@ from dejavu_jax.kv.cache import KVCache, init_cache_for
 from dejavu_jax.models import init_params
 from dejavu_jax.models.generate import bucket_length, make_steps
 from dejavu_jax.stream import ablation, transport
-from dejavu_jax.stream.packing import gather, gather_step
+from dejavu_jax.stream.packing import gather
 from dejavu_jax.stream.hostlog import HostKVLog
 from dejavu_jax.stream.streamer import Streamer
 

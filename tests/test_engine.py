@@ -18,27 +18,8 @@ def params():
   return init_params(CFG, jax.random.key(0))
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(240)
-@pytest.mark.parametrize("stages", [2, 4])
-def test_paced_inverse_throughput_matches_formula(params, stages):
-  """Saturated pipeline, deterministic step times: I_c = Y + N t + (D-1)(Y-t)/D (DEJAVU.md)."""
-  y, t, n = 0.04, 0.008, 8
-  per_stage = CFG.num_layers // stages
-  cost = TableCostModel(CFG, prompt=y / per_stage, token=t / per_stage)
-  serve = ServeConfig(num_stages=stages, microbatch_size=1, max_len=32, pacing="paced",
-                      mode="paper")
-  num_mb = 6 * stages
-  reqs = [Request(i, 0.0, (5, 6, 7), n + 1) for i in range(num_mb)]   # 1 prompt + N token steps
-  with PipelineEngine(CFG, params, serve, cost_model=cost) as eng:
-    eng.generate([[5, 6, 7]], 3)  # compile outside the measurement
-    res = eng.serve(reqs)
-  fin = sorted(r.finish for r in res.records)
-  measured = (fin[-1] - fin[stages - 1]) / (num_mb - stages)   # steady state: skip the fill
-  formula = y + n * t + (stages - 1) * (y - t) / stages
-  assert abs(measured / formula - 1) < 0.10, (measured, formula)
-  # Real compute (~1 ms) must fit the modeled steps, else the schedule is reality, not the model.
-  assert res.summary["paced_overruns"] <= 2
+# The paced pipeline's inverse throughput against I_c = Y + N t + (D-1)(Y-t)/D is a wall-clock
+# measurement: benchmarks/pipeline.py reports it (paced_vs_formula_d2, _d4), not a unit test.
 
 
 @pytest.mark.timeout(120)

@@ -63,8 +63,8 @@ def test_tokens_identical_after_failure(params, strategy, stage, tmp_path):
   ev = res.recoveries[0]
   assert ev.stage == stage and ev.strategy == strategy
   # Declared dead 0.1 s after the last heartbeat, which came at most one 0.02 s period before the
-  # kill: detection takes at least 0.08 s.
-  assert 0.1 - 0.02 <= ev.detection_s < 1.0
+  # kill: detection takes at least 0.08 s (how much longer is a wall time: not asserted here).
+  assert 0.1 - 0.02 <= ev.detection_s
   assert ev.lost_microbatches >= 1
   recomputed = sum(r.recomputed_tokens for r in res.records)
   assert recomputed == ev.recomputed_tokens

@@ -3,7 +3,6 @@
 import math
 import types
 
-import numpy as np
 import pytest
 
 from dejavu_jax.serving import metrics as mx

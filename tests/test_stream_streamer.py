@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from dejavu_jax.kv.cache import init_cache
-from dejavu_jax.stream.packing import gather_step
 from dejavu_jax.stream.hostlog import HostKVLog
 from dejavu_jax.stream.streamer import StreamClosed, StreamError, Streamer
 
