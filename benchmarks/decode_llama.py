@@ -17,7 +17,7 @@ generate `new_tokens` tokens greedily per row with no EOS stop:
 A run is timed from the prompt to the last token on the host; tokens/s = B * new_tokens / run
 time. The sides alternate run by run (a warm-up round first, which also compiles), because
 other jobs share this machine's cores; every figure is a median over `--runs` rounds. XLA uses
-its default thread pool, torch its default thread count (both reported). `greedy_token_match`
+its default thread pool, torch its default thread count or `--torch_threads` (both reported). `greedy_token_match`
 is the fraction of positions, up to each row's first end-of-turn token on the torch side, where
 the two sides chose the same token (1.0 unless a near-tie flips an argmax).
 
@@ -48,6 +48,9 @@ from dejavu_jax.models.tokenizer import encode_prompts, read_prompts  # noqa: E4
 _RUNS = flags.DEFINE_integer("runs", 3, "timed rounds (median reported); each runs both sides")
 _BATCHES = flags.DEFINE_list("batches", ["1", "8"], "batch sizes")
 _NEW = flags.DEFINE_integer("new_tokens", 128, "tokens generated per row")
+_TORCH_THREADS = flags.DEFINE_integer(
+    "torch_threads", 0, "torch intra-op threads (0: torch's default, one per core). On a loaded "
+    "machine 1 can be faster: torch's OpenMP threads wait on each other at every op")
 _MAX_LEN = 256
 
 
@@ -127,6 +130,8 @@ def torch_model(hf_cfg: dict, tensors: dict):
 def main(argv):
   del argv
   new_tokens = _NEW.value
+  if _TORCH_THREADS.value:
+    torch.set_num_threads(_TORCH_THREADS.value)
   batches = [int(b) for b in _BATCHES.value]
   hf_cfg, tensors, tok = gguf.load_gguf()
   cfg, params, _ = gguf.load_smollm2("float32")

@@ -77,7 +77,10 @@ def test_hf_config_from_metadata():
   assert cfg["num_hidden_layers"] == 2 and cfg["num_key_value_heads"] == 2
   assert cfg["head_dim"] == 4 and cfg["rope_theta"] == 10000.0
   assert cfg["rms_norm_eps"] == 1e-6     # the float32 value, given back as the decimal it was
-  assert "tie_word_embeddings" not in cfg
+  assert "tie_word_embeddings" not in cfg and "rope_scaling" not in cfg
+  linear = gguf.hf_config_from_gguf(_meta(**{"llama.rope.scaling.type": "linear",
+                                             "llama.rope.scaling.factor": 4.0}))
+  assert linear["rope_scaling"] == {"rope_type": "linear", "factor": 4.0}
   assert gguf.hf_config_from_gguf(_meta(), ["token_embd.weight"])["tie_word_embeddings"]
   assert not gguf.hf_config_from_gguf(_meta(), ["token_embd.weight", "output.weight"])[
       "tie_word_embeddings"]
@@ -88,6 +91,7 @@ def test_hf_config_from_metadata():
     ({"llama.block_count": None}, "llama.block_count"),
     ({"llama.rope.dimension_count": 2}, "partial rotary"),
     ({"llama.rope.scaling.type": "yarn"}, "scaling.type 'yarn'"),
+    ({"llama.rope.scaling.type": "linear"}, "llama.rope.scaling.factor"),
 ])
 def test_hf_config_refuses_what_it_cannot_map(kw, match):
   with pytest.raises(ValueError, match=match):

@@ -114,8 +114,9 @@ def hf_config_from_gguf(meta: dict, tensor_names: Iterable[str] | None = None) -
 
   `tensor_names` (the file's tensor names) decides `tie_word_embeddings`: llama.cpp omits
   `output.weight` when the head is the embedding; without them the key is left out.
-  Only `general.architecture == "llama"` with plain RoPE over the whole head is accepted; other
-  layouts are a ValueError naming the key."""
+  Only `general.architecture == "llama"` with RoPE over the whole head, unscaled or linearly
+  scaled, is accepted; other layouts are a ValueError naming the key (Llama-3.1's frequency
+  table, the tensor `rope_freqs.weight`, is refused by `hf_tensors_from_gguf`)."""
   arch = _require(meta, "general.architecture")
   if arch != "llama":
     raise ValueError(f"GGUF general.architecture {arch!r} is not supported (only 'llama')")
@@ -128,8 +129,9 @@ def hf_config_from_gguf(meta: dict, tensor_names: Iterable[str] | None = None) -
     raise ValueError(f"GGUF llama.rope.dimension_count {rope_dim} != head_dim {head_dim}: "
                      "partial rotary embeddings are not supported")
   scaling = meta.get("llama.rope.scaling.type", "none")
-  if scaling not in ("none", None):
-    raise ValueError(f"GGUF llama.rope.scaling.type {scaling!r} is not supported")
+  if scaling not in ("none", "linear", None):
+    raise ValueError(f"GGUF llama.rope.scaling.type {scaling!r} is not supported (only 'none' "
+                     "and 'linear')")
   tokens = meta.get("tokenizer.ggml.tokens")
   vocab = int(meta.get("llama.vocab_size", len(tokens) if tokens is not None else 0))
   if not vocab:
@@ -155,6 +157,9 @@ def hf_config_from_gguf(meta: dict, tensor_names: Iterable[str] | None = None) -
       "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
       "torch_dtype": "float32",
   }
+  if scaling == "linear":
+    cfg["rope_scaling"] = {"rope_type": "linear",
+                           "factor": _f32(_require(meta, "llama.rope.scaling.factor"))}
   if tensor_names is not None:
     cfg["tie_word_embeddings"] = "output.weight" not in set(tensor_names)
   return cfg
