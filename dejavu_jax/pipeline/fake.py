@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from dejavu_jax.config import ModelConfig
 from dejavu_jax.kv.cache import KVCache, init_cache_for
 from dejavu_jax.pipeline import plan as plan_lib
+from dejavu_jax.pipeline.stage import StageSlot
 
 MOD = 1009
 
@@ -69,16 +70,11 @@ _PREFILL = jax.jit(_prefill, static_argnums=(0, 1, 2), donate_argnums=(3,))
 _DECODE = jax.jit(_stage_step, static_argnums=(0, 1, 2), donate_argnums=(3,))
 
 
-class FakeProgram:
+class FakeProgram(StageSlot):
   """Drop-in for `StageProgram` (same constructor and calls); no params."""
 
   def __init__(self, cfg: ModelConfig, plan: plan_lib.StagePlan, mesh, s: int):
-    self.cfg, self.index = cfg, s
-    self.start, self.stop = plan.ranges[s]
-    self.first, self.last = self.start == 0, self.stop == cfg.num_layers
-    self.num_layers = self.stop - self.start
-    self.sub = plan_lib.stage_mesh(mesh, s)
-    self.devices = tuple(self.sub.devices.flat)
+    super().__init__(cfg, plan, mesh, s)
     self._device = self.devices[0]
 
   def place_params(self, params):

@@ -24,8 +24,9 @@ from dejavu_jax.pipeline import plan as plan_lib
 _COLLECTIVE_LOCK = threading.Lock()
 
 
-class StageProgram:
-  """Compiled steps of stage `s` of `plan` on `mesh`."""
+class StageSlot:
+  """Where stage `s` of `plan` sits: its layers [start, stop) and its sub-mesh of `mesh` (what
+  every stage program, real or fake, shares)."""
 
   def __init__(self, cfg: ModelConfig, plan: plan_lib.StagePlan, mesh, s: int):
     self.cfg, self.index = cfg, s
@@ -35,6 +36,13 @@ class StageProgram:
     self.sub = plan_lib.stage_mesh(mesh, s)
     self.tensor = plan.tensor
     self.devices = tuple(self.sub.devices.flat)
+
+
+class StageProgram(StageSlot):
+  """Compiled steps of stage `s` of `plan` on `mesh`."""
+
+  def __init__(self, cfg: ModelConfig, plan: plan_lib.StagePlan, mesh, s: int):
+    super().__init__(cfg, plan, mesh, s)
     rep = plan_lib.replicated(self.sub)
     kv_sharding = plan_lib.cache_sharding(self.sub)
     self._rep = rep
