@@ -52,7 +52,7 @@ def test_bad_failure_specs_are_named():
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("stages", [3, 4])
+@pytest.mark.parametrize("stages", [4])
 def test_predecessor_killed_before_first_failure_is_detected(stages):
   """The outside campaign's crash: stage 2 killed at 0.3 s, stage 1 at 0.35 s (before stage 2's
   silence is judged). Replica recovery must re-check who is alive and fall back, never raise."""
