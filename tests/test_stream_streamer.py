@@ -126,11 +126,14 @@ def test_unwaited_failure_is_raised_at_close():
 
 @pytest.mark.parametrize("wait", [True, False])
 def test_shutdown_with_transfers_pending(wait):
-  gate = threading.Event()
+  gate, started = threading.Event(), threading.Event()
   delivered = []
   s = Streamer(num_threads=1)
-  first = s.submit(payload(0), lambda x: gate.wait(30))
+  first = s.submit(payload(0), lambda x: started.set() or gate.wait(30))
   rest = [s.submit(payload(i), lambda x, i=i: delivered.append(i)) for i in range(1, 6)]
+  # The first transfer must be running when close() comes (a loaded machine may not have
+  # started it yet; then it would be cancelled too, which is not what this test is about).
+  assert started.wait(30)
   threading.Timer(0.2, gate.set).start()
   report = s.close(wait=wait, timeout=30)
   assert first.wait(0) is True
