@@ -4,6 +4,7 @@ import torch
 import transformers
 
 from dejavu_jax.config import ModelConfig
+from dejavu_jax.models.convert import load_hf_checkpoint
 
 HF_CLASSES = {"opt": "OPTForCausalLM", "gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM",
               "bloom": "BloomForCausalLM"}
@@ -74,3 +75,12 @@ def hf_logits(model, tokens):
   """Full-sequence logits [B, T, V] of the reference (no padding)."""
   with torch.no_grad():
     return model(torch.as_tensor(tokens)).logits.numpy()
+
+
+def saved_and_loaded(cfg: ModelConfig, directory):
+  """(HF model, our (config, params) loaded back from its `save_pretrained` safetensors in
+  `directory`): the checkpoint path the parity tests go through."""
+  model = hf_model(cfg)
+  model.save_pretrained(directory)
+  loaded_cfg, params = load_hf_checkpoint(str(directory))
+  return model, loaded_cfg, params

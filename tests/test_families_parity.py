@@ -10,7 +10,6 @@ import pytest
 
 from dejavu_jax.config import ServeConfig, tiny_config
 from dejavu_jax.kv.cache import init_cache_for
-from dejavu_jax.models.convert import load_hf_checkpoint
 from dejavu_jax.models.decoder import stage_apply, stage_params
 from dejavu_jax.models.generate import make_steps, pad_prompts
 from dejavu_jax.pipeline import plan as plan_lib
@@ -39,10 +38,7 @@ TOL = 1e-4
 @pytest.fixture(scope="module", params=list(CONFIGS))
 def reference(request, tmp_path_factory):
   cfg = CONFIGS[request.param]
-  model = hf_util.hf_model(cfg)
-  path = tmp_path_factory.mktemp(request.param)
-  model.save_pretrained(path)
-  loaded_cfg, params = load_hf_checkpoint(str(path))
+  model, loaded_cfg, params = hf_util.saved_and_loaded(cfg, tmp_path_factory.mktemp(request.param))
   seq = np.random.default_rng(1).integers(0, cfg.vocab_size,
                                           (2, max(LENGTHS) + DECODE)).astype(np.int32)
   return cfg, loaded_cfg, params, model, seq, hf_util.hf_logits(model, seq)

@@ -9,7 +9,6 @@ import pytest
 
 from dejavu_jax.config import tiny_config
 from dejavu_jax.kv.cache import init_cache_for
-from dejavu_jax.models.convert import load_hf_checkpoint
 from dejavu_jax.models.generate import bucket_length, make_steps, pad_prompts
 from dejavu_jax.models.decoder import stage_apply
 from tests import hf_util
@@ -29,10 +28,7 @@ TOL = 1e-4
 @pytest.fixture(scope="module", params=list(CONFIGS))
 def reference(request, tmp_path_factory):
   cfg = CONFIGS[request.param]
-  model = hf_util.hf_model(cfg)
-  path = tmp_path_factory.mktemp(request.param)
-  model.save_pretrained(path)  # safetensors
-  loaded_cfg, params = load_hf_checkpoint(str(path))
+  model, loaded_cfg, params = hf_util.saved_and_loaded(cfg, tmp_path_factory.mktemp(request.param))
   return cfg, loaded_cfg, params, model
 
 
