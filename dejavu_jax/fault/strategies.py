@@ -22,7 +22,8 @@ in a strategy that handles everything (restart or reprefill) gets `restart` appe
   snapshot   restore from the last complete orbax snapshot of the dead stage's caches
              (fault/snapshot.py), taken every `every` steps of each worker.
 
-Add a strategy: a class with `name`, `options()`, `observe(event)`, `forget(view)` and
+Add a strategy: a class with `name`, `options()`, `observe(event)`, `forget(view)`,
+`retire(mb_id)` (the microbatch left the pipeline: drop what is kept for it) and
 `plan(view) -> RecoveryPlan`, registered in STRATEGIES.
 """
 
@@ -66,6 +67,7 @@ class RecoveryStrategy(Protocol):
   def options(self) -> WorkerOptions: ...
   def observe(self, event) -> None: ...
   def forget(self, view: FailureView) -> None: ...
+  def retire(self, mb_id: int) -> None: ...
   def plan(self, view: FailureView) -> RecoveryPlan: ...
 
 
@@ -81,6 +83,9 @@ class _Requeue:
     pass
 
   def forget(self, view: FailureView) -> None:
+    pass
+
+  def retire(self, mb_id: int) -> None:
     pass
 
   def plan(self, view: FailureView) -> RecoveryPlan:
@@ -115,6 +120,10 @@ class Replica:
     dead = set(view.dead)
     self._acked = {(s, mb): st for (s, mb), st in self._acked.items()
                    if (s + 1) % view.num_stages not in dead}
+
+  def retire(self, mb_id: int) -> None:
+    # One entry per (stage, microbatch): without this the table grows for the whole run.
+    self._acked = {k: v for k, v in self._acked.items() if k[1] != mb_id}
 
   def plan(self, view: FailureView) -> RecoveryPlan:
     plan = RecoveryPlan()
@@ -162,6 +171,9 @@ class Snapshot:
 
   def forget(self, view: FailureView) -> None:
     pass   # snapshots live on disk: a dead worker's snapshots survive it
+
+  def retire(self, mb_id: int) -> None:
+    pass   # only the latest snapshot per stage is kept: bounded already
 
   def plan(self, view: FailureView) -> RecoveryPlan:
     plan = RecoveryPlan()
@@ -222,6 +234,10 @@ class Chain:
   def forget(self, view: FailureView) -> None:
     for s in self.strategies:
       s.forget(view)
+
+  def retire(self, mb_id: int) -> None:
+    for s in self.strategies:
+      s.retire(mb_id)
 
   def plan(self, view: FailureView, start: int = 0) -> list[tuple[int, RecoveryPlan]]:
     """[(index of the strategy, its plan)] covering every microbatch of `view`."""

@@ -426,6 +426,7 @@ class PipelineEngine:
   def _free_everywhere(self, mb_id: int) -> None:
     for s in range(self.plan.num_stages):
       self.runtime.worker(s).free(mb_id)
+    self.strategy.retire(mb_id)
 
   # ---- recovery ----
   def _recover(self, sched: Scheduler, dead: list[int], killed: dict, now) -> RecoveryEvent:
