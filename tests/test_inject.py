@@ -49,6 +49,10 @@ def test_bad_failure_specs_are_named():
     FailureSpec(1.0, 0, kind="stall")
   with pytest.raises(ValueError, match="unknown failure kind 'melt'"):
     FailureSpec(1.0, 0, kind="melt")
+  with pytest.raises(ValueError, match="after_snapshots must be an int >= 1, got 0"):
+    FailureSpec(stage=1, after_snapshots=0)
+  with pytest.raises(ValueError, match="exactly one of .*after_snapshots"):
+    FailureSpec(1.0, 1, after_snapshots=2)
 
 
 @pytest.mark.timeout(120)

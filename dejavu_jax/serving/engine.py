@@ -139,6 +139,7 @@ class PipelineEngine:
       self.controller.watch(s, self.runtime.worker(s).worker_id)
     self._key = jax.random.key(serve.seed)
     self._next_mb_id = 0   # microbatch ids stay unique across serve() calls
+    self._on_snapshot, self._snapshots_seen = [], {}   # snapshot-triggered failures (serve)
 
   def _params_for(self, s: int):
     """A (replacement) worker's weights: the orbax checkpoint when there is one, else host."""
@@ -245,6 +246,10 @@ class PipelineEngine:
                          f"0..{self.plan.num_stages - 1}")
     timed = sorted((f for f in failures if f.time_s is not None), key=lambda f: f.time_s)
     self._during_recovery = [f for f in failures if f.during_recovery]
+    # Snapshot-triggered: fired from the event loop when every stage reached the count.
+    self._on_snapshot = sorted((f for f in failures if f.after_snapshots is not None),
+                               key=lambda f: f.after_snapshots)
+    self._snapshots_seen = {s: 0 for s in range(self.plan.num_stages)}
     for f in failures:
       if f.after_steps is not None:
         if f.after_steps == 0:
@@ -393,6 +398,10 @@ class PipelineEngine:
         self.strategy.observe(ev)
     elif isinstance(ev, api.SnapshotSaved):
       self.strategy.observe(ev)
+      self._snapshots_seen[ev.stage] = self._snapshots_seen.get(ev.stage, 0) + 1
+      rounds = min(self._snapshots_seen.values())
+      while self._on_snapshot and self._on_snapshot[0].after_snapshots <= rounds:
+        self._inject(self._on_snapshot.pop(0), lambda: time.perf_counter() - self._t0)
     elif isinstance(ev, api.StepResult):
       if ev.epoch == self.epoch and ev.mb_id in sched.in_flight:
         self._last_progress = time.perf_counter()
