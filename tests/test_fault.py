@@ -116,14 +116,15 @@ def test_failure_at_missing_stage(params):
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("recovery,failures", [
-    ("snapshot", [FailureSpec(0.8, 1)]),
-    ("replica,snapshot,reprefill", [FailureSpec(0.8, 0), FailureSpec(0.8, 1)]),   # adjacent
+    ("snapshot", [FailureSpec(stage=1, after_snapshots=2)]),
+    ("replica,snapshot,reprefill", [FailureSpec(stage=0, after_snapshots=2),
+                                    FailureSpec(stage=1, after_snapshots=2)]),   # adjacent
 ])
 def test_snapshot_and_chain_identical(params, recovery, failures):
   """The real model: restored from orbax snapshots (and, when both neighbours die, replica
   falls down the chain) with tokens equal to the plain greedy run. Two microbatches start at
-  t=0 and live ~1.6 s, so when the failure comes at 0.8 s a snapshot holding them has completed
-  even while another test file shares the cores (an orbax save takes 0.1-0.5 s here)."""
+  t=0 and live ~1.6 s; the failure comes right after the pipeline's second complete snapshot
+  (not at a time: an orbax save takes 0.1 s to over 1 s here, with the load)."""
   serve = ServeConfig(num_stages=2, microbatch_size=3, max_len=128, heartbeat_s=0.03,
                       heartbeat_timeout_s=0.3, recovery=recovery, pacing="paced",
                       snapshot_every=4)
