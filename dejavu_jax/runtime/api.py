@@ -131,6 +131,8 @@ class WorkerStats:
   live_device_bytes: int      # params + caches (what this worker holds on its devices)
   cache_mb_ids: list
   inbox: int                  # messages queued
+  kv_device_bytes: int = 0    # the KV cache buffers alone (what the device KV budget bounds)
+  kv_peak_device_bytes: int = 0   # the most KV cache bytes held at once so far
 
 
 @dataclasses.dataclass(frozen=True)
