@@ -21,7 +21,7 @@ Policy interface (`Placement`), called by the store:
 Optional (a policy that moves caches off the device, kv/swapping.py's `Swapping`):
   commit(mb_id, kind, positions, cache) -> Packed | None   after the step: write back what it
                               wrote (the gathered decode delta is returned for the replica)
-  prefetch(mb_id, current), predict_next(current)           start loading the next microbatch
+  prefetch(mb_id, current), predict_next(current, exclude)       start loading the next microbatch
   host_cache(mb_id)           the latest cache as host arrays without moving it on the device
   close()                     stops the policy's threads
 `AllOnDevice` is the baseline: a pool of `num_buffers` device caches, one per microbatch in
@@ -160,9 +160,9 @@ class CacheStore:
     if hasattr(self.policy, "prefetch"):
       self.policy.prefetch(mb_id, current)
 
-  def predict_next(self, current: int) -> int | None:
+  def predict_next(self, current: int, exclude=()) -> int | None:
     predict = getattr(self.policy, "predict_next", None)
-    return predict(current) if predict else None
+    return predict(current, exclude) if predict else None
 
   def caches_for_snapshot(self) -> dict[int, KVCache]:
     """mb_id -> cache (device, or host arrays for a policy that keeps them off the device)."""

@@ -188,10 +188,11 @@ class Swapping:
     self._log("prefetch", mb_id)
     self._account()
 
-  def predict_next(self, current: int) -> int | None:
-    """The microbatch this stage most likely steps next: the least recently stepped one."""
+  def predict_next(self, current: int, exclude=()) -> int | None:
+    """The microbatch this stage most likely steps next: the least recently stepped one (not
+    `current`, nor one in `exclude`: those that ran their final step here)."""
     for mb in self._order:
-      if mb != current and self._logs.get(mb) is not None:
+      if mb != current and mb not in exclude and self._logs.get(mb) is not None:
         return mb
     return None
 

@@ -40,6 +40,8 @@ class Step:
   tokens: int                 # prompt length (prefill) or tokens already cached (decode)
   ready_at: float = 0.0       # perf_counter time the step could start here (paced mode)
   epoch: int = 0              # recovery epoch; steps of an older epoch are dropped
+  final: bool = False         # a hint: every live row reaches its token limit at this step (a
+                              # swapping worker does not prefetch the microbatch after it)
 
 
 # ---- cache sources (what `load_cache` restores from; plain data, so any runtime can ship them)

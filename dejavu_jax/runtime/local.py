@@ -132,6 +132,7 @@ class LocalWorker:
     self._swap_free_at = 0.0     # paced swapping: when the modeled swap link is free again
     self._swapped_out_at: dict[int, float] = {}   # mb_id -> modeled end of its last swap-out
     self._mb_rows: dict[int, int] = {}            # mb_id -> rows of its prefill (swap sizes)
+    self._finished: set[int] = set()              # ran its final step here: not prefetched
     self._steps_done = 0
     self._busy_s = 0.0
     self._overruns = 0
@@ -277,6 +278,7 @@ class LocalWorker:
         self.replicas.drop(msg.mb_id)
       self._swapped_out_at.pop(msg.mb_id, None)
       self._mb_rows.pop(msg.mb_id, None)
+      self._finished.discard(msg.mb_id)
     elif isinstance(msg, _Export):
       self._export(msg)
     elif isinstance(msg, _Load):
@@ -328,7 +330,7 @@ class LocalWorker:
         if isinstance(m, Step) and m.kind == "decode" and m.epoch >= self._epoch and \
             m.mb_id != current:
           return m.mb_id
-    return self._store.predict_next(current)
+    return self._store.predict_next(current, exclude=self._finished)
 
   def _step(self, msg: Step) -> None:
     t0 = time.perf_counter()
@@ -343,6 +345,10 @@ class LocalWorker:
       swapped_in = getattr(store.policy, "last_get_swapped", False)
       fn = program.decode
     if store.swapping:
+      if msg.final:
+        self._finished.add(msg.mb_id)
+      else:   # a recovery may rewind a microbatch that looked finished
+        self._finished.discard(msg.mb_id)
       store.prefetch(self._next_mb(msg.mb_id), msg.mb_id)
     cache, out = fn(self._params, cache, program.to_stage(msg.x), msg.positions)
     store.put(msg.mb_id, cache)

@@ -551,8 +551,11 @@ class PipelineEngine:
     live = int((~mb.done).sum())
     # Sampling belongs to the last stage's step: the next step is ready when that one ended.
     self._waiting[mb.mb_id] = (0, time.monotonic())
+    final = all(len(mb.generated[i]) + 1 >= r.max_new_tokens
+                for i, r in enumerate(mb.requests) if not mb.done[i])
     self.runtime.worker(0).submit(api.Step("decode", mb.mb_id, mb.step, x, positions, live,
-                                           int(positions.max()), ready_at, self.epoch))
+                                           int(positions.max()), ready_at, self.epoch,
+                                           final=final))
 
 
 def _host_link(cost_model):
