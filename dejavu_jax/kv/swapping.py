@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import concurrent.futures as futures
 import threading
+import time
 from typing import Callable
 
 import jax.numpy as jnp
@@ -84,6 +85,8 @@ class Swapping:
     self._max_events = max_events
     self.peak_device_bytes = self.live_device_bytes()
     self.demand_swap_ins = 0
+    self.blocked_s = 0.0            # worker thread time spent waiting for swap-ins
+    self.commit_s = 0.0             # worker thread time spent dispatching swap-outs
     self.last_get_swapped = False   # the last `get` needed a swap-in (paced mode charges it)
     self._loaded: set[int] = set()  # microbatches loaded since their last step here
     self.prefetches = 0
@@ -105,11 +108,14 @@ class Swapping:
     """Waits for the slot's pending load (raises its error)."""
     if slot.load is not None:
       fut, slot.load = slot.load, None
+      t0 = time.perf_counter()
       try:
         slot.cache = fut.result()
       except BaseException:
         slot.mb, slot.cache = None, self._new_cache()   # the buffer stays usable
         raise
+      finally:
+        self.blocked_s += time.perf_counter() - t0
       self._account()
 
   def _account(self) -> None:
@@ -204,6 +210,19 @@ class Swapping:
 
   def commit(self, mb_id: int, kind: str, positions, cache: KVCache):
     """Swaps out what the step wrote; returns the gathered delta of a decode step (else None)."""
+    t0 = time.perf_counter()
+    try:
+      return self._commit(mb_id, kind, positions, cache)
+    finally:
+      self.commit_s += time.perf_counter() - t0
+
+  def stats(self) -> dict:
+    """Counters for reports: swap-ins prefetched / on demand, worker time blocked / committing."""
+    return dict(prefetches=self.prefetches, demand_swap_ins=self.demand_swap_ins,
+                blocked_s=self.blocked_s, commit_s=self.commit_s,
+                peak_device_bytes=self.peak_device_bytes)
+
+  def _commit(self, mb_id: int, kind: str, positions, cache: KVCache):
     if kind == "decode" and self._logs.get(mb_id) is not None:
       packed = packing.gather_step(cache, jnp.asarray(positions, jnp.int32))
       self._tickets[mb_id] = self._out.submit(packed, self._logs[mb_id].write, key=mb_id)

@@ -182,6 +182,11 @@ class LocalWorker:
         kv_device_bytes=self._store.live_device_bytes(),
         kv_peak_device_bytes=self._store.peak_device_bytes())
 
+  def swap_stats(self) -> dict:
+    """The swapping policy's counters (kv/swapping.py `Swapping.stats`); {} without swapping."""
+    stats = getattr(self._store.policy, "stats", None)
+    return stats() if stats else {}
+
   @property
   def swap_events(self) -> list:
     """The swapping policy's event log (tests): (kind, mb_id); [] without swapping."""
