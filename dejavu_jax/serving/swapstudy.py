@@ -158,3 +158,48 @@ def context_sweep(system: System, stages: int, contexts, output_len: int, batch_
                  "gain": out[True] / out[False], "swap_in_s": swap_s, "step_s": step_s,
                  "swap_hides": ok, "auto_choice": choice.swapping, "auto_reason": choice.reason})
   return rows
+
+
+def rate_sweep(system: System, cfg: ModelConfig, *, stages: int, prompt_len: int,
+               output_len: int, batch_without: int, loads, num_microbatches: int,
+               time_scale: float = 1.0, program: str = "fake", params=None, seed: int = 0,
+               log=print) -> list[dict]:
+  """Paced runs, no swapping at B and swapping at 2B under one budget, at each load (a fraction
+  of the no-swapping system's simulated saturated request rate). Tokens are checked against
+  the fake program's oracle."""
+  from dejavu_jax.pipeline.fake import fake_generate   # the fake program's oracle
+  model, cost, link = modeled(system)
+  max_len = prompt_len + output_len
+  budget_model = budget_for(model, stages, max_len, batch_without)
+  b0, b1 = batches(model, stages, max_len, budget_model)
+  sat = sim.simulate_colocated(cost, sim.saturated_requests(num_microbatches * b1, prompt_len,
+                                                            output_len), stages,
+                               kv_budget_bytes=budget_model, max_len=max_len,
+                               microbatching="paper")
+  capacity = metrics_lib.summarize(sat.records)["request_throughput"]
+  budget = served_budget(cfg, stages, max_len, batch_without)
+  rows = []
+  for load in loads:
+    rate = load * capacity
+    for swapping, b in ((False, b0), (True, b1)):
+      reqs = requests(num_microbatches * b1, prompt_len, output_len, cfg.vocab_size, rate, b,
+                      seed)
+      r = serve_once(cfg, params, reqs, stages=stages, max_len=max_len, budget=budget,
+                     swapping=swapping, program=program, cost=cost, link=link,
+                     time_scale=time_scale)
+      identical = None
+      if program == "fake":
+        identical = r["tokens"] == {q.request_id: fake_generate(cfg, [q.prompt],
+                                                               q.max_new_tokens)[0]
+                                    for q in reqs}
+      row = {k: v for k, v in r.items() if k != "tokens"}
+      row.update(kind="rate", system=system.name, model=system.model,
+                 hardware=system.hardware, load=load, rate=rate, num_requests=len(reqs),
+                 modeled_batch=b, modeled_budget_bytes=budget_model,
+                 within_budget=r["kv_peak_device_bytes"] <= budget,
+                 tokens_identical=identical)
+      rows.append(row)
+      log(f"{system.name} load {load:.2f} ({rate:.2f} req/s) swapping={swapping} batch "
+          f"{r['batch']}: {r['output_throughput']:.1f} tok/s, p50 normalized latency "
+          f"{r['norm_latency_p50_s_per_tok']:.4f} s/tok")
+  return rows
