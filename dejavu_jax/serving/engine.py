@@ -35,6 +35,15 @@ from host memory, or from an orbax checkpoint when `params_checkpoint` is given)
 strategy chain for a plan and executes it: caches are loaded into the replacements from the
 plan's sources, microbatches rewound or requeued in the scheduler, and whatever a strategy could
 not restore goes down the chain (fault/strategies.py).
+
+Microbatch swapping and the device KV budget: with `ServeConfig.device_kv_budget_bytes` (or a
+fraction of device memory) the microbatch size is the largest whose cache buffers fit on every
+worker: D of them, or 2 with swapping (kv/budget.py); `swapping="auto"` asks the cost model
+whether the swap-in hides under the step. `self.microbatch_size` and `self.swap_choice` hold
+the outcome, and every serve's summary says which was chosen and why (`swapping`,
+`swapping_reason`, `microbatch_size`). Swapping itself is the workers' cache placement policy
+(kv/swapping.py); the engine only marks a decode step `final` so workers do not prefetch a
+microbatch that is about to leave.
 """
 
 from __future__ import annotations
