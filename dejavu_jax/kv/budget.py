@@ -30,8 +30,9 @@ def row_bytes(model: ModelConfig, layers: int, max_len: int) -> int:
 
 
 def buffers(depth: int, swapping: bool) -> int:
-  """Cache buffers a worker holds: one per microbatch in flight, or two with swapping."""
-  return min(depth, 2) if swapping else depth
+  """Cache buffers a worker holds: one per microbatch in flight, or two with swapping (even at
+  depth 1: the policy always keeps two, one computing and one loading)."""
+  return 2 if swapping else depth
 
 
 def batch_for_budget(model: ModelConfig, layers: Sequence[int], max_len: int, budget: float,
@@ -41,7 +42,7 @@ def batch_for_budget(model: ModelConfig, layers: Sequence[int], max_len: int, bu
   nbuf = buffers(depth, swapping)
   batch = int(budget // (nbuf * worst))
   if batch < 1:
-    what = ("two buffers (swapping)" if swapping and depth >= 2 else
+    what = ("two buffers (swapping)" if swapping else
             f"{nbuf} buffer(s) (one per microbatch in flight)")
     raise KVBudgetError(
         f"device KV budget of {int(budget)} bytes per worker cannot hold {what} of one row: "
