@@ -169,8 +169,10 @@ def test_failure_recovered_with_swapping(recovery, stage):
   policy's install path; tokens equal the failure-free oracle."""
   stages = 4
   cost = TableCostModel(CFG, prompt=0.008, token=0.004)
-  serve = ServeConfig(num_stages=stages, microbatch_size=3, max_len=128, heartbeat_s=0.03,
-                      heartbeat_timeout_s=0.3, recovery=recovery, program="fake",
+  # A wide heartbeat timeout: swapping adds two threads per worker, and on loaded cores a
+  # live worker's heartbeat must not look like a death (one injected failure, one recovery).
+  serve = ServeConfig(num_stages=stages, microbatch_size=3, max_len=128, heartbeat_s=0.05,
+                      heartbeat_timeout_s=1.0, recovery=recovery, program="fake",
                       pacing="paced", snapshot_every=8, swapping="on")
   with PipelineEngine(CFG, None, serve, cost_model=cost,
                       swap_link=cm.Link("fast", 1e15)) as eng:
@@ -182,6 +184,7 @@ def test_failure_recovered_with_swapping(recovery, stage):
       time.sleep(0.01)
     stats = eng.worker_stats()
   assert res.tokens() == _reference(LONG)
+  assert len(res.recoveries) == 1, res.recoveries
   (ev,) = res.recoveries
-  assert ev.handled_by.get(recovery, 0) >= 1 and ev.restored_microbatches >= 1
+  assert ev.handled_by.get(recovery, 0) >= 1 and ev.restored_microbatches >= 1, ev
   assert all(st.cache_mb_ids == [] for st in stats)
