@@ -19,7 +19,7 @@ def get_config():
   c.batch_without = 8          # the budget admits this batch without swapping (2x with)
   c.loads = (0.5, 0.9, 1.3)   # request rate / the no-swapping saturated rate
   c.num_microbatches = 4       # requests per run = this x the swapping batch
-  c.time_scale = 1.0           # paced durations x this
+  c.time_scale = 3.0           # paced durations x this (real compute stays inside the steps)
   c.program = "fake"
   c.sweep_prompts = (8, 16, 32, 64, 128, 256, 512, 1024)
   c.sweep_output_len = 32
