@@ -38,7 +38,13 @@ errors ~1e-12 on every scenario). What remains possible:
 4. Mixed mode (`--mode=mixed`): the engine pads finished rows but charges a decode step (and the
    head) for the live rows only; the simulator follows with `live_rows_only=True`.
 
-Run: python benchmarks/sim_vs_paced.py [--quick]. Prints a table per scenario; the last stdout
+Swapping (`--swapping`): the engine keeps 2 device cache buffers per worker and, in paced mode,
+times each swap-in on the modeled link as the simulator does (it starts when the stage's previous
+step started, the microbatch's last swap-out landed and the link is free; the step waits for it).
+The engine charges a swap-in only when the microbatch really was not resident (with 2 in flight
+both stay on the device); the simulator skips swap-ins when at most 2 microbatches are in flight.
+
+Run: python benchmarks/sim_vs_paced.py [--quick] [--swapping]. Prints a table per scenario; the last stdout
 line is one JSON object with `max_rel_error_throughput` and `max_rel_error_p50_latency`.
 """
 
@@ -60,6 +66,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from dejavu_jax import costmodel as cm  # noqa: E402
 from dejavu_jax import sim  # noqa: E402
 from dejavu_jax.config import ServeConfig, tiny_config  # noqa: E402
 from dejavu_jax.costmodel import TableCostModel  # noqa: E402
@@ -81,6 +88,15 @@ STAGE_TOKEN = {(1, 1): 0.020, (1, 64): 0.024, (8, 1): 0.028, (8, 64): 0.036}
 HEAD = {1: 0.002, 8: 0.006}       # last stage, per step, by rows
 
 TARGET = 0.10
+SWAP_REF_CONTEXT = 24
+
+
+def swap_link(sc: "Scenario") -> cm.Link | None:
+  """The scenario's device<->host link (see `Scenario.swap_ms`), or None without swapping."""
+  if sc.swap_ms is None:
+    return None
+  nbytes = cm.kv_bytes(CFG, CFG.num_layers // sc.stages, sc.batch, SWAP_REF_CONTEXT)
+  return cm.Link(f"swap_{sc.swap_ms:g}ms", nbytes / (sc.swap_ms * sc.stretch * 1e-3))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +111,12 @@ class Scenario:
     min_requests: at least this many requests.
     mode: the engine's serving mode, "paper" or "mixed".
     seed: workload seed.
+    swap_ms: microbatch swapping on, over a device<->host link on which swapping in a whole
+      microbatch of B rows at context SWAP_REF_CONTEXT takes this many ms (None: off). The
+      engine keeps 2 device buffers per worker and paces swap-ins on that link; the simulator
+      gets the same link as `swap_link`.
+    stretch: every modeled duration (steps, head, swap transfers) x this, so that real compute
+      on a loaded machine stays inside the modeled steps (pace overruns break the agreement).
   """
 
   stages: int
@@ -104,13 +126,16 @@ class Scenario:
   min_requests: int = 12
   mode: str = "paper"
   seed: int = 0
+  swap_ms: float | None = None
+  stretch: float = 1.0
 
 
-def cost_model(stages: int) -> TableCostModel:
+def cost_model(stages: int, stretch: float = 1.0) -> TableCostModel:
   """`STAGE_*` per-stage times as a per-layer table for a D-stage split of the 4 layers."""
   per_stage = CFG.num_layers // stages
-  scale = lambda table: {k: v / per_stage for k, v in table.items()}  # noqa: E731
-  return TableCostModel(CFG, prompt=scale(STAGE_PROMPT), token=scale(STAGE_TOKEN), head=HEAD)
+  scale = lambda table: {k: v * stretch / per_stage for k, v in table.items()}  # noqa: E731
+  return TableCostModel(CFG, prompt=scale(STAGE_PROMPT), token=scale(STAGE_TOKEN),
+                        head={k: v * stretch for k, v in HEAD.items()})
 
 
 def capacity_rps(cost: TableCostModel, stages: int, batch: int) -> float:
@@ -135,8 +160,9 @@ def make_requests(sc: Scenario, rate: float) -> list[wl.Request]:
 
 def make_engine(params, sc: Scenario, cost: TableCostModel) -> PipelineEngine:
   serve = ServeConfig(num_stages=sc.stages, microbatch_size=sc.batch, max_len=MAX_LEN,
-                      pacing="paced", mode=sc.mode)
-  eng = PipelineEngine(CFG, params, serve, cost_model=cost)
+                      pacing="paced", mode=sc.mode,
+                      swapping="off" if sc.swap_ms is None else "on")
+  eng = PipelineEngine(CFG, params, serve, cost_model=cost, swap_link=swap_link(sc))
   eng.generate([[5] * PROMPT_LEN] * sc.batch, 3)  # compile prefill and decode outside the runs
   return eng
 
@@ -158,7 +184,7 @@ def run_scenario(eng: PipelineEngine, sc: Scenario, cost: TableCostModel) -> dic
   simulated = sim.simulate_colocated(
       cost, sim.from_serving(reqs), sc.stages, batch_size=sc.batch,
       microbatching="paper" if sc.mode == "paper" else "greedy",
-      live_rows_only=sc.mode == "mixed")
+      live_rows_only=sc.mode == "mixed", swap_link=swap_link(sc))
   eng_s = metrics.summarize(served.records)     # first arrival to last finish, as the sim
   sim_s = metrics.summarize(simulated.records)
   by_id = {r.rid: r for r in simulated.records}
@@ -168,6 +194,7 @@ def run_scenario(eng: PipelineEngine, sc: Scenario, cost: TableCostModel) -> dic
           "norm_latency_p99_s_per_tok", "median_ttft_ms", "median_tpot_ms", "duration")
   return {
       "stages": sc.stages, "batch": sc.batch, "load": sc.load, "mode": sc.mode,
+      "swap_ms": sc.swap_ms,
       "rate": rate, "num_requests": len(reqs),
       "engine": {k: eng_s[k] for k in keys}, "sim": {k: sim_s[k] for k in keys},
       "rel_error_throughput": _rel(sim_s["request_throughput"], eng_s["request_throughput"]),
@@ -184,7 +211,8 @@ def run_scenario(eng: PipelineEngine, sc: Scenario, cost: TableCostModel) -> dic
 def format_row(row: dict) -> str:
   """A readable table of one scenario: engine vs simulator, metric by metric."""
   head = (f"D={row['stages']} B={row['batch']} load={row['load']:.2f} "
-          f"rate={row['rate']:.2f} req/s  {row['num_requests']} requests  mode={row['mode']}")
+          f"rate={row['rate']:.2f} req/s  {row['num_requests']} requests  mode={row['mode']}"
+          + (f"  swapping (swap-in {row['swap_ms']:g} ms)" if row.get("swap_ms") else ""))
   lines = [head, "-" * len(head),
            f"{'metric':<28}{'engine':>12}{'sim':>12}{'rel err':>10}"]
   for k, e in row["engine"].items():
@@ -196,8 +224,15 @@ def format_row(row: dict) -> str:
   return "\n".join(lines)
 
 
-def grid(quick: bool, mode: str) -> list[Scenario]:
-  """D in {1, 2, 4} x B in {2, 8} x load in {0.3, 0.85}; --quick: D in {1, 2}, B 4, shorter."""
+def grid(quick: bool, mode: str, swapping: bool = False) -> list[Scenario]:
+  """D in {1, 2, 4} x B in {2, 8} x load in {0.3, 0.85}; --quick: D in {1, 2}, B 4, shorter.
+  --swapping: D 4 (swap-ins every step) and D 2 (both microbatches stay on the device), B in
+  {2, 8}, load 0.85, a swap-in that hides under the step (5 ms) and one that does not (60 ms);
+  every modeled time stretched 3x (real compute plus swap bookkeeping stays inside the steps)."""
+  if swapping:
+    return [Scenario(d, b, 0.85, mode=mode, swap_ms=ms, stretch=3.0)
+            for d, b, ms in ((4, 2, 5.0), (4, 8, 5.0), (4, 2, 60.0), (4, 8, 60.0),
+                             (2, 8, 60.0))]
   if quick:
     return [Scenario(d, 4, load, span_s=2.0, mode=mode)
             for d in (1, 2) for load in (0.3, 0.85)]
@@ -211,8 +246,8 @@ def run_grid(scenarios: list[Scenario], params=None, log=print) -> dict:
   rows, engines = [], {}
   try:
     for sc in scenarios:
-      key = (sc.stages, sc.batch, sc.mode)
-      cost = cost_model(sc.stages)
+      key = (sc.stages, sc.batch, sc.mode, sc.swap_ms, sc.stretch)
+      cost = cost_model(sc.stages, sc.stretch)
       if key not in engines:
         for old in engines.values():  # one engine's worker threads alive at a time
           old.close()
@@ -241,9 +276,11 @@ def main() -> None:
   parser.add_argument("--quick", action="store_true", help="D in {1, 2}, B = 4, ~2 s spans")
   parser.add_argument("--mode", choices=("paper", "mixed"), default="paper",
                       help="the engine's serving mode (the simulator follows it)")
+  parser.add_argument("--swapping", action="store_true",
+                      help="the swapping scenarios (microbatch swapping over a modeled link)")
   args = parser.parse_args()
   t0 = time.perf_counter()
-  out = run_grid(grid(args.quick, args.mode))
+  out = run_grid(grid(args.quick, args.mode, args.swapping))
   out["wall_s"] = time.perf_counter() - t0
   print(f"max rel error: throughput {out['max_rel_error_throughput']:.2%}, p50 normalized "
         f"latency {out['max_rel_error_p50_latency']:.2%} (target {TARGET:.0%})")

@@ -283,6 +283,15 @@ class ServeConfig:
       slot; one arriving when the queue is full is rejected ("queue full"). None: unbounded.
     raise_on_error: when serving fails (a stage error, a hang), `serve` raises an `EngineError`
       carrying what was served so far (True), or returns it with `ServeResult.error` set (False).
+    swapping: microbatch swapping (kv/swapping.py): "off" (D device cache buffers per worker),
+      "on" (every cache in host memory, 2 device buffers), "auto" (on only where the cost model
+      says the swap-in hides under the step; kv/budget.py `choose`).
+    device_kv_budget_bytes: device bytes per worker for KV cache buffers; when set, it decides
+      the microbatch size (the largest whose D, or with swapping 2, buffers fit) and
+      `microbatch_size` is ignored. None: no budget.
+    device_kv_budget_fraction: the budget as a fraction of the device's memory (devices that
+      report it, i.e. GPUs); at most one of the two budgets.
+    swap_context: the context length "auto" judges the swap-in at (None: max_len).
   """
 
   num_stages: int = 1
@@ -307,6 +316,11 @@ class ServeConfig:
   program: str = "model"
   max_pending: int | None = None
   raise_on_error: bool = True
+  # ---- microbatch swapping and the device KV budget (kv/swapping.py, kv/budget.py) ----
+  swapping: str = "off"
+  device_kv_budget_bytes: int | None = None
+  device_kv_budget_fraction: float | None = None
+  swap_context: int | None = None
 
   def __post_init__(self):
     # Each field checked by name here, so a bad value fails at construction, not mid-serve
@@ -335,6 +349,24 @@ class ServeConfig:
       raise ValueError(f"unknown serving mode {self.mode!r}; expected 'paper' or 'mixed'")
     if self.pacing not in ("real", "paced"):
       raise ValueError(f"unknown pacing {self.pacing!r}; expected 'real' or 'paced'")
+    if self.swapping not in ("off", "on", "auto"):
+      raise ValueError(f"unknown swapping mode {self.swapping!r}; expected 'off', 'on' or "
+                       "'auto'")
+    if self.device_kv_budget_bytes is not None and (
+        not _is_int(self.device_kv_budget_bytes) or self.device_kv_budget_bytes < 1):
+      raise ValueError(f"device_kv_budget_bytes must be None or an integer >= 1 (bytes per "
+                       f"worker), got {self.device_kv_budget_bytes!r}")
+    if self.device_kv_budget_fraction is not None and (
+        not _is_real(self.device_kv_budget_fraction) or
+        not 0 < self.device_kv_budget_fraction <= 1):
+      raise ValueError(f"device_kv_budget_fraction must be None or in (0, 1], got "
+                       f"{self.device_kv_budget_fraction!r}")
+    if self.device_kv_budget_bytes is not None and self.device_kv_budget_fraction is not None:
+      raise ValueError("give device_kv_budget_bytes or device_kv_budget_fraction, not both")
+    if self.swap_context is not None and (not _is_int(self.swap_context) or
+                                          not 1 <= self.swap_context <= self.max_len):
+      raise ValueError(f"swap_context must be None or an integer in [1, max_len "
+                       f"{self.max_len}], got {self.swap_context!r}")
 
 
 def _is_int(x) -> bool:

@@ -150,14 +150,19 @@ class ReplicationTap:
     self.failed_transfers = 0
 
   def after_step(self, mb_id: int, step: int, cache: KVCache, positions, kind: str,
-                 tokens: int) -> None:
-    """Streams what step `step` of `mb_id` wrote (dispatched before the cache is donated)."""
+                 tokens: int, delta: Packed | None = None) -> None:
+    """Streams what step `step` of `mb_id` wrote (dispatched before the cache is donated).
+    `delta`: that step's delta already gathered (a swapping worker's swap-out), sent as is."""
     with self._lock:
       contiguous = (kind == "decode" and mb_id not in self._broken and
                     self._last.get(mb_id) == step - 1)
     if contiguous:
-      packed = packing.gather_step(cache, jnp.asarray(positions, jnp.int32),
-                                   layer_base=self.layer_base)
+      if delta is not None:   # the swap-out's slice names the stage's local layers
+        packed = delta.replace(layers=(delta.layers[0] + self.layer_base,
+                                       delta.layers[1] + self.layer_base))
+      else:
+        packed = packing.gather_step(cache, jnp.asarray(positions, jnp.int32),
+                                     layer_base=self.layer_base)
       self._submit(mb_id, step, packed, cache, block=False)
     else:
       size = max(tokens, 1) if kind == "prefill" else cache.max_len
@@ -169,7 +174,15 @@ class ReplicationTap:
       self._gen[mb_id] = self._next_gen
       self._next_gen += 1
       self._broken.discard(mb_id)
-    packed = packing.gather(cache, 0, size or cache.max_len, layer_base=self.layer_base)
+    if isinstance(cache.k, np.ndarray):   # a host cache (a swapping worker's log): no device
+      kv = np.stack([cache.k, cache.v])   # [2, L, B, S, H, K]
+      b, s = kv.shape[2], kv.shape[3]
+      cols = np.arange(s, dtype=np.int32)[None, :]
+      lengths = np.asarray(cache.lengths)[:, None]
+      packed = Packed(data=kv, positions=np.where(cols < lengths, cols, -1).astype(np.int32),
+                      layers=(self.layer_base, self.layer_base + kv.shape[1]), rows=(0, b))
+    else:
+      packed = packing.gather(cache, 0, size or cache.max_len, layer_base=self.layer_base)
     self._submit(mb_id, step, packed, cache, block=True)
 
   def _submit(self, mb_id: int, step: int, packed: Packed, cache: KVCache, block: bool) -> None:

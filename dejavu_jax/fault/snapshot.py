@@ -24,6 +24,7 @@ import threading
 import time
 from typing import Callable
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
@@ -62,15 +63,22 @@ class Snapshotter:
     self._thread.start()
 
   def after_step(self, caches: dict[int, tuple[KVCache, int]]) -> None:
-    """Called on the worker thread after every step: mb_id -> (cache, last step run here)."""
+    """Called on the worker thread after every step: mb_id -> (cache, last step run here), or
+    a function returning that (called only when a snapshot is due). Host (numpy) caches, a
+    swapping worker's host logs, are already copies and are kept as they are."""
     self._steps += 1
-    if self._steps % self.every or not caches:
+    if self._steps % self.every:
+      return
+    if callable(caches):
+      caches = caches()
+    if not caches:
       return
     if self._busy.is_set():
       self.skipped += 1
       return
     self._busy.set()
-    copies = {mb: (KVCache(k=jnp.copy(c.k), v=jnp.copy(c.v), lengths=jnp.copy(c.lengths)), step)
+    copy = lambda x: jnp.copy(x) if isinstance(x, jax.Array) else x  # noqa: E731
+    copies = {mb: (KVCache(k=copy(c.k), v=copy(c.v), lengths=copy(c.lengths)), step)
               for mb, (c, step) in caches.items()}
     self._jobs.put((self._next_id, copies))
     self._next_id += 1

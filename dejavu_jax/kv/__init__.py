@@ -1,4 +1,6 @@
-"""The KV cache as a value (cache.py) and a worker's caches by microbatch (store.py). Slices of a
+"""The KV cache as a value (cache.py), a worker's caches by microbatch (store.py; placement
+policies: all on the device, or swapping.py's host logs + two device buffers) and the device KV
+budget that picks the microbatch size (budget.py). Slices of a
 cache (layer, row, token ranges, one step's delta) are the streaming library's
 (`dejavu_jax.stream.packing`: gather / gather_step / scatter)."""
 

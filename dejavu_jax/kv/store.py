@@ -18,6 +18,12 @@ Policy interface (`Placement`), called by the store:
   install(mb_id, cache)       a cache that arrived from elsewhere (a replica, a snapshot, another
                               pipeline), already placed by the worker
   release(mb_id)              the microbatch left this worker; its buffer is reused
+Optional (a policy that moves caches off the device, kv/swapping.py's `Swapping`):
+  commit(mb_id, kind, positions, cache) -> Packed | None   after the step: write back what it
+                              wrote (the gathered decode delta is returned for the replica)
+  prefetch(mb_id, current), predict_next(current, exclude)       start loading the next microbatch
+  host_cache(mb_id)           the latest cache as host arrays without moving it on the device
+  close()                     stops the policy's threads
 `AllOnDevice` is the baseline: a pool of `num_buffers` device caches, one per microbatch in
 flight, allocated once (no allocation while serving).
 """
@@ -140,6 +146,35 @@ class CacheStore:
 
   def live_device_bytes(self) -> int:
     return self.policy.live_device_bytes()
+
+  # ---- optional policy hooks (no-ops for a policy that keeps every cache on the device) ----
+  @property
+  def swapping(self) -> bool:
+    return hasattr(self.policy, "commit")
+
+  def commit(self, mb_id: int, kind: str, positions, cache: KVCache):
+    commit = getattr(self.policy, "commit", None)
+    return commit(mb_id, kind, positions, cache) if commit else None
+
+  def prefetch(self, mb_id: int | None, current: int) -> None:
+    if hasattr(self.policy, "prefetch"):
+      self.policy.prefetch(mb_id, current)
+
+  def predict_next(self, current: int, exclude=()) -> int | None:
+    predict = getattr(self.policy, "predict_next", None)
+    return predict(current, exclude) if predict else None
+
+  def caches_for_snapshot(self) -> dict[int, KVCache]:
+    """mb_id -> cache (device, or host arrays for a policy that keeps them off the device)."""
+    host = getattr(self.policy, "host_cache", None)
+    return {mb: (host(mb) if host else self.policy.get(mb)) for mb in self.policy.mb_ids()}
+
+  def peak_device_bytes(self) -> int:
+    return getattr(self.policy, "peak_device_bytes", self.policy.live_device_bytes())
+
+  def close(self) -> None:
+    if hasattr(self.policy, "close"):
+      self.policy.close()
 
 
 def device_bytes(tree) -> int:

@@ -40,6 +40,8 @@ class Step:
   tokens: int                 # prompt length (prefill) or tokens already cached (decode)
   ready_at: float = 0.0       # perf_counter time the step could start here (paced mode)
   epoch: int = 0              # recovery epoch; steps of an older epoch are dropped
+  final: bool = False         # a hint: every live row reaches its token limit at this step (a
+                              # swapping worker does not prefetch the microbatch after it)
 
 
 # ---- cache sources (what `load_cache` restores from; plain data, so any runtime can ship them)
@@ -131,6 +133,8 @@ class WorkerStats:
   live_device_bytes: int      # params + caches (what this worker holds on its devices)
   cache_mb_ids: list
   inbox: int                  # messages queued
+  kv_device_bytes: int = 0    # the KV cache buffers alone (what the device KV budget bounds)
+  kv_peak_device_bytes: int = 0   # the most KV cache bytes held at once so far
 
 
 @dataclasses.dataclass(frozen=True)

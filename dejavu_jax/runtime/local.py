@@ -26,6 +26,19 @@ The threads and queues, and what each blocks on:
    nothing), its params, caches and replicas are dropped, and the controller notices the silence.
    `replace` starts a new worker for the stage with fresh threads and empty state.
 
+8. With microbatch swapping (`LocalRuntime(swapping=True)`), the worker's `CacheStore` uses the
+   `kv/swapping.py` policy, which adds two threads per worker: a swap-out streamer (each step's
+   written KV into the microbatch's host log) and a prefetch thread (host log -> the free device
+   buffer). Before a step the worker thread waits for the microbatch's swap-in (`get`), then
+   names the microbatch it expects next: the first decode `Step` queued in its own inbox (peeked
+   under the queue's lock, nothing is taken out), else the one it stepped least recently (the
+   stage's round-robin order); the policy prefetches it while the step computes. After the step
+   the worker commits the step's delta (swap-out) and hands the same gathered delta to the
+   replication tap. The prefetch thread waits only for that microbatch's last swap-out.
+   In paced mode the worker also keeps the modeled swap link's clock, as the simulator does: a
+   swap-in starts when the previous step here started, the microbatch's last swap-out landed and
+   the link is free, and the step starts no earlier than it ends.
+
 Any exception in a step becomes a `StepError` naming the stage: nothing is swallowed.
 """
 
@@ -44,6 +57,7 @@ from dejavu_jax.fault import snapshot as snapshot_lib
 from dejavu_jax.fault.replication import ReplicaStore, ReplicationTap, ReplicaWrite
 from dejavu_jax.kv.cache import KVCache
 from dejavu_jax.kv.store import AllOnDevice, CacheStore, device_bytes
+from dejavu_jax.kv.swapping import Swapping
 from dejavu_jax.runtime.api import (Ack, CacheLoaded, Heartbeat, Progress, ReplicaSource,
                                     SnapshotSaved, SnapshotSource, Step, StepError, StepResult,
                                     WorkerOptions, WorkerStats)
@@ -100,8 +114,9 @@ class LocalWorker:
     self._rt = runtime
     self._program = program
     self._params = program.place_params(params)
-    self._store = CacheStore(AllOnDevice(
-        lambda: program.new_cache(runtime.microbatch_size, runtime.max_len), runtime.depth))
+    new_cache = lambda: program.new_cache(runtime.microbatch_size, runtime.max_len)  # noqa: E731
+    self._store = CacheStore(Swapping(new_cache, program.place_cache) if runtime.swapping
+                             else AllOnDevice(new_cache, runtime.depth))
     self._inbox: queue.Queue = queue.Queue()
     self._epoch = 0
     self._last_step: dict[int, int] = {}       # mb_id -> last step run here
@@ -113,6 +128,11 @@ class LocalWorker:
                   if options.snapshot_dir else None)
     self._restored: tuple[int, dict] | None = None   # (snapshot id, its caches), while loading
     self._free_at = 0.0          # paced mode: when this stage's previous step ended (modeled)
+    self._started_at = 0.0       # paced swapping: when this stage's previous step started
+    self._swap_free_at = 0.0     # paced swapping: when the modeled swap link is free again
+    self._swapped_out_at: dict[int, float] = {}   # mb_id -> modeled end of its last swap-out
+    self._mb_rows: dict[int, int] = {}            # mb_id -> rows of its prefill (swap sizes)
+    self._finished: set[int] = set()              # ran its final step here: not prefetched
     self._steps_done = 0
     self._busy_s = 0.0
     self._overruns = 0
@@ -158,7 +178,19 @@ class LocalWorker:
         steps_done=self._steps_done, busy_s=self._busy_s, overruns=self._overruns,
         live_device_bytes=(device_bytes(held) if held is not None else 0) +
         self._store.live_device_bytes(),
-        cache_mb_ids=self._store.mb_ids(), inbox=self._inbox.qsize())
+        cache_mb_ids=self._store.mb_ids(), inbox=self._inbox.qsize(),
+        kv_device_bytes=self._store.live_device_bytes(),
+        kv_peak_device_bytes=self._store.peak_device_bytes())
+
+  def swap_stats(self) -> dict:
+    """The swapping policy's counters (kv/swapping.py `Swapping.stats`); {} without swapping."""
+    stats = getattr(self._store.policy, "stats", None)
+    return stats() if stats else {}
+
+  @property
+  def swap_events(self) -> list:
+    """The swapping policy's event log (tests): (kind, mb_id); [] without swapping."""
+    return list(getattr(self._store.policy, "events", []))
 
   # ---- failure injection (the runtime's) ----
   def arm(self, after_steps: int, kind: str, stall_s: float = 0.0) -> None:
@@ -190,6 +222,7 @@ class LocalWorker:
       self._tap.close()
     if self._snap is not None:
       self._snap.crash()
+    self._store.close()
 
   def stop(self, timeout: float = 10.0) -> None:
     self._stop.set()
@@ -200,6 +233,7 @@ class LocalWorker:
       self._tap.close()
     if self._snap is not None:
       self._snap.close()
+    self._store.close()
 
   def receive_replica(self, write: ReplicaWrite) -> int:
     """The runtime's channel lands a predecessor's transfer here (on the sender's streamer
@@ -247,6 +281,9 @@ class LocalWorker:
         self._tap.forget(msg.mb_id)
       if self.replicas is not None:
         self.replicas.drop(msg.mb_id)
+      self._swapped_out_at.pop(msg.mb_id, None)
+      self._mb_rows.pop(msg.mb_id, None)
+      self._finished.discard(msg.mb_id)
     elif isinstance(msg, _Export):
       self._export(msg)
     elif isinstance(msg, _Load):
@@ -259,9 +296,10 @@ class LocalWorker:
       self._install(msg.mb_id, step, cache)
     elif isinstance(msg, _Resync):
       if self._tap is not None:
-        for mb in self._store.mb_ids():
+        caches = self._store.caches_for_snapshot()   # host copies when swapping: no swap-ins
+        for mb, cache in caches.items():
           if mb in self._last_step:
-            self._tap.send_block(mb, self._last_step[mb], self._store.get(mb))
+            self._tap.send_block(mb, self._last_step[mb], cache)
 
   def _export(self, msg: _Export) -> None:
     try:
@@ -290,17 +328,35 @@ class LocalWorker:
     if self.alive:
       self._rt.events.put(SnapshotSaved(self.stage, path, sid, steps))
 
+  def _next_mb(self, current: int) -> int | None:
+    """The microbatch this worker expects to step next (module doc, item 8)."""
+    with self._inbox.mutex:
+      for m in self._inbox.queue:
+        if isinstance(m, Step) and m.kind == "decode" and m.epoch >= self._epoch and \
+            m.mb_id != current:
+          return m.mb_id
+    return self._store.predict_next(current, exclude=self._finished)
+
   def _step(self, msg: Step) -> None:
     t0 = time.perf_counter()
-    program = self._program
+    program, store = self._program, self._store
+    swapped_in = False
     if msg.kind == "prefill":
-      cache = self._store.for_prefill(msg.mb_id)
+      cache = store.for_prefill(msg.mb_id)
       fn = program.prefill
+      self._mb_rows[msg.mb_id] = msg.batch
     else:
-      cache = self._store.get(msg.mb_id)
+      cache = store.get(msg.mb_id)
+      swapped_in = getattr(store.policy, "last_get_swapped", False)
       fn = program.decode
+    if store.swapping:
+      if msg.final:
+        self._finished.add(msg.mb_id)
+      else:   # a recovery may rewind a microbatch that looked finished
+        self._finished.discard(msg.mb_id)
+      store.prefetch(self._next_mb(msg.mb_id), msg.mb_id)
     cache, out = fn(self._params, cache, program.to_stage(msg.x), msg.positions)
-    self._store.put(msg.mb_id, cache)
+    store.put(msg.mb_id, cache)
     jax.block_until_ready(out)
     if self._armed is not None:
       left, kind, stall_s = self._armed
@@ -315,11 +371,14 @@ class LocalWorker:
     if self._stop.is_set():
       return   # killed during the step: a crash streams and reports nothing
     self._last_step[msg.mb_id] = msg.step
+    delta = store.commit(msg.mb_id, msg.kind, msg.positions, cache)   # swap-out (if swapping)
     if self._tap is not None:
-      self._tap.after_step(msg.mb_id, msg.step, cache, msg.positions, msg.kind, msg.tokens)
+      self._tap.after_step(msg.mb_id, msg.step, cache, msg.positions, msg.kind, msg.tokens,
+                           delta=delta)
     if self._snap is not None:
-      self._snap.after_step({mb: (self._store.get(mb), self._last_step[mb])
-                             for mb in self._store.mb_ids() if mb in self._last_step})
+      self._snap.after_step(lambda: {mb: (c, self._last_step[mb])
+                                     for mb, c in store.caches_for_snapshot().items()
+                                     if mb in self._last_step})
     for hook in self.after_step:
       hook(self.stage, msg)
     end = time.perf_counter()
@@ -328,7 +387,20 @@ class LocalWorker:
       # A modeled step starts when both its input and this stage are ready, so thread hand-offs
       # and host bookkeeping shorter than the modeled time do not stretch the schedule.
       start = max(msg.ready_at, self._free_at)
+      rows = self._mb_rows.get(msg.mb_id, msg.batch)
+      if store.swapping and swapped_in:
+        # The simulator's swap link (sim/pipeline.py): the prefetch starts when the previous step
+        # here started, the microbatch's last swap-out landed and the link is free.
+        begin = max(self._started_at, self._swapped_out_at.get(msg.mb_id, 0.0),
+                    self._swap_free_at)
+        self._swap_free_at = begin + pace(self.stage, "swap_in", program.num_layers, rows,
+                                          msg.tokens)
+        start = max(start, self._swap_free_at)
+      self._started_at = start
       end = start + pace(self.stage, msg.kind, program.num_layers, msg.batch, msg.tokens)
+      if store.swapping:
+        self._swapped_out_at[msg.mb_id] = end + pace(self.stage, "swap_out",
+                                                     program.num_layers, rows, msg.tokens)
       late = time.perf_counter()
       if late > end:  # the real step outlasted the model: it ends when it really ended
         self._overruns += 1
@@ -354,17 +426,20 @@ class LocalRuntime:
     microbatch_size, max_len: the cache shape per microbatch.
     pace: paced mode's step durations, or None.
     heartbeat_s: heartbeat period.
+    swapping: each worker keeps every cache in host logs and two device buffers
+      (kv/swapping.py) instead of `depth` device buffers.
   """
 
   def __init__(self, programs, params_for: Callable[[int], Any], depth: int,
                microbatch_size: int, max_len: int, pace: PaceFn | None = None,
-               heartbeat_s: float = 1.0):
+               heartbeat_s: float = 1.0, swapping: bool = False):
     if heartbeat_s <= 0:
       raise ValueError(f"heartbeat_s must be > 0, got {heartbeat_s}")
     self.programs, self.params_for = list(programs), params_for
     self.num_stages = len(self.programs)
     self.depth, self.microbatch_size, self.max_len = depth, microbatch_size, max_len
     self.pace, self.heartbeat_s = pace, heartbeat_s
+    self.swapping = swapping
     self.events: queue.Queue = queue.Queue()
     self.options = WorkerOptions()
     self._workers: list[LocalWorker] = []

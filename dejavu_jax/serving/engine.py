@@ -35,6 +35,15 @@ from host memory, or from an orbax checkpoint when `params_checkpoint` is given)
 strategy chain for a plan and executes it: caches are loaded into the replacements from the
 plan's sources, microbatches rewound or requeued in the scheduler, and whatever a strategy could
 not restore goes down the chain (fault/strategies.py).
+
+Microbatch swapping and the device KV budget: with `ServeConfig.device_kv_budget_bytes` (or a
+fraction of device memory) the microbatch size is the largest whose cache buffers fit on every
+worker: D of them, or 2 with swapping (kv/budget.py); `swapping="auto"` asks the cost model
+whether the swap-in hides under the step. `self.microbatch_size` and `self.swap_choice` hold
+the outcome, and every serve's summary says which was chosen and why (`swapping`,
+`swapping_reason`, `microbatch_size`). Swapping itself is the workers' cache placement policy
+(kv/swapping.py); the engine only marks a decode step `final` so workers do not prefetch a
+microbatch that is about to leave.
 """
 
 from __future__ import annotations
@@ -48,10 +57,12 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
+from dejavu_jax import costmodel as cm
 from dejavu_jax.config import ModelConfig, ServeConfig
 from dejavu_jax.fault.controller import Controller, RecoveryEvent
 from dejavu_jax.fault.inject import FailureSpec
 from dejavu_jax.fault.strategies import FailureView, get_strategy
+from dejavu_jax.kv import budget as kv_budget
 from dejavu_jax.models.checkpoint import check_params_checkpoint, restore_params
 from dejavu_jax.models.decoder import param_shapes
 from dejavu_jax.models.generate import bucket_length, pad_prompts, sample, validate_prompts
@@ -97,7 +108,7 @@ class PipelineEngine:
 
   def __init__(self, cfg: ModelConfig, params, serve: ServeConfig, cost_model=None,
                devices: Sequence | None = None, time_scale: float = 1.0,
-               params_checkpoint: str | None = None):
+               params_checkpoint: str | None = None, swap_link=None):
     self.cfg, self.serve_cfg = cfg, serve
     self.strategy = get_strategy(serve.recovery, serve.snapshot_dir, serve.snapshot_every)
     self.controller = Controller(serve.heartbeat_timeout_s)
@@ -123,16 +134,21 @@ class PipelineEngine:
     self.mesh = make_mesh(self.plan, devices)
     self.params = params  # kept: a replacement worker places its stage's subset again
     pace = None
+    layer_scale = (cost_model.model.num_layers / cfg.num_layers) if cost_model is not None else 1
+    swap_link = swap_link or _host_link(cost_model)
+    # The device KV budget decides the microbatch size, and "auto" whether swapping is on.
+    self.swap_choice = choose_swapping(self, serve, cost_model, swap_link, layer_scale, devices)
+    self.microbatch_size = self.swap_choice.batch
     if serve.pacing == "paced":
       if cost_model is None:
         raise ValueError("pacing='paced' needs a cost model")
-      pace = make_pace_fn(cost_model, self.plan.num_stages, time_scale,
-                          cost_model.model.num_layers / cfg.num_layers)
+      pace = make_pace_fn(cost_model, self.plan.num_stages, time_scale, layer_scale, swap_link)
     program = FakeProgram if serve.program == "fake" else StageProgram
     self.programs = [program(cfg, self.plan, self.mesh, s) for s in range(self.plan.num_stages)]
     self._started = False
     self.runtime = LocalRuntime(self.programs, self._params_for, self.plan.num_stages,
-                                serve.microbatch_size, serve.max_len, pace, serve.heartbeat_s)
+                                self.microbatch_size, serve.max_len, pace, serve.heartbeat_s,
+                                swapping=self.swap_choice.swapping)
     self.runtime.start(self.strategy.options())
     self._started = True
     for s in range(self.plan.num_stages):
@@ -258,7 +274,7 @@ class PipelineEngine:
           self.runtime.arm(f.stage, f.after_steps, f.kind, f.stall_s)
     events: list[RecoveryEvent] = []
     killed: dict[int, float] = {}
-    sched = self._sched = Scheduler(self.plan.num_stages, sc.microbatch_size, sc.mode,
+    sched = self._sched = Scheduler(self.plan.num_stages, self.microbatch_size, sc.mode,
                                     first_mb_id=self._next_mb_id)
     rejected: dict[int, str] = {}
     requests = self._admissible(requests, rejected)
@@ -329,6 +345,9 @@ class PipelineEngine:
     summary["rejected"] = len(rejected)
     summary["rejected_queue_full"] = queue_full
     summary["max_queue_depth"] = max_depth
+    summary["microbatch_size"] = self.microbatch_size
+    summary["swapping"] = self.swap_choice.swapping
+    summary["swapping_reason"] = self.swap_choice.reason
     stats = self.worker_stats()
     if sc.pacing == "paced":  # steps whose real compute outlasted the modeled time
       summary["paced_overruns"] = sum(
@@ -550,8 +569,40 @@ class PipelineEngine:
     live = int((~mb.done).sum())
     # Sampling belongs to the last stage's step: the next step is ready when that one ended.
     self._waiting[mb.mb_id] = (0, time.monotonic())
+    final = all(len(mb.generated[i]) + 1 >= r.max_new_tokens
+                for i, r in enumerate(mb.requests) if not mb.done[i])
     self.runtime.worker(0).submit(api.Step("decode", mb.mb_id, mb.step, x, positions, live,
-                                           int(positions.max()), ready_at, self.epoch))
+                                           int(positions.max()), ready_at, self.epoch,
+                                           final=final))
+
+
+def _host_link(cost_model):
+  """The modeled device<->host link: the cost model's hardware's, else PCIe 4."""
+  hw = getattr(cost_model, "hardware", None)
+  return getattr(hw, "host_link", None) or cm.LINKS["pcie4"]
+
+
+def choose_swapping(engine: "PipelineEngine", serve: ServeConfig, cost_model, swap_link,
+                    layer_scale: float, devices) -> kv_budget.SwapChoice:
+  """Swapping on/off and the microbatch size from the ServeConfig's budget (kv/budget.py)."""
+  budget = serve.device_kv_budget_bytes
+  if serve.device_kv_budget_fraction is not None:
+    stats = devices[0].memory_stats() if hasattr(devices[0], "memory_stats") else None
+    limit = (stats or {}).get("bytes_limit")
+    if not limit:
+      raise kv_budget.KVBudgetError(
+          f"device_kv_budget_fraction needs a device that reports its memory (a GPU); "
+          f"{devices[0].platform} does not: give device_kv_budget_bytes instead")
+    budget = int(serve.device_kv_budget_fraction * limit)
+  layers = [stop - start for start, stop in engine.plan.ranges]
+  cost = cost_model if serve.swapping == "auto" and budget is not None else None
+  if serve.swapping == "auto" and budget is not None and cost is None:
+    # Real pacing without a cost model: judge the swap on this machine's measured roofline.
+    cost = cm.roofline(engine.cfg, cm.measure_cpu())
+    swap_link, layer_scale = cost.hardware.host_link, 1.0
+  return kv_budget.choose(serve.swapping, engine.cfg, layers, serve.max_len, budget,
+                          engine.plan.num_stages, serve.microbatch_size, cost, swap_link,
+                          serve.swap_context, layer_scale)
 
 
 def _record(state) -> metrics_lib.RequestRecord:

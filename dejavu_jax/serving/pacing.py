@@ -13,9 +13,11 @@ the steps where it did not.
 
 from __future__ import annotations
 
+from dejavu_jax import costmodel as cm
+
 
 def make_pace_fn(cost_model, num_stages: int, time_scale: float = 1.0,
-                 layer_scale: float = 1.0):
+                 layer_scale: float = 1.0, swap_link=None):
   """A `PaceFn` for the workers: (stage, kind, layers, batch, tokens) -> seconds.
 
   Prefill lasts cost_model.prompt_time(layers, prompt_len, batch), a decode step
@@ -23,11 +25,18 @@ def make_pace_fn(cost_model, num_stages: int, time_scale: float = 1.0,
   tokens whose logits it computes. `time_scale` stretches every duration (e.g. 0.1 replays a
   paper-scale model ten times faster than real time). `layer_scale` maps the served model's layers
   onto the cost model's (cost layers / served layers): a 2-layer test model paced by OPT-66B's
-  cost model behaves as 2 stages of 32 OPT-66B layers each.
+  cost model behaves as 2 stages of 32 OPT-66B layers each. Kinds "swap_in" (tokens: the context
+  brought back) and "swap_out" (one token's delta) time microbatch swapping over `swap_link`.
   """
 
   def pace(stage: int, kind: str, layers: int, batch: int, tokens: int) -> float:
     layers = layers * layer_scale
+    if kind in ("swap_in", "swap_out"):   # microbatch swapping over the device<->host link
+      if swap_link is None:
+        raise ValueError("paced swapping needs a swap link (the cost model's host link)")
+      if kind == "swap_in":
+        return cm.swap_in_time(swap_link, cost_model.model, layers, batch, tokens) * time_scale
+      return cm.swap_out_time(swap_link, cost_model.model, layers, batch) * time_scale
     if kind == "prefill":
       t = cost_model.prompt_time(layers, tokens, batch)
     else:

@@ -14,6 +14,7 @@ import math
 from typing import Sequence
 
 from dejavu_jax import costmodel as cm
+from dejavu_jax.kv import budget as kv_budget
 from dejavu_jax.sim.engine import EventLoop, Microbatch, record_step
 from dejavu_jax.sim.failures import Failure, FailureManager, RecoveryConfig
 from dejavu_jax.sim.feed import RequestFeed
@@ -86,7 +87,8 @@ def simulate_colocated(cost: cm.CostModel, requests: Sequence[RequestRecord], nu
                        failures: Sequence[Failure] = (), recovery: RecoveryConfig | None = None,
                        include_head: bool = True, until: float = math.inf,
                        microbatching: str = "greedy",
-                       live_rows_only: bool = False) -> SimResult:
+                       live_rows_only: bool = False, kv_budget_bytes: float | None = None,
+                       max_len: int | None = None) -> SimResult:
   """Simulates the colocated baseline on `requests` (their timing fields are filled in).
 
   Args:
@@ -108,6 +110,10 @@ def simulate_colocated(cost: cm.CostModel, requests: Sequence[RequestRecord], nu
     live_rows_only: charge a token step (and the head) for the rows still generating, not the
       whole microbatch (the engine's paced "mixed" mode does; equal-length microbatches never
       differ).
+    kv_budget_bytes: device memory per stage for KV cache buffers; when given, `batch_size` is
+      replaced by the largest batch whose buffers of `max_len` tokens fit: `max_inflight` of
+      them, or 2 with swapping (`kv.budget.batch_for_budget`; a budget too small is a
+      `KVBudgetError`). `info["batch_size"]` reports the batch used.
   """
   if replicas < 1:
     raise ValueError(f"replicas must be >= 1, got {replicas}")
@@ -115,6 +121,12 @@ def simulate_colocated(cost: cm.CostModel, requests: Sequence[RequestRecord], nu
   if max_inflight < 1:
     raise ValueError(f"max_inflight must be >= 1, got {max_inflight}")
   recovery = recovery or RecoveryConfig()
+  if kv_budget_bytes is not None:
+    if max_len is None:
+      raise ValueError("kv_budget_bytes needs max_len (the cache length a buffer holds)")
+    batch_size = kv_budget.batch_for_budget(
+        cost.model, split_layers(cost.model.num_layers, num_stages), max_len, kv_budget_bytes,
+        max_inflight, swap_link is not None)
   loop = EventLoop()
   sys = _Colocated(cost, loop, batch_size, max_inflight, include_head, live_rows_only)
   layers = split_layers(cost.model.num_layers, num_stages)
@@ -131,7 +143,7 @@ def simulate_colocated(cost: cm.CostModel, requests: Sequence[RequestRecord], nu
   info = {"system": "colocated", "num_stages": num_stages, "replicas": replicas,
           "machines": num_stages * replicas, "batch_size": batch_size,
           "max_inflight": max_inflight, "microbatching": microbatching,
-          "swapping": swap_link is not None,
+          "swapping": swap_link is not None, "kv_budget_bytes": kv_budget_bytes,
           "strategy": recovery.strategy if failures else None,
           "stage_busy_s": [sum(p.busy_time[s] for p in sys.pipes) for s in range(num_stages)]}
   return SimResult(list(requests), manager.recoveries, sys.finish_times, loop.now,

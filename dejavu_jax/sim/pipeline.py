@@ -8,7 +8,8 @@ Optional per-stage mechanisms, each off unless its link is given:
   * microbatch swapping over `swap_link`: the device holds 2 cache slots; a token step can start
     only once its cache is swapped in, and the swap-in of the next microbatch starts as soon as
     the slot it goes into frees, i.e. when the stage starts its current step; after a step only
-    the new token's delta is swapped out (on the other direction of the link);
+    the new token's delta is swapped out (on the other direction of the link). With at most 2
+    microbatches in flight both stay in the slots and nothing is swapped in (as in the engine);
   * replication over `replica_link`: after each step a background sender streams the step's
     cache (prompt block, then per-token deltas) to the next stage, which acknowledges it;
   * snapshots every `snapshot_every` steps over `snapshot_link`, blocking the stage: the whole
@@ -113,7 +114,7 @@ class Pipeline:
     mb = st.queue.popleft()
     st.busy = True
     start = now
-    if self.swap_link is not None and not mb.is_prefill():
+    if self.swap_link is not None and not mb.is_prefill() and len(self.inflight) > 2:
       prefetch = max(st.slot_free_at, mb.data_ready[s], st.swap_link_free_at)
       ready = prefetch + cm.swap_in_time(self.swap_link, m, st.layers, mb.batch, mb.context())
       st.swap_link_free_at = ready
