@@ -69,7 +69,7 @@ def test_higher_rate_never_lowers_latency():
   for rate in (0.5, 1.0, 2.0, 4.0, 8.0):
     lens = np.random.default_rng(3).integers(2, 40, 200)
     reqs = make_requests(rate, 200, prompt_len=64, output_lens=lens, seed=3)
-    p50.append(simulate_colocated(cost, reqs, 4, batch_size=4).summary["norm_latency_p50"])
+    p50.append(simulate_colocated(cost, reqs, 4, batch_size=4).summary["norm_latency_p50_s_per_tok"])
   assert all(b >= a * 0.999 for a, b in zip(p50, p50[1:])), p50
 
 
@@ -77,12 +77,14 @@ def test_records_and_summary():
   r = [RequestRecord(0, 0.0, 10, 5, first_token=1.0, finish=3.0),
        RequestRecord(1, 1.0, 10, 3, first_token=1.5, finish=5.0), RequestRecord(2, 2.0, 10, 3)]
   s = summarize(r)
-  assert s["num_requests"] == 2 and s["num_unfinished"] == 1
-  assert s["duration_s"] == 5.0 and s["throughput_rps"] == pytest.approx(0.4)
-  assert s["throughput_tok_s"] == pytest.approx(8 / 5)
-  assert s["norm_latency_p50"] == pytest.approx(np.median([3 / 5, 4 / 3]))
-  assert s["tpot_p50"] == pytest.approx(np.median([0.5, 1.75]))
-  assert s["ttft_p50"] == pytest.approx(0.75)
+  assert s["num_requests"] == 3 and s["completed"] == 2 and s["num_unfinished"] == 1
+  assert s["duration"] == 5.0 and s["request_throughput"] == pytest.approx(0.4)
+  assert s["output_throughput"] == pytest.approx(8 / 5)
+  assert s["norm_latency_p50_s_per_tok"] == pytest.approx(np.median([3 / 5, 4 / 3]))
+  assert s["median_tpot_ms"] == pytest.approx(1e3 * np.median([0.5, 1.75]))
+  assert s["median_ttft_ms"] == pytest.approx(750)
+  # one set of names and units: no second copy in seconds, no NaN ITL (no token times kept)
+  assert not {"ttft_p50", "throughput_rps", "norm_latency_p50"} & set(s) and "mean_itl_ms" not in s
 
 
 def test_every_request_gets_its_tokens_and_ttft_before_finish():
