@@ -128,6 +128,46 @@ def test_failure_accounting(system):
   assert mean["replica"] < mean["restart"]
 
 
+def test_recovery_parameters_and_whole_job_restart():
+  # Every stage of the 4-stage pipeline holds L/4 layers; with a fixed weight load time the
+  # downtime is exactly detection + replacement + that time, for a stage or a whole-job restart.
+  cost, D = _cost(0.02, 0.005), 4
+  runs = {}
+  for scope, weight in (("stage", None), ("job", None), ("stage", 7.0)):
+    rec = RecoveryConfig(strategy="restart", heartbeat_s=0.5, timeout_s=1.5,
+                         replacement_start_s=4.0, weight_load_s=weight, restart_scope=scope,
+                         weight_link=cm.Link("w", 1e18, 0.25))
+    res = simulate_colocated(cost, saturated_requests(8 * D, 16, 41), D, batch_size=1,
+                             failures=[Failure(10.3, 1)], recovery=rec)
+    (runs[scope, weight],) = res.recoveries
+  for (scope, weight), r in runs.items():
+    assert r["scope"] == scope and r["detection_s"] == pytest.approx(10.0 + 1.5 - 10.3)  # beat at 10.0
+    assert r["downtime_s"] == pytest.approx(r["detection_s"] + 4.0 + (weight or 0.25))
+  with pytest.raises(ValueError, match="restart_scope"):
+    RecoveryConfig(restart_scope="cluster")
+  with pytest.raises(ValueError, match="weight_load_s"):
+    RecoveryConfig(weight_load_s=-1.0)
+
+
+def test_whole_job_restart_waits_for_the_slowest_stage():
+  # An uneven split (5 layers over 2 stages: 3 + 2): a job restart reloads the 3-layer stage
+  # even when the 2-layer stage failed.
+  from dejavu_jax.sim.pipeline import split_layers
+  layers = split_layers(5, 2)
+  small = int(np.argmin(layers))
+  cost = cm.roofline(get_model_config("opt_125m", num_layers=5), "a100_80gb")
+  link = cm.Link("w", 1e6, 0.0)   # 1 MB/s: weight time proportional to the layers
+  per_layer = cost.model.layer_weight_bytes() / 1e6
+  out = {}
+  for scope in ("stage", "job"):
+    rec = RecoveryConfig(strategy="restart", restart_scope=scope, weight_link=link)
+    res = simulate_colocated(cost, saturated_requests(4, 16, 8), 2, batch_size=1,
+                             failures=[Failure(0.01, small)], recovery=rec)
+    out[scope] = res.recoveries[0]["weight_load_s"]
+  assert out["stage"] == pytest.approx(min(layers) * per_layer)
+  assert out["job"] == pytest.approx(max(layers) * per_layer) and min(layers) < max(layers)
+
+
 def test_replica_loses_at_most_the_unreplicated_steps():
   # Acks lag by `lag`; a token step of one microbatch takes D * t = 4 * 0.015 s in steady state,
   # so at most ceil(lag / (D t)) + 1 of its completed steps can be unacknowledged.
