@@ -11,7 +11,7 @@ build and a compile. `FIELD_DOCS` says what each field means; `describe(c)` is t
 
 from __future__ import annotations
 
-import ast
+import csv
 import math
 import os
 
@@ -76,11 +76,11 @@ def strategies_of(recovery) -> tuple[str, ...]:
   else:
     text = str(recovery).strip()
     if text[:1] in "([" and text[-1:] in ")]":
-      try:
-        val = ast.literal_eval(text)
-        out = (val,) if isinstance(val, str) else tuple(str(x).strip() for x in val)
-      except (ValueError, SyntaxError):
-        out = tuple(x.strip() for x in text[1:-1].split(",") if x.strip())
+      # Comma-separated, a quoted item may hold commas (a chain): csv's quoting rules.
+      inner = text[1:-1]
+      quote = min(('"', "'"), key=lambda q: inner.find(q) % (len(inner) + 1))
+      items = next(csv.reader([inner], skipinitialspace=True, quotechar=quote), [])
+      out = tuple(x.strip() for x in items if x.strip())
     else:
       out = (text,)
   if not out:

@@ -98,6 +98,8 @@ def run_experiment(c, out_dir: str, log=print, overwrite: bool = False,
   output directory is checked (`runrecord.OutputDirError` when not empty and not `overwrite`);
   nothing is built before both pass. `progress` (default: when `log` is given) shows tqdm bars.
   """
+  bars = bool(log) if progress is None else progress
+  log = log or (lambda *a, **k: None)
   runconfig.validate(c, num_devices=len(jax.devices()))
   strategies = runconfig.strategies_of(c.recovery)
   seeds = tuple(c.get("seeds", ()) or ()) or (c.seed,)
@@ -105,7 +107,6 @@ def run_experiment(c, out_dir: str, log=print, overwrite: bool = False,
   failures = [FailureSpec(float(t), int(s)) for s, t in zip(c.fail_stages, c.fail_times)]
   info = runrecord.run_info(c, strategies=list(strategies), seeds=list(seeds))
   runrecord.write_run_info(out_dir, info)
-  bars = bool(log) if progress is None else progress
   cfg, params = build_model(c)
   sc = dataclasses.replace(serve_config(c), recovery=strategies[0])
   cost = build_cost_model(c, cfg) if sc.pacing == "paced" else None
@@ -151,8 +152,9 @@ def run_experiment(c, out_dir: str, log=print, overwrite: bool = False,
             bar.close()
           summary = {"rate": float(rate), "system": f"pipeline_D{sc.num_stages}",
                      "model": cfg.name,
-                     **runrecord.row_info(info, strategy=strategy, seed=seed, pacing=sc.pacing,
-                                          failures=[[f.stage, f.time_s] for f in failures]),
+                     **runrecord.row_info(
+                         info, strategy=strategy, seed=seed, pacing=sc.pacing,
+                         injected_failures=[[f.stage, f.time_s] for f in failures]),
                      **res.summary}
           if c.get("slo_ttft_ms") is not None or c.get("slo_tpot_ms") is not None:
             slo = metrics.summarize(res.records, duration=res.wall_s,
@@ -179,8 +181,8 @@ def run_experiment(c, out_dir: str, log=print, overwrite: bool = False,
             label = strategy if many_s else ""
             label = f"{label} {rate:g} req/s".strip() if len(c.rates) > 1 or not many_s else label
             timelines[label] = res.records
-          text = metrics.format_summary(
-              {k: v for k, v in summary.items() if k not in ("config", "failures")}, title=tag)
+          shown = {k: v for k, v in summary.items() if k not in ("config", "injected_failures")}
+          text = metrics.format_summary(shown, title=tag)
           log(text)
           texts.append(text)
   _write_all(out_dir, summaries, recoveries)
