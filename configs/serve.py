@@ -52,6 +52,9 @@ def get_config():
   # Reporting (issue 15): repeat every run with each seed (spread reported); () = (seed,).
   # Goodput (vLLM): requests/s that met both objectives; None = no objective.
   c.seeds = ()
+  # Placement: True lays every stage on the same `tensor` devices (a whole pipeline on one GPU;
+  # stages then take turns on it); False: stage s owns devices [s*tensor, (s+1)*tensor).
+  c.share_devices = False
   c.slo_ttft_ms = ml_collections.config_dict.placeholder(float)
   c.slo_tpot_ms = ml_collections.config_dict.placeholder(float)
   return c

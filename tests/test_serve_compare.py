@@ -135,3 +135,11 @@ def test_cli_usage_error_without_traceback(tmp_path):
   assert proc.returncode != 0
   assert "config.fail_stages" in proc.stderr and "Traceback" not in proc.stderr
   assert not (tmp_path / "x").exists()
+
+
+def test_share_devices_lays_every_stage_on_the_same_devices():
+  c = _fake_config()
+  with pytest.raises(runconfig.ConfigError, match="share_devices"):
+    runconfig.validate(c, num_devices=1)       # 2 stages, 1 device (e.g. one GPU)
+  c.share_devices = True
+  runconfig.validate(c, num_devices=1)

@@ -48,6 +48,8 @@ FIELD_DOCS = {
     "heartbeat_s": "worker heartbeat period (s)",
     "heartbeat_timeout_s": "silence after which a worker is declared dead (s)",
     "max_pending": "admission queue bound (a request arriving to a full queue is rejected)",
+    "share_devices": ("lay every stage on the same `tensor` devices (a whole pipeline on one GPU); "
+                      "False: stage s on its own devices"),
     "slo_ttft_ms": "goodput objective on time to first token (ms); None = no objective",
     "slo_tpot_ms": "goodput objective on time per output token (ms); None = no objective",
     # configs/serve_text.py (the README main job)
@@ -124,11 +126,14 @@ def validate(c, num_devices: int | None = None) -> None:
   _check(all(isinstance(s, int) and s >= 0 for s in seeds), "seeds",
          f"must be a tuple of integers >= 0, got {seeds!r}")
   d, t = _int(c, "num_stages"), _int(c, "tensor")
-  if num_devices is not None:
+  if num_devices is not None and c.get("share_devices"):
+    _check(t <= num_devices, "tensor", f"tensor {t} needs {t} devices; this process has "
+           f"{num_devices}")
+  elif num_devices is not None:
     _check(d * t <= num_devices, "num_stages",
            f"{d} stages x tensor {t} need {d * t} devices; this process has {num_devices} "
-           "(WORKSPACE.md 'GPU': lay several stages on one GPU with "
-           "XLA_FLAGS=--xla_force_host_platform_device_count on CPU)")
+           "(set share_devices=True to lay every stage on the same device(s), e.g. one GPU; "
+           "WORKSPACE.md 'GPU')")
   _int(c, "microbatch_size")
   max_len = _int(c, "max_len", 2)
   if max_positions is not None:

@@ -121,7 +121,9 @@ def run_experiment(c, out_dir: str, log=print, overwrite: bool = False,
   many_s, many_seeds = len(strategies) > 1, len(seeds) > 1
   summaries, texts, timelines, recoveries = [], [], {}, []
   t_build = time.perf_counter()
-  with PipelineEngine(cfg, params, sc, cost_model=cost,
+  # share_devices: every stage on the same `tensor` devices (e.g. a whole pipeline on one GPU).
+  devices = jax.devices()[:sc.tensor] * sc.num_stages if c.get("share_devices") else None
+  with PipelineEngine(cfg, params, sc, cost_model=cost, devices=devices,
                       time_scale=c.cost.time_scale) as engine:
     log(f"pipeline: {engine.plan.num_stages} stages {list(engine.plan.ranges)} x tensor "
         f"{engine.plan.tensor}, microbatch {sc.microbatch_size}, {sc.mode} mode, {sc.pacing}")
