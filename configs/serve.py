@@ -39,7 +39,8 @@ def get_config():
   c.fail_stages = (1,)
   c.fail_times = (4.0,)
   # "replica" (DéjàVu) | "restart" | "reprefill" | "snapshot", or a fallback chain such as
-  # "replica,snapshot,reprefill" (dejavu_jax/fault/strategies.py)
+  # "replica,snapshot,reprefill" (dejavu_jax/fault/strategies.py); several in parentheses,
+  # '(restart,reprefill,replica,snapshot)', are compared in one run on one compiled engine.
   c.recovery = "replica"
   c.snapshot_every = 8              # snapshot strategy: orbax snapshot every this many steps
   c.program = "model"               # "model" | "fake" (hand-checkable arithmetic, for tests)
@@ -48,4 +49,12 @@ def get_config():
   # Admission control: requests waiting for a microbatch slot; one arriving when this many wait
   # is rejected ("queue full"). None: unbounded.
   c.max_pending = ml_collections.config_dict.placeholder(int)
+  # Reporting (issue 15): repeat every run with each seed (spread reported); () = (seed,).
+  # Goodput (vLLM): requests/s that met both objectives; None = no objective.
+  c.seeds = ()
+  # Placement: True lays every stage on the same `tensor` devices (a whole pipeline on one GPU;
+  # stages then take turns on it); False: stage s owns devices [s*tensor, (s+1)*tensor).
+  c.share_devices = False
+  c.slo_ttft_ms = ml_collections.config_dict.placeholder(float)
+  c.slo_tpot_ms = ml_collections.config_dict.placeholder(float)
   return c

@@ -1,29 +1,41 @@
 """Paper-scale answers from the simulator: latency vs rate, failure timelines, planner table.
 
-Writes `results.jsonl` (one JSON object per simulated point, planner row) and the plots
-`latency_vs_rate.png` and `failure_timeline.png` to --output_dir.
+Writes `results.jsonl` (one JSON object per simulated point, planner row; `system` is
+"baseline" or "disaggregated"), `run.json` (what the run was) and the plots `latency_vs_rate.png`
+(p50 solid, p99 dashed, one colour per system) and `failure_timeline.png` to --output_dir.
+The disaggregated split (`prompt_stages`/`token_stages`) is checked against the planner's memory
+model: an infeasible one is simulated anyway (the simulator does not model memory) with a loud
+warning that names the feasible splits.
 
   python -m experiments.simulate --config=configs/simulate.py --output_dir=/tmp/sim
 """
 
 import os
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
-import matplotlib
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from dejavu_jax import costmodel as cm  # noqa: E402
-from dejavu_jax import planner  # noqa: E402
-from dejavu_jax import sim  # noqa: E402
-from dejavu_jax.config import get_model_config  # noqa: E402
-from dejavu_jax.serving import metrics  # noqa: E402
+from dejavu_jax import costmodel as cm
+from dejavu_jax import planner
+from dejavu_jax import sim
+from dejavu_jax.config import get_model_config
+from dejavu_jax.serving import metrics, runrecord
+from dejavu_jax.sim import splits
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/simulate.py")
 _OUT = flags.DEFINE_string("output_dir", "/tmp/dejavu_simulate", "where results and plots go")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "replace the results in a non-empty output_dir")
+
+
+def recovery_config(c, strategy: str) -> sim.RecoveryConfig:
+  """The config's recovery parameters (heartbeat, timeout, replacement, weight load, restart
+  scope) for one strategy; configs without them get the paper's 1 s / 3 s / 5 s."""
+  return sim.RecoveryConfig(
+      strategy=strategy, snapshot_every=c.snapshot_every,
+      heartbeat_s=c.get("heartbeat_s", 1.0), timeout_s=c.get("heartbeat_timeout_s", 3.0),
+      replacement_start_s=c.get("replacement_start_s", 5.0),
+      weight_load_s=c.get("weight_load_s", None), restart_scope=c.get("restart_scope", "stage"))
 
 
 def _requests(c, rate, n):
@@ -41,26 +53,48 @@ def _run(c, cost, system, reqs, **kw):
       stage_link=cm.LINKS["inter_vm_40gbps"], **kw)
 
 
-def run(c, out_dir):
+def check_split(c, log=print) -> str | None:
+  """Warns (and returns why) when the config's split does not fit memory."""
+  model = get_model_config(c.model, dtype=c.dtype)
+  why = splits.check_split(model, c.hardware, c.prompt_stages, c.token_stages, c.prompt_len,
+                           int(c.output_median), c.batch_size, c.gpus_per_machine)
+  if why:
+    ok = splits.feasible_splits(model, c.hardware, c.prompt_stages + c.token_stages,
+                                c.prompt_len, int(c.output_median), c.batch_size,
+                                c.gpus_per_machine)
+    runrecord.warn(log, f"the disaggregated split {c.prompt_stages}-{c.token_stages} does not "
+                   f"fit memory by the planner's check ({why}); memory-feasible splits: "
+                   f"{ok or 'none'}. Simulated anyway: the simulator does not model memory.")
+  return why
+
+
+def run(c, out_dir, log=print, overwrite=True):
   """Runs the three parts; returns the list of result rows written."""
-  os.makedirs(out_dir, exist_ok=True)
+  runrecord.prepare_output_dir(out_dir, overwrite)
+  runrecord.write_run_info(out_dir, runrecord.run_info(c))
+  split_problem = check_split(c, log)
   model = get_model_config(c.model, dtype=c.dtype)
   cost = cm.roofline(model, c.hardware, gpus_per_machine=c.gpus_per_machine)
   rows = []
-  for system in ("baseline", "disaggregated"):
-    for rate in c.rates:
-      res = _run(c, cost, system, _requests(c, rate, c.num_requests))
-      rows.append({"kind": "rate_sweep", "system": system, "rate": rate, "model": c.model,
-                   **res.to_json_dict()})
+  points = [(s, r) for s in ("baseline", "disaggregated") for r in c.rates]
+  bar = runrecord.progress_bar(len(points) + len(c.strategies), "simulate", bool(log))
+  for i, (system, rate) in enumerate(points):
+    res = _run(c, cost, system, _requests(c, rate, c.num_requests))
+    # `system` last: the result's own info names the colocated simulator "colocated".
+    rows.append({"kind": "rate_sweep", "rate": rate, "model": c.model, **res.to_json_dict(),
+                 "system": system, "split_infeasible": split_problem if system != "baseline"
+                 else None})
+    bar(i + 1, len(points) + len(c.strategies))
   timelines = {}
-  for strategy in c.strategies:
-    rec = sim.RecoveryConfig(strategy=strategy, snapshot_every=c.snapshot_every)
+  for j, strategy in enumerate(c.strategies):
     res = _run(c, cost, "disaggregated", _requests(c, c.failure_rate, c.failure_requests),
-               failures=[sim.Failure(c.fail_time, c.fail_stage, "token")], recovery=rec)
-    done = sorted((r for r in res.records if r.done), key=lambda r: r.finish)
-    timelines[strategy] = ([r.finish for r in done], np.cumsum([r.latency for r in done]))
-    rows.append({"kind": "failure", "strategy": strategy, "rate": c.failure_rate,
-                 "model": c.model, **res.to_json_dict()})
+               failures=[sim.Failure(c.fail_time, c.fail_stage, "token")],
+               recovery=recovery_config(c, strategy))
+    timelines[strategy] = res.records
+    rows.append({"kind": "failure", "rate": c.failure_rate, "model": c.model,
+                 **res.to_json_dict(), "system": "disaggregated", "strategy": strategy})
+    bar(len(points) + j + 1, len(points) + len(c.strategies))
+  bar.close()
   for spec in c.planner_rows:
     name, hw, machines = spec.split(":")
     wl = planner.Workload(c.prompt_len, c.planner_output_len, c.batch_size)
@@ -68,7 +102,8 @@ def run(c, out_dir):
       text, summary = planner.plan_report(get_model_config(name, dtype="float16"), int(machines),
                                           hw, wl, c.gpus_per_machine, c.planner_batch_sizes)
       rows.append({"kind": "planner", **summary})
-      print(text, "\n")
+      if log:
+        log(text + "\n")
     except ValueError as e:  # a row whose model does not fit is a result too
       rows.append({"kind": "planner", "model": name, "hardware": hw,
                    "machines": int(machines), "error": str(e)})
@@ -80,33 +115,21 @@ def run(c, out_dir):
 
 
 def _plot(rows, timelines, c, out_dir):
-  fig, ax = plt.subplots(figsize=(6, 4))
-  for system, style in (("baseline", "o-"), ("disaggregated", "s-")):
-    pts = [r for r in rows if r["kind"] == "rate_sweep" and r["system"] == system]
-    for q, alpha in (("p50", 1.0), ("p99", 0.5)):
-      ax.plot([r["rate"] for r in pts], [r[f"norm_latency_{q}_s_per_tok"] for r in pts], style,
-              alpha=alpha, label=f"{system} {q}")
-  ax.set(xlabel="request rate (req/s)", ylabel="normalized latency (s/token)", yscale="log",
-         title=f"{c.model} on {c.machines} x {c.hardware}")
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(os.path.join(out_dir, "latency_vs_rate.png"))
-  plt.close(fig)
-  fig, ax = plt.subplots(figsize=(6, 4))
-  for strategy, (t, cum) in timelines.items():
-    ax.plot(t, cum, label=strategy)
-  ax.axvline(c.fail_time, color="k", ls="--", lw=0.8)
-  ax.set(xlabel="time (s)", ylabel="cumulative latency (s)",
-         title=f"token stage {c.fail_stage} fails at {c.fail_time} s")
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(os.path.join(out_dir, "failure_timeline.png"))
-  plt.close(fig)
+  # One plotting path with the engine (serving.metrics): p50 and p99 share a system's colour.
+  metrics.plot_latency_vs_rate([r for r in rows if r["kind"] == "rate_sweep"],
+                               os.path.join(out_dir, "latency_vs_rate.png"),
+                               title=f"{c.model} on {c.machines} x {c.hardware}", log_y=True)
+  metrics.plot_failure_timeline(timelines, os.path.join(out_dir, "failure_timeline.png"),
+                                failure_times=[c.fail_time],
+                                title=f"token stage {c.fail_stage} fails at {c.fail_time} s")
 
 
 def main(argv):
   del argv
-  run(_CONFIG.value, _OUT.value)
+  try:
+    run(_CONFIG.value, _OUT.value, overwrite=_OVERWRITE.value)
+  except runrecord.OutputDirError as e:
+    sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

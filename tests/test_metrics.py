@@ -88,7 +88,24 @@ def test_duck_typed_records_with_nan_for_missing():
   s = mx.summarize(recs)
   assert s["completed"] == 1 and s["num_unfinished"] == 1 and s["duration"] == 3.0
   assert s["norm_latency_p50_s_per_tok"] == pytest.approx(1.0)
-  assert s["mean_tpot_ms"] == pytest.approx(1000) and math.isnan(s["mean_itl_ms"])
+  assert s["mean_tpot_ms"] == pytest.approx(1000) and "mean_itl_ms" not in s  # no NaN ITL
+
+
+def test_goodput_counts_requests_within_both_slos():
+  # ttft 1 s / tpot 1 s; ttft 0.5 s / tpot 2 s; ttft 0.2 s, single token (no tpot); unfinished.
+  recs = [types.SimpleNamespace(arrival=0.0, prompt_len=8, first_token=1.0, finish=3.0,
+                                output_len=3),
+          types.SimpleNamespace(arrival=0.0, prompt_len=8, first_token=0.5, finish=4.5,
+                                output_len=3),
+          types.SimpleNamespace(arrival=0.0, prompt_len=8, first_token=0.2, finish=0.2,
+                                output_len=1),
+          types.SimpleNamespace(arrival=0.0, prompt_len=8, first_token=math.nan,
+                                finish=math.nan, output_len=5)]
+  s = mx.summarize(recs, duration=10.0, slo_ttft_ms=800, slo_tpot_ms=1500)
+  assert s["request_goodput"] == pytest.approx(0.1) and s["slo_attainment"] == 0.25
+  s = mx.summarize(recs, duration=10.0, slo_tpot_ms=1500)
+  assert s["request_goodput"] == pytest.approx(0.2)
+  assert "request_goodput" not in mx.summarize(recs)
 
 
 def test_jsonl_round_trip(tmp_path):

@@ -69,7 +69,7 @@ def test_higher_rate_never_lowers_latency():
   for rate in (0.5, 1.0, 2.0, 4.0, 8.0):
     lens = np.random.default_rng(3).integers(2, 40, 200)
     reqs = make_requests(rate, 200, prompt_len=64, output_lens=lens, seed=3)
-    p50.append(simulate_colocated(cost, reqs, 4, batch_size=4).summary["norm_latency_p50"])
+    p50.append(simulate_colocated(cost, reqs, 4, batch_size=4).summary["norm_latency_p50_s_per_tok"])
   assert all(b >= a * 0.999 for a, b in zip(p50, p50[1:])), p50
 
 
@@ -77,12 +77,14 @@ def test_records_and_summary():
   r = [RequestRecord(0, 0.0, 10, 5, first_token=1.0, finish=3.0),
        RequestRecord(1, 1.0, 10, 3, first_token=1.5, finish=5.0), RequestRecord(2, 2.0, 10, 3)]
   s = summarize(r)
-  assert s["num_requests"] == 2 and s["num_unfinished"] == 1
-  assert s["duration_s"] == 5.0 and s["throughput_rps"] == pytest.approx(0.4)
-  assert s["throughput_tok_s"] == pytest.approx(8 / 5)
-  assert s["norm_latency_p50"] == pytest.approx(np.median([3 / 5, 4 / 3]))
-  assert s["tpot_p50"] == pytest.approx(np.median([0.5, 1.75]))
-  assert s["ttft_p50"] == pytest.approx(0.75)
+  assert s["num_requests"] == 3 and s["completed"] == 2 and s["num_unfinished"] == 1
+  assert s["duration"] == 5.0 and s["request_throughput"] == pytest.approx(0.4)
+  assert s["output_throughput"] == pytest.approx(8 / 5)
+  assert s["norm_latency_p50_s_per_tok"] == pytest.approx(np.median([3 / 5, 4 / 3]))
+  assert s["median_tpot_ms"] == pytest.approx(1e3 * np.median([0.5, 1.75]))
+  assert s["median_ttft_ms"] == pytest.approx(750)
+  # one set of names and units: no second copy in seconds, no NaN ITL (no token times kept)
+  assert not {"ttft_p50", "throughput_rps", "norm_latency_p50"} & set(s) and "mean_itl_ms" not in s
 
 
 def test_every_request_gets_its_tokens_and_ttft_before_finish():
@@ -124,6 +126,46 @@ def test_failure_accounting(system):
   assert runs["snapshot"].recoveries[0]["lost_steps"] <= 10 * restart["inflight_microbatches"]
   mean = {s: np.mean([r.latency for r in res.records]) for s, res in runs.items()}
   assert mean["replica"] < mean["restart"]
+
+
+def test_recovery_parameters_and_whole_job_restart():
+  # Every stage of the 4-stage pipeline holds L/4 layers; with a fixed weight load time the
+  # downtime is exactly detection + replacement + that time, for a stage or a whole-job restart.
+  cost, D = _cost(0.02, 0.005), 4
+  runs = {}
+  for scope, weight in (("stage", None), ("job", None), ("stage", 7.0)):
+    rec = RecoveryConfig(strategy="restart", heartbeat_s=0.5, timeout_s=1.5,
+                         replacement_start_s=4.0, weight_load_s=weight, restart_scope=scope,
+                         weight_link=cm.Link("w", 1e18, 0.25))
+    res = simulate_colocated(cost, saturated_requests(8 * D, 16, 41), D, batch_size=1,
+                             failures=[Failure(10.3, 1)], recovery=rec)
+    (runs[scope, weight],) = res.recoveries
+  for (scope, weight), r in runs.items():
+    assert r["scope"] == scope and r["detection_s"] == pytest.approx(10.0 + 1.5 - 10.3)  # beat at 10.0
+    assert r["downtime_s"] == pytest.approx(r["detection_s"] + 4.0 + (weight or 0.25))
+  with pytest.raises(ValueError, match="restart_scope"):
+    RecoveryConfig(restart_scope="cluster")
+  with pytest.raises(ValueError, match="weight_load_s"):
+    RecoveryConfig(weight_load_s=-1.0)
+
+
+def test_whole_job_restart_waits_for_the_slowest_stage():
+  # An uneven split (5 layers over 2 stages: 3 + 2): a job restart reloads the 3-layer stage
+  # even when the 2-layer stage failed.
+  from dejavu_jax.sim.pipeline import split_layers
+  layers = split_layers(5, 2)
+  small = int(np.argmin(layers))
+  cost = cm.roofline(get_model_config("opt_125m", num_layers=5), "a100_80gb")
+  link = cm.Link("w", 1e6, 0.0)   # 1 MB/s: weight time proportional to the layers
+  per_layer = cost.model.layer_weight_bytes() / 1e6
+  out = {}
+  for scope in ("stage", "job"):
+    rec = RecoveryConfig(strategy="restart", restart_scope=scope, weight_link=link)
+    res = simulate_colocated(cost, saturated_requests(4, 16, 8), 2, batch_size=1,
+                             failures=[Failure(0.01, small)], recovery=rec)
+    out[scope] = res.recoveries[0]["weight_load_s"]
+  assert out["stage"] == pytest.approx(min(layers) * per_layer)
+  assert out["job"] == pytest.approx(max(layers) * per_layer) and min(layers) < max(layers)
 
 
 def test_replica_loses_at_most_the_unreplicated_steps():

@@ -20,6 +20,10 @@ def test_simulate_experiment_tiny(tmp_path):
   assert kinds == {"rate_sweep", "failure", "planner"}
   sweep = [r for r in rows if r["kind"] == "rate_sweep"]
   assert all(r["num_requests"] == 30 for r in sweep)
+  # Both systems are in the data the plot draws (the baseline was once overwritten by the
+  # colocated simulator's own "system" name and vanished from the plot).
+  assert {r["system"] for r in sweep} == {"baseline", "disaggregated"}
+  assert not any("ttft_p50" in r or "mean_itl_ms" in r for r in sweep)  # one set of units
   failures = [r for r in rows if r["kind"] == "failure"]
   assert {r["strategy"] for r in failures} == {"restart", "replica", "snapshot", "reprefill"}
   assert all(len(r["recoveries"]) == 1 for r in failures)

@@ -219,7 +219,7 @@ class PipelineEngine:
     out.sort(key=lambda r: (r.arrival, r.request_id))
     return out
 
-  def warmup(self) -> None:
+  def warmup(self, progress: Callable[[int, int], None] | None = None) -> None:
     """Compiles every stage's prefill for every prompt bucket that fits `max_len`, and the decode
     step, by serving one dummy request per bucket. Call it before a measured or failure-injected
     run: a compile in the middle of serving skews latencies and, holding the GIL, can silence a
@@ -229,8 +229,28 @@ class PipelineEngine:
     while n <= limit:
       lengths.append(n)
       n = bucket_length(n, self.serve_cfg.max_len) + 1   # the first length of the next bucket
-    for n in lengths:   # one microbatch per bucket: a microbatch is padded to its longest row
+    for i, n in enumerate(lengths):   # one microbatch per bucket, padded to its longest row
       self.generate([[self.cfg.pad_token_id] * n], 2 if n == 1 else 1)   # n == 1: + decode
+      if progress:
+        progress(i + 1, len(lengths))
+
+  def set_recovery(self, recovery: str) -> None:
+    """Switches the recovery strategy (or chain) between `serve` calls without recompiling:
+    the stage programs (their jitted, already compiled steps) are kept, the workers are restarted
+    under the new strategy's options (replication tap, snapshots). Comparing strategies on one
+    engine is what lets `experiments/serve.py` compile once for all of them."""
+    sc = dataclasses.replace(self.serve_cfg, recovery=recovery)
+    strategy = get_strategy(sc.recovery, sc.snapshot_dir, sc.snapshot_every)  # bad name: fails
+    self.runtime.close()                                                       # before this
+    self.serve_cfg, self.strategy = sc, strategy
+    self.controller = Controller(sc.heartbeat_timeout_s)
+    self._started = False
+    self.runtime = LocalRuntime(self.programs, self._params_for, self.plan.num_stages,
+                                sc.microbatch_size, sc.max_len, self.runtime.pace, sc.heartbeat_s)
+    self.runtime.start(self.strategy.options())
+    self._started = True
+    for s in range(self.plan.num_stages):
+      self.controller.watch(s, self.runtime.worker(s).worker_id)
 
   def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
     """All prompts arrive at once; returns the generated tokens per prompt (in order). Raises

@@ -91,7 +91,8 @@ def _stats(prefix: str, values: Sequence[float], scale: float, suffix: str) -> d
   return out | {f"p{p}_{prefix}{suffix}": float(np.percentile(v, p)) for p in PERCENTILES}
 
 
-def summarize(records: Iterable[Any], duration: float | None = None) -> dict:
+def summarize(records: Iterable[Any], duration: float | None = None, *,
+              slo_ttft_ms: float | None = None, slo_tpot_ms: float | None = None) -> dict:
   """The metrics of a run (module docstring for the definitions).
 
   Args:
@@ -100,10 +101,14 @@ def summarize(records: Iterable[Any], duration: float | None = None) -> dict:
       `token_times` and `recomputed_tokens` (the simulator's records qualify).
     duration: the run's length in seconds for the throughputs; by default from the first arrival
       to the last finish.
+    slo_ttft_ms, slo_tpot_ms: service-level objectives; when either is given the summary adds
+      vLLM's `request_goodput` (finished requests per second that met every given objective)
+      and `slo_attainment` (their fraction of all requests).
 
   Returns:
     A flat dict of floats and ints. Latency metrics cover finished requests only (NaN when none
-    finished); `num_unfinished` says how many were left out.
+    finished); `num_unfinished` says how many were left out. The ITL keys appear only when some
+    record kept its token times (the simulator's do not: no NaN placeholder).
   """
   records = list(records)
   done = [r for r in records if not _missing(r.finish)]
@@ -142,9 +147,28 @@ def summarize(records: Iterable[Any], duration: float | None = None) -> dict:
   out["norm_latency_mean_s_per_tok"] = float(norm.mean()) if norm.size else math.nan
   for p in (50, *PERCENTILES):
     out[f"norm_latency_p{p}_s_per_tok"] = float(np.percentile(norm, p)) if norm.size else math.nan
+  kept_times = any(getattr(r, "token_times", None) for r in done)
   for name, values in (("ttft", ttft), ("tpot", tpot), ("itl", itl), ("e2el", e2el)):
-    out |= _stats(name, values, 1e3, "_ms")
+    if name != "itl" or kept_times:
+      out |= _stats(name, values, 1e3, "_ms")
+  if slo_ttft_ms is not None or slo_tpot_ms is not None:
+    good = sum(meets_slo(r, slo_ttft_ms, slo_tpot_ms) for r in done)
+    out["request_goodput"] = per_sec(good)
+    out["slo_attainment"] = good / len(records) if records else math.nan
   return out
+
+
+def meets_slo(r, slo_ttft_ms: float | None, slo_tpot_ms: float | None) -> bool:
+  """vLLM's goodput test of one finished request: TTFT and TPOT within the given objectives
+  (None: no objective); a single-token request has no TPOT and meets any TPOT objective."""
+  if _missing(r.finish) or _missing(r.first_token):
+    return False
+  if slo_ttft_ms is not None and (r.first_token - r.arrival) * 1e3 > slo_ttft_ms:
+    return False
+  if slo_tpot_ms is not None and r.output_len > 1:
+    if (r.finish - r.first_token) / (r.output_len - 1) * 1e3 > slo_tpot_ms:
+      return False
+  return True
 
 
 def _json_safe(x):
@@ -196,7 +220,7 @@ def _unit(key: str) -> str:
     return "ms"
   if key.endswith("_s_per_tok"):
     return "s/token"
-  if key == "request_throughput":
+  if key in ("request_throughput", "request_goodput"):
     return "req/s"
   if key.endswith("token_throughput") or key == "output_throughput":
     return "tok/s"

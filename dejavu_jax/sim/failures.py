@@ -4,9 +4,11 @@ Timeline of one failure of stage s at time T (all pieces reported in the recover
   1. detection: heartbeats every `heartbeat_s`; the controller declares the worker dead
      `timeout_s` after its last heartbeat, i.e. at floor(T / heartbeat_s) * heartbeat_s + timeout_s;
   2. replacement: a spare worker starts (`replacement_start_s`);
-  3. weight loading: the stage's weights over `weight_link`;
+  3. weight loading: the stage's weights over `weight_link` (or a fixed `weight_load_s`);
   4. state restore, per strategy, then every microbatch in flight resumes:
-     - restart:   nothing restored; every microbatch restarts from its prompt;
+     - restart:   nothing restored; every microbatch restarts from its prompt; with
+                  `restart_scope="job"` the whole job restarts (every stage is replaced and
+                  reloads its weights, as a serving system without per-stage recovery does);
      - replica:   the failed stage's cache comes back from the replica in the next stage's host
                   memory over `replica_link`; a microbatch resumes after its last step whose
                   replication the next stage had acknowledged before T (the other stages still
@@ -64,6 +66,10 @@ class RecoveryConfig:
   replica_link: cm.Link = cm.LINKS["inter_vm_40gbps"]
   snapshot_every: int = 10
   snapshot_link: cm.Link = cm.Link("remote_storage", 5e9, 1e-3)
+  # Per-scenario recovery parameters (issue 15): a fixed weight-load time instead of the
+  # weight_link estimate (None: estimate), and what `restart` restarts ("stage" or "job").
+  weight_load_s: float | None = None
+  restart_scope: str = "stage"
 
   def __post_init__(self):
     if self.strategy not in STRATEGIES:
@@ -72,6 +78,18 @@ class RecoveryConfig:
       raise ValueError("heartbeat_s and timeout_s must be > 0")
     if self.snapshot_every < 1:
       raise ValueError(f"snapshot_every must be >= 1, got {self.snapshot_every}")
+    if self.replacement_start_s < 0:
+      raise ValueError(f"replacement_start_s must be >= 0, got {self.replacement_start_s}")
+    if self.weight_load_s is not None and self.weight_load_s < 0:
+      raise ValueError(f"weight_load_s must be None or >= 0, got {self.weight_load_s}")
+    if self.restart_scope not in ("stage", "job"):
+      raise ValueError(f"restart_scope must be 'stage' or 'job', got {self.restart_scope!r}")
+
+  def weight_time(self, model, layers: int) -> float:
+    """Seconds to load `layers` layers' weights into a replacement worker."""
+    if self.weight_load_s is not None:
+      return self.weight_load_s
+    return self.weight_link.transfer_time(layers * model.layer_weight_bytes())
 
 
 def replicated_step(mb: Microbatch, stage: int, time: float) -> int:
@@ -119,7 +137,9 @@ class FailureManager:
     # A prompt pipeline holds nothing worth keeping: its prompts are simply redone.
     strategy = "restart" if f.pipeline == "prompt" else cfg.strategy
     detection = math.floor(now / cfg.heartbeat_s) * cfg.heartbeat_s + cfg.timeout_s - now
-    weight = cfg.weight_link.transfer_time(layers[f.stage] * model.layer_weight_bytes())
+    whole_job = strategy == "restart" and cfg.restart_scope == "job"
+    # A whole-job restart replaces every stage; they load their weights in parallel.
+    weight = max(cfg.weight_time(model, n) for n in (layers if whole_job else [layers[f.stage]]))
     lost, lost_tokens, restore_bytes, snap_bytes = 0, 0, 0, [0] * pipe.num_stages
     progress = sum(mb.done for mb in mbs)
     for mb in mbs:
@@ -147,6 +167,7 @@ class FailureManager:
     self._pending[f.pipeline] = rid
     self.recoveries.append({
         "time": now, "pipeline": f.pipeline, "stage": f.stage, "strategy": strategy,
+        "scope": "job" if whole_job else "stage",
         "detection_s": detection, "replacement_s": cfg.replacement_start_s,
         "weight_load_s": weight, "restore_s": restore, "downtime_s": downtime,
         "inflight_microbatches": len(mbs), "progress_steps": progress,

@@ -2,9 +2,7 @@
 
 A `RequestRecord` holds the times (seconds) a request arrived, got its first token and finished.
 `summarize` is `dejavu_jax.serving.metrics.summarize` (one definition of throughput, normalized
-latency, TTFT and TPOT for the engine and the simulator) plus the key names the simulator used
-before (`throughput_rps`, `norm_latency_p50`, `ttft_p50`, ...; seconds throughout), kept as
-aliases. `SimResult` is what every simulation returns.
+latency, TTFT and TPOT, one set of names and units, for the engine and the simulator). `SimResult` is what every simulation returns.
 """
 
 from __future__ import annotations
@@ -61,33 +59,11 @@ class RequestRecord:
     return (self.finish - self.first_token) / (self.output_len - 1)
 
 
-# The simulator's historical key names, as (alias, key of `metrics.summarize`, scale). They stay
-# so that planner, experiment and test code written against them keeps working.
-_ALIASES = (
-    ("duration_s", "duration", 1.0),
-    ("throughput_rps", "request_throughput", 1.0),
-    ("throughput_tok_s", "output_throughput", 1.0),
-    ("norm_latency_p50", "norm_latency_p50_s_per_tok", 1.0),
-    ("norm_latency_p95", "norm_latency_p95_s_per_tok", 1.0),
-    ("norm_latency_p99", "norm_latency_p99_s_per_tok", 1.0),
-    ("ttft_p50", "median_ttft_ms", 1e-3),
-    ("ttft_p95", "p95_ttft_ms", 1e-3),
-    ("tpot_p50", "median_tpot_ms", 1e-3),
-)
-
-
 def summarize(records: Sequence[RequestRecord]) -> dict:
-  """`dejavu_jax.serving.metrics.summarize` over `records`, plus the simulator's old key names.
-
-  Every metric is computed once, by the engine's summary, so simulated and served runs are judged
-  by the same definitions. The aliases in `_ALIASES` (seconds, not ms) follow its numbers, except
-  `num_requests`: here it keeps the simulator's meaning, the *finished* requests (= `completed`;
-  the general summary counts all of them), because simulator callers read it that way.
-  """
-  out = metrics.summarize(records)
-  out |= {alias: out[key] * scale for alias, key, scale in _ALIASES}
-  out["num_requests"] = out["completed"]
-  return out
+  """`dejavu_jax.serving.metrics.summarize` over `records`: every metric is computed once, by the
+  engine's summary, under one set of names and units, so simulated and served runs are judged by
+  the same definitions (`num_requests` counts all requests, `completed` the finished ones)."""
+  return metrics.summarize(records)
 
 
 @dataclasses.dataclass
