@@ -263,6 +263,10 @@ class LocalWorker:
           if mb in self._last_step:
             self._tap.send_block(mb, self._last_step[mb], self._store.get(mb))
 
+  def _after_compute(self, msg: Step, cache) -> None:
+    """A subclass's hook on the worker thread after a step computed, before its output is handed
+    on (a prompt worker streams the step's KV from here: serving/disagg_workers.py)."""
+
   def _export(self, msg: _Export) -> None:
     try:
       if self.replicas is None:
@@ -315,6 +319,7 @@ class LocalWorker:
     if self._stop.is_set():
       return   # killed during the step: a crash streams and reports nothing
     self._last_step[msg.mb_id] = msg.step
+    self._after_compute(msg, cache)
     if self._tap is not None:
       self._tap.after_step(msg.mb_id, msg.step, cache, msg.positions, msg.kind, msg.tokens)
     if self._snap is not None:
@@ -367,6 +372,7 @@ class LocalRuntime:
     self.pace, self.heartbeat_s = pace, heartbeat_s
     self.events: queue.Queue = queue.Queue()
     self.options = WorkerOptions()
+    self.worker_class = LocalWorker   # a subclass may run other workers (disaggregation)
     self._workers: list[LocalWorker] = []
     self._lock = threading.Lock()
     self._link_faults: dict[int, Callable[[ReplicaWrite], bool]] = {}
@@ -376,7 +382,7 @@ class LocalRuntime:
     self._workers = [self._spawn(s) for s in range(self.num_stages)]
 
   def _spawn(self, s: int) -> LocalWorker:
-    return LocalWorker(self, self.programs[s], self.params_for(s), self.options).start()
+    return self.worker_class(self, self.programs[s], self.params_for(s), self.options).start()
 
   def worker(self, stage: int) -> LocalWorker:
     return self._workers[stage]
