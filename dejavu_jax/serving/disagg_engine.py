@@ -502,6 +502,10 @@ class DisaggregatedEngine(PipelineEngine):
     detected = now()
     dead = sorted(set(dead) | {s for s in range(self.Dp) if not self.prompt_runtime.alive(s)})
     killed = getattr(self, "_prompt_killed", {})
+    for s in dead:   # an armed failure: when the worker crashed by itself, for the report
+      t = self.prompt_runtime.died_at(s)
+      if s not in killed and t is not None:
+        killed[s] = t - self._t0
     self.prompt_epoch += 1
     for s in range(self.Dp):
       self.prompt_runtime.worker(s).set_epoch(self.prompt_epoch)
