@@ -122,6 +122,8 @@ class TokenWorker(LocalWorker):
     self.slots = HostSlots(runtime.host_slots, (program.start, program.stop), b, s, h, k,
                            shape.k.dtype)
     self._loader = concurrent.futures.ThreadPoolExecutor(1, f"load-prompt-{self.stage}")
+    self._link_free_at = 0.0                 # paced: the modeled host link's next free time
+    self._loaded_at: dict[int, float] = {}   # paced: mb -> modeled end of its prompt load
 
   # ---- messages (engine and prompt senders) ----
   def reserve_slot(self, mb_id: int) -> bool:
@@ -133,12 +135,22 @@ class TokenWorker(LocalWorker):
     if self.slots.write(mb_id, packet, lengths):
       self._rt.events.put(PromptLanded(self.stage, mb_id, self.worker_id))
 
-  def load_prompt(self, mb_id: int, epoch: int) -> None:
-    """Starts the host-to-device copy now; installs it in inbox order (before later steps)."""
+  def load_prompt(self, mb_id: int, epoch: int, start_at: float = 0.0,
+                  load_s: float = 0.0) -> None:
+    """Starts the host-to-device copy now; installs it in inbox order (before later steps).
+    Paced: the modeled load starts at `start_at` (perf_counter) once this worker's host link is
+    free and lasts `load_s`; the microbatch's first step here starts no earlier than its end."""
+    if load_s > 0:
+      end = max(start_at, self._link_free_at) + load_s
+      self._link_free_at = end
+      self._loaded_at[mb_id] = end
     fut = self._loader.submit(lambda: self._program.place_cache(self.slots.read(mb_id)))
     self._inbox.put(_LoadPrompt(mb_id, fut, epoch))
 
   # ---- worker thread ----
+  def _not_before(self, msg) -> float:
+    return self._loaded_at.pop(msg.mb_id, 0.0) if msg.kind == "decode" else 0.0
+
   def _handle(self, msg) -> None:
     if isinstance(msg, _LoadPrompt):
       # Installed whatever the epoch: a microbatch the recovery resumed needs it, one it requeued

@@ -265,7 +265,13 @@ class LocalWorker:
 
   def _after_compute(self, msg: Step, cache) -> None:
     """A subclass's hook on the worker thread after a step computed, before its output is handed
-    on (a prompt worker streams the step's KV from here: serving/disagg_workers.py)."""
+    on (a prompt worker streams the step's KV from here: runtime/disagg.py)."""
+
+  def _not_before(self, msg: Step) -> float:
+    """Paced mode: a subclass's earliest modeled start of `msg` here beyond its input and this
+    stage being ready (a token worker's modeled host-to-device load of a prompt cache)."""
+    del msg
+    return 0.0
 
   def _export(self, msg: _Export) -> None:
     try:
@@ -332,7 +338,7 @@ class LocalWorker:
     if pace is not None:
       # A modeled step starts when both its input and this stage are ready, so thread hand-offs
       # and host bookkeeping shorter than the modeled time do not stretch the schedule.
-      start = max(msg.ready_at, self._free_at)
+      start = max(msg.ready_at, self._free_at, self._not_before(msg))
       end = start + pace(self.stage, msg.kind, program.num_layers, msg.batch, msg.tokens)
       late = time.perf_counter()
       if late > end:  # the real step outlasted the model: it ends when it really ended

@@ -92,6 +92,13 @@ def check_split(cfg: ModelConfig, serve: ServeConfig, num_devices: int) -> tuple
   return dp, dt, slots
 
 
+def modeled_prompt_len(cost_model, tokens: int) -> int:
+  """The prompt length a cost model charges for `tokens` real ones (a cost model may stand a
+  short real prompt for a paper-scale one through `modeled_prompt_len`)."""
+  f = getattr(cost_model, "modeled_prompt_len", None)
+  return tokens if f is None else f(tokens)
+
+
 def prompt_pace_fn(cost_model, num_stages: int, time_scale: float, layer_scale: float,
                    stream_link: cm.Link | None):
   """Paced prompt steps: compute overlapped layer by layer with streaming the previous layer's
@@ -103,7 +110,8 @@ def prompt_pace_fn(cost_model, num_stages: int, time_scale: float, layer_scale: 
     if stream_link is None:
       return t
     n = max(1, round(layers * layer_scale))
-    x = stream_link.transfer_time(cm.prompt_kv_bytes_per_layer(cost_model.model, batch, tokens))
+    x = stream_link.transfer_time(cm.prompt_kv_bytes_per_layer(
+        cost_model.model, batch, modeled_prompt_len(cost_model, tokens)))
     return streamed_prompt_time(t, n, x * time_scale)
 
   return pace
@@ -151,6 +159,7 @@ class DisaggregatedEngine(PipelineEngine):
     self.mesh = make_mesh(self.plan, devices[dp * t:(dp + dt) * t])
     self.params = params
     pace = prompt_pace = None
+    self._cost, self._scale, self._host_link = cost_model, time_scale, None
     if serve.pacing == "paced":
       if cost_model is None:
         raise ValueError("pacing='paced' needs a cost model")
@@ -158,6 +167,8 @@ class DisaggregatedEngine(PipelineEngine):
       link = cm.LINKS[serve.stream_link] if serve.stream_link else None
       pace = make_pace_fn(cost_model, dt, time_scale, scale)
       prompt_pace = prompt_pace_fn(cost_model, dp, time_scale, scale, link)
+      hw = getattr(cost_model, "hardware", None)
+      self._host_link = getattr(hw, "host_link", None)
     program = FakeProgram if serve.program == "fake" else StageProgram
     self.prompt_programs = [program(cfg, self.prompt_plan, self.prompt_mesh, s)
                             for s in range(dp)]
@@ -428,10 +439,21 @@ class DisaggregatedEngine(PipelineEngine):
       mb_id = self._ready.popleft()
       p = self._prompt.pop(mb_id)
       sched.in_flight[mb_id] = p.mb
-      for s in range(self.Dt):
-        self.runtime.worker(s).load_prompt(mb_id, self.epoch)
       ready = max(p.done_at, self._token_free_at)
+      for s in range(self.Dt):
+        self.runtime.worker(s).load_prompt(mb_id, self.epoch, ready,
+                                           self._load_s(s, p.mb))
       self._send_decode(sched, p.mb, ready)
+
+  def _load_s(self, stage: int, mb: Microbatch) -> float:
+    """Paced: modeled seconds of token stage `stage`'s host-to-device load of `mb`'s prompt
+    cache over the cost model's host link (0 when real, or with no host link)."""
+    if self._host_link is None:
+      return 0.0
+    cost = self._cost
+    layers = round(self.plan.layers(stage) * cost.model.num_layers / self.cfg.num_layers)
+    tokens = modeled_prompt_len(cost, mb.prompt_bucket_len)
+    return cm.swap_in_time(self._host_link, cost.model, layers, mb.batch, tokens) * self._scale
 
   # ---- events (both sides arrive here; the token side's are the baseline's) ----
   def _on_event(self, sched: Scheduler, ev) -> int:

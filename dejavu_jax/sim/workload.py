@@ -55,9 +55,33 @@ def make_requests(rate: float, num_requests: int, prompt_len: int,
           for i, (a, n) in enumerate(zip(arrivals, lens))]
 
 
-def saturated_requests(num_requests: int, prompt_len: int, output_len: int) -> list[RequestRecord]:
-  """All requests waiting at t=0: the pipeline is never starved (for throughput measurements)."""
-  return [RequestRecord(i, 0.0, prompt_len, output_len) for i in range(num_requests)]
+def saturated_requests(num_requests: int, prompt_len: int,
+                       output_len: int | Sequence[int]) -> list[RequestRecord]:
+  """All requests waiting at t=0: the pipeline is never starved (for throughput measurements).
+  `output_len`: one length for all, or one per request."""
+  lens = ([int(output_len)] * num_requests if np.isscalar(output_len)
+          else [int(n) for n in output_len])
+  if len(lens) != num_requests:
+    raise ValueError(f"{len(lens)} output lengths for {num_requests} requests")
+  return [RequestRecord(i, 0.0, prompt_len, n) for i, n in enumerate(lens)]
+
+
+# The LMSys-Chat-1M fit's shape (serving.workload): median / mean and the upper clamp / mean.
+_LMSYS_MEDIAN_OVER_MEAN = 150.0 / 214.5
+_LMSYS_MAX_OVER_MEAN = 950 / 214.5
+
+
+def per_microbatch_output_lens(num_microbatches: int, batch_size: int, mean: float,
+                               seed: int = 0) -> np.ndarray:
+  """One output length per microbatch, shared by its `batch_size` rows (the paper's setting: the
+  rows of a microbatch finish together, different microbatches at different times), drawn from
+  the LMSys-fitted lognormal scaled to `mean`. Returns [num_microbatches * batch_size]."""
+  if mean < 2:
+    raise ValueError(f"mean output length must be >= 2, got {mean}")
+  per_mb = sample_output_lengths(
+      f"lognormal:{float(mean)!r},{mean * _LMSYS_MEDIAN_OVER_MEAN!r}", num_microbatches,
+      seed + 2, 2, max(2, int(round(mean * _LMSYS_MAX_OVER_MEAN))))
+  return np.repeat(per_mb, batch_size)
 
 
 def from_serving(requests: Sequence[Request]) -> list[RequestRecord]:
