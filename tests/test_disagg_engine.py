@@ -156,6 +156,7 @@ def test_token_worker_failure_recovers_by_replica():
     (dict(prompt_stages=2, token_stages=2, tensor=3), "need 12 devices"),
     (dict(prompt_stages=7, token_stages=1), "exceeds the model's 6 layers"),
     (dict(prompt_stages=1, token_stages=1, host_slots=0), "host_slots must be"),
+    (dict(prompt_stages=1, token_stages=1, stream_link="carrier_pigeon"), "unknown stream_link"),
 ])
 def test_impossible_splits_are_named(kw, match):
   with pytest.raises(DisaggregationError, match=match):

@@ -86,6 +86,9 @@ def check_split(cfg: ModelConfig, serve: ServeConfig, num_devices: int) -> tuple
   if serve.stage_ranges is not None:
     raise DisaggregationError("stage_ranges is not supported with disaggregation: both "
                               "pipelines use the balanced split of the layers")
+  if serve.stream_link is not None and serve.stream_link not in cm.LINKS:
+    raise DisaggregationError(f"unknown stream_link {serve.stream_link!r}; known: "
+                              f"{', '.join(cm.LINKS)}")
   slots = default_host_slots(dp, dt) if serve.host_slots is None else serve.host_slots
   if not isinstance(slots, int) or isinstance(slots, bool) or slots < 1:
     raise DisaggregationError(f"host_slots must be an integer >= 1, got {slots!r}")
@@ -115,6 +118,13 @@ def prompt_pace_fn(cost_model, num_stages: int, time_scale: float, layer_scale: 
     return streamed_prompt_time(t, n, x * time_scale)
 
   return pace
+
+
+def make_engine(cfg: ModelConfig, params, serve: ServeConfig, **kw) -> PipelineEngine:
+  """The engine `serve` asks for: disaggregated when it names prompt or token stages."""
+  if serve.prompt_stages or serve.token_stages:
+    return DisaggregatedEngine(cfg, params, serve, **kw)
+  return PipelineEngine(cfg, params, serve, **kw)
 
 
 @dataclasses.dataclass

@@ -93,8 +93,10 @@ def stream_link(sc: Scenario) -> cm.Link | None:
 
 def fake_config(sc: Scenario):
   """The fake program's model: as many layers as the paced model, so splits match the sim's."""
-  return tiny_config("opt", num_layers=cost_model(sc).model.num_layers,
-                     max_positions=sc.max_len())
+  # One KV head of 4 dims: the fake program reads one entry per position, and a small cache
+  # keeps its real step time far below the modeled one.
+  return tiny_config("opt", num_layers=cost_model(sc).model.num_layers, hidden_size=4,
+                     num_heads=1, ffn_dim=8, max_positions=sc.max_len())
 
 
 def workload(sc: Scenario) -> planner_lib.Workload:
