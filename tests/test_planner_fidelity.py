@@ -99,3 +99,11 @@ def test_planner_cli_json_and_stream_link():
   out = json.loads(proc.stdout.strip().splitlines()[-1])
   assert out["stream_link"] == "inter_vm_32gbps" and out["memory_reserve"] == 0.2
   assert out["memory_binding"]["constraint"]
+
+
+def test_simulated_workload_shares_one_length_per_microbatch():
+  reqs = sim.make_requests(2.0, 20, 100, seed=3, per_microbatch=4)
+  lens = np.array([r.output_len for r in reqs]).reshape(5, 4)
+  assert (lens == lens[:, :1]).all() and len(set(lens[:, 0])) > 1
+  per_request = [r.output_len for r in sim.make_requests(2.0, 20, 100, seed=3)]
+  assert len(set(per_request[:4])) > 1   # without it, rows of a microbatch differ

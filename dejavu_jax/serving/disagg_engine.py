@@ -42,9 +42,9 @@ from dejavu_jax.config import ModelConfig, ServeConfig
 from dejavu_jax.fault.controller import Controller, RecoveryEvent
 from dejavu_jax.fault.inject import FailureSpec
 from dejavu_jax.fault.strategies import get_strategy
-from dejavu_jax.models.checkpoint import check_params_checkpoint
+from dejavu_jax.models.checkpoint import check_params_checkpoint, restore_params
 from dejavu_jax.models.decoder import param_shapes
-from dejavu_jax.models.generate import sample
+from dejavu_jax.models.generate import bucket_length, pad_prompts, sample
 from dejavu_jax.pipeline.fake import FakeProgram
 from dejavu_jax.pipeline.plan import make_mesh, plan_stages
 from dejavu_jax.pipeline.scheduler import Microbatch, Scheduler
@@ -53,71 +53,12 @@ from dejavu_jax.runtime import api
 from dejavu_jax.runtime.disagg import (FromPrompt, PromptLanded, PromptRuntime, SlotFreed,
                                        TokenRuntime)
 from dejavu_jax.serving import metrics as metrics_lib
-from dejavu_jax.serving.engine import EngineError, EngineTimeout, PipelineEngine, ServeResult, _record
+from dejavu_jax.serving.engine import (EngineError, EngineTimeout, PipelineEngine, ServeResult,
+                                       _record)
+from dejavu_jax.serving.disagg_split import (DisaggregationError, check_split,  # noqa: F401
+                                             default_host_slots, modeled_prompt_len,
+                                             prompt_pace_fn)
 from dejavu_jax.serving.pacing import make_pace_fn
-from dejavu_jax.sim.disagg import streamed_prompt_time
-
-
-class DisaggregationError(ValueError):
-  """An impossible prompt/token split (names the constraint)."""
-
-
-def default_host_slots(prompt_stages: int, token_stages: int) -> int:
-  """Dp + Dt: one slot per prompt in flight, plus one ready microbatch per token stage, so neither
-  pipeline waits on slots in steady state (2 Dt starves the prompt side when Dp > 2 Dt)."""
-  return prompt_stages + token_stages
-
-
-def check_split(cfg: ModelConfig, serve: ServeConfig, num_devices: int) -> tuple[int, int, int]:
-  """(Dp, Dt, host_slots) of `serve`, or a DisaggregationError naming what is impossible."""
-  dp, dt = serve.prompt_stages, serve.token_stages
-  for name, v in (("prompt_stages", dp), ("token_stages", dt)):
-    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-      raise DisaggregationError(f"{name} must be an integer >= 1 for a disaggregated engine, "
-                                f"got {v!r}")
-  for name, v in (("prompt_stages", dp), ("token_stages", dt)):
-    if v > cfg.num_layers:
-      raise DisaggregationError(f"{name} = {v} exceeds the model's {cfg.num_layers} layers: "
-                                "every stage needs at least one layer")
-  need = (dp + dt) * serve.tensor
-  if need > num_devices:
-    raise DisaggregationError(f"prompt_stages {dp} + token_stages {dt} at tensor {serve.tensor} "
-                              f"need {need} devices, but only {num_devices} are available")
-  if serve.stage_ranges is not None:
-    raise DisaggregationError("stage_ranges is not supported with disaggregation: both "
-                              "pipelines use the balanced split of the layers")
-  if serve.stream_link is not None and serve.stream_link not in cm.LINKS:
-    raise DisaggregationError(f"unknown stream_link {serve.stream_link!r}; known: "
-                              f"{', '.join(cm.LINKS)}")
-  slots = default_host_slots(dp, dt) if serve.host_slots is None else serve.host_slots
-  if not isinstance(slots, int) or isinstance(slots, bool) or slots < 1:
-    raise DisaggregationError(f"host_slots must be an integer >= 1, got {slots!r}")
-  return dp, dt, slots
-
-
-def modeled_prompt_len(cost_model, tokens: int) -> int:
-  """The prompt length a cost model charges for `tokens` real ones (a cost model may stand a
-  short real prompt for a paper-scale one through `modeled_prompt_len`)."""
-  f = getattr(cost_model, "modeled_prompt_len", None)
-  return tokens if f is None else f(tokens)
-
-
-def prompt_pace_fn(cost_model, num_stages: int, time_scale: float, layer_scale: float,
-                   stream_link: cm.Link | None):
-  """Paced prompt steps: compute overlapped layer by layer with streaming the previous layer's
-  KV over `stream_link` (sim.disagg.streamed_prompt_time), as the simulator charges them."""
-  base = make_pace_fn(cost_model, num_stages, time_scale, layer_scale)
-
-  def pace(stage: int, kind: str, layers: int, batch: int, tokens: int) -> float:
-    t = base(stage, kind, layers, batch, tokens)
-    if stream_link is None:
-      return t
-    n = max(1, round(layers * layer_scale))
-    x = stream_link.transfer_time(cm.prompt_kv_bytes_per_layer(
-        cost_model.model, batch, modeled_prompt_len(cost_model, tokens)))
-    return streamed_prompt_time(t, n, x * time_scale)
-
-  return pace
 
 
 def make_engine(cfg: ModelConfig, params, serve: ServeConfig, **kw) -> PipelineEngine:
@@ -201,7 +142,6 @@ class DisaggregatedEngine(PipelineEngine):
 
   def _prompt_params_for(self, s: int):
     if self._started and self.params_checkpoint:
-      from dejavu_jax.models.checkpoint import restore_params
       start, stop = self.prompt_plan.ranges[s]
       return restore_params(self.params_checkpoint, like=param_shapes(self.cfg, start, stop))
     return self.params
@@ -380,7 +320,6 @@ class DisaggregatedEngine(PipelineEngine):
     return sum(not p.first_token for p in self._prompt.values())
 
   def _prefill_inputs(self, mb: Microbatch):
-    from dejavu_jax.models.generate import bucket_length, pad_prompts
     bucket = bucket_length(mb.prompt_bucket_len, self.serve_cfg.max_len)
     prompts = [r.prompt for r in mb.requests] + [[self.cfg.pad_token_id]] * (
         mb.batch - len(mb.requests))

@@ -34,8 +34,10 @@ def sample_output_lens(num_requests: int, seed: int = 0, median: float = 150.0,
 
 def make_requests(rate: float, num_requests: int, prompt_len: int,
                   output_lens: Sequence[int] | int | None = None,
-                  seed: int = 0) -> list[RequestRecord]:
-  """Requests with Poisson arrivals; `output_lens` is an array, a constant, or None (sampled)."""
+                  seed: int = 0, per_microbatch: int | None = None) -> list[RequestRecord]:
+  """Requests with Poisson arrivals; `output_lens` is an array, a constant, or None (sampled).
+  With `per_microbatch` = B, each run of B consecutive requests takes its first one's length
+  (the paper's setting: the rows of a microbatch finish together)."""
   if not rate > 0:  # checked here too, for the simulator's own message
     raise ValueError(f"request rate must be > 0 requests/s, got {rate}")
   if prompt_len < 1:
@@ -51,6 +53,10 @@ def make_requests(rate: float, num_requests: int, prompt_len: int,
       raise ValueError(f"output_lens has shape {lens.shape}, expected ({num_requests},)")
   if (lens < 1).any():
     raise ValueError("every output length must be >= 1")
+  if per_microbatch is not None:
+    if per_microbatch < 1:
+      raise ValueError(f"per_microbatch must be >= 1, got {per_microbatch}")
+    lens = np.repeat(lens[::per_microbatch], per_microbatch)[:num_requests]
   return [RequestRecord(i, float(a), int(prompt_len), int(n))
           for i, (a, n) in enumerate(zip(arrivals, lens))]
 
