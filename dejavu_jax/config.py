@@ -321,6 +321,14 @@ class ServeConfig:
   device_kv_budget_bytes: int | None = None
   device_kv_budget_fraction: float | None = None
   swap_context: int | None = None
+  # ---- prompt-token disaggregation (serving/disagg_engine.py; 0 stages: the colocated engine)
+  # prompt_stages Dp and token_stages Dt on disjoint devices (num_stages is then unused);
+  # host_slots: prompt caches each token worker holds in host memory (None: Dp + Dt);
+  # stream_link: the prompt -> token link paced runs model (costmodel.LINKS name, None: free).
+  prompt_stages: int = 0
+  token_stages: int = 0
+  host_slots: int | None = None
+  stream_link: str | None = None
 
   def __post_init__(self):
     # Each field checked by name here, so a bad value fails at construction, not mid-serve

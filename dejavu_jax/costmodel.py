@@ -162,11 +162,13 @@ class Hardware:
     return self.peak_flops_32 if dtype == "float32" else self.peak_flops_16
 
 
+GIB = 2**30   # "80GB" HBM is 80 GiB (85.9e9 bytes), as nvidia-smi reports it
+
 HARDWARE: dict[str, Hardware] = {
-    "a100_80gb": Hardware("a100_80gb", 312e12, 19.5e12, 2.039e12, 80e9),
-    "v100_16gb": Hardware("v100_16gb", 125e12, 15.7e12, 0.9e12, 16e9,
+    "a100_80gb": Hardware("a100_80gb", 312e12, 19.5e12, 2.039e12, 80 * GIB),
+    "v100_16gb": Hardware("v100_16gb", 125e12, 15.7e12, 0.9e12, 16 * GIB,
                           host_link=Link("pcie3", 12e9, 10e-6)),
-    "h100_80gb": Hardware("h100_80gb", 989e12, 67e12, 3.35e12, 80e9,
+    "h100_80gb": Hardware("h100_80gb", 989e12, 67e12, 3.35e12, 80 * GIB,
                           host_link=Link("pcie5", 50e9, 10e-6)),
 }
 

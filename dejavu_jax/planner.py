@@ -18,6 +18,7 @@ CLI: python -m dejavu_jax.planner --model=opt_66b --machines=4 --hardware=a100_8
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from typing import Sequence
 
@@ -29,17 +30,32 @@ from dejavu_jax.sim import colocated, disagg, workload
 DEFAULT_MEMORY_RESERVE = 0.1
 
 
+OUTPUT_DISTS = ("per_microbatch", "equal")
+
+
 @dataclasses.dataclass(frozen=True)
 class Workload:
-  """What the plan is for: fixed prompt length, mean output length, microbatch size."""
+  """What the plan is for: fixed prompt length, mean output length, microbatch size.
+
+  `output_dist` says how the search's simulations draw output lengths: "per_microbatch" (the
+  paper's setting: one length per microbatch, shared by its rows, from the LMSys-fitted lognormal
+  scaled to mean `output_len`, seeded by `seed`), or "equal" (every microbatch `output_len`: all
+  in flight finish together and their prompts pass through the pipeline as one train, the
+  baseline's best case).
+  """
 
   prompt_len: int = 1000
   output_len: int = 250
   batch_size: int = 8
+  output_dist: str = "per_microbatch"
+  seed: int = 0
 
   def __post_init__(self):
     if self.prompt_len < 1 or self.output_len < 2 or self.batch_size < 1:
       raise ValueError(f"need prompt_len >= 1, output_len >= 2, batch_size >= 1; got {self}")
+    if self.output_dist not in OUTPUT_DISTS:
+      raise ValueError(f"unknown output_dist {self.output_dist!r}; expected one of "
+                       f"{', '.join(OUTPUT_DISTS)}")
 
   @property
   def token_steps(self) -> int:
@@ -199,10 +215,20 @@ class Candidate:
     return f"disaggregated Dp={self.Dp} Dt={self.Dt}, batch {self.batch}"
 
 
-def _saturated(fn, period: int, wl: Workload, batch: int, **kw) -> float:
-  # Enough microbatches for warm-up, several steady periods and the drain.
-  n_mb = 7 * period + 4
-  reqs = workload.saturated_requests(n_mb * batch, wl.prompt_len, wl.output_len)
+def saturated_workload(wl: Workload, batch: int, num_microbatches: int):
+  """The requests of a saturated run: all waiting at t=0, output lengths as `wl` says."""
+  n = num_microbatches * batch
+  if wl.output_dist == "equal":
+    return workload.saturated_requests(n, wl.prompt_len, wl.output_len)
+  lens = workload.per_microbatch_output_lens(num_microbatches, batch, wl.output_len, wl.seed)
+  return workload.saturated_requests(n, wl.prompt_len, lens)
+
+
+def _saturated(fn, period: int, wl: Workload, batch: int, machines: int, **kw) -> float:
+  # Enough microbatches for warm-up, several steady periods and the drain; with sampled lengths,
+  # the same draw for every candidate and enough of them to average the lengths out.
+  n_mb = 7 * period + 4 if wl.output_dist == "equal" else 12 * machines + 16
+  reqs = saturated_workload(wl, batch, n_mb)
   res = fn(requests=reqs, batch_size=batch, **kw)
   return res.inverse_throughput(warmup=2 * period, cooldown=2 * period, period=period)
 
@@ -210,14 +236,15 @@ def _saturated(fn, period: int, wl: Workload, batch: int, **kw) -> float:
 def search(cost: cm.CostModel, machines: int, wl: Workload, machine_bytes: float,
            batch_sizes: Sequence[int] = (2, 4, 8, 16), stream_link: cm.Link | None = None,
            host_link: cm.Link | None = None, reserve: float = DEFAULT_MEMORY_RESERVE,
-           stats: dict | None = None) -> list[Candidate]:
+           stats: dict | None = None, host_slots: int | None = None) -> list[Candidate]:
   """Simulates the memory-feasible candidates that could win; returns them best first.
 
   Candidates whose lower-bound time already loses to a simulated one are skipped; `stats`, if
   given, receives the counts ("feasible", "simulated").
 
   Replicas of a colocated pipeline are independent under saturation, so r replicas are
-  simulated as one pipeline with r times its throughput.
+  simulated as one pipeline with r times its throughput. `host_slots` per token worker (None: the
+  simulator's default, Dp + Dt).
   """
   model, L = cost.model, cost.model.num_layers
   _require_fit(model, machines, Memory.of(model, wl, machine_bytes, reserve))
@@ -233,7 +260,8 @@ def search(cost: cm.CostModel, machines: int, wl: Workload, machine_bytes: float
       r = machines // d
       todo.append((bound.colocated(d) / r, Candidate("colocated", b, depth=d, replicas=r),
                    lambda d=d, wl_b=wl_b, b=b, r=r: _saturated(
-                       colocated.simulate_colocated, d, wl_b, b, cost=cost, num_stages=d) / r))
+                       colocated.simulate_colocated, d, wl_b, b, machines, cost=cost,
+                       num_stages=d) / r))
     Pn, Tn = mem.prompt_layers(), mem.token_layers(L)
     if Pn < 1 or Tn < 1:
       continue
@@ -241,9 +269,9 @@ def search(cost: cm.CostModel, machines: int, wl: Workload, machine_bytes: float
       for dt in range(max(math.ceil(L / Tn), 1), machines - dp + 1):
         todo.append((bound.disaggregated(dp, dt), Candidate("disaggregated", b, Dp=dp, Dt=dt),
                      lambda dp=dp, dt=dt, wl_b=wl_b, b=b: _saturated(
-                         disagg.simulate_disaggregated, max(dp, dt), wl_b, b, cost=cost,
-                         prompt_stages=dp, token_stages=dt, stream_link=stream_link,
-                         host_link=host_link)))
+                         disagg.simulate_disaggregated, max(dp, dt), wl_b, b, machines,
+                         cost=cost, prompt_stages=dp, token_stages=dt, stream_link=stream_link,
+                         host_link=host_link, host_slots=host_slots)))
   # Simulate the most promising first; skip what cannot beat the best simulated so far. The
   # bounds are true lower bounds on time, so the best plan is exact (and more machines, a
   # superset of candidates, can never be predicted slower).
@@ -287,6 +315,31 @@ class _Bounds:
     return max(self._stage(math.ceil(L / dp))[0], self._stage(math.ceil(L / dt))[1])
 
 
+def memory_use(model: ModelConfig, wl: Workload, cand: Candidate, machine_bytes: float,
+               reserve: float = DEFAULT_MEMORY_RESERVE) -> list[tuple[str, float, float]]:
+  """[(machine kind, bytes used, usable bytes M)] of a candidate, by the formulas above: a
+  colocated stage holds its layers and the caches of its `depth` microbatches; a prompt machine
+  Pn layers with their prompt caches; a token machine its layers and the caches (L (C0 + K0))."""
+  L = model.num_layers
+  mem = Memory.of(model, wl, machine_bytes, reserve, batch=cand.batch)
+  if cand.system == "colocated":
+    d = cand.depth
+    return [("colocated stage", math.ceil(L / d) * (mem.W0 + d * (mem.C0 + mem.K0)), mem.M)]
+  return [("prompt machine", math.ceil(L / cand.Dp) * (mem.W0 + mem.C0), mem.M),
+          ("token machine", math.ceil(L / cand.Dt) * mem.W0 + L * (mem.C0 + mem.K0), mem.M)]
+
+
+def binding_memory(model: ModelConfig, wl: Workload, cand: Candidate, machine_bytes: float,
+                   reserve: float = DEFAULT_MEMORY_RESERVE) -> dict:
+  """The memory constraint with the least headroom for `cand`, and by how much it binds."""
+  uses = memory_use(model, wl, cand, machine_bytes, reserve)
+  name, used, limit = min(uses, key=lambda u: u[2] - u[1])
+  return {"constraint": name, "used_bytes": used, "usable_bytes": limit,
+          "headroom_bytes": limit - used, "headroom_fraction": (limit - used) / limit,
+          "reserve": reserve, "all": [{"machine": n, "used_bytes": u, "usable_bytes": m}
+                                      for n, u, m in uses]}
+
+
 def default_stream_link(hardware: str) -> cm.Link:
   """The paper's inter-VM network: 40 Gbps for A100 VMs, 32 Gbps for V100 VMs."""
   return cm.LINKS["inter_vm_32gbps" if hardware.startswith("v100") else "inter_vm_40gbps"]
@@ -294,20 +347,38 @@ def default_stream_link(hardware: str) -> cm.Link:
 
 def plan_report(model: ModelConfig, machines: int, hardware: str, wl: Workload,
                 gpus_per_machine: int = 2, batch_sizes: Sequence[int] = (2, 4, 8, 16),
-                top: int = 8) -> tuple[str, dict]:
-  """Runs both planners and returns (printable report, JSON-able summary)."""
+                top: int = 8, reserve: float = DEFAULT_MEMORY_RESERVE,
+                stream_link: str | cm.Link | None = "default",
+                host_slots: int | None = None) -> tuple[str, dict]:
+  """Runs both planners and returns (printable report, JSON-able summary).
+
+  `reserve`: fraction of device memory kept free; `stream_link`: the prompt -> token link (a
+  `costmodel.LINKS` name or a Link; "default": the paper's inter-VM network for the hardware;
+  None: free); `host_slots` per token worker (None: Dp + Dt).
+  """
+  if not 0 <= reserve < 1:
+    raise ValueError(f"memory reserve must be in [0, 1), got {reserve}")
   cost = cm.roofline(model, hardware, gpus_per_machine=gpus_per_machine)
-  link = default_stream_link(hardware)
+  if isinstance(stream_link, str):
+    if stream_link == "default":
+      link = default_stream_link(hardware)
+    elif stream_link in cm.LINKS:
+      link = cm.LINKS[stream_link]
+    else:
+      raise ValueError(f"unknown stream link {stream_link!r}; known: {', '.join(cm.LINKS)}")
+  else:
+    link = stream_link
   M = cost.machine_memory_bytes
   try:
-    ap = analytical_plan(cost, machines, wl, M, stream_link=link)
+    ap = analytical_plan(cost, machines, wl, M, stream_link=link, reserve=reserve)
   except ValueError as e:
     if "weights" in str(e):
       raise
     ap, ap_error = None, str(e)  # disaggregation is infeasible; the baseline may still fit
   stats = {}
   cands = search(cost, machines, wl, M, batch_sizes, stream_link=link,
-                 host_link=cost.hardware.host_link, stats=stats)
+                 host_link=cost.hardware.host_link, stats=stats, reserve=reserve,
+                 host_slots=host_slots)
   best = cands[0]
   base = next(c for c in cands if c.system == "colocated")
   plain = [c for c in cands if c.system == "colocated" and c.replicas == 1 and c.depth == machines]
@@ -316,8 +387,10 @@ def plan_report(model: ModelConfig, machines: int, hardware: str, wl: Workload,
       f"{model.name} ({model.dtype}, {model.num_layers} layers, "
       f"{model.num_layers * model.layer_weight_bytes() / 1e9:.1f} GB of layer weights) on "
       f"{machines} x {gpus_per_machine} {cost.hardware.name} ({M / 1e9:.0f} GB per machine), "
-      f"prompt {wl.prompt_len}, output {wl.output_len} tokens (N = {wl.token_steps} token steps), "
-      f"batch {wl.batch_size}, stream link {link.name}",
+      f"prompt {wl.prompt_len}, output {wl.output_len} tokens (N = {wl.token_steps} token steps, "
+      f"{'one sampled length per microbatch' if wl.output_dist == 'per_microbatch' else 'all equal'}"
+      f"), batch {wl.batch_size}, stream link {link.name if link else 'free'}, memory reserve "
+      f"{reserve:.0%}",
       "",
   ]
   if ap is None:
@@ -355,13 +428,25 @@ def plan_report(model: ModelConfig, machines: int, hardware: str, wl: Workload,
     why = (f"Y/t = {ap.Y / ap.t:.1f} is above the threshold {ap.threshold:.2f}: token steps stop "
            f"waiting behind prompts; the split is bound by {ap.binding}")
   lines.append(f"  why: {why}")
+  binds = binding_memory(model, wl, best, M, reserve)
+  lines.append("  memory: " + "; ".join(
+      f"{u['machine']} {u['used_bytes'] / 1e9:.1f} of {u['usable_bytes'] / 1e9:.1f} GB usable"
+      for u in binds["all"]) + f"; binding: {binds['constraint']}, headroom "
+      f"{binds['headroom_bytes'] / 1e9:.1f} GB ({binds['headroom_fraction']:.0%} of usable)")
   summary = {"model": model.name, "machines": machines, "hardware": hardware,
              "prompt_len": wl.prompt_len, "output_len": wl.output_len,
              "analytical": (dataclasses.asdict(ap) | {"gain": ap.gain, "helps": ap.helps})
                            if ap else {"error": ap_error},
              "best": dataclasses.asdict(best) | {"throughput_rps": best.throughput_rps},
              "best_baseline": dataclasses.asdict(base) | {"throughput_rps": base.throughput_rps},
-             "gain_vs_best_baseline": best.throughput_rps / base.throughput_rps}
+             "gain_vs_best_baseline": best.throughput_rps / base.throughput_rps,
+             "output_dist": wl.output_dist, "memory_reserve": reserve,
+             "machine_bytes": M, "stream_link": link.name if link else None,
+             "memory_binding": binds,
+             "best_disaggregated": (dataclasses.asdict(best_dis) |
+                                    {"throughput_rps": best_dis.throughput_rps}) if best_dis else None,
+             "plain_baseline": (dataclasses.asdict(plain[0]) |
+                                {"throughput_rps": plain[0].throughput_rps}) if plain else None}
   return "\n".join(lines), summary
 
 
@@ -388,10 +473,15 @@ def main(argv):
   model = get_model_config(f.model, dtype=f.dtype)
   if f.hardware not in cm.HARDWARE and f.hardware != "this_cpu":
     cm.get_hardware(f.hardware)  # raises the clear error
-  wl = Workload(f.prompt_len, f.output_len, f.batch_size)
-  text, _ = plan_report(model, f.machines, f.hardware, wl, f.gpus_per_machine,
-                        [int(b) for b in f.batch_sizes])
-  print(text)
+  wl = Workload(f.prompt_len, f.output_len, f.batch_size, f.output_dist, f.seed)
+  link = None if f.stream_link == "none" else f.stream_link
+  text, summary = plan_report(model, f.machines, f.hardware, wl, f.gpus_per_machine,
+                              [int(b) for b in f.batch_sizes], reserve=f.memory_reserve,
+                              stream_link=link, host_slots=f.host_slots)
+  if f.json:
+    print(json.dumps(summary, default=float))
+  else:
+    print(text)
 
 
 if __name__ == "__main__":
@@ -407,4 +497,14 @@ if __name__ == "__main__":
   flags.DEFINE_integer("output_len", 250, "mean generated tokens per request")
   flags.DEFINE_integer("batch_size", 8, "microbatch size of the analytical plan")
   flags.DEFINE_list("batch_sizes", ["2", "4", "8", "16"], "batch sizes the search tries")
+  flags.DEFINE_enum("output_dist", "per_microbatch", list(OUTPUT_DISTS),
+                    "output lengths of the search: one sampled per microbatch (the paper's "
+                    "setting) or all equal (the baseline's best case)")
+  flags.DEFINE_integer("seed", 0, "seed of the sampled output lengths")
+  flags.DEFINE_float("memory_reserve", DEFAULT_MEMORY_RESERVE,
+                     "fraction of device memory kept free (activations, workspace)")
+  flags.DEFINE_string("stream_link", "default", "prompt -> token link: a costmodel.LINKS name, "
+                      "'default' (the paper's inter-VM network) or 'none' (free)")
+  flags.DEFINE_integer("host_slots", None, "host slots per token worker (default Dp + Dt)")
+  flags.DEFINE_bool("json", False, "print the JSON summary (one line) instead of the report")
   app.run(main)

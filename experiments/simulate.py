@@ -40,7 +40,9 @@ def recovery_config(c, strategy: str) -> sim.RecoveryConfig:
 
 def _requests(c, rate, n):
   lens = sim.sample_output_lens(n, c.seed, median=c.output_median, high=c.output_max)
-  return sim.make_requests(rate, n, c.prompt_len, lens, seed=c.seed)
+  # One output length per microbatch (the paper's setting) unless the config asks otherwise.
+  group = c.batch_size if c.get("per_microbatch_lengths", True) else None
+  return sim.make_requests(rate, n, c.prompt_len, lens, seed=c.seed, per_microbatch=group)
 
 
 def _run(c, cost, system, reqs, **kw):

@@ -61,7 +61,7 @@ def test_roofline_monotone_and_presets():
   assert h < a < v
   two = cm.roofline(OPT66, "a100_80gb", gpus_per_machine=2)
   assert two.prompt_time(8, 500, 8) < cm.roofline(OPT66).prompt_time(8, 500, 8)
-  assert two.machine_memory_bytes == 160e9
+  assert two.machine_memory_bytes == 2 * 80 * 2**30   # 80 GiB per A100-80GB
 
 
 def test_bad_hardware_and_args():

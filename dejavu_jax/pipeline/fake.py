@@ -43,20 +43,60 @@ def _stage_step(cfg: ModelConfig, start: int, stop: int, cache: KVCache, x, posi
   onehot = positions[:, :, None] == jnp.arange(s)[None, None, :]        # [B, T, S]
   written = onehot.any(axis=1)                                          # [B, S]
   sees = jnp.arange(s)[None, None, :] <= positions[:, :, None]          # [B, T, S]
-  k, v = cache.k, cache.v
-  for i in range(stop - start):
+
+  def layer(i, carry):
+    # A loop, not an unrolled Python for: compile time stays flat in the layer count (a fake
+    # stage may stand for a paper-scale one, e.g. 64 layers in the disaggregation scenario).
+    k, v, h = carry
     new = jnp.einsum("bts,bt->bs", onehot.astype(jnp.float32), h.astype(jnp.float32))
     k0 = jnp.where(written, new, k[i, :, :, 0, 0])                       # [B, S]
     k = k.at[i, :, :, 0, 0].set(k0)
-    v = v.at[i, :, :, 0, 0].set(jnp.where(written, float(start + i + 1), v[i, :, :, 0, 0]))
+    v = v.at[i, :, :, 0, 0].set(jnp.where(written, (start + i + 1).astype(v.dtype),
+                                          v[i, :, :, 0, 0]))
     total = jnp.einsum("bts,bs->bt", sees.astype(jnp.float32), k0)       # [B, T]
-    h = (h + 1 + jnp.round(total).astype(jnp.int32)) % MOD
+    return k, v, (h + 1 + jnp.round(total).astype(jnp.int32)) % MOD
+
+  k, v, h = jax.lax.fori_loop(0, stop - start, layer, (cache.k, cache.v, h))
   lengths = jnp.maximum(cache.lengths, positions.max(axis=1) + 1)
   cache = KVCache(k=k, v=v, lengths=lengths)
   if stop != cfg.num_layers:
     return cache, h
   last = jnp.take_along_axis(h, jnp.argmax(positions, axis=1)[:, None], axis=1)[:, 0]
   return cache, jax.nn.one_hot(last % cfg.vocab_size, cfg.vocab_size, dtype=jnp.float32)
+
+
+def _decode_step(cfg: ModelConfig, start: int, stop: int, cache: KVCache, x, positions):
+  """`_stage_step` for one token per row (positions [B]), vectorized over the layers: the same
+  integers, computed as the recurrence h <- (2 h + 1 + prior_g) mod 1009 per layer, where prior_g
+  sums the row's cache entries before its position (exact: sums stay far below 2**24)."""
+  pos = positions                                                       # [B]
+  h = (x if x.ndim == 1 else x[:, 0]).astype(jnp.int32)                 # [B]
+  s = cache.max_len
+  live = pos >= 0
+  before = (jnp.arange(s)[None, :] < pos[:, None]).astype(jnp.float32)  # [B, S]
+  old_k = cache.k[:, :, :, 0, 0]                                        # [L, B, S]
+  prior = jnp.round(jnp.einsum("lbs,bs->lb", old_k.astype(jnp.float32), before)
+                    ).astype(jnp.int32)                                 # [L, B]
+
+  def layer(i, carry):
+    h, hs = carry
+    hs = hs.at[i].set(h)
+    total = jnp.where(live, prior[i] + h, 0)
+    return (h + 1 + total) % MOD, hs
+
+  h, hs = jax.lax.fori_loop(0, stop - start, layer,
+                            (h, jnp.zeros((stop - start,) + h.shape, jnp.int32)))
+  # Only each live row's entry at its position is written (in place: the cache is donated).
+  rows = jnp.arange(pos.shape[0])[None, :]                              # [1, B]
+  at = jnp.where(live, pos, s)[None, :]                                 # [1, B]; s: dropped
+  n = stop - start
+  layer_ids = jnp.broadcast_to((start + 1 + jnp.arange(n))[:, None], (n, pos.shape[0]))
+  k = cache.k.at[:, rows, at, 0, 0].set(hs[:, None, :].astype(cache.k.dtype), mode="drop")
+  v = cache.v.at[:, rows, at, 0, 0].set(layer_ids[:, None, :].astype(cache.v.dtype), mode="drop")
+  cache = KVCache(k=k, v=v, lengths=jnp.maximum(cache.lengths, pos + 1))
+  if stop != cfg.num_layers:
+    return cache, h[:, None]
+  return cache, jax.nn.one_hot(h % cfg.vocab_size, cfg.vocab_size, dtype=jnp.float32)
 
 
 def _prefill(cfg, start, stop, cache, x, positions):
@@ -67,7 +107,7 @@ def _prefill(cfg, start, stop, cache, x, positions):
 # Module-level and keyed by (cfg, start, stop): every engine of a test session or a failure
 # campaign shares the compiled steps instead of compiling its own.
 _PREFILL = jax.jit(_prefill, static_argnums=(0, 1, 2), donate_argnums=(3,))
-_DECODE = jax.jit(_stage_step, static_argnums=(0, 1, 2), donate_argnums=(3,))
+_DECODE = jax.jit(_decode_step, static_argnums=(0, 1, 2), donate_argnums=(3,))
 
 
 class FakeProgram(StageSlot):

@@ -301,6 +301,16 @@ class LocalWorker:
           if mb in self._last_step:
             self._tap.send_block(mb, self._last_step[mb], cache)
 
+  def _after_compute(self, msg: Step, cache) -> None:
+    """A subclass's hook on the worker thread after a step computed, before its output is handed
+    on (a prompt worker streams the step's KV from here: runtime/disagg.py)."""
+
+  def _not_before(self, msg: Step) -> float:
+    """Paced mode: a subclass's earliest modeled start of `msg` here beyond its input and this
+    stage being ready (a token worker's modeled host-to-device load of a prompt cache)."""
+    del msg
+    return 0.0
+
   def _export(self, msg: _Export) -> None:
     try:
       if self.replicas is None:
@@ -371,6 +381,7 @@ class LocalWorker:
     if self._stop.is_set():
       return   # killed during the step: a crash streams and reports nothing
     self._last_step[msg.mb_id] = msg.step
+    self._after_compute(msg, cache)
     delta = store.commit(msg.mb_id, msg.kind, msg.positions, cache)   # swap-out (if swapping)
     if self._tap is not None:
       self._tap.after_step(msg.mb_id, msg.step, cache, msg.positions, msg.kind, msg.tokens,
@@ -386,7 +397,7 @@ class LocalWorker:
     if pace is not None:
       # A modeled step starts when both its input and this stage are ready, so thread hand-offs
       # and host bookkeeping shorter than the modeled time do not stretch the schedule.
-      start = max(msg.ready_at, self._free_at)
+      start = max(msg.ready_at, self._free_at, self._not_before(msg))
       rows = self._mb_rows.get(msg.mb_id, msg.batch)
       if store.swapping and swapped_in:
         # The simulator's swap link (sim/pipeline.py): the prefetch starts when the previous step
@@ -442,6 +453,7 @@ class LocalRuntime:
     self.swapping = swapping
     self.events: queue.Queue = queue.Queue()
     self.options = WorkerOptions()
+    self.worker_class = LocalWorker   # a subclass may run other workers (disaggregation)
     self._workers: list[LocalWorker] = []
     self._lock = threading.Lock()
     self._link_faults: dict[int, Callable[[ReplicaWrite], bool]] = {}
@@ -451,7 +463,7 @@ class LocalRuntime:
     self._workers = [self._spawn(s) for s in range(self.num_stages)]
 
   def _spawn(self, s: int) -> LocalWorker:
-    return LocalWorker(self, self.programs[s], self.params_for(s), self.options).start()
+    return self.worker_class(self, self.programs[s], self.params_for(s), self.options).start()
 
   def worker(self, stage: int) -> LocalWorker:
     return self._workers[stage]

@@ -10,8 +10,10 @@ Flow of one microbatch:
      c + x + (l - 1) * max(c, x); `prompt_overhead` (the paper's m) stretches the compute;
   3. when the last prompt stage is done (first token out) the cache sits in the host slots;
   4. the token pipeline admits it when it has fewer than `token_inflight` (default Dt)
-     microbatches, freeing the host slot; its first token step at each stage also loads the prompt
-     cache from host over `host_link`;
+     microbatches, freeing the host slot; at admission every token stage starts loading its part
+     of the prompt cache from host over `host_link` (one load at a time per stage), overlapped
+     with the steps that stage runs meanwhile: its first token step there waits only for what
+     is left of the load when it starts;
   5. token steps run as in the colocated pipeline until the microbatch is done.
 """
 
@@ -41,22 +43,26 @@ class _Disaggregated:
   """Hooks of both pipelines (see `PipelineHooks`)."""
 
   def __init__(self, cost, loop, host_slots, prompt_inflight, token_inflight, stream_link,
-               host_link, prompt_overhead, include_head):
+               host_link, prompt_overhead, include_head, live_rows_only=False):
     self.cost, self.loop = cost, loop
     self.free_slots, self.prompt_inflight, self.token_inflight = (
         host_slots, prompt_inflight, token_inflight)
     self.stream_link, self.host_link = stream_link, host_link
     self.prompt_overhead, self.include_head = prompt_overhead, include_head
+    self.live_rows_only = live_rows_only
     self.prompt: Pipeline | None = None
     self.token: Pipeline | None = None
     self.feed: RequestFeed | None = None
     self.ready: collections.deque[Microbatch] = collections.deque()
     self.finish_times: list[float] = []
+    self.loaded_at: dict[Microbatch, list[float]] = {}   # per token stage: prompt cache on device
+    self.link_free_at: list[float] = []                  # per token stage: its host link
 
   def step_time(self, pipe, stage, mb):
     layers = pipe.stages[stage].layers
     last = stage == pipe.num_stages - 1
-    t = step_time(self.cost, layers, mb, stage == 0, last, self.include_head)
+    t = step_time(self.cost, layers, mb, stage == 0, last, self.include_head,
+                  self.live_rows_only and pipe is self.token)
     m = self.cost.model
     if pipe is self.prompt:
       compute = t * self.prompt_overhead
@@ -65,8 +71,10 @@ class _Disaggregated:
         x = self.stream_link.transfer_time(cm.prompt_kv_bytes_per_layer(m, mb.batch,
                                                                         mb.step_tokens()))
       return streamed_prompt_time(compute, layers, x)
-    if mb.done == 1 and not mb.reprefill and self.host_link is not None:
-      t += cm.swap_in_time(self.host_link, m, layers, mb.batch, mb.prompt_len)
+    if mb.done == 1 and not mb.reprefill and mb in self.loaded_at:
+      t += max(0.0, self.loaded_at[mb][stage] - self.loop.now)   # what is left of the load
+      if stage == pipe.num_stages - 1:
+        del self.loaded_at[mb]
     return t
 
   def on_pass(self, pipe, mb, step):
@@ -105,6 +113,17 @@ class _Disaggregated:
     while tok.up and self.ready and len(tok.inflight) < self.token_inflight:
       mb = self.ready.popleft()
       self.free_slots += 1
+      if self.host_link is not None:
+        now, m = self.loop.now, self.cost.model
+        if not self.link_free_at:
+          self.link_free_at = [0.0] * tok.num_stages
+        ends = []
+        for s, n in enumerate(tok.layers):
+          end = max(now, self.link_free_at[s]) + cm.swap_in_time(self.host_link, m, n, mb.batch,
+                                                                 mb.prompt_len)
+          self.link_free_at[s] = end
+          ends.append(end)
+        self.loaded_at[mb] = ends
       tok.admit(mb)
       if tok.replica_link is not None:  # each token stage replicates the prompt block first
         for s, n in enumerate(tok.layers):
@@ -125,7 +144,8 @@ def simulate_disaggregated(cost: cm.CostModel, requests: Sequence[RequestRecord]
                            prompt_overhead: float = 1.0, stage_link: cm.Link | None = None,
                            failures: Sequence[Failure] = (),
                            recovery: RecoveryConfig | None = None, include_head: bool = True,
-                           until: float = math.inf) -> SimResult:
+                           until: float = math.inf, microbatching: str = "greedy",
+                           live_rows_only: bool = False) -> SimResult:
   """Simulates a Dp-stage prompt pipeline feeding a Dt-stage token pipeline.
 
   Args:
@@ -133,7 +153,9 @@ def simulate_disaggregated(cost: cm.CostModel, requests: Sequence[RequestRecord]
     requests: fresh `RequestRecord`s.
     prompt_stages, token_stages: Dp and Dt.
     batch_size: requests per microbatch.
-    host_slots: prompt caches the token side can hold in host memory (default 2 * Dt).
+    host_slots: prompt caches each token worker can hold in host memory (default Dp + Dt: one
+      per prompt in flight plus one waiting per token stage; 2 Dt would starve the prompt side
+      when Dp > 2 Dt).
     prompt_inflight: microbatches in the prompt pipeline at once (default Dp).
     token_inflight: microbatches in the token pipeline at once (default Dt).
     stream_link: prompt -> token link for layer-wise streaming (None: free).
@@ -144,10 +166,14 @@ def simulate_disaggregated(cost: cm.CostModel, requests: Sequence[RequestRecord]
     recovery: recovery configuration (token pipeline; prompts in flight are always redone).
     include_head: add the LM head's time to the last stage of each pipeline.
     until: stop time.
+    microbatching: "greedy" or "paper" (rows of a microbatch share prompt and output length, as
+      the engine's paper mode): see `sim.feed`.
+    live_rows_only: charge token steps for the rows still generating (the engine's paced mixed
+      mode), as `simulate_colocated` does.
   """
   if prompt_overhead < 1:
     raise ValueError(f"prompt_overhead (m) must be >= 1, got {prompt_overhead}")
-  host_slots = 2 * token_stages if host_slots is None else host_slots
+  host_slots = prompt_stages + token_stages if host_slots is None else host_slots
   prompt_inflight = prompt_stages if prompt_inflight is None else prompt_inflight
   token_inflight = token_stages if token_inflight is None else token_inflight
   for name, v in (("host_slots", host_slots), ("prompt_inflight", prompt_inflight),
@@ -157,7 +183,7 @@ def simulate_disaggregated(cost: cm.CostModel, requests: Sequence[RequestRecord]
   recovery = recovery or RecoveryConfig()
   loop = EventLoop()
   sys = _Disaggregated(cost, loop, host_slots, prompt_inflight, token_inflight, stream_link,
-                       host_link, prompt_overhead, include_head)
+                       host_link, prompt_overhead, include_head, live_rows_only)
   L = cost.model.num_layers
   replica_link = recovery.replica_link if failures and recovery.strategy == "replica" else None
   snap = recovery.snapshot_every if failures and recovery.strategy == "snapshot" else None
@@ -167,11 +193,11 @@ def simulate_disaggregated(cost: cm.CostModel, requests: Sequence[RequestRecord]
                        None, replica_link, snap, recovery.snapshot_link)
   manager = FailureManager(loop, {"prompt": sys.prompt, "token": sys.token}, recovery)
   manager.schedule(failures)
-  sys.feed = RequestFeed(loop, requests, batch_size, sys.try_admit)
+  sys.feed = RequestFeed(loop, requests, batch_size, sys.try_admit, microbatching)
   loop.run(until)
   info = {"system": "disaggregated", "prompt_stages": prompt_stages,
           "token_stages": token_stages, "machines": prompt_stages + token_stages,
-          "batch_size": batch_size, "host_slots": host_slots,
+          "batch_size": batch_size, "host_slots": host_slots, "microbatching": microbatching,
           "strategy": recovery.strategy if failures else None,
           "prompt_busy_s": sys.prompt.busy_time, "token_busy_s": sys.token.busy_time}
   return SimResult(list(requests), manager.recoveries, sys.finish_times, loop.now,

@@ -34,8 +34,10 @@ def sample_output_lens(num_requests: int, seed: int = 0, median: float = 150.0,
 
 def make_requests(rate: float, num_requests: int, prompt_len: int,
                   output_lens: Sequence[int] | int | None = None,
-                  seed: int = 0) -> list[RequestRecord]:
-  """Requests with Poisson arrivals; `output_lens` is an array, a constant, or None (sampled)."""
+                  seed: int = 0, per_microbatch: int | None = None) -> list[RequestRecord]:
+  """Requests with Poisson arrivals; `output_lens` is an array, a constant, or None (sampled).
+  With `per_microbatch` = B, each run of B consecutive requests takes its first one's length
+  (the paper's setting: the rows of a microbatch finish together)."""
   if not rate > 0:  # checked here too, for the simulator's own message
     raise ValueError(f"request rate must be > 0 requests/s, got {rate}")
   if prompt_len < 1:
@@ -51,13 +53,41 @@ def make_requests(rate: float, num_requests: int, prompt_len: int,
       raise ValueError(f"output_lens has shape {lens.shape}, expected ({num_requests},)")
   if (lens < 1).any():
     raise ValueError("every output length must be >= 1")
+  if per_microbatch is not None:
+    if per_microbatch < 1:
+      raise ValueError(f"per_microbatch must be >= 1, got {per_microbatch}")
+    lens = np.repeat(lens[::per_microbatch], per_microbatch)[:num_requests]
   return [RequestRecord(i, float(a), int(prompt_len), int(n))
           for i, (a, n) in enumerate(zip(arrivals, lens))]
 
 
-def saturated_requests(num_requests: int, prompt_len: int, output_len: int) -> list[RequestRecord]:
-  """All requests waiting at t=0: the pipeline is never starved (for throughput measurements)."""
-  return [RequestRecord(i, 0.0, prompt_len, output_len) for i in range(num_requests)]
+def saturated_requests(num_requests: int, prompt_len: int,
+                       output_len: int | Sequence[int]) -> list[RequestRecord]:
+  """All requests waiting at t=0: the pipeline is never starved (for throughput measurements).
+  `output_len`: one length for all, or one per request."""
+  lens = ([int(output_len)] * num_requests if np.isscalar(output_len)
+          else [int(n) for n in output_len])
+  if len(lens) != num_requests:
+    raise ValueError(f"{len(lens)} output lengths for {num_requests} requests")
+  return [RequestRecord(i, 0.0, prompt_len, n) for i, n in enumerate(lens)]
+
+
+# The LMSys-Chat-1M fit's shape (serving.workload): median / mean and the upper clamp / mean.
+_LMSYS_MEDIAN_OVER_MEAN = 150.0 / 214.5
+_LMSYS_MAX_OVER_MEAN = 950 / 214.5
+
+
+def per_microbatch_output_lens(num_microbatches: int, batch_size: int, mean: float,
+                               seed: int = 0) -> np.ndarray:
+  """One output length per microbatch, shared by its `batch_size` rows (the paper's setting: the
+  rows of a microbatch finish together, different microbatches at different times), drawn from
+  the LMSys-fitted lognormal scaled to `mean`. Returns [num_microbatches * batch_size]."""
+  if mean < 2:
+    raise ValueError(f"mean output length must be >= 2, got {mean}")
+  per_mb = sample_output_lengths(
+      f"lognormal:{float(mean)!r},{mean * _LMSYS_MEDIAN_OVER_MEAN!r}", num_microbatches,
+      seed + 2, 2, max(2, int(round(mean * _LMSYS_MAX_OVER_MEAN))))
+  return np.repeat(per_mb, batch_size)
 
 
 def from_serving(requests: Sequence[Request]) -> list[RequestRecord]:

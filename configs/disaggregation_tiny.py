@@ -1,0 +1,17 @@
+"""A few seconds of `configs/disaggregation.py`: OPT-125M on 2 machines, short outputs, steps
+paced at 1/50 of the modeled time (tests/test_disaggregation_experiment.py)."""
+
+from configs import disaggregation
+
+
+def get_config():
+  c = disaggregation.get_config()
+  c.model = "opt_125m"
+  c.machines = 2
+  c.batch_size = 2
+  c.real_prompt_len = 8
+  c.output_mean = 6.0
+  c.time_scale = 0.02
+  c.rates = (20.0, 60.0)
+  c.num_microbatches = 3
+  return c
