@@ -283,6 +283,14 @@ class ServeConfig:
       slot; one arriving when the queue is full is rejected ("queue full"). None: unbounded.
     raise_on_error: when serving fails (a stage error, a hang), `serve` raises an `EngineError`
       carrying what was served so far (True), or returns it with `ServeResult.error` set (False).
+    runtime: "local" (workers as threads of this process) or "ray" (Ray actor processes; a
+      failure is a SIGKILL; runtime/ray.py). The ray_* fields apply to "ray" only:
+    ray_address: a running Ray cluster ("auto", "host:6379"), or None for a local session on
+      127.0.0.1 without a dashboard.
+    ray_placement: "pack" (stages where they fit) or "spread" (one stage per node).
+    ray_transport: activations and replicas between actors: "object_store" (default) or
+      "jax_transfer" (jax.experimental.transfer under a watchdog).
+    ray_gpus_per_stage: GPUs per stage actor (0: CPU, one device per actor).
   """
 
   num_stages: int = 1
@@ -307,6 +315,12 @@ class ServeConfig:
   program: str = "model"
   max_pending: int | None = None
   raise_on_error: bool = True
+  # ---- runtime (issue 14): where the workers run ----
+  runtime: str = "local"
+  ray_address: str | None = None
+  ray_placement: str = "pack"
+  ray_transport: str = "object_store"
+  ray_gpus_per_stage: float = 0.0
 
   def __post_init__(self):
     # Each field checked by name here, so a bad value fails at construction, not mid-serve
@@ -335,6 +349,17 @@ class ServeConfig:
       raise ValueError(f"unknown serving mode {self.mode!r}; expected 'paper' or 'mixed'")
     if self.pacing not in ("real", "paced"):
       raise ValueError(f"unknown pacing {self.pacing!r}; expected 'real' or 'paced'")
+    _check_runtime(self)
+
+
+def _check_runtime(cfg) -> None:
+  choices = {"runtime": ("local", "ray"), "ray_placement": ("pack", "spread"),
+             "ray_transport": ("object_store", "jax_transfer")}
+  for name, ok in choices.items():
+    if getattr(cfg, name) not in ok:
+      raise ValueError(f"unknown {name} {getattr(cfg, name)!r}; expected one of {list(ok)}")
+  if not _is_real(cfg.ray_gpus_per_stage) or not 0 <= cfg.ray_gpus_per_stage < math.inf:
+    raise ValueError(f"ray_gpus_per_stage must be a number >= 0, got {cfg.ray_gpus_per_stage!r}")
 
 
 def _is_int(x) -> bool:
