@@ -49,6 +49,7 @@ import tempfile
 import threading
 import time
 
+import jax
 import numpy as np
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
@@ -149,7 +150,7 @@ class RayRuntime:
                microbatch_size: int, max_len: int, pace=None, heartbeat_s: float = 1.0,
                checkpoint: str | None = None, address: str | None = None,
                placement: str = "pack", transport: str = "object_store",
-               gpus_per_stage: float = 0.0, rpc_timeout_s: float = 30.0):
+               gpus_per_stage: float = 0.0, rpc_timeout_s: float = 30.0, spares: int = 1):
     if placement not in PLACEMENTS:
       raise ValueError(f"unknown ray placement {placement!r}; expected one of {list(PLACEMENTS)}")
     if transport not in TRANSPORTS:
@@ -162,10 +163,12 @@ class RayRuntime:
     self.depth, self.microbatch_size, self.max_len = depth, microbatch_size, max_len
     self.pace, self.heartbeat_s, self.checkpoint = pace, heartbeat_s, checkpoint
     self.placement, self.transport, self.gpus = placement, transport, gpus_per_stage
-    self.rpc_timeout_s = rpc_timeout_s
+    self.rpc_timeout_s, self.num_spares = rpc_timeout_s, spares
+    self._spares: list = []
     self.events: queue.Queue = queue.Queue()
     self.options = WorkerOptions()
     self.kills: list[dict] = []          # one record per SIGKILL (stage, pid, when, how)
+    self._reported = 0
     self._owns_ray = init_ray(address)
     self._params = params
     self._param_refs: dict[int, object] = {}
@@ -199,33 +202,44 @@ class RayRuntime:
       if self._params is not None and self.program != "fake":
         from dejavu_jax.models.decoder import stage_params  # pylint: disable=g-import-not-at-top
         sub = stage_params(self.cfg, self._params, *self.ranges[s])
-        self._param_refs[s] = ray.put({k: _host(v) for k, v in sub.items()})
+        self._param_refs[s] = ray.put(jax.tree.map(np.asarray, sub))
       else:
         self._param_refs[s] = None
     self._params = None   # each stage's subset lives in the object store from here on
     pending = [self._create(s, checkpoint=None) for s in range(self.num_stages)]
+    self._spares = [self._spare() for _ in range(self.num_spares)]
     for s, (actor, ref, wid) in enumerate(pending):
       self._workers[s] = RayWorker(self, s, wid, actor, ray.get(ref))
     self._broadcast_peers()
     self._poller = threading.Thread(target=self._poll_loop, daemon=True, name="ray-events")
     self._poller.start()
 
-  def _create(self, s: int, checkpoint: str | None):
-    wid = next(self._ids)
-    spec = ActorSpec(cfg=self.cfg, ranges=self.ranges, tensor=self.tensor, stage=s,
-                     worker_id=wid, program=self.program, depth=self.depth,
+  def _spec(self, s: int, checkpoint: str | None) -> ActorSpec:
+    return ActorSpec(cfg=self.cfg, ranges=self.ranges, tensor=self.tensor, stage=s,
+                     worker_id=next(self._ids), program=self.program, depth=self.depth,
                      microbatch_size=self.microbatch_size, max_len=self.max_len,
                      heartbeat_s=self.heartbeat_s, options=self.options,
                      transport=self.transport, checkpoint=checkpoint, pace=self.pace,
                      rpc_timeout_s=self.rpc_timeout_s)
-    actor = self._actor_cls.options(
-        num_cpus=0, num_gpus=self.gpus or 0, max_restarts=0, max_task_retries=0,
-        name=None, runtime_env={"env_vars": _actor_env(self.tensor, self.gpus)},
-        scheduling_strategy=PlacementGroupSchedulingStrategy(
-            self._pg, placement_group_bundle_index=s,
-            placement_group_capture_child_tasks=False),
-        resources={}).remote(spec, self._param_refs[s] if checkpoint is None else None)
-    return actor, actor.info.remote(), wid
+
+  def _options(self, bundle: int | None) -> dict:
+    opts = dict(num_cpus=0, num_gpus=self.gpus or 0, max_restarts=0, max_task_retries=0,
+                runtime_env={"env_vars": _actor_env(self.tensor, self.gpus)})
+    if bundle is not None:
+      opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+          self._pg, placement_group_bundle_index=bundle)
+    return opts
+
+  def _create(self, s: int, checkpoint: str | None):
+    spec = self._spec(s, checkpoint)
+    params = self._param_refs[s] if checkpoint is None else None
+    actor = self._actor_cls.options(**self._options(s)).remote(spec, params)
+    return actor, actor.info.remote(), spec.worker_id
+
+  def _spare(self):
+    """A started actor with no stage yet (JAX up), configured when a worker must be replaced:
+    the spare machine of the paper. Spares sit outside the placement group."""
+    return self._actor_cls.options(**self._options(None)).remote()
 
   def _broadcast_peers(self) -> None:
     with self._lock:
@@ -294,7 +308,14 @@ class RayRuntime:
       ray.kill(old.actor, no_restart=True)   # a stalled one still lives: make sure it is gone
     except Exception:  # pylint: disable=broad-except
       pass
-    actor, ref, wid = self._create(stage, checkpoint=self.checkpoint)
+    if self._spares:   # a started spare takes the stage; a new spare starts meanwhile
+      actor = self._spares.pop(0)
+      spec = self._spec(stage, self.checkpoint)
+      ref, wid = actor.configure.remote(
+          spec, self._param_refs[stage] if not self.checkpoint else None), spec.worker_id
+      self._spares.append(self._spare())
+    else:
+      actor, ref, wid = self._create(stage, checkpoint=self.checkpoint)
     info = ray.get(ref, timeout=300)
     w = RayWorker(self, stage, wid, actor, info)
     with self._lock:
@@ -310,10 +331,10 @@ class RayRuntime:
     self._closed.set()
     if self._poller is not None:
       self._poller.join(timeout=5)
-    for w in self._workers:
-      if w is not None:
+    for actor in [w.actor for w in self._workers if w is not None] + self._spares:
+      if actor is not None:
         try:
-          ray.kill(w.actor, no_restart=True)
+          ray.kill(actor, no_restart=True)
         except Exception:  # pylint: disable=broad-except
           pass
     if self._pg is not None:
@@ -324,10 +345,19 @@ class RayRuntime:
     if self._owns_ray:
       ray.shutdown()
 
-  def report(self) -> list[str]:
-    """One line per process killed (for experiment logs)."""
-    return [f"stage {k['stage']}: pid {k['pid']} (worker {k['worker_id']}) killed by "
-            f"{k['how']}" for k in self.kills]
+  def report(self, result=None) -> list[str]:
+    """The processes killed since the last report (pid, how), and with a `ServeResult` each
+    recovery's timeline, for experiment logs."""
+    kills, self._reported = self.kills[self._reported:], len(self.kills)
+    lines = [f"stage {k['stage']}: pid {k['pid']} (worker {k['worker_id']}) killed by "
+             f"{k['how']}" for k in kills]
+    for ev in getattr(result, "recoveries", ()):
+      after = [t for r in result.records for t in r.token_times if t > ev.recovered_at]
+      first = f", first token {min(after):.3f} s" if after else ""
+      lines.append(f"stage(s) {list(ev.stages)}: killed {ev.failed_at:.3f} s, detected "
+                   f"{ev.detected_at:.3f} s, replaced and resumed {ev.recovered_at:.3f} s{first} "
+                   f"({ev.handled_by})")
+    return lines
 
   # ---- the event channel ----
   def _poll_loop(self) -> None:
@@ -373,5 +403,3 @@ class RayRuntime:
     return ev
 
 
-def _host(x):
-  return np.asarray(x)

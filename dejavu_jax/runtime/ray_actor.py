@@ -234,8 +234,19 @@ def _build_program(spec: ActorSpec):
 class StageActor:
   """One stage's worker in its own process (decorated with `ray.remote` by runtime/ray.py)."""
 
-  def __init__(self, spec: ActorSpec, params):
+  def __init__(self, spec: ActorSpec | None = None, params=None):
     import jax  # pylint: disable=g-import-not-at-top
+    from dejavu_jax.pipeline import fake, stage  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+    jax.devices()   # a spare (spec None) has its JAX runtime up before it is needed
+    self.spec = self.rt = self.worker = None
+    if spec is not None:
+      self.configure(spec, params)
+
+  def configure(self, spec: ActorSpec, params) -> dict:
+    """Becomes stage `spec.stage`'s worker (a spare actor is configured on a failure)."""
+    import jax  # pylint: disable=g-import-not-at-top
+    if self.worker is not None:
+      raise RuntimeError(f"this actor already serves stage {self.spec.stage}")
     self.spec = spec
     program = _build_program(spec)
     if spec.checkpoint and spec.program != "fake":
@@ -249,10 +260,12 @@ class StageActor:
     self.worker = _ProcessWorker(self.rt, program, params, spec.options,
                                  worker_id=spec.worker_id)
     self.worker.start()
+    return self.info()
 
   def info(self) -> dict:
     return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
-            "ip": ray.util.get_node_ip_address(), "transport": self.rt.transport.address()}
+            "ip": ray.util.get_node_ip_address(),
+            "transport": self.rt.transport.address() if self.rt else None}
 
   # ---- the Worker messages (default concurrency group: one thread, arrival order) ----
   def set_peers(self, peers: dict) -> None:
