@@ -48,6 +48,7 @@ import signal
 import tempfile
 import threading
 import time
+import uuid
 
 import jax
 import numpy as np
@@ -93,6 +94,26 @@ def _actor_env(tensor: int, gpus: float) -> dict:
   return env
 
 
+# Started actor processes with no stage, per Ray session and actor environment: a closed
+# pipeline's live actors come back here, so the next pipeline of the session starts at once.
+_POOL: dict = {"job": None, "actors": {}}
+
+
+def _pool_take(key):
+  job = ray.get_runtime_context().get_job_id()
+  if _POOL["job"] != job:
+    _POOL.update(job=job, actors={})
+  free = _POOL["actors"].get(key)
+  return free.pop() if free else None
+
+
+def _pool_put(key, actor) -> None:
+  job = ray.get_runtime_context().get_job_id()
+  if _POOL["job"] != job:
+    _POOL.update(job=job, actors={})
+  _POOL["actors"].setdefault(key, []).append(actor)
+
+
 class RayWorker:
   """The driver's handle on one stage's actor (the `Worker` interface)."""
 
@@ -103,7 +124,7 @@ class RayWorker:
     self._last_stats = WorkerStats(stage, worker_id, True, 0, 0.0, 0, 0, [], 0)
 
   def submit(self, step: Step) -> None:
-    self.actor.submit.remote(step)
+    self.actor.submit.remote(step, self._rt.token)
 
   def set_epoch(self, epoch: int) -> None:
     self.actor.set_epoch.remote(epoch)
@@ -181,6 +202,8 @@ class RayRuntime:
     self._pg = None
     self._poller: threading.Thread | None = None
     self._actor_cls = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(StageActor)
+    self.token = uuid.uuid4().hex
+    self._pool_key = (self.tensor, self.gpus)
 
   # ---- life cycle ----
   def start(self, options: WorkerOptions) -> None:
@@ -220,7 +243,7 @@ class RayRuntime:
                      microbatch_size=self.microbatch_size, max_len=self.max_len,
                      heartbeat_s=self.heartbeat_s, options=self.options,
                      transport=self.transport, checkpoint=checkpoint, pace=self.pace,
-                     rpc_timeout_s=self.rpc_timeout_s)
+                     rpc_timeout_s=self.rpc_timeout_s, token=self.token)
 
   def _options(self, bundle: int | None) -> dict:
     opts = dict(num_cpus=0, num_gpus=self.gpus or 0, max_restarts=0, max_task_retries=0,
@@ -233,13 +256,16 @@ class RayRuntime:
   def _create(self, s: int, checkpoint: str | None):
     spec = self._spec(s, checkpoint)
     params = self._param_refs[s] if checkpoint is None else None
+    pooled = _pool_take(self._pool_key) if self.placement == "pack" else None
+    if pooled is not None:   # a started process of an earlier pipeline, reset to no stage
+      return pooled, pooled.configure.remote(spec, params), spec.worker_id
     actor = self._actor_cls.options(**self._options(s)).remote(spec, params)
     return actor, actor.info.remote(), spec.worker_id
 
   def _spare(self):
     """A started actor with no stage yet (JAX up), configured when a worker must be replaced:
     the spare machine of the paper. Spares sit outside the placement group."""
-    return self._actor_cls.options(**self._options(None)).remote()
+    return _pool_take(self._pool_key) or self._actor_cls.options(**self._options(None)).remote()
 
   def _broadcast_peers(self) -> None:
     with self._lock:
@@ -331,8 +357,16 @@ class RayRuntime:
     self._closed.set()
     if self._poller is not None:
       self._poller.join(timeout=5)
-    for actor in [w.actor for w in self._workers if w is not None] + self._spares:
-      if actor is not None:
+    # Live actors are reset (worker stopped, state dropped) and pooled for the next pipeline of
+    # this Ray session: a process start costs seconds here. Anything that does not reset dies.
+    live = [w.actor for s, w in enumerate(self._workers)
+            if w is not None and s not in self._dead] + self._spares
+    resets = {a: a.reset.remote() for a in live}
+    for actor, ref in resets.items():
+      try:
+        ray.get(ref, timeout=15)
+        _pool_put(self._pool_key, actor)
+      except Exception:  # pylint: disable=broad-except
         try:
           ray.kill(actor, no_restart=True)
         except Exception:  # pylint: disable=broad-except

@@ -32,6 +32,7 @@ import queue
 import random
 import signal
 import threading
+import time
 
 import numpy as np
 import ray
@@ -63,6 +64,7 @@ class ActorSpec:
   checkpoint: str | None = None  # load this stage's weights from here (else from the ref)
   pace: object = None
   rpc_timeout_s: float = 30.0
+  token: str = ""                # the pipeline's id: peer messages of another pipeline are void
 
 
 class _Outbox(queue.Queue):
@@ -95,11 +97,11 @@ class ObjectStoreTransport:
   def address(self):
     return None
 
-  def send_step(self, peer, step: Step) -> None:
-    peer.submit.remote(step)
+  def send_step(self, peer, step: Step, token: str) -> None:
+    peer.submit.remote(step, token)
 
-  def send_replica(self, peer, write: ReplicaWrite) -> int:
-    return ray.get(peer.receive_replica.remote(write), timeout=self.timeout_s)
+  def send_replica(self, peer, write: ReplicaWrite, token: str) -> int:
+    return ray.get(peer.receive_replica.remote(write, token), timeout=self.timeout_s)
 
   def unpack(self, payload):
     return payload
@@ -157,14 +159,15 @@ class JaxTransferTransport:
       raise ConnectionError(f"pull {uid} from {addr} failed: {out[0]}") from out[0]
     return out[0]
 
-  def send_step(self, peer, step: Step) -> None:
+  def send_step(self, peer, step: Step, token: str) -> None:
     ticket = self.offer([np.asarray(step.x)])
-    peer.submit_pulled.remote(dataclasses.replace(step, x=None), ticket)
+    peer.submit_pulled.remote(dataclasses.replace(step, x=None), ticket, token)
 
-  def send_replica(self, peer, write: ReplicaWrite) -> int:
+  def send_replica(self, peer, write: ReplicaWrite, token: str) -> int:
     ticket = self.offer([np.asarray(write.packed.data)])
     bare = dataclasses.replace(write, packed=write.packed.replace(data=None))
-    return ray.get(peer.receive_replica_pulled.remote(bare, ticket), timeout=self.timeout_s)
+    return ray.get(peer.receive_replica_pulled.remote(bare, ticket, token),
+                   timeout=self.timeout_s)
 
 
 def _pull_takes_timeout(conn) -> bool:
@@ -186,6 +189,7 @@ class _ActorRuntime:
     self.transport = transport
     self.peers: dict[int, object] = {}     # stage -> actor handle (set by the driver)
     self.link_fault = None
+    self.token = spec.token
 
   def _peer(self, stage: int):
     peer = self.peers.get(stage)
@@ -195,10 +199,10 @@ class _ActorRuntime:
 
   def forward(self, stage: int, step: Step) -> None:
     self.transport.send_step(self._peer(stage + 1),
-                             dataclasses.replace(step, x=np.asarray(step.x)))
+                             dataclasses.replace(step, x=np.asarray(step.x)), self.token)
 
   def send(self, stage: int, msg) -> None:
-    self._peer(stage).deliver.remote(msg)
+    self._peer(stage).deliver.remote(msg, self.token)
 
   def channel_to_successor(self, sender: LocalWorker):
     def send(write: ReplicaWrite) -> int:
@@ -206,7 +210,8 @@ class _ActorRuntime:
       if fault is not None and fault(write):
         raise ConnectionError(f"injected transport failure: stage {write.stage} -> successor, "
                               f"microbatch {write.mb_id} step {write.step}")
-      return self.transport.send_replica(self._peer((sender.stage + 1) % self.num_stages), write)
+      return self.transport.send_replica(self._peer((sender.stage + 1) % self.num_stages), write,
+                                         self.token)
     return send
 
 
@@ -271,12 +276,26 @@ class StageActor:
   def set_peers(self, peers: dict) -> None:
     self.rt.peers = dict(peers)
 
-  def submit(self, step: Step) -> None:
-    self.worker.submit(step)
+  def _mine(self, token: str) -> bool:
+    """A message for this actor's current pipeline (not a late one for a pipeline it served
+    before it was reset and pooled)."""
+    return self.worker is not None and token == self.spec.token
 
-  def submit_pulled(self, step: Step, ticket) -> None:
-    (x,) = self.rt.transport.pull(ticket)
-    self.worker.submit(dataclasses.replace(step, x=x))
+  def reset(self) -> bool:
+    """Stops the worker and drops its state: the process goes back to the spare pool."""
+    if self.worker is not None:
+      self.worker.stop(timeout=5.0)
+    self.spec = self.rt = self.worker = None
+    return True
+
+  def submit(self, step: Step, token: str) -> None:
+    if self._mine(token):
+      self.worker.submit(step)
+
+  def submit_pulled(self, step: Step, ticket, token: str) -> None:
+    if self._mine(token):
+      (x,) = self.rt.transport.pull(ticket)
+      self.worker.submit(dataclasses.replace(step, x=x))
 
   def set_epoch(self, epoch: int) -> None:
     self.worker.set_epoch(epoch)
@@ -287,8 +306,9 @@ class StageActor:
   def export_replica(self, stage: int, mb_id: int, step: int, to: int, epoch: int = 0) -> None:
     self.worker.export_replica(stage, mb_id, step, to, epoch)
 
-  def deliver(self, msg) -> None:
-    self.worker._inbox.put(msg)  # pylint: disable=protected-access
+  def deliver(self, msg, token: str) -> None:
+    if self._mine(token):
+      self.worker._inbox.put(msg)  # pylint: disable=protected-access
 
   def free(self, mb_id: int) -> None:
     self.worker.free(mb_id)
@@ -310,11 +330,15 @@ class StageActor:
 
   # ---- out of band ("io" group: never queued behind the messages above) ----
   @ray.method(concurrency_group="io")
-  def receive_replica(self, write: ReplicaWrite) -> int:
+  def receive_replica(self, write: ReplicaWrite, token: str) -> int:
+    if not self._mine(token):
+      raise PeerDead(f"stage {write.stage}'s successor is not in this pipeline any more")
     return self.worker.receive_replica(write)
 
   @ray.method(concurrency_group="io")
-  def receive_replica_pulled(self, write: ReplicaWrite, ticket) -> int:
+  def receive_replica_pulled(self, write: ReplicaWrite, ticket, token: str) -> int:
+    if not self._mine(token):
+      raise PeerDead(f"stage {write.stage}'s successor is not in this pipeline any more")
     (data,) = self.rt.transport.pull(ticket)
     return self.worker.receive_replica(
         dataclasses.replace(write, packed=write.packed.replace(data=data)))
@@ -322,11 +346,14 @@ class StageActor:
   @ray.method(concurrency_group="control")
   def poll(self, timeout_s: float) -> list:
     """The events queued now, waiting up to `timeout_s` for the first (the driver long-polls)."""
-    out = []
+    out, rt = [], self.rt
+    if rt is None:   # a spare, or reset
+      time.sleep(timeout_s)
+      return out
     try:
-      out.append(self.rt.events.get(timeout=timeout_s))
+      out.append(rt.events.get(timeout=timeout_s))
       while True:
-        out.append(self.rt.events.get_nowait())
+        out.append(rt.events.get_nowait())
     except queue.Empty:
       pass
     return out
