@@ -15,7 +15,8 @@
    object store (numpy in the call) and `jax.experimental.transfer` (offer, ticket, pull).
 3. `recovery_s_ray`: replica strategy, stage 1 SIGKILLed mid-run: from the kill to the first
    token after recovery (median); `recovery_s_local` the same on the threads runtime (whose
-   "kill" stops a thread), and `detection_s_*`.
+   "kill" stops a thread), `detection_s_*` (kill -> detected) and `resumed_s_*` (kill ->
+   replacement running, caches restored, steps resubmitted).
 4. `tokens_identical`: every Ray run's tokens equal the local runtime's.
 The last stdout line is one JSON object.
 """
@@ -118,6 +119,7 @@ def main(_):
   tpot = {k: {"one": [], "two": []} for k in engines}
   rec = {k: [] for k in engines}
   det = {k: [] for k in engines}
+  resumed = {k: [] for k in engines}
   identical = True
   try:
     for eng in engines.values():
@@ -146,6 +148,7 @@ def main(_):
           if after:
             rec[name].append(min(after) - ev.failed_at)
           det[name].append(ev.detection_s)
+          resumed[name].append(ev.recovery_s)
   finally:
     for eng in engines.values():
       eng.close()
@@ -162,6 +165,7 @@ def main(_):
       "transport_ms": {t: {p: v["ms"] for p, v in d.items()} for t, d in transports.items()},
       "recovery_s_ray": med(rec["ray"]), "recovery_s_local": med(rec["local"]),
       "detection_s_ray": med(det["ray"]), "detection_s_local": med(det["local"]),
+      "resumed_s_ray": med(resumed["ray"]), "resumed_s_local": med(resumed["local"]),
       "tokens_identical": bool(identical),
   }
   ray.shutdown()

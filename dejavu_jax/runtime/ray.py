@@ -28,14 +28,24 @@ and controller do not change. The processes, threads and what waits on what:
    death is detected by whichever comes first: heartbeat silence (the controller), or Ray's
    actor-death notification (the outstanding `poll` fails: `notified_dead`, which the engine
    merges into its detection). A stall is caught by the engine's progress watchdog.
-6. `replace` starts a new actor in the dead one's placement bundle and waits until it runs
-   (weights: its stage's subset only, from the orbax checkpoint when the engine has one, else the
-   object store copy put once at start), then tells every actor the new peer table; the engine
-   then restores caches by its strategy and asks the predecessor to `resync` the replica.
-7. Multi-host: `address` joins a running cluster (`ray start --head` / `ray start
+6. `replace` configures a spare (an actor process started beside the pipeline, JAX already up:
+   the paper's spare machine; `spares` of them, one by default, and a new one starts at once)
+   or starts a new actor, and waits until it runs: it loads its stage's weights only (from the
+   orbax checkpoint when the engine has one, else the copy put in the object store once at
+   start), then every actor gets the new peer table; the engine then restores caches by its
+   strategy and asks the predecessor to `resync` the replica the dead actor held.
+7. `close` resets the live actors (worker stopped, params, caches and replicas dropped) into a
+   per-session pool that the next pipeline of the session configures instead of starting
+   processes (seconds each here). Peer messages carry the pipeline's token, so a late message
+   of a closed pipeline is void in a pooled actor. Every actor shares a persistent XLA
+   compilation cache (`DEJAVU_RAY_COMPILE_CACHE`, "" to disable), so a replacement does not
+   compile its steps again in the middle of a recovery.
+8. Multi-host: `address` joins a running cluster (`ray start --head` / `ray start
    --address=...`); `placement` "pack" puts the stages where they fit, "spread" one per node
-   (a STRICT_SPREAD placement group). A session this runtime starts binds to 127.0.0.1 and has
-   no dashboard.
+   (a STRICT_SPREAD placement group; its stages never come from the pool; spares and
+   replacements are placed by Ray outside the group). A session this runtime starts advertises
+   127.0.0.1, has no dashboard and keeps Ray's token authentication; Ray 2.60's gRPC servers
+   still listen on every interface (no option found to bind them to loopback).
 """
 
 from __future__ import annotations
@@ -45,7 +55,6 @@ import itertools
 import os
 import queue
 import signal
-import tempfile
 import threading
 import time
 import uuid
@@ -59,59 +68,10 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from dejavu_jax.runtime.api import (Heartbeat, ReplicaSource, Step, StepResult, WorkerOptions,
                                     WorkerStats)
 from dejavu_jax.runtime.ray_actor import CONCURRENCY_GROUPS, TRANSPORTS, ActorSpec, StageActor
+from dejavu_jax.runtime.ray_session import (_actor_env, _pool_put, _pool_take,  # noqa: F401
+                                            init_ray)
 
 PLACEMENTS = {"pack": "PACK", "spread": "STRICT_SPREAD"}
-
-
-def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) -> bool:
-  """Connects to `address` (a running cluster) or starts a local session bound to loopback
-  without a dashboard; returns True when this call started Ray (the caller shuts it down)."""
-  if ray.is_initialized():
-    return False
-  if address:
-    ray.init(address=address, include_dashboard=False, log_to_driver=False, **kwargs)
-  else:
-    ray.init(num_cpus=num_cpus or max(8, os.cpu_count() or 1), include_dashboard=False,
-             _node_ip_address="127.0.0.1", log_to_driver=False, **kwargs)
-  return True
-
-
-def _actor_env(tensor: int, gpus: float) -> dict:
-  import dejavu_jax  # pylint: disable=g-import-not-at-top
-  root = os.path.dirname(os.path.dirname(os.path.abspath(dejavu_jax.__file__)))
-  env = {"PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p),
-         "OMP_NUM_THREADS": "1", "TF_CPP_MIN_LOG_LEVEL": "3"}
-  # Every actor is a fresh process: without a shared persistent compilation cache each one
-  # (and each replacement, in the middle of a recovery) would compile its stage's steps again.
-  cache = os.environ.get("DEJAVU_RAY_COMPILE_CACHE",
-                         os.path.join(tempfile.gettempdir(), "dejavu_jax_xla_cache"))
-  if cache:
-    env.update(JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-  if not gpus:   # one (or `tensor`) CPU device per actor, whatever the driver forces for itself
-    env["JAX_PLATFORMS"] = "cpu"
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={tensor}"
-  return env
-
-
-# Started actor processes with no stage, per Ray session and actor environment: a closed
-# pipeline's live actors come back here, so the next pipeline of the session starts at once.
-_POOL: dict = {"job": None, "actors": {}}
-
-
-def _pool_take(key):
-  job = ray.get_runtime_context().get_job_id()
-  if _POOL["job"] != job:
-    _POOL.update(job=job, actors={})
-  free = _POOL["actors"].get(key)
-  return free.pop() if free else None
-
-
-def _pool_put(key, actor) -> None:
-  job = ray.get_runtime_context().get_job_id()
-  if _POOL["job"] != job:
-    _POOL.update(job=job, actors={})
-  _POOL["actors"].setdefault(key, []).append(actor)
 
 
 class RayWorker:
