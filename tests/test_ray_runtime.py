@@ -102,9 +102,9 @@ def test_d3_snapshot_middle_stage(ray_session, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_d4_restart_stage0_and_last(ray_session):
+def test_d4_restart_stage0_and_last_over_jax_transfer(ray_session):
   reqs = _requests(n=9)
-  with _engine(4, "restart") as eng:
+  with _engine(4, "restart", ray_transport="jax_transfer") as eng:
     res = eng.serve(reqs, failures=[FailureSpec(time_s=0.3, stage=0),
                                     FailureSpec(stage=3, after_steps=40)])
     _check(eng, reqs, res, 0)
