@@ -57,4 +57,11 @@ def get_config():
   c.share_devices = False
   c.slo_ttft_ms = ml_collections.config_dict.placeholder(float)
   c.slo_tpot_ms = ml_collections.config_dict.placeholder(float)
+  # Where the workers run: "local" (threads of this process) or "ray" (one actor process per
+  # stage; a failure is a SIGKILL of its pid). ray.address: a running cluster ("auto",
+  # "host:6379"), or "" for a local session on 127.0.0.1; placement "pack" | "spread" (one
+  # stage per node); transport "object_store" | "jax_transfer".
+  c.runtime = "local"
+  c.ray = ml_collections.ConfigDict({"address": "", "placement": "pack",
+                                     "transport": "object_store", "gpus_per_stage": 0.0})
   return c

@@ -292,6 +292,14 @@ class ServeConfig:
     device_kv_budget_fraction: the budget as a fraction of the device's memory (devices that
       report it, i.e. GPUs); at most one of the two budgets.
     swap_context: the context length "auto" judges the swap-in at (None: max_len).
+    runtime: "local" (workers as threads of this process) or "ray" (Ray actor processes; a
+      failure is a SIGKILL; runtime/ray.py). The ray_* fields apply to "ray" only:
+    ray_address: a running Ray cluster ("auto", "host:6379"), or None for a local session on
+      127.0.0.1 without a dashboard.
+    ray_placement: "pack" (stages where they fit) or "spread" (one stage per node).
+    ray_transport: activations and replicas between actors: "object_store" (default) or
+      "jax_transfer" (jax.experimental.transfer under a watchdog).
+    ray_gpus_per_stage: GPUs per stage actor (0: CPU, one device per actor).
   """
 
   num_stages: int = 1
@@ -329,6 +337,12 @@ class ServeConfig:
   token_stages: int = 0
   host_slots: int | None = None
   stream_link: str | None = None
+  # ---- runtime (issue 14): where the workers run ----
+  runtime: str = "local"
+  ray_address: str | None = None
+  ray_placement: str = "pack"
+  ray_transport: str = "object_store"
+  ray_gpus_per_stage: float = 0.0
 
   def __post_init__(self):
     # Each field checked by name here, so a bad value fails at construction, not mid-serve
@@ -375,6 +389,17 @@ class ServeConfig:
                                           not 1 <= self.swap_context <= self.max_len):
       raise ValueError(f"swap_context must be None or an integer in [1, max_len "
                        f"{self.max_len}], got {self.swap_context!r}")
+    _check_runtime(self)
+
+
+def _check_runtime(cfg) -> None:
+  choices = {"runtime": ("local", "ray"), "ray_placement": ("pack", "spread"),
+             "ray_transport": ("object_store", "jax_transfer")}
+  for name, ok in choices.items():
+    if getattr(cfg, name) not in ok:
+      raise ValueError(f"unknown {name} {getattr(cfg, name)!r}; expected one of {list(ok)}")
+  if not _is_real(cfg.ray_gpus_per_stage) or not 0 <= cfg.ray_gpus_per_stage < math.inf:
+    raise ValueError(f"ray_gpus_per_stage must be a number >= 0, got {cfg.ray_gpus_per_stage!r}")
 
 
 def _is_int(x) -> bool:

@@ -108,9 +108,11 @@ class LocalWorker:
 
   _ids = itertools.count()
 
-  def __init__(self, runtime: "LocalRuntime", program, params, options: WorkerOptions):
+  def __init__(self, runtime: "LocalRuntime", program, params, options: WorkerOptions,
+               worker_id: int | None = None):
     self.stage = program.index
-    self.worker_id = next(LocalWorker._ids)
+    # A process runtime hosts one worker per process: it hands out the ids (unique per pipeline).
+    self.worker_id = next(LocalWorker._ids) if worker_id is None else worker_id
     self._rt = runtime
     self._program = program
     self._params = program.place_params(params)

@@ -115,8 +115,10 @@ class PipelineEngine:
     self.params_checkpoint = params_checkpoint
     self.epoch = 0
     devices = jax.devices() if devices is None else list(devices)
+    # On Ray every stage actor brings its own devices; the driver needs none for them.
+    ray_devices = serve.num_stages * serve.tensor if serve.runtime == "ray" else 0
     self.plan = plan_stages(cfg, serve.num_stages, serve.stage_ranges, serve.tensor,
-                            num_devices=len(devices))
+                            num_devices=max(len(devices), ray_devices))
     if serve.max_len > cfg.max_positions:
       raise ValueError(f"max_len {serve.max_len} exceeds the model's {cfg.max_positions} "
                        "positions")
@@ -131,7 +133,7 @@ class PipelineEngine:
       # would otherwise lose the run when a worker must be replaced.
       for start, stop in self.plan.ranges:
         check_params_checkpoint(params_checkpoint, param_shapes(cfg, start, stop))
-    self.mesh = make_mesh(self.plan, devices)
+    self.mesh = make_mesh(self.plan, devices) if not ray_devices else None
     self.params = params  # kept: a replacement worker places its stage's subset again
     pace = None
     layer_scale = (cost_model.model.num_layers / cfg.num_layers) if cost_model is not None else 1
@@ -144,11 +146,22 @@ class PipelineEngine:
         raise ValueError("pacing='paced' needs a cost model")
       pace = make_pace_fn(cost_model, self.plan.num_stages, time_scale, layer_scale, swap_link)
     program = FakeProgram if serve.program == "fake" else StageProgram
-    self.programs = [program(cfg, self.plan, self.mesh, s) for s in range(self.plan.num_stages)]
+    self.programs = [program(cfg, self.plan, self.mesh, s)
+                     for s in range(self.plan.num_stages)] if not ray_devices else []
     self._started = False
-    self.runtime = LocalRuntime(self.programs, self._params_for, self.plan.num_stages,
-                                self.microbatch_size, serve.max_len, pace, serve.heartbeat_s,
-                                swapping=self.swap_choice.swapping)
+    if ray_devices:
+      if self.swap_choice.swapping:
+        raise ValueError("swapping='on' runs on the local runtime only (the Ray workers keep "
+                         "their caches on device); use runtime='local' or swapping='off'")
+      from dejavu_jax.runtime.ray import RayRuntime  # pylint: disable=g-import-not-at-top
+      self.runtime = RayRuntime(
+          cfg, self.plan.ranges, serve.tensor, serve.program, params, self.plan.num_stages,
+          self.microbatch_size, serve.max_len, pace, serve.heartbeat_s, params_checkpoint,
+          serve.ray_address, serve.ray_placement, serve.ray_transport, serve.ray_gpus_per_stage)
+    else:
+      self.runtime = LocalRuntime(self.programs, self._params_for, self.plan.num_stages,
+                                  self.microbatch_size, serve.max_len, pace, serve.heartbeat_s,
+                                  swapping=self.swap_choice.swapping)
     self.runtime.start(self.strategy.options())
     self._started = True
     for s in range(self.plan.num_stages):
@@ -317,7 +330,8 @@ class PipelineEngine:
           self._inject(timed.pop(0), now)
         for ev in api.drain(self.runtime.events, 0.0):   # heartbeats first, then judge silence
           finished += self._on_event(sched, ev)
-        dead = sorted(set(self.controller.dead_stages()) | set(self._stalled()))
+        dead = sorted(set(self.controller.dead_stages()) | set(self._stalled()) |
+                      set(getattr(self.runtime, "notified_dead", list)()))
         if dead:
           events.append(self._recover(sched, dead, killed, now))
           self._last_progress = time.perf_counter()

@@ -52,7 +52,18 @@ def serve_config(c) -> ServeConfig:
                      max_len=c.max_len, mode=c.mode, pacing=c.pacing, seed=c.seed,
                      heartbeat_s=c.heartbeat_s, heartbeat_timeout_s=c.heartbeat_timeout_s,
                      recovery=c.recovery, snapshot_every=c.snapshot_every,
-                     program=c.program, max_pending=c.get("max_pending"))
+                     program=c.program, max_pending=c.get("max_pending"),
+                     **_runtime_fields(c))
+
+
+def _runtime_fields(c) -> dict:
+  """ServeConfig's runtime fields from the config's `runtime` and `ray` entries (if any)."""
+  ray_c = c.get("ray") or {}
+  out = {"runtime": c.get("runtime", "local")}
+  for key in ("address", "placement", "transport", "gpus_per_stage"):
+    if ray_c.get(key) not in (None, ""):
+      out[f"ray_{key}"] = ray_c[key]
+  return out
 
 
 def _tag(strategy: str, seed: int, rate: float, many_strategies: bool, many_seeds: bool) -> str:
@@ -176,6 +187,8 @@ def run_experiment(c, out_dir: str, log=print, overwrite: bool = False,
             log(f"  failure of stage {ev.stage} at {ev.failed_at:.2f} s: detected after "
                 f"{ev.detection_s:.2f} s, recovered ({ev.strategy}) after {ev.recovery_s:.2f} s, "
                 f"{ev.lost_requests} requests in flight, {ev.recomputed_tokens} tokens to redo")
+          for line in getattr(engine.runtime, "report", lambda _: [])(res):   # Ray: killed pids
+            log(f"  {line}")
           for why in res.rejected.values():
             log(f"  rejected: {why}")
           _warn_run(log, res, failures, strategy, float(rate), summary)

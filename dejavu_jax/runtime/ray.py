@@ -1,0 +1,399 @@
+"""RayRuntime: the pipeline's workers as Ray actor processes; a failure is a real SIGKILL.
+
+Same `Runtime`/`Worker` interfaces as `runtime/local.py`, so the engine, scheduler, strategies
+and controller do not change. The processes, threads and what waits on what:
+
+1. The driver (the engine's process) holds one `RayWorker` handle per stage. Every `Worker`
+   message is a Ray actor call that returns at once (`submit`, `set_epoch`, `load_cache`, `free`,
+   `resync`, ...); only `stats` waits for an answer. A `ReplicaSource` load is sent to the
+   replica's holder, which ships the cache to the replacement itself.
+2. Each stage is a `StageActor` (runtime/ray_actor.py) in its own process with its own JAX
+   runtime and devices (one CPU device per actor here: `XLA_FLAGS`/`JAX_PLATFORMS` are set in
+   the actor's environment before it imports JAX; `num_gpus` per actor on GPU nodes). Inside it
+   runs the threads runtime's `LocalWorker`, unchanged: the worker thread (blocks on its FIFO
+   inbox), the heartbeat thread, the replication tap's streamer thread, the snapshotter thread.
+   The actor's default concurrency group (one thread) puts messages into the inbox in arrival
+   order; the "io" group lands replicas from the predecessor (so a landing never waits behind
+   queued steps); the "control" group answers the driver's long poll and `die`.
+3. Activations go from actor s to actor s + 1 and replication writes to the successor directly,
+   through the pipeline's transport (object store by default, or `jax.experimental.transfer`
+   under a watchdog; ray_actor.py). The driver never relays data; it only sends a stage-0 step
+   and receives the last stage's logits.
+4. Events: one driver thread (`_poll_loop`) keeps one `poll` call outstanding per live actor
+   (each returns the actor's queued events as soon as there are any, or after a short timeout)
+   and puts what comes back into `events`, the engine's one channel. Heartbeats are stamped with
+   the driver's clock on arrival (hosts' clocks differ), and so are results in real mode.
+5. Failures: `kill` SIGKILLs the actor's pid (from the driver on the same host, or by the actor
+   itself on another host); `arm` makes the actor SIGKILL itself after a number of steps. The
+   death is detected by whichever comes first: heartbeat silence (the controller), or Ray's
+   actor-death notification (the outstanding `poll` fails: `notified_dead`, which the engine
+   merges into its detection). A stall is caught by the engine's progress watchdog.
+6. `replace` configures a spare (an actor process started beside the pipeline, JAX already up:
+   the paper's spare machine; `spares` of them, one by default, and a new one starts at once)
+   or starts a new actor, and waits until it runs: it loads its stage's weights only (from the
+   orbax checkpoint when the engine has one, else the copy put in the object store once at
+   start), then every actor gets the new peer table; the engine then restores caches by its
+   strategy and asks the predecessor to `resync` the replica the dead actor held.
+7. `close` resets the live actors (worker stopped, params, caches and replicas dropped) into a
+   per-session pool that the next pipeline of the session configures instead of starting
+   processes (seconds each here). Peer messages carry the pipeline's token, so a late message
+   of a closed pipeline is void in a pooled actor. Every actor shares a persistent XLA
+   compilation cache (`DEJAVU_RAY_COMPILE_CACHE`, "" to disable), so a replacement does not
+   compile its steps again in the middle of a recovery.
+8. Multi-host: `address` joins a running cluster (`ray start --head` / `ray start
+   --address=...`); `placement` "pack" puts the stages where they fit, "spread" one per node
+   (a STRICT_SPREAD placement group; its stages never come from the pool; spares and
+   replacements are placed by Ray outside the group). A session this runtime starts advertises
+   127.0.0.1, has no dashboard and keeps Ray's token authentication; Ray 2.60's gRPC servers
+   still listen on every interface (no option found to bind them to loopback).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import queue
+import signal
+import threading
+import time
+import uuid
+
+import jax
+import numpy as np
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from dejavu_jax.runtime.api import (Heartbeat, ReplicaSource, Step, StepResult, WorkerOptions,
+                                    WorkerStats)
+from dejavu_jax.runtime.ray_actor import CONCURRENCY_GROUPS, TRANSPORTS, ActorSpec, StageActor
+from dejavu_jax.runtime.ray_session import (_actor_env, _pool_put, _pool_take,  # noqa: F401
+                                            init_ray)
+
+PLACEMENTS = {"pack": "PACK", "spread": "STRICT_SPREAD"}
+
+
+class RayWorker:
+  """The driver's handle on one stage's actor (the `Worker` interface)."""
+
+  def __init__(self, rt: "RayRuntime", stage: int, worker_id: int, actor, info: dict):
+    self.stage, self.worker_id, self.actor = stage, worker_id, actor
+    self.pid, self.node_id, self.ip = info["pid"], info["node_id"], info["ip"]
+    self._rt = rt
+    self._last_stats = WorkerStats(stage, worker_id, True, 0, 0.0, 0, 0, [], 0)
+
+  def submit(self, step: Step) -> None:
+    self.actor.submit.remote(step, self._rt.token)
+
+  def set_epoch(self, epoch: int) -> None:
+    self.actor.set_epoch.remote(epoch)
+
+  def load_cache(self, mb_id: int, source, epoch: int) -> None:
+    if isinstance(source, ReplicaSource):   # the holder ships it to this actor itself
+      self._rt.worker(source.holder).export_replica(self.stage, mb_id, source.step, self.stage,
+                                                    epoch)
+    else:
+      self.actor.load_cache.remote(mb_id, source, epoch)
+
+  def export_replica(self, stage: int, mb_id: int, step: int, to: int, epoch: int = 0) -> None:
+    self.actor.export_replica.remote(stage, mb_id, step, to, epoch)
+
+  def free(self, mb_id: int) -> None:
+    self.actor.free.remote(mb_id)
+
+  def resync(self) -> None:
+    self.actor.resync.remote()
+
+  def stats(self) -> WorkerStats:
+    if self._rt.alive(self.stage) or self._rt.worker(self.stage) is not self:
+      try:
+        self._last_stats = ray.get(self.actor.stats.remote(), timeout=30)
+        return self._last_stats
+      except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+        pass
+    return dataclasses.replace(self._last_stats, alive=False)
+
+
+class RayRuntime:
+  """The workers of one pipeline as Ray actors (see module doc).
+
+  Args:
+    cfg, ranges, tensor, program: the model, the stages' layer ranges, devices per stage, and
+      "model" | "fake" (each actor builds its stage program from these).
+    params: the whole model's params (host), or None for the fake program.
+    depth, microbatch_size, max_len, pace, heartbeat_s: as `LocalRuntime`.
+    checkpoint: an orbax params checkpoint; replacement actors load their stage's subset from it.
+    address, placement, transport, gpus_per_stage: where and how the actors run.
+  """
+
+  def __init__(self, cfg, ranges, tensor: int, program: str, params, depth: int,
+               microbatch_size: int, max_len: int, pace=None, heartbeat_s: float = 1.0,
+               checkpoint: str | None = None, address: str | None = None,
+               placement: str = "pack", transport: str = "object_store",
+               gpus_per_stage: float = 0.0, rpc_timeout_s: float = 30.0, spares: int = 1):
+    if placement not in PLACEMENTS:
+      raise ValueError(f"unknown ray placement {placement!r}; expected one of {list(PLACEMENTS)}")
+    if transport not in TRANSPORTS:
+      raise ValueError(f"unknown ray transport {transport!r}; expected one of "
+                       f"{list(TRANSPORTS)}")
+    if heartbeat_s <= 0:
+      raise ValueError(f"heartbeat_s must be > 0, got {heartbeat_s}")
+    self.cfg, self.ranges, self.tensor, self.program = cfg, tuple(ranges), tensor, program
+    self.num_stages = len(self.ranges)
+    self.depth, self.microbatch_size, self.max_len = depth, microbatch_size, max_len
+    self.pace, self.heartbeat_s, self.checkpoint = pace, heartbeat_s, checkpoint
+    self.placement, self.transport, self.gpus = placement, transport, gpus_per_stage
+    self.rpc_timeout_s, self.num_spares = rpc_timeout_s, spares
+    self._spares: list = []
+    self.events: queue.Queue = queue.Queue()
+    self.options = WorkerOptions()
+    self.kills: list[dict] = []          # one record per SIGKILL (stage, pid, when, how)
+    self._reported = 0
+    self._owns_ray = init_ray(address)
+    self._params = params
+    self._param_refs: dict[int, object] = {}
+    self._workers: list[RayWorker | None] = [None] * self.num_stages
+    self._dead: dict[int, float] = {}    # stage -> perf_counter when its current actor died
+    self._notified: dict[int, float] = {}   # ... when Ray told us (the poll failed)
+    self._ids = itertools.count()
+    self._lock = threading.Lock()
+    self._closed = threading.Event()
+    self._pg = None
+    self._poller: threading.Thread | None = None
+    self._actor_cls = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(StageActor)
+    self.token = uuid.uuid4().hex
+    self._pool_key = (self.tensor, self.gpus)
+
+  # ---- life cycle ----
+  def start(self, options: WorkerOptions) -> None:
+    self.options = options
+    if self.placement == "spread":
+      nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+      if nodes < self.num_stages:
+        raise ValueError(f"placement 'spread' puts each of the {self.num_stages} stages on its "
+                         f"own node, but the Ray cluster has {nodes} live node(s)")
+    bundle = {"CPU": 1.0, **({"GPU": float(self.gpus)} if self.gpus else {})}
+    self._pg = placement_group([bundle] * self.num_stages,
+                               strategy=PLACEMENTS[self.placement])
+    try:
+      ray.get(self._pg.ready(), timeout=120)
+    except ray.exceptions.GetTimeoutError:
+      raise ValueError(f"the Ray cluster cannot place {self.num_stages} stage actors "
+                       f"({bundle} each, placement {self.placement!r})") from None
+    for s in range(self.num_stages):
+      if self._params is not None and self.program != "fake":
+        from dejavu_jax.models.decoder import stage_params  # pylint: disable=g-import-not-at-top
+        sub = stage_params(self.cfg, self._params, *self.ranges[s])
+        self._param_refs[s] = ray.put(jax.tree.map(np.asarray, sub))
+      else:
+        self._param_refs[s] = None
+    self._params = None   # each stage's subset lives in the object store from here on
+    pending = [self._create(s, checkpoint=None) for s in range(self.num_stages)]
+    self._spares = [self._spare() for _ in range(self.num_spares)]
+    for s, (actor, ref, wid) in enumerate(pending):
+      self._workers[s] = RayWorker(self, s, wid, actor, ray.get(ref))
+    self._broadcast_peers()
+    self._poller = threading.Thread(target=self._poll_loop, daemon=True, name="ray-events")
+    self._poller.start()
+
+  def _spec(self, s: int, checkpoint: str | None) -> ActorSpec:
+    return ActorSpec(cfg=self.cfg, ranges=self.ranges, tensor=self.tensor, stage=s,
+                     worker_id=next(self._ids), program=self.program, depth=self.depth,
+                     microbatch_size=self.microbatch_size, max_len=self.max_len,
+                     heartbeat_s=self.heartbeat_s, options=self.options,
+                     transport=self.transport, checkpoint=checkpoint, pace=self.pace,
+                     rpc_timeout_s=self.rpc_timeout_s, token=self.token)
+
+  def _options(self, bundle: int | None) -> dict:
+    opts = dict(num_cpus=0, num_gpus=self.gpus or 0, max_restarts=0, max_task_retries=0,
+                runtime_env={"env_vars": _actor_env(self.tensor, self.gpus)})
+    if bundle is not None:
+      opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+          self._pg, placement_group_bundle_index=bundle)
+    return opts
+
+  def _create(self, s: int, checkpoint: str | None):
+    spec = self._spec(s, checkpoint)
+    params = self._param_refs[s] if checkpoint is None else None
+    pooled = _pool_take(self._pool_key) if self.placement == "pack" else None
+    if pooled is not None:   # a started process of an earlier pipeline, reset to no stage
+      return pooled, pooled.configure.remote(spec, params), spec.worker_id
+    actor = self._actor_cls.options(**self._options(s)).remote(spec, params)
+    return actor, actor.info.remote(), spec.worker_id
+
+  def _spare(self):
+    """A started actor with no stage yet (JAX up), configured when a worker must be replaced:
+    the spare machine of the paper. Spares sit outside the placement group."""
+    return _pool_take(self._pool_key) or self._actor_cls.options(**self._options(None)).remote()
+
+  def _broadcast_peers(self) -> None:
+    with self._lock:
+      peers = {s: w.actor for s, w in enumerate(self._workers)
+               if w is not None and s not in self._dead}
+    for a in peers.values():
+      a.set_peers.remote(peers)
+
+  def worker(self, stage: int) -> RayWorker:
+    return self._workers[stage]
+
+  def alive(self, stage: int) -> bool:
+    return stage not in self._dead
+
+  def notified_dead(self) -> list[int]:
+    """Stages whose current actor Ray reported dead (detection without waiting for silence)."""
+    with self._lock:
+      return sorted(self._notified)
+
+  def died_at(self, stage: int) -> float | None:
+    return self._dead.get(stage)
+
+  def pid(self, stage: int) -> int:
+    return self._workers[stage].pid
+
+  # ---- failures ----
+  def kill(self, stage: int) -> None:
+    """SIGKILLs the stage's actor process (a machine failure: nothing is said or flushed)."""
+    w = self._workers[stage]
+    with self._lock:
+      if stage in self._dead:
+        return
+      self._dead[stage] = time.perf_counter()
+    if w.ip == ray.util.get_node_ip_address():
+      try:
+        os.kill(w.pid, signal.SIGKILL)
+      except ProcessLookupError:
+        pass
+      how = "SIGKILL from the driver"
+    else:
+      w.actor.die.remote()
+      how = "SIGKILL by the actor itself (another host)"
+    self.kills.append({"stage": stage, "pid": w.pid, "worker_id": w.worker_id,
+                       "node": w.node_id, "at": self._dead[stage], "how": how})
+
+  def stall(self, stage: int, seconds: float) -> None:
+    self._workers[stage].actor.stall.remote(seconds)
+
+  def arm(self, stage: int, after_steps: int, kind: str = "crash", stall_s: float = 0.0) -> None:
+    self._workers[stage].actor.arm.remote(after_steps, kind, stall_s)
+
+  def disarm(self) -> None:
+    for s, w in enumerate(self._workers):
+      if self.alive(s):
+        w.actor.disarm.remote()
+
+  def inject_link_fault(self, stage: int, fails) -> None:
+    """Makes stage `stage`'s replication transfers fail where `fails(write)` (None: heal);
+    `fails` is shipped to the actor (it must pickle)."""
+    self._workers[stage].actor.set_link_fault.remote(fails)
+
+  def replace(self, stage: int) -> RayWorker:
+    """A fresh actor for `stage` in its placement bundle, running when this returns."""
+    old = self._workers[stage]
+    try:
+      ray.kill(old.actor, no_restart=True)   # a stalled one still lives: make sure it is gone
+    except Exception:  # pylint: disable=broad-except
+      pass
+    if self._spares:   # a started spare takes the stage; a new spare starts meanwhile
+      actor = self._spares.pop(0)
+      spec = self._spec(stage, self.checkpoint)
+      ref, wid = actor.configure.remote(
+          spec, self._param_refs[stage] if not self.checkpoint else None), spec.worker_id
+      self._spares.append(self._spare())
+    else:
+      actor, ref, wid = self._create(stage, checkpoint=self.checkpoint)
+    info = ray.get(ref, timeout=300)
+    w = RayWorker(self, stage, wid, actor, info)
+    with self._lock:
+      self._workers[stage] = w
+      self._dead.pop(stage, None)
+      self._notified.pop(stage, None)
+    self._broadcast_peers()
+    return w
+
+  def close(self) -> None:
+    if self._closed.is_set():
+      return
+    self._closed.set()
+    if self._poller is not None:
+      self._poller.join(timeout=5)
+    # Live actors are reset (worker stopped, state dropped) and pooled for the next pipeline of
+    # this Ray session: a process start costs seconds here. Anything that does not reset dies.
+    live = [w.actor for s, w in enumerate(self._workers)
+            if w is not None and s not in self._dead] + self._spares
+    resets = {a: a.reset.remote() for a in live}
+    for actor, ref in resets.items():
+      try:
+        ray.get(ref, timeout=15)
+        _pool_put(self._pool_key, actor)
+      except Exception:  # pylint: disable=broad-except
+        try:
+          ray.kill(actor, no_restart=True)
+        except Exception:  # pylint: disable=broad-except
+          pass
+    if self._pg is not None:
+      try:
+        remove_placement_group(self._pg)
+      except Exception:  # pylint: disable=broad-except
+        pass
+    if self._owns_ray:
+      ray.shutdown()
+
+  def report(self, result=None) -> list[str]:
+    """The processes killed since the last report (pid, how), and with a `ServeResult` each
+    recovery's timeline, for experiment logs."""
+    kills, self._reported = self.kills[self._reported:], len(self.kills)
+    lines = [f"stage {k['stage']}: pid {k['pid']} (worker {k['worker_id']}) killed by "
+             f"{k['how']}" for k in kills]
+    for ev in getattr(result, "recoveries", ()):
+      after = [t for r in result.records for t in r.token_times if t > ev.recovered_at]
+      first = f", first token {min(after):.3f} s" if after else ""
+      lines.append(f"stage(s) {list(ev.stages)}: killed {ev.failed_at:.3f} s, detected "
+                   f"{ev.detected_at:.3f} s, replaced and resumed {ev.recovered_at:.3f} s{first} "
+                   f"({ev.handled_by})")
+    return lines
+
+  # ---- the event channel ----
+  def _poll_loop(self) -> None:
+    pending: dict = {}   # ObjectRef -> (stage, worker)
+    while not self._closed.is_set():
+      with self._lock:
+        current = [(s, w) for s, w in enumerate(self._workers) if w is not None]
+      polled = {id(w) for _, w in pending.values()}
+      for s, w in current:
+        if id(w) not in polled and s not in self._notified:
+          pending[w.actor.poll.remote(0.2)] = (s, w)
+      if not pending:
+        time.sleep(0.01)
+        continue
+      ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.05)
+      if ready:
+        ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0)
+      for ref in ready:
+        s, w = pending.pop(ref)
+        try:
+          evs = ray.get(ref)
+        except ray.exceptions.RayActorError:
+          with self._lock:
+            if self._workers[s] is w:   # the stage's current actor died: Ray says so
+              now = time.perf_counter()
+              if s not in self._dead:   # it died by itself (an armed failure)
+                self._dead[s] = now
+                self.kills.append({"stage": s, "pid": w.pid, "worker_id": w.worker_id,
+                                   "node": w.node_id, "at": now,
+                                   "how": "SIGKILL by the actor itself (armed failure)"})
+              self._notified.setdefault(s, now)
+          continue
+        except Exception:  # pylint: disable=broad-except
+          continue
+        for ev in evs:
+          self.events.put(self._stamp(ev))
+
+  def _stamp(self, ev):
+    if isinstance(ev, Heartbeat):
+      return dataclasses.replace(ev, t=time.monotonic())
+    if isinstance(ev, StepResult) and self.pace is None:
+      return dataclasses.replace(ev, done_at=time.perf_counter())
+    return ev
+
+

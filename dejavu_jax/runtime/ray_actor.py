@@ -1,0 +1,376 @@
+"""The inside of one Ray actor process: one stage's `LocalWorker`, its transports, its outbox.
+
+`runtime/ray.py` (the driver side) creates one `StageActor` per stage. The actor process imports
+JAX itself (its own devices: one CPU device here, `num_gpus` GPUs on a GPU cluster), places its
+stage's params, and runs the very `LocalWorker` the threads runtime runs (same step logic,
+`CacheStore`, `ReplicationTap`, `Snapshotter`, heartbeat thread), against `_ActorRuntime`: the
+runtime a worker sees, whose channels are Ray calls to the neighbouring actors instead of
+in-process queues. So the two runtimes share every line of a worker's behaviour.
+
+Transports (`TRANSPORTS`), chosen per pipeline; both carry activations (stage s -> s + 1) and
+replication writes (stage s -> its successor), actor to actor, never through the driver:
+  object_store   the payload (numpy) rides in the Ray call itself: small arguments inline,
+                 large ones through the node's shared-memory object store (zero-copy reads on
+                 one node); the default (measured faster here: benchmarks/runtime.py).
+  jax_transfer   `jax.experimental.transfer`: the sender offers device buffers on its transfer
+                 server (`await_pull`) and sends only a ticket in the Ray call; the receiver
+                 pulls. A pull of an id nobody offers hangs, so every pull runs under a
+                 watchdog (`TransportTimeout`). Offers a dead receiver never pulls stay on the
+                 sender's server until the sender dies.
+
+A crash is the process dying: an armed failure (`arm`) SIGKILLs the actor's own pid, and the
+driver's `kill` SIGKILLs it from outside; nothing is reported either way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import itertools
+import os
+import queue
+import random
+import signal
+import threading
+import time
+
+import numpy as np
+import ray
+
+from dejavu_jax.fault.replication import ReplicaWrite
+from dejavu_jax.runtime.api import Step, StepError, StepResult, WorkerOptions
+from dejavu_jax.runtime.local import LocalWorker, PeerDead
+
+
+class TransportTimeout(TimeoutError):
+  """A transfer did not complete within the transport's watchdog timeout."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ActorSpec:
+  """Everything an actor needs to build its worker (plain data, shipped to the actor)."""
+  cfg: object                    # ModelConfig
+  ranges: tuple                  # the pipeline's layer ranges
+  tensor: int
+  stage: int
+  worker_id: int
+  program: str                   # "model" | "fake"
+  depth: int
+  microbatch_size: int
+  max_len: int
+  heartbeat_s: float
+  options: WorkerOptions
+  transport: str = "object_store"
+  checkpoint: str | None = None  # load this stage's weights from here (else from the ref)
+  pace: object = None
+  rpc_timeout_s: float = 30.0
+  token: str = ""                # the pipeline's id: peer messages of another pipeline are void
+
+
+class _Outbox(queue.Queue):
+  """The worker's event channel: events leave the process as plain host data."""
+
+  def put(self, item, block=True, timeout=None):
+    if isinstance(item, StepResult):
+      item = dataclasses.replace(item, logits=np.asarray(item.logits))
+    elif isinstance(item, StepError):
+      item = dataclasses.replace(item, error=_portable(item.error))
+    super().put(item, block, timeout)
+
+
+def _portable(e: BaseException) -> BaseException:
+  try:
+    import pickle  # pylint: disable=g-import-not-at-top
+    pickle.dumps(e)
+    return e
+  except Exception:  # pylint: disable=broad-except
+    return RuntimeError(f"{type(e).__name__}: {e}")
+
+
+class ObjectStoreTransport:
+  name = "object_store"
+
+  def __init__(self, device=None, timeout_s: float = 30.0):
+    del device
+    self.timeout_s = timeout_s
+
+  def address(self):
+    return None
+
+  def send_step(self, peer, step: Step, token: str) -> None:
+    peer.submit.remote(step, token)
+
+  def send_replica(self, peer, write: ReplicaWrite, token: str) -> int:
+    return ray.get(peer.receive_replica.remote(write, token), timeout=self.timeout_s)
+
+  def unpack(self, payload):
+    return payload
+
+
+class JaxTransferTransport:
+  """`jax.experimental.transfer` between actors, every pull under a watchdog (module doc)."""
+  name = "jax_transfer"
+
+  def __init__(self, device, timeout_s: float = 30.0):
+    import jax  # pylint: disable=g-import-not-at-top
+    from jax.experimental import transfer  # pylint: disable=g-import-not-at-top
+    self._jax, self._device, self.timeout_s = jax, device, timeout_s
+    host = ray.util.get_node_ip_address()
+    self._server = transfer.start_transfer_server(device.client, f"{host}:0", [f"{host}:0"])
+    self._ids = itertools.count(random.getrandbits(40) << 16)
+    self._conns: dict[str, object] = {}
+    self._lock = threading.Lock()
+
+  def address(self) -> str:
+    return self._server.address()
+
+  def offer(self, arrays: list) -> tuple:
+    """Puts host arrays on this actor's device and offers them; returns the pull ticket."""
+    placed = [self._jax.device_put(np.ascontiguousarray(a), self._device) for a in arrays]
+    uid = next(self._ids)
+    self._server.await_pull(uid, placed)
+    return (self.address(), uid, [(a.shape, str(a.dtype)) for a in placed])
+
+  def pull(self, ticket) -> list:
+    addr, uid, specs = ticket
+    jax = self._jax
+    sharding = jax.sharding.SingleDeviceSharding(self._device)
+    like = [jax.ShapeDtypeStruct(s, np.dtype(d), sharding=sharding) for s, d in specs]
+    out: list = []
+
+    def run():
+      try:
+        with self._lock:
+          conn = self._conns.get(addr) or self._server.connect(addr)
+          self._conns[addr] = conn
+        deadline = datetime.datetime.now() + datetime.timedelta(seconds=self.timeout_s)
+        got = conn.pull(uid, like, timeout=deadline) if _pull_takes_timeout(conn) else \
+            conn.pull(uid, like)
+        out.append([np.asarray(a) for a in got])
+      except BaseException as e:  # pylint: disable=broad-except
+        out.append(e)
+
+    t = threading.Thread(target=run, daemon=True, name="transfer-pull")
+    t.start()
+    t.join(self.timeout_s)
+    if not out:   # a hung pull (an id nobody offers): the thread is abandoned
+      raise TransportTimeout(f"pull {uid} from {addr} did not finish in {self.timeout_s} s")
+    if isinstance(out[0], BaseException):
+      raise ConnectionError(f"pull {uid} from {addr} failed: {out[0]}") from out[0]
+    return out[0]
+
+  def send_step(self, peer, step: Step, token: str) -> None:
+    ticket = self.offer([np.asarray(step.x)])
+    peer.submit_pulled.remote(dataclasses.replace(step, x=None), ticket, token)
+
+  def send_replica(self, peer, write: ReplicaWrite, token: str) -> int:
+    ticket = self.offer([np.asarray(write.packed.data)])
+    bare = dataclasses.replace(write, packed=write.packed.replace(data=None))
+    return ray.get(peer.receive_replica_pulled.remote(bare, ticket, token),
+                   timeout=self.timeout_s)
+
+
+def _pull_takes_timeout(conn) -> bool:
+  return "timeout" in (type(conn).pull.__doc__ or "")
+
+
+TRANSPORTS = {"object_store": ObjectStoreTransport, "jax_transfer": JaxTransferTransport}
+
+
+class _ActorRuntime:
+  """What the `LocalWorker` inside an actor sees as its runtime (see module doc)."""
+
+  def __init__(self, spec: ActorSpec, transport):
+    self.num_stages = len(spec.ranges)
+    self.depth, self.microbatch_size, self.max_len = (spec.depth, spec.microbatch_size,
+                                                      spec.max_len)
+    self.pace, self.heartbeat_s = spec.pace, spec.heartbeat_s
+    self.events = _Outbox()
+    self.transport = transport
+    self.peers: dict[int, object] = {}     # stage -> actor handle (set by the driver)
+    self.link_fault = None
+    self.token = spec.token
+
+  def _peer(self, stage: int):
+    peer = self.peers.get(stage)
+    if peer is None:
+      raise PeerDead(f"stage {stage} has no live actor")
+    return peer
+
+  def forward(self, stage: int, step: Step) -> None:
+    self.transport.send_step(self._peer(stage + 1),
+                             dataclasses.replace(step, x=np.asarray(step.x)), self.token)
+
+  def send(self, stage: int, msg) -> None:
+    self._peer(stage).deliver.remote(msg, self.token)
+
+  def channel_to_successor(self, sender: LocalWorker):
+    def send(write: ReplicaWrite) -> int:
+      fault = self.link_fault
+      if fault is not None and fault(write):
+        raise ConnectionError(f"injected transport failure: stage {write.stage} -> successor, "
+                              f"microbatch {write.mb_id} step {write.step}")
+      return self.transport.send_replica(self._peer((sender.stage + 1) % self.num_stages), write,
+                                         self.token)
+    return send
+
+
+class _ProcessWorker(LocalWorker):
+  def kill(self) -> None:
+    """An armed crash: the whole process dies at once, as a machine failure would."""
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _build_program(spec: ActorSpec):
+  import jax  # pylint: disable=g-import-not-at-top
+  from dejavu_jax.pipeline.fake import FakeProgram  # pylint: disable=g-import-not-at-top
+  from dejavu_jax.pipeline.plan import StagePlan, make_mesh  # pylint: disable=g-import-not-at-top
+  from dejavu_jax.pipeline.stage import StageProgram  # pylint: disable=g-import-not-at-top
+  # A one-stage view of the pipeline on this process's own devices; the program keeps the
+  # stage's global index (the worker's identity) and its global layer range.
+  local = StagePlan(ranges=(tuple(spec.ranges[spec.stage]),), tensor=spec.tensor)
+  mesh = make_mesh(local, jax.devices()[:spec.tensor])
+  cls = FakeProgram if spec.program == "fake" else StageProgram
+  program = cls(spec.cfg, local, mesh, 0)
+  program.index = spec.stage
+  return program
+
+
+class StageActor:
+  """One stage's worker in its own process (decorated with `ray.remote` by runtime/ray.py)."""
+
+  def __init__(self, spec: ActorSpec | None = None, params=None):
+    import jax  # pylint: disable=g-import-not-at-top
+    from dejavu_jax.pipeline import fake, stage  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+    jax.devices()   # a spare (spec None) has its JAX runtime up before it is needed
+    self.spec = self.rt = self.worker = None
+    if spec is not None:
+      self.configure(spec, params)
+
+  def configure(self, spec: ActorSpec, params) -> dict:
+    """Becomes stage `spec.stage`'s worker (a spare actor is configured on a failure)."""
+    import jax  # pylint: disable=g-import-not-at-top
+    if self.worker is not None:
+      raise RuntimeError(f"this actor already serves stage {self.spec.stage}")
+    self.spec = spec
+    program = _build_program(spec)
+    if spec.checkpoint and spec.program != "fake":
+      # Only this stage's weights are read (a partial orbax restore).
+      from dejavu_jax.models.checkpoint import restore_params  # pylint: disable=g-import-not-at-top
+      from dejavu_jax.models.decoder import param_shapes  # pylint: disable=g-import-not-at-top
+      start, stop = spec.ranges[spec.stage]
+      params = restore_params(spec.checkpoint, like=param_shapes(spec.cfg, start, stop))
+    transport = TRANSPORTS[spec.transport](jax.devices()[0], spec.rpc_timeout_s)
+    self.rt = _ActorRuntime(spec, transport)
+    self.worker = _ProcessWorker(self.rt, program, params, spec.options,
+                                 worker_id=spec.worker_id)
+    self.worker.start()
+    return self.info()
+
+  def info(self) -> dict:
+    return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
+            "ip": ray.util.get_node_ip_address(),
+            "transport": self.rt.transport.address() if self.rt else None}
+
+  # ---- the Worker messages (default concurrency group: one thread, arrival order) ----
+  def set_peers(self, peers: dict) -> None:
+    self.rt.peers = dict(peers)
+
+  def _mine(self, token: str) -> bool:
+    """A message for this actor's current pipeline (not a late one for a pipeline it served
+    before it was reset and pooled)."""
+    return self.worker is not None and token == self.spec.token
+
+  def reset(self) -> bool:
+    """Stops the worker and drops its state: the process goes back to the spare pool."""
+    if self.worker is not None:
+      self.worker.stop(timeout=5.0)
+    self.spec = self.rt = self.worker = None
+    return True
+
+  def submit(self, step: Step, token: str) -> None:
+    if self._mine(token):
+      self.worker.submit(step)
+
+  def submit_pulled(self, step: Step, ticket, token: str) -> None:
+    if self._mine(token):
+      (x,) = self.rt.transport.pull(ticket)
+      self.worker.submit(dataclasses.replace(step, x=x))
+
+  def set_epoch(self, epoch: int) -> None:
+    self.worker.set_epoch(epoch)
+
+  def load_cache(self, mb_id: int, source, epoch: int) -> None:
+    self.worker.load_cache(mb_id, source, epoch)
+
+  def export_replica(self, stage: int, mb_id: int, step: int, to: int, epoch: int = 0) -> None:
+    self.worker.export_replica(stage, mb_id, step, to, epoch)
+
+  def deliver(self, msg, token: str) -> None:
+    if self._mine(token):
+      self.worker._inbox.put(msg)  # pylint: disable=protected-access
+
+  def free(self, mb_id: int) -> None:
+    self.worker.free(mb_id)
+
+  def resync(self) -> None:
+    self.worker.resync()
+
+  def arm(self, after_steps: int, kind: str, stall_s: float) -> None:
+    self.worker.arm(after_steps, kind, stall_s)
+
+  def disarm(self) -> None:
+    self.worker._armed = None  # pylint: disable=protected-access
+
+  def stall(self, seconds: float) -> None:
+    self.worker.stall(seconds)
+
+  def set_link_fault(self, fails) -> None:
+    self.rt.link_fault = fails
+
+  # ---- out of band ("io" group: never queued behind the messages above) ----
+  @ray.method(concurrency_group="io")
+  def receive_replica(self, write: ReplicaWrite, token: str) -> int:
+    if not self._mine(token):
+      raise PeerDead(f"stage {write.stage}'s successor is not in this pipeline any more")
+    return self.worker.receive_replica(write)
+
+  @ray.method(concurrency_group="io")
+  def receive_replica_pulled(self, write: ReplicaWrite, ticket, token: str) -> int:
+    if not self._mine(token):
+      raise PeerDead(f"stage {write.stage}'s successor is not in this pipeline any more")
+    (data,) = self.rt.transport.pull(ticket)
+    return self.worker.receive_replica(
+        dataclasses.replace(write, packed=write.packed.replace(data=data)))
+
+  @ray.method(concurrency_group="control")
+  def poll(self, timeout_s: float) -> list:
+    """The events queued now, waiting up to `timeout_s` for the first (the driver long-polls)."""
+    out, rt = [], self.rt
+    if rt is None:   # a spare, or reset
+      time.sleep(timeout_s)
+      return out
+    try:
+      out.append(rt.events.get(timeout=timeout_s))
+      while True:
+        out.append(rt.events.get_nowait())
+    except queue.Empty:
+      pass
+    return out
+
+  @ray.method(concurrency_group="io")
+  def stats(self):
+    return self.worker.stats()
+
+  @ray.method(concurrency_group="control")
+  def die(self) -> None:
+    """SIGKILL this process (the driver's kill when the actor runs on another host)."""
+    os.kill(os.getpid(), signal.SIGKILL)
+
+  def stop(self) -> None:
+    self.worker.stop(timeout=5.0)
+
+
+# The default group runs the Worker messages one at a time in arrival order (a worker's inbox is
+# FIFO); "io" lands replicas and answers stats meanwhile; "control" long-polls and dies.
+CONCURRENCY_GROUPS = {"io": 2, "control": 2}

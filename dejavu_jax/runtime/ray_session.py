@@ -1,0 +1,60 @@
+"""The Ray session side of the Ray runtime: joining or starting a session, the environment of a
+stage actor's process, and the per-session pool of started actor processes (runtime/ray.py)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import ray
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) -> bool:
+  """Connects to `address` (a running cluster) or starts a local session that advertises
+  127.0.0.1, without a dashboard; returns True when this call started Ray (the caller shuts it down)."""
+  if ray.is_initialized():
+    return False
+  if address:
+    ray.init(address=address, include_dashboard=False, log_to_driver=False, **kwargs)
+  else:
+    ray.init(num_cpus=num_cpus or max(8, os.cpu_count() or 1), include_dashboard=False,
+             _node_ip_address="127.0.0.1", log_to_driver=False, **kwargs)
+  return True
+
+
+def _actor_env(tensor: int, gpus: float) -> dict:
+  import dejavu_jax  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(dejavu_jax.__file__)))
+  env = {"PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p),
+         "OMP_NUM_THREADS": "1", "TF_CPP_MIN_LOG_LEVEL": "3"}
+  # Every actor is a fresh process: without a shared persistent compilation cache each one
+  # (and each replacement, in the middle of a recovery) would compile its stage's steps again.
+  cache = os.environ.get("DEJAVU_RAY_COMPILE_CACHE",
+                         os.path.join(tempfile.gettempdir(), "dejavu_jax_xla_cache"))
+  if cache:
+    env.update(JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  if not gpus:   # one (or `tensor`) CPU device per actor, whatever the driver forces for itself
+    env["JAX_PLATFORMS"] = "cpu"
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={tensor}"
+  return env
+
+
+# Started actor processes with no stage, per Ray session and actor environment: a closed
+# pipeline's live actors come back here, so the next pipeline of the session starts at once.
+_POOL: dict = {"job": None, "actors": {}}
+
+
+def _pool_take(key):
+  job = ray.get_runtime_context().get_job_id()
+  if _POOL["job"] != job:
+    _POOL.update(job=job, actors={})
+  free = _POOL["actors"].get(key)
+  return free.pop() if free else None
+
+
+def _pool_put(key, actor) -> None:
+  job = ray.get_runtime_context().get_job_id()
+  if _POOL["job"] != job:
+    _POOL.update(job=job, actors={})
+  _POOL["actors"].setdefault(key, []).append(actor)

@@ -1,0 +1,124 @@
+"""The Ray runtime (runtime/ray.py): stage workers as actor processes, failures as real SIGKILLs.
+
+One Ray session for the module (actors start in seconds each on this machine, so the cases are
+combined: each engine serves twice, with different failures). Oracle: every request's tokens
+equal `fake_generate` (the fake program's single-device greedy tokens, computed by hand), for
+D = 2, 3, 4 and after killing the last stage, stage 0 and a middle stage under replica,
+snapshot and restart, and after a kill during a recovery. A killed actor's pid must be gone, and
+the session must leave no process behind.
+"""
+
+import numpy as np
+import pytest
+import ray
+
+from configs import serve_ray_tiny
+from dejavu_jax.config import ServeConfig, tiny_config
+from dejavu_jax.costmodel import TableCostModel
+from dejavu_jax.fault.inject import FailureSpec
+from dejavu_jax.pipeline.fake import fake_generate
+from dejavu_jax.runtime.ray import init_ray
+from dejavu_jax.serving import runner
+from dejavu_jax.serving.engine import PipelineEngine
+from dejavu_jax.serving.workload import Request
+from tests.ray_util import checked_shutdown, pid_gone
+
+CFG = tiny_config("opt", num_layers=4, max_positions=128)
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+  init_ray(num_cpus=8)
+  with checked_shutdown(ray.shutdown):
+    yield
+
+
+def _requests(n=6, new=50):
+  rng = np.random.default_rng(n)
+  return [Request(i, 0.0, tuple(int(t) for t in rng.integers(3, 128, 2 + i % 4)), new)
+          for i in range(n)]
+
+
+def _reference(reqs):
+  return {r.request_id: fake_generate(CFG, [r.prompt], r.max_new_tokens)[0] for r in reqs}
+
+
+def _engine(stages, recovery, **kw):
+  # Paced: every stage step lasts 6 ms (token) / 12 ms (prompt), so a run lasts 1-2 s and
+  # failures by time land mid-run however fast or loaded the machine is.
+  cost = TableCostModel(CFG, prompt=0.012 * stages, token=0.006 * stages)
+  serve = ServeConfig(num_stages=stages, microbatch_size=3, max_len=64, heartbeat_s=0.1,
+                      heartbeat_timeout_s=5.0, recovery=recovery, program="fake",
+                      pacing="paced", runtime="ray", **kw)
+  return PipelineEngine(CFG, None, serve, cost_model=cost)
+
+
+def _check(eng, reqs, res, kills_before):
+  assert res.error is None
+  assert res.tokens() == _reference(reqs)
+  for k in eng.runtime.kills[kills_before:]:
+    assert pid_gone(k["pid"]), f"killed actor pid {k['pid']} still exists"
+    assert k["pid"] not in [w.pid for w in eng.runtime._workers]  # pylint: disable=protected-access
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_d2_replica_last_stage_then_stage0_with_a_kill_during_recovery(ray_session):
+  reqs = _requests()
+  with _engine(2, "replica") as eng:
+    res = eng.serve(reqs, failures=[FailureSpec(stage=1, after_steps=30)])   # armed: self-kill
+    _check(eng, reqs, res, 0)
+    (ev,) = res.recoveries
+    assert ev.stages == (1,) and ev.handled_by == {"replica": 2}, ev
+    assert ev.recomputed_tokens == 0
+    # SIGKILL of stage 0 from the driver at a time, and of stage 1 (which holds stage 0's
+    # replica) while that recovery loads caches: the chain falls back to restart.
+    n = len(eng.runtime.kills)
+    res = eng.serve(reqs, failures=[FailureSpec(time_s=0.2, stage=0),
+                                    FailureSpec(stage=1, during_recovery=True)])
+    _check(eng, reqs, res, n)
+    what = (eng.runtime.kills[n:], res.recoveries)
+    assert len(eng.runtime.kills) - n == 2, what
+    assert sum(sum(e.handled_by.values()) for e in res.recoveries) >= 2, what
+    assert any("restart" in e.handled_by for e in res.recoveries), what
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_d3_snapshot_middle_stage(ray_session, tmp_path):
+  reqs = _requests(new=56)
+  with _engine(3, "snapshot", snapshot_every=4, snapshot_dir=str(tmp_path)) as eng:
+    # Failure-free first: it compiles, and a fresh process's first orbax save takes seconds.
+    short = _requests(new=20)
+    res = eng.serve(short)
+    _check(eng, short, res, 0)
+    # Stage 1 dies after 80 of its ~114 steps (>= 0.5 s of 6 ms paced steps: several snapshots
+    # complete by then).
+    res = eng.serve(reqs, failures=[FailureSpec(stage=1, after_steps=80)])
+    _check(eng, reqs, res, 0)
+    (ev,) = res.recoveries
+    assert ev.stages == (1,) and ev.handled_by.get("snapshot", 0) >= 1, ev
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_d4_restart_stage0_and_last_over_jax_transfer(ray_session):
+  reqs = _requests(n=9)
+  with _engine(4, "restart", ray_transport="jax_transfer") as eng:
+    res = eng.serve(reqs, failures=[FailureSpec(time_s=0.3, stage=0),
+                                    FailureSpec(stage=3, after_steps=40)])
+    _check(eng, reqs, res, 0)
+    assert sorted(s for e in res.recoveries for s in e.stages) == [0, 3]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_serve_experiment_on_ray(ray_session, tmp_path):
+  lines = []
+  c = serve_ray_tiny.get_config()
+  summaries = runner.run_experiment(c, str(tmp_path), log=lambda *a: lines.append(" ".join(
+      str(x) for x in a)))
+  (s,) = summaries
+  assert s["completed"] == c.num_requests and s["failures"] == 1
+  text = "\n".join(lines)
+  assert "pid" in text and "killed by SIGKILL" in text, text
