@@ -7,7 +7,9 @@
    (one decode step through both stages, the logits back to the engine, sampling, the next
    step submitted) on the Ray runtime over the same on the local runtime, median of --runs
    interleaved runs. `..._2mb`: the same with two microbatches in flight (16 requests).
-   `ray_call_rtt_ms`: one driver -> actor -> driver call (what every hop costs).
+   `ray_call_rtt_ms`: one driver -> actor -> driver call (what every hop costs);
+   `ray_over_local_stage_busy`: the stages' own step time (compute, in the workers) on Ray over
+   local: what part of the step-time ratio is compute in separate processes, not messaging.
 2. `transport_GBps[transport][payload]`: actor-to-actor transfers of an OPT-1.3B-shaped stage
    (12 of 24 layers, batch 8, float16, 32 heads x 64): one decode step's KV delta (786 KB), a
    prompt block (500 tokens, 197 MB) and a decode step's activations (8 x 2048 float32, 64 KB),
@@ -117,6 +119,7 @@ def main(_):
   engines = {"local": PipelineEngine(cfg, params, ServeConfig(**base)),
              "ray": PipelineEngine(cfg, params, ServeConfig(**base, runtime="ray"))}
   tpot = {k: {"one": [], "two": []} for k in engines}
+  busy = {k: [] for k in engines}   # stage compute per one-microbatch run (both stages)
   rec = {k: [] for k in engines}
   det = {k: [] for k in engines}
   resumed = {k: [] for k in engines}
@@ -138,6 +141,8 @@ def main(_):
           res = eng.serve(reqs)
           identical &= res.tokens() == ref[key]
           tpot[name][key].append(_tpot(res))
+          if key == "one":
+            busy[name].append(sum(res.stage_busy_s))
     for _ in range(_RUNS.value):
       for name, eng in engines.items():
         t_fail = 0.4 * statistics.median(tpot[name]["two"]) * _NEW.value
@@ -160,6 +165,7 @@ def main(_):
       "ray_step_ms": med(tpot["ray"]["one"]) * 1e3,
       "ray_over_local_step_time": med(tpot["ray"]["one"]) / med(tpot["local"]["one"]),
       "ray_over_local_step_time_2mb": med(tpot["ray"]["two"]) / med(tpot["local"]["two"]),
+      "ray_over_local_stage_busy": med(busy["ray"]) / med(busy["local"]),
       "ray_call_rtt_ms": med(rtt) * 1e3,
       "transport_GBps": {t: {p: v["GBps"] for p, v in d.items()} for t, d in transports.items()},
       "transport_ms": {t: {p: v["ms"] for p, v in d.items()} for t, d in transports.items()},

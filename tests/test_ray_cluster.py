@@ -41,7 +41,7 @@ def test_two_node_cluster_spread_with_a_kill(two_nodes):
   reqs = [Request(i, 0.0, (5 + i, 9, 2 * i + 3), 40) for i in range(6)]
   ref = {r.request_id: fake_generate(CFG, [r.prompt], r.max_new_tokens)[0] for r in reqs}
   serve = ServeConfig(num_stages=2, microbatch_size=3, max_len=64, heartbeat_s=0.1,
-                      heartbeat_timeout_s=5.0, recovery="replica", program="fake",
+                      heartbeat_timeout_s=30.0, recovery="replica", program="fake",
                       pacing="paced", runtime="ray", ray_address=two_nodes.address,
                       ray_placement="spread")
   cost = TableCostModel(CFG, prompt=0.024, token=0.012)   # 6 ms per stage step

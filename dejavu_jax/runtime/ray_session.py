@@ -45,16 +45,20 @@ def _actor_env(tensor: int, gpus: float) -> dict:
 _POOL: dict = {"job": None, "actors": {}}
 
 
+def _session() -> tuple:
+  # Job ids restart at 1 in every cluster; the driver's node id does not repeat.
+  ctx = ray.get_runtime_context()
+  return ctx.get_job_id(), ctx.get_node_id()
+
+
 def _pool_take(key):
-  job = ray.get_runtime_context().get_job_id()
-  if _POOL["job"] != job:
-    _POOL.update(job=job, actors={})
+  if _POOL["job"] != _session():
+    _POOL.update(job=_session(), actors={})
   free = _POOL["actors"].get(key)
   return free.pop() if free else None
 
 
 def _pool_put(key, actor) -> None:
-  job = ray.get_runtime_context().get_job_id()
-  if _POOL["job"] != job:
-    _POOL.update(job=job, actors={})
+  if _POOL["job"] != _session():
+    _POOL.update(job=_session(), actors={})
   _POOL["actors"].setdefault(key, []).append(actor)
