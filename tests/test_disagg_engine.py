@@ -117,6 +117,7 @@ def _failure_run(failure, recovery="replica"):
   with DisaggregatedEngine(CFG, None, sc, cost_model=cost) as eng:
     tok_ids = [w.worker_id for w in (eng.runtime.worker(s) for s in range(2))]
     pro_ids = [w.worker_id for w in (eng.prompt_runtime.worker(s) for s in range(2))]
+    eng.generate([[5, 6, 7, 8]] * 3, 3)   # compiled before the measured run
     res = eng.serve(reqs, failures=[failure])
     tok, _ = _settle(eng)
     after = ([eng.runtime.worker(s).worker_id for s in range(2)],
@@ -139,8 +140,9 @@ def test_prompt_worker_failure_redoes_its_prompts_only():
 
 @pytest.mark.timeout(120)
 def test_token_worker_failure_recovers_by_replica():
-  # Global stage 3 = token stage 1, killed mid-run with microbatches in the token pipeline.
-  reqs, res, tok, before, after = _failure_run(FailureSpec(time_s=0.25, stage=3))
+  # Global stage 3 = token stage 1, crashing after its 30th step: microbatches are in the token
+  # pipeline then (each runs 40 steps there).
+  reqs, res, tok, before, after = _failure_run(FailureSpec(after_steps=30, stage=3))
   assert res.tokens() == _reference(reqs)
   (ev,) = res.recoveries
   assert ev.stages == (1,) and ev.handled_by.get("replica", 0) >= 1

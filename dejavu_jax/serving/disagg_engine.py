@@ -460,6 +460,8 @@ class DisaggregatedEngine(PipelineEngine):
     waiting = list(self._prompt)
     event.lost_requests += sum(self._unfinished(m) for m in waiting)
     event.lost_microbatches += len(waiting)
+    if waiting:
+      event.handled_by = {**event.handled_by, "redo prompts": len(waiting)}
     event.recomputed_tokens += sum(self._drop_prompt(sched, m, requeue="restart")
                                    for m in waiting)
     return event
