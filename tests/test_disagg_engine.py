@@ -163,3 +163,21 @@ def test_token_worker_failure_recovers_by_replica():
 def test_impossible_splits_are_named(kw, match):
   with pytest.raises(DisaggregationError, match=match):
     DisaggregatedEngine(CFG, None, ServeConfig(program="fake", max_len=64, **kw))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_real_model_tokens_identical():
+  """The tiny transformer (not the fake program): streamed prompt caches of real attention
+  layers, uneven split (2 prompt stages into 3 token stages), equal the single-device greedy run."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from dejavu_jax.models import init_params  # pylint: disable=g-import-not-at-top
+  from tests.serving_util import greedy_references  # pylint: disable=g-import-not-at-top
+  cfg = tiny_config("opt", num_layers=3, max_positions=32)   # prompt (0,2),(2,3) -> 3 x 1 layer
+  params = init_params(cfg, jax.random.key(0))
+  reqs = [Request(r.request_id, r.arrival, r.prompt, min(r.max_new_tokens, 8))
+          for r in _mixed(5, seed=3)]
+  serve = ServeConfig(prompt_stages=2, token_stages=3, microbatch_size=3, max_len=32)
+  with DisaggregatedEngine(cfg, params, serve) as eng:
+    res = eng.serve(reqs)
+  assert res.tokens() == greedy_references(cfg, params, reqs, max_len=32)
