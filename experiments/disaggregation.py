@@ -11,11 +11,14 @@ seconds per token, throughput, tokens identical to `fake_generate`) and `latency
 import json
 import os
 
-from absl import app, flags
-from ml_collections import config_flags
+# Stages run on virtual CPU devices unless the caller set XLA_FLAGS (before jax is imported).
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
-from dejavu_jax.serving import disagg_experiment as dx
-from dejavu_jax.serving import metrics
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from dejavu_jax.serving import disagg_experiment as dx  # noqa: E402
+from dejavu_jax.serving import metrics  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/disaggregation.py")
 _OUT = flags.DEFINE_string("output_dir", "/tmp/dejavu_disaggregation", "where results go")

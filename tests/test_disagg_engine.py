@@ -117,6 +117,7 @@ def _failure_run(failure, recovery="replica"):
   with DisaggregatedEngine(CFG, None, sc, cost_model=cost) as eng:
     tok_ids = [w.worker_id for w in (eng.runtime.worker(s) for s in range(2))]
     pro_ids = [w.worker_id for w in (eng.prompt_runtime.worker(s) for s in range(2))]
+    eng.generate([[5, 6, 7, 8]] * 3, 3)   # compiled before the measured run
     res = eng.serve(reqs, failures=[failure])
     tok, _ = _settle(eng)
     after = ([eng.runtime.worker(s).worker_id for s in range(2)],
@@ -139,8 +140,9 @@ def test_prompt_worker_failure_redoes_its_prompts_only():
 
 @pytest.mark.timeout(120)
 def test_token_worker_failure_recovers_by_replica():
-  # Global stage 3 = token stage 1, killed mid-run with microbatches in the token pipeline.
-  reqs, res, tok, before, after = _failure_run(FailureSpec(time_s=0.25, stage=3))
+  # Global stage 3 = token stage 1, crashing after its 30th step: microbatches are in the token
+  # pipeline then (each runs 40 steps there).
+  reqs, res, tok, before, after = _failure_run(FailureSpec(after_steps=30, stage=3))
   assert res.tokens() == _reference(reqs)
   (ev,) = res.recoveries
   assert ev.stages == (1,) and ev.handled_by.get("replica", 0) >= 1
@@ -161,3 +163,21 @@ def test_token_worker_failure_recovers_by_replica():
 def test_impossible_splits_are_named(kw, match):
   with pytest.raises(DisaggregationError, match=match):
     DisaggregatedEngine(CFG, None, ServeConfig(program="fake", max_len=64, **kw))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_real_model_tokens_identical():
+  """The tiny transformer (not the fake program): streamed prompt caches of real attention
+  layers, uneven split (2 prompt stages into 3 token stages), equal the single-device greedy run."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from dejavu_jax.models import init_params  # pylint: disable=g-import-not-at-top
+  from tests.serving_util import greedy_references  # pylint: disable=g-import-not-at-top
+  cfg = tiny_config("opt", num_layers=3, max_positions=32)   # prompt (0,2),(2,3) -> 3 x 1 layer
+  params = init_params(cfg, jax.random.key(0))
+  reqs = [Request(r.request_id, r.arrival, r.prompt, min(r.max_new_tokens, 8))
+          for r in _mixed(5, seed=3)]
+  serve = ServeConfig(prompt_stages=2, token_stages=3, microbatch_size=3, max_len=32)
+  with DisaggregatedEngine(cfg, params, serve) as eng:
+    res = eng.serve(reqs)
+  assert res.tokens() == greedy_references(cfg, params, reqs, max_len=32)

@@ -139,6 +139,9 @@ class DisaggregatedEngine(PipelineEngine):
       self.prompt_controller.watch(s, self.prompt_runtime.worker(s).worker_id)
     self._key = jax.random.key(serve.seed)
     self._next_mb_id = 0
+    # State the baseline's event handling may read (snapshot-triggered failures, on main since
+    # this engine was written); such failures are refused by `serve` here.
+    self._on_snapshot, self._snapshots_seen = [], {}
 
   def _prompt_params_for(self, s: int):
     if self._started and self.params_checkpoint:
@@ -174,7 +177,11 @@ class DisaggregatedEngine(PipelineEngine):
       if not 0 <= f.stage < total:
         raise ValueError(f"failure at stage {f.stage}, but the deployment has stages "
                          f"0..{total - 1} (prompt 0..{self.Dp - 1}, token {self.Dp}..{total - 1})")
+      if getattr(f, "after_snapshots", None) is not None:
+        raise ValueError(f"{f}: snapshot-triggered failures are not supported by the "
+                         "disaggregated engine; use time_s or after_steps")
     timed = sorted((f for f in failures if f.time_s is not None), key=lambda f: f.time_s)
+    self._on_snapshot, self._snapshots_seen = [], {s: 0 for s in range(self.Dt)}
     self._during_recovery = [f for f in failures if f.during_recovery]
     for f in failures:
       if f.after_steps is not None:
@@ -460,6 +467,8 @@ class DisaggregatedEngine(PipelineEngine):
     waiting = list(self._prompt)
     event.lost_requests += sum(self._unfinished(m) for m in waiting)
     event.lost_microbatches += len(waiting)
+    if waiting:
+      event.handled_by = {**event.handled_by, "redo prompts": len(waiting)}
     event.recomputed_tokens += sum(self._drop_prompt(sched, m, requeue="restart")
                                    for m in waiting)
     return event
