@@ -25,6 +25,6 @@ def get_config(arg=None):
     c.dtype = "float32"
     c.batch = 2
     c.compute_layers = 2
-    c.prompt_lens = (8, 24)
+    c.prompt_lens = (16,)              # one length keeps the test to seconds (compiles dominate)
     c.runs = 1
   return c

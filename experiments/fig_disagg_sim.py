@@ -1,5 +1,5 @@
 """Figure: disaggregation vs the colocated baseline, latency against rate, from the simulator
-(`configs/fig_disagg_sim.py`; the engine-side disaggregation figure is experiments/disaggregation.py).
+(`configs/fig_disagg_sim.py`; the engine's disaggregation figure: experiments/disaggregation.py).
 
 For each scenario (model, hardware, machines) the baseline is a colocated pipeline over every
 machine; the disaggregated systems are every split Dp + Dt = machines that fits memory by the

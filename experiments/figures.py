@@ -119,7 +119,8 @@ def run(c, out_dir: str, log=print) -> list[dict]:
   write_index(entries, out_dir, wall)
   log(f"\n{len(entries)} figure(s) in {wall:.1f} s -> {os.path.join(out_dir, 'index.md')}")
   for e in entries:
-    log(f"  {e['name']:<15} {e['status']:<8} {e['wall_s']:7.1f} s  {e['headline'] or e.get('why', '')}")
+    log(f"  {e['name']:<15} {e['status']:<8} {e['wall_s']:7.1f} s  "
+        f"{e['headline'] or e.get('why', '')}")
   return entries
 
 

@@ -46,8 +46,11 @@ def main(argv):
       import jax  # pylint: disable=g-import-not-at-top
       runconfig.validate(c, num_devices=len(jax.devices()))
       runrecord.prepare_output_dir(_OUT.value, _OVERWRITE.value)
-      runrecord.write_run_info(_OUT.value, runrecord.run_info(c))
-      textjob.run_text_job(c, _OUT.value, log=print)
+      info = runrecord.run_info(c)
+      runrecord.write_run_info(_OUT.value, info)
+      row = runrecord.row_info(info, strategy=c.recovery, seed=c.seed, pacing=c.pacing,
+                               injected_failures=[f.describe() for f in textjob.failures_of(c)])
+      textjob.run_text_job(c, _OUT.value, log=print, row_info=row)
       print(f"\nwrote the results to {os.path.abspath(_OUT.value)}")
       return
     summaries = runner.run_experiment(c, _OUT.value, log=print, overwrite=_OVERWRITE.value)

@@ -165,8 +165,8 @@ def validate(c, num_devices: int | None = None) -> None:
            f"{prompt_len} leaves no room for a generated token in max_len {max_len}")
     _int(c, "max_output")
     try:
-      from dejavu_jax.serving.workload import WorkloadConfig, make_workload  # pylint: disable=g-import-not-at-top
-      make_workload(WorkloadConfig(rate=1.0, num_requests=1, prompt_len=prompt_len,
+      from dejavu_jax.serving import workload  # pylint: disable=g-import-not-at-top
+      workload.make_workload(workload.WorkloadConfig(rate=1.0, num_requests=1, prompt_len=prompt_len,
                                    output_len=c.output_len, vocab_size=64, seed=0,
                                    max_output=c.max_output))
     except (ValueError, KeyError) as e:

@@ -38,7 +38,9 @@ def failures_of(c) -> list[FailureSpec]:
   return [FailureSpec(float(t), int(s)) for s, t in zip(stages, times)]
 
 
-def run_text_job(c, out_dir: str, log=print) -> dict:
+def run_text_job(c, out_dir: str, log=print, row_info: dict | None = None) -> dict:
+  """Runs the job (module doc); `row_info` (what the run was: commit, config, ...) goes into the
+  summary row."""
   from dejavu_jax.serving.runner import serve_config  # pylint: disable=g-import-not-at-top
   failures = failures_of(c)
   os.makedirs(out_dir, exist_ok=True)
@@ -82,7 +84,8 @@ def run_text_job(c, out_dir: str, log=print) -> dict:
     for ev in res.recoveries:
       f.write(metrics.dumps(ev.to_dict()) + "\n")
   summary = {"system": f"pipeline_D{sc.num_stages}", "model": cfg.name,
-             "recovery": sc.recovery, "identical": all(same), **res.summary}
+             "recovery": sc.recovery, "identical": all(same), **(row_info or {}),
+             **res.summary}
   with open(os.path.join(out_dir, "summary.jsonl"), "w") as f:
     f.write(metrics.dumps(summary) + "\n")
   return summary
