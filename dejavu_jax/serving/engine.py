@@ -149,19 +149,11 @@ class PipelineEngine:
     self.programs = [program(cfg, self.plan, self.mesh, s)
                      for s in range(self.plan.num_stages)] if not ray_devices else []
     self._started = False
-    if ray_devices:
-      if self.swap_choice.swapping:
-        raise ValueError("swapping='on' runs on the local runtime only (the Ray workers keep "
-                         "their caches on device); use runtime='local' or swapping='off'")
-      from dejavu_jax.runtime.ray import RayRuntime  # pylint: disable=g-import-not-at-top
-      self.runtime = RayRuntime(
-          cfg, self.plan.ranges, serve.tensor, serve.program, params, self.plan.num_stages,
-          self.microbatch_size, serve.max_len, pace, serve.heartbeat_s, params_checkpoint,
-          serve.ray_address, serve.ray_placement, serve.ray_transport, serve.ray_gpus_per_stage)
-    else:
-      self.runtime = LocalRuntime(self.programs, self._params_for, self.plan.num_stages,
-                                  self.microbatch_size, serve.max_len, pace, serve.heartbeat_s,
-                                  swapping=self.swap_choice.swapping)
+    self._pace, self._ray = pace, bool(ray_devices)
+    if self._ray and self.swap_choice.swapping:
+      raise ValueError("swapping='on' runs on the local runtime only (the Ray workers keep "
+                       "their caches on device); use runtime='local' or swapping='off'")
+    self.runtime = self._make_runtime(serve)
     self.runtime.start(self.strategy.options())
     self._started = True
     for s in range(self.plan.num_stages):
@@ -169,6 +161,18 @@ class PipelineEngine:
     self._key = jax.random.key(serve.seed)
     self._next_mb_id = 0   # microbatch ids stay unique across serve() calls
     self._on_snapshot, self._snapshots_seen = [], {}   # snapshot-triggered failures (serve)
+
+  def _make_runtime(self, sc: ServeConfig):
+    """The runtime the ServeConfig names, over this engine's (compiled) stage programs."""
+    if self._ray:
+      from dejavu_jax.runtime.ray import RayRuntime  # pylint: disable=g-import-not-at-top
+      return RayRuntime(
+          self.cfg, self.plan.ranges, sc.tensor, sc.program, self.params, self.plan.num_stages,
+          self.microbatch_size, sc.max_len, self._pace, sc.heartbeat_s, self.params_checkpoint,
+          sc.ray_address, sc.ray_placement, sc.ray_transport, sc.ray_gpus_per_stage)
+    return LocalRuntime(self.programs, self._params_for, self.plan.num_stages,
+                        self.microbatch_size, sc.max_len, self._pace, sc.heartbeat_s,
+                        swapping=self.swap_choice.swapping)
 
   def _params_for(self, s: int):
     """A (replacement) worker's weights: the orbax checkpoint when there is one, else host."""
@@ -258,8 +262,7 @@ class PipelineEngine:
     self.serve_cfg, self.strategy = sc, strategy
     self.controller = Controller(sc.heartbeat_timeout_s)
     self._started = False
-    self.runtime = LocalRuntime(self.programs, self._params_for, self.plan.num_stages,
-                                sc.microbatch_size, sc.max_len, self.runtime.pace, sc.heartbeat_s)
+    self.runtime = self._make_runtime(sc)
     self.runtime.start(self.strategy.options())
     self._started = True
     for s in range(self.plan.num_stages):
