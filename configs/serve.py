@@ -62,6 +62,17 @@ def get_config():
   # "host:6379"), or "" for a local session on 127.0.0.1; placement "pack" | "spread" (one
   # stage per node); transport "object_store" | "jax_transfer".
   c.runtime = "local"
+  # Microbatch swapping (kv/swapping.py): "off" | "on" | "auto" (on where the cost model says the
+  # swap-in hides under the step). A device KV budget (bytes per worker) then decides the
+  # microbatch size: the largest whose D (swapping: 2) cache buffers fit. None: microbatch_size.
+  c.swapping = "off"
+  c.device_kv_budget_bytes = ml_collections.config_dict.placeholder(int)
+  # Prompt-token disaggregation (serving/disagg_engine.py): prompt_stages + token_stages > 0 runs
+  # a prompt pipeline and a token pipeline on disjoint devices (num_stages is then unused;
+  # fail_stages number the prompt stages first). host_slots: None = prompt + token stages.
+  c.prompt_stages = 0
+  c.token_stages = 0
+  c.host_slots = ml_collections.config_dict.placeholder(int)
   c.ray = ml_collections.ConfigDict({"address": "", "placement": "pack",
                                      "transport": "object_store", "gpus_per_stage": 0.0})
   return c

@@ -124,24 +124,41 @@ class DisaggregatedEngine(PipelineEngine):
     self.prompt_programs = [program(cfg, self.prompt_plan, self.prompt_mesh, s)
                             for s in range(dp)]
     self.programs = [program(cfg, self.plan, self.mesh, s) for s in range(dt)]
+    self._paces = (pace, prompt_pace)
     self._started = False
-    self.runtime = TokenRuntime(self.programs, self._params_for, dt, serve.microbatch_size,
-                                serve.max_len, pace, serve.heartbeat_s, self.plan.ranges, slots)
-    self.prompt_runtime = PromptRuntime(self.prompt_programs, self._prompt_params_for, dp,
-                                        serve.microbatch_size, serve.max_len, prompt_pace,
-                                        serve.heartbeat_s, self.prompt_plan.ranges, self.runtime)
-    self.runtime.start(self.strategy.options())
-    self.prompt_runtime.start(api.WorkerOptions())
-    self._started = True
-    for s in range(dt):
-      self.controller.watch(s, self.runtime.worker(s).worker_id)
-    for s in range(dp):
-      self.prompt_controller.watch(s, self.prompt_runtime.worker(s).worker_id)
+    self._start_runtimes()
     self._key = jax.random.key(serve.seed)
     self._next_mb_id = 0
     # State the baseline's event handling may read (snapshot-triggered failures, on main since
     # this engine was written); such failures are refused by `serve` here.
     self._on_snapshot, self._snapshots_seen = [], {}
+
+  def _start_runtimes(self) -> None:
+    """Starts the token and the prompt workers under the current strategy's options."""
+    sc, (pace, prompt_pace), slots = self.serve_cfg, self._paces, self.host_slots
+    self.runtime = TokenRuntime(self.programs, self._params_for, self.Dt, sc.microbatch_size,
+                                sc.max_len, pace, sc.heartbeat_s, self.plan.ranges, slots)
+    self.prompt_runtime = PromptRuntime(self.prompt_programs, self._prompt_params_for, self.Dp,
+                                        sc.microbatch_size, sc.max_len, prompt_pace,
+                                        sc.heartbeat_s, self.prompt_plan.ranges, self.runtime)
+    self.runtime.start(self.strategy.options())
+    self.prompt_runtime.start(api.WorkerOptions())
+    self._started = True
+    for s in range(self.Dt):
+      self.controller.watch(s, self.runtime.worker(s).worker_id)
+    for s in range(self.Dp):
+      self.prompt_controller.watch(s, self.prompt_runtime.worker(s).worker_id)
+
+  def set_recovery(self, recovery: str) -> None:
+    """As `PipelineEngine.set_recovery`: both worker sets restart, the programs are kept."""
+    sc = dataclasses.replace(self.serve_cfg, recovery=recovery)
+    strategy = get_strategy(sc.recovery, sc.snapshot_dir, sc.snapshot_every)
+    self.close()
+    self.serve_cfg, self.strategy = sc, strategy
+    self.controller = Controller(sc.heartbeat_timeout_s)
+    self.prompt_controller = Controller(sc.heartbeat_timeout_s)
+    self._started = False
+    self._start_runtimes()
 
   def _prompt_params_for(self, s: int):
     if self._started and self.params_checkpoint:

@@ -52,6 +52,19 @@ FIELD_DOCS = {
                       "False: stage s on its own devices"),
     "slo_ttft_ms": "goodput objective on time to first token (ms); None = no objective",
     "slo_tpot_ms": "goodput objective on time per output token (ms); None = no objective",
+    "runtime": "local (workers are threads of this process) | ray (one actor process per stage)",
+    "ray": "Ray runtime options (runtime=ray)",
+    "ray.address": "a running Ray cluster ('auto', 'host:6379'); '' = a local session on 127.0.0.1",
+    "ray.placement": "pack (stages where they fit) | spread (one stage per node)",
+    "ray.transport": "actor-to-actor transfers: object_store | jax_transfer (under a watchdog)",
+    "ray.gpus_per_stage": "GPUs per stage actor (0: one CPU device per actor)",
+    "swapping": ("microbatch swapping: off | on (caches in host memory, 2 device buffers) | auto "
+                 "(on where the cost model says the swap-in hides under the step)"),
+    "device_kv_budget_bytes": ("device KV bytes per worker; decides the microbatch size (the "
+                               "largest whose D, or with swapping 2, buffers fit); None = off"),
+    "prompt_stages": "disaggregation: prompt pipeline depth Dp (0 with token_stages 0: colocated)",
+    "token_stages": "disaggregation: token pipeline depth Dt (disjoint devices after the prompt's)",
+    "host_slots": "disaggregation: prompt caches each token worker holds in host memory (None: Dp+Dt)",
     # configs/serve_text.py (the README main job)
     "gguf": "a llama .gguf file; '' = the packaged SmolLM2-135M-Instruct",
     "text_prompts": "text file of prompts (one per line) for the real-model job",
@@ -126,7 +139,29 @@ def validate(c, num_devices: int | None = None) -> None:
   _check(all(isinstance(s, int) and s >= 0 for s in seeds), "seeds",
          f"must be a tuple of integers >= 0, got {seeds!r}")
   d, t = _int(c, "num_stages"), _int(c, "tensor")
-  if num_devices is not None and c.get("share_devices"):
+  dp, dt = c.get("prompt_stages", 0) or 0, c.get("token_stages", 0) or 0
+  if dp or dt:
+    _check(isinstance(dp, int) and dp >= 1, "prompt_stages",
+           f"disaggregation needs prompt_stages >= 1 (with token_stages {dt!r}), got {dp!r}")
+    _check(isinstance(dt, int) and dt >= 1, "token_stages",
+           f"disaggregation needs token_stages >= 1 (with prompt_stages {dp!r}), got {dt!r}")
+    _check(c.get("runtime", "local") == "local", "runtime",
+           "disaggregation runs on the local runtime")
+    _check(c.get("swapping", "off") == "off", "swapping",
+           "swapping and disaggregation are not combined; use one of them")
+    _check(not c.get("share_devices"), "share_devices",
+           "the prompt and token pipelines need disjoint devices")
+    if num_devices is not None:
+      _check((dp + dt) * t <= num_devices, "token_stages",
+             f"{dp} prompt + {dt} token stages x tensor {t} need {(dp + dt) * t} devices; this "
+             f"process has {num_devices}")
+    d = dp + dt   # failures number the prompt stages first, then the token stages
+  elif c.get("runtime", "local") == "ray":
+    # Every stage actor brings its own device(s); the driver needs the ray package only.
+    import importlib.util  # pylint: disable=g-import-not-at-top
+    _check(importlib.util.find_spec("ray") is not None, "runtime",
+           "runtime='ray' needs the ray extra: pip install -e '.[ray]'")
+  elif num_devices is not None and c.get("share_devices"):
     _check(t <= num_devices, "tensor", f"tensor {t} needs {t} devices; this process has "
            f"{num_devices}")
   elif num_devices is not None:
@@ -208,8 +243,11 @@ def validate(c, num_devices: int | None = None) -> None:
         c2.recovery = spec
       serve_config(c2)
     except ValueError as e:
-      field = next((k for k in ("heartbeat_timeout_s", "heartbeat_s", "max_pending")
-                    if k in str(e)), "serve")
+      field = next((k for k in ("heartbeat_timeout_s", "heartbeat_s", "max_pending",
+                                "device_kv_budget_bytes", "swapping", "host_slots",
+                                "ray_placement", "ray_transport", "ray_gpus_per_stage",
+                                "runtime") if k in str(e)), "serve")
+      field = field.replace("ray_", "ray.") if field.startswith("ray_") else field
       raise ConfigError(field, str(e)) from None
 
 

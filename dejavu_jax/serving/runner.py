@@ -24,7 +24,8 @@ from dejavu_jax.fault.controller import FailureSpec
 from dejavu_jax.models import init_params
 from dejavu_jax.models.convert import load_hf_checkpoint
 from dejavu_jax.serving import metrics, runconfig, runrecord
-from dejavu_jax.serving.engine import EngineError, PipelineEngine
+from dejavu_jax.serving.disagg_engine import make_engine
+from dejavu_jax.serving.engine import EngineError
 from dejavu_jax.serving.workload import WorkloadConfig, make_workload
 
 
@@ -53,6 +54,11 @@ def serve_config(c) -> ServeConfig:
                      heartbeat_s=c.heartbeat_s, heartbeat_timeout_s=c.heartbeat_timeout_s,
                      recovery=c.recovery, snapshot_every=c.snapshot_every,
                      program=c.program, max_pending=c.get("max_pending"),
+                     swapping=c.get("swapping", "off"),
+                     device_kv_budget_bytes=c.get("device_kv_budget_bytes"),
+                     prompt_stages=c.get("prompt_stages", 0) or 0,
+                     token_stages=c.get("token_stages", 0) or 0,
+                     host_slots=c.get("host_slots"),
                      **_runtime_fields(c))
 
 
@@ -134,10 +140,17 @@ def run_experiment(c, out_dir: str, log=print, overwrite: bool = False,
   t_build = time.perf_counter()
   # share_devices: every stage on the same `tensor` devices (e.g. a whole pipeline on one GPU).
   devices = jax.devices()[:sc.tensor] * sc.num_stages if c.get("share_devices") else None
-  with PipelineEngine(cfg, params, sc, cost_model=cost, devices=devices,
-                      time_scale=c.cost.time_scale) as engine:
+  with make_engine(cfg, params, sc, cost_model=cost, devices=devices,
+                   time_scale=c.cost.time_scale) as engine:
+    if sc.prompt_stages or sc.token_stages:
+      log(f"disaggregated: {engine.Dp} prompt stages {list(engine.prompt_plan.ranges)} -> "
+          f"{engine.Dt} token stages {list(engine.plan.ranges)}, {engine.host_slots} host slots")
     log(f"pipeline: {engine.plan.num_stages} stages {list(engine.plan.ranges)} x tensor "
-        f"{engine.plan.tensor}, microbatch {sc.microbatch_size}, {sc.mode} mode, {sc.pacing}")
+        f"{engine.plan.tensor}, microbatch {getattr(engine, 'microbatch_size', sc.microbatch_size)}"
+        f", {sc.mode} mode, {sc.pacing}")
+    choice = getattr(engine, "swap_choice", None)
+    if choice is not None and (sc.swapping != "off" or sc.device_kv_budget_bytes):
+      log(f"swapping {'on' if choice.swapping else 'off'}: {choice.reason}")
     bar = runrecord.progress_bar(0, "compile (prompt buckets)", bars, unit="bucket")
     engine.warmup(progress=bar)   # compile every prompt bucket before the clock starts
     bar.close()
