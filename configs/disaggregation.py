@@ -9,7 +9,10 @@ num_microbatches x batch / rate modeled seconds x time_scale: ~40 minutes in all
 import ml_collections
 
 
-def get_config():
+def get_config(variant=None):
+  if variant == "tiny":   # experiments/figures.py's tiny run (tests)
+    from configs import disaggregation_tiny  # pylint: disable=g-import-not-at-top
+    return disaggregation_tiny.get_config()
   c = ml_collections.ConfigDict()
   c.model = "opt_66b"
   c.hardware = "a100_80gb"

@@ -48,4 +48,10 @@ def get_config(arg=None):
     fc = figure_config(module_name, variant)
     if fc is not None:
       c.figures[name] = fc
+  if variant != "tiny" and "disaggregation" in c.figures:
+    # The engine's disaggregation study alone is ~40 min at its own config's size; the figure
+    # run keeps every system (baseline, planner split, neighbours) at two rates and 6 saturated
+    # microbatches per point, so that all figures regenerate within 30 minutes here.
+    c.figures.disaggregation.rates = (0.6, 1.2)
+    c.figures.disaggregation.num_microbatches = 6
   return c

@@ -10,7 +10,10 @@ context-length sweep showing where swapping stops paying.
 import ml_collections
 
 
-def get_config():
+def get_config(variant=None):
+  if variant == "tiny":   # experiments/figures.py's tiny run (tests)
+    from configs import swapping_tiny  # pylint: disable=g-import-not-at-top
+    return swapping_tiny.get_config()
   c = ml_collections.ConfigDict()
   c.systems = ("opt66b_a100", "opt30b_v100")
   c.stages = 4

@@ -40,6 +40,34 @@ def _row(system, rate, source, summary, scale, **extra):
           "completed": summary["completed"], **extra}
 
 
+# experiments/figures.py: the columns its index shows, and the headline number.
+TABLE = ("system", "source", "rate", "norm_latency_p50_s_per_tok", "norm_latency_p99_s_per_tok",
+         "request_throughput", "tokens_identical")
+
+
+def headline(rows) -> str:
+  """p50 normalized latency of each split over the colocated baseline at the highest rate
+  (paced), and how far the simulator is from the paced runs there."""
+  paced = [r for r in rows if r["source"] == "paced"]
+  if not paced:
+    return ""
+  top = max(r["rate"] for r in paced)
+  at = {r["system"]: r for r in paced if r["rate"] == top}
+  sim = {r["system"]: r for r in rows if r["source"] == "sim" and r["rate"] == top}
+  base = next((k for k in at if k.startswith("colocated")), None)
+  if base is None:
+    return ""
+  parts = []
+  for name, r in at.items():
+    if name == base:
+      continue
+    parts.append(f"{name} p50 x{r['norm_latency_p50_s_per_tok'] / at[base]['norm_latency_p50_s_per_tok']:.2f}")
+  errs = [abs(sim[k]["norm_latency_p50_s_per_tok"] / at[k]["norm_latency_p50_s_per_tok"] - 1)
+          for k in at if k in sim and at[k]["norm_latency_p50_s_per_tok"]]
+  sim_txt = f"; sim vs paced p50 within {max(errs):.0%}" if errs else ""
+  return f"rate {top:g} req/s, vs {base}: " + ", ".join(parts) + sim_txt
+
+
 def run(config, output_dir: str) -> list[dict]:
   """Runs every system at every rate, paced and simulated; writes the JSONL and the plot."""
   os.makedirs(output_dir, exist_ok=True)

@@ -21,6 +21,25 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/swapping.py", "expe
 _OUT = flags.DEFINE_string("output_dir", "results/swapping", "where results and plots go")
 
 
+# experiments/figures.py: the columns its index shows, and the headline number.
+TABLE = ("system", "kind", "load", "swapping", "batch", "output_throughput",
+         "norm_latency_p50_s_per_tok", "prompt_len", "gain", "tokens_identical")
+
+
+def headline(rows) -> str:
+  """Throughput with swapping (batch 2B) over without (B) at the highest load, per system."""
+  out = []
+  for system in sorted({r["system"] for r in rows if r["kind"] == "rate"}):
+    rate = [r for r in rows if r["kind"] == "rate" and r["system"] == system]
+    top = max(r["load"] for r in rate)
+    by = {r["swapping"]: r for r in rate if r["load"] == top}
+    if True in by and False in by and by[False]["output_throughput"]:
+      out.append(f"{system}: batch {by[False]['batch']} -> {by[True]['batch']}, throughput "
+                 f"x{by[True]['output_throughput'] / by[False]['output_throughput']:.2f} at "
+                 f"load {top:g}")
+  return "; ".join(out)
+
+
 def run(config, output_dir: str, log=print) -> list[dict]:
   """Runs the study; writes the files above; returns the rows written to rows.jsonl."""
   from dejavu_jax.config import tiny_config

@@ -58,6 +58,36 @@ def test_every_figure_on_its_tiny_config(tmp_path):
   assert "baseline" in plotted and any(s.startswith("disagg ") for s in plotted)
   assert len({r["rate"] for r in rows if "rate" in r}) == len(c.figures.disagg_sim.load)
 
+  # Swapping (engine, paced; was tests/test_swapping_experiment.py): no swapping at B vs
+  # swapping at 2B under one budget, tokens equal to the oracle, the budget never exceeded.
+  rows = entries["swapping"]["rows"]
+  assert _rows(tmp_path / "swapping" / "rows.jsonl") == rows
+  rate = [r for r in rows if r["kind"] == "rate"]
+  by = {r["swapping"]: r for r in rate}
+  assert set(by) == {False, True} and by[True]["batch"] == 2 * by[False]["batch"]
+  assert all(r["tokens_identical"] and r["within_budget"] for r in rate)
+  # A short prompt: the swap-in hides and swapping pays; a long one: it does not.
+  short, long = sorted((r for r in rows if r["kind"] == "context_sweep"),
+                       key=lambda r: r["prompt_len"])
+  assert short["swap_hides"] and short["gain"] > 1 and short["auto_choice"]
+  assert not long["swap_hides"] and long["gain"] < 1 and not long["auto_choice"]
+  for png in ("rate_opt66b_a100.png", "context_sweep.png"):
+    assert (tmp_path / "swapping" / png).stat().st_size > 0
+
+  # Disaggregation (engine, paced, and the simulator beside it; was
+  # tests/test_disaggregation_experiment.py): every system at every rate, tokens identical.
+  dc, rows = c.figures.disaggregation, entries["disaggregation"]["rows"]
+  assert _rows(tmp_path / "disaggregation" / "results.jsonl") == json.loads(json.dumps(rows))
+  systems = {r["system"] for r in rows}
+  assert systems == {"colocated D=2", "disaggregated 1+1"}
+  for system in systems:
+    for source in ("paced", "sim"):
+      pts = [r for r in rows if r["system"] == system and r["source"] == source]
+      assert sorted(r["rate"] for r in pts) == sorted(dc.rates)
+      assert all(r["completed"] == dc.num_microbatches * dc.batch_size for r in pts)
+  assert all(r["tokens_identical"] for r in rows if r["source"] == "paced")
+  assert (tmp_path / "disaggregation" / "latency_vs_rate.png").stat().st_size > 0
+
   index = (tmp_path / "index.md").read_text()
   for e in entries.values():
     if e["status"] == "ok":
