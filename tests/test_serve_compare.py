@@ -36,12 +36,12 @@ def test_strategies_share_one_engine_requests_and_failure(tmp_path, monkeypatch)
   c.recovery = "(" + ",".join(f'"{s}"' for s in STRATEGIES) + ")"   # a chain stays one strategy
   c.seeds = (0, 1)
   built = []
-  real_engine = runner.PipelineEngine
+  real_engine = runner.make_engine
 
   def counting_engine(*a, **kw):
     built.append(1)
     return real_engine(*a, **kw)
-  monkeypatch.setattr(runner, "PipelineEngine", counting_engine)
+  monkeypatch.setattr(runner, "make_engine", counting_engine)
   summaries = runner.run_experiment(c, str(tmp_path), log=None)
   assert len(built) == 1   # one engine (one compile) for every strategy
   assert [(s["strategy"], s["seed"]) for s in summaries] == [
@@ -73,6 +73,34 @@ def test_strategies_share_one_engine_requests_and_failure(tmp_path, monkeypatch)
   table = (tmp_path / "comparison.md").read_text()
   assert all(f"| {st} | 20 | 2 |" in table for st in STRATEGIES)
   assert (tmp_path / "failure_timeline.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("mechanism", ["disaggregation", "swapping"])
+def test_mechanisms_from_the_serve_config(tmp_path, mechanism):
+  """experiments/serve.py's config selects disaggregation (prompt + token stages; failures
+  number the prompt stages first) or swapping under a device KV budget; two strategies are
+  compared on one engine, tokens identical to the oracle."""
+  c = _fake_config()
+  c.recovery = "(restart,replica)"
+  if mechanism == "disaggregation":
+    c.prompt_stages, c.token_stages = 1, 2
+    c.fail_stages = (2,)   # the last token stage
+  else:
+    c.swapping = "on"
+    c.microbatch_size = 2
+  summaries = runner.run_experiment(c, str(tmp_path), log=None)
+  assert [s["strategy"] for s in summaries] == ["restart", "replica"]
+  cfg, _ = runner.build_model(c)
+  reqs = make_workload(WorkloadConfig(rate=20.0, num_requests=6, prompt_len=c.prompt_len,
+                                      output_len=c.output_len, vocab_size=cfg.vocab_size,
+                                      seed=c.seed, max_output=c.max_output))
+  oracle = fake_generate(cfg, [r.prompt for r in reqs], 10)
+  for st in ("restart", "replica"):
+    recs = read_jsonl(tmp_path / f"requests_{st}_rate20.jsonl")
+    assert [r.tokens for r in recs] == oracle, st
+  assert all(s["failures"] == 1 and s["completed"] == 6 for s in summaries)
 
 
 def test_strategies_of_keeps_a_chain_one_strategy():
