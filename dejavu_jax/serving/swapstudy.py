@@ -166,7 +166,8 @@ def rate_sweep(system: System, cfg: ModelConfig, *, stages: int, prompt_len: int
                log=print) -> list[dict]:
   """Paced runs, no swapping at B and swapping at 2B under one budget, at each load (a fraction
   of the no-swapping system's simulated saturated request rate). Tokens are checked against
-  the fake program's oracle."""
+  the fake program's oracle. Rates, throughputs and latencies are reported in modeled time
+  (the wall clock runs `time_scale` times slower)."""
   from dejavu_jax.pipeline.fake import fake_generate   # the fake program's oracle
   model, cost, link = modeled(system)
   max_len = prompt_len + output_len
@@ -180,7 +181,7 @@ def rate_sweep(system: System, cfg: ModelConfig, *, stages: int, prompt_len: int
   budget = served_budget(cfg, stages, max_len, batch_without)
   rows = []
   for load in loads:
-    rate = load * capacity
+    rate = load * capacity / time_scale   # wall-clock arrivals: paced time runs x time_scale
     for swapping, b in ((False, b0), (True, b1)):
       reqs = requests(num_microbatches * b1, prompt_len, output_len, cfg.vocab_size, rate, b,
                       seed)
@@ -193,13 +194,19 @@ def rate_sweep(system: System, cfg: ModelConfig, *, stages: int, prompt_len: int
                                                                q.max_new_tokens)[0]
                                     for q in reqs}
       row = {k: v for k, v in r.items() if k != "tokens"}
+      for k in ("output_throughput", "request_throughput"):   # back to modeled time
+        row[k] *= time_scale
+      for k in ("norm_latency_p50_s_per_tok", "norm_latency_p99_s_per_tok"):
+        row[k] /= time_scale
       row.update(kind="rate", system=system.name, model=system.model,
-                 hardware=system.hardware, load=load, rate=rate, num_requests=len(reqs),
+                 hardware=system.hardware, load=load, rate=rate * time_scale,
+                 time_scale=time_scale, num_requests=len(reqs),
                  modeled_batch=b, modeled_budget_bytes=budget_model,
                  within_budget=r["kv_peak_device_bytes"] <= budget,
                  tokens_identical=identical)
       rows.append(row)
-      log(f"{system.name} load {load:.2f} ({rate:.2f} req/s) swapping={swapping} batch "
-          f"{r['batch']}: {r['output_throughput']:.1f} tok/s, p50 normalized latency "
-          f"{r['norm_latency_p50_s_per_tok']:.4f} s/tok")
+      log(f"{system.name} load {load:.2f} ({row['rate']:.2f} req/s) swapping={swapping} batch "
+          f"{r['batch']}: {row['output_throughput']:.1f} tok/s, p50 normalized latency "
+          f"{row['norm_latency_p50_s_per_tok']:.4f} s/tok (modeled time), "
+          f"{r['paced_overruns']} pace overruns")
   return rows
