@@ -20,8 +20,8 @@ def get_config(variant=None):
   c.prompt_len = 16
   c.output_len = 48
   c.batch_without = 8          # the budget admits this batch without swapping (2x with)
-  c.loads = (0.5, 0.9, 1.3)   # request rate / the no-swapping saturated rate
-  c.num_microbatches = 4       # requests per run = this x the swapping batch
+  c.loads = (0.5, 1.0, 2.0)   # request rate / the no-swapping saturated rate (2.0: saturated)
+  c.num_microbatches = 8       # requests per run = this x the swapping batch
   c.time_scale = 3.0           # paced durations x this (real compute stays inside the steps)
   c.program = "fake"
   c.sweep_prompts = (8, 16, 32, 64, 128, 256, 512, 1024)

@@ -27,7 +27,11 @@ import sys
 import time
 import traceback
 
-from absl import app, flags
+# The engine figures (swapping, disaggregation) run pipelines on virtual CPU devices; the flag
+# must be set before jax is imported (by any figure module).
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+from absl import app, flags  # noqa: E402
 from ml_collections import config_flags
 
 from dejavu_jax import reporting
