@@ -1,7 +1,9 @@
 """Shared by the Ray runtime tests: a Ray session that always shuts down, the check that it left
-no Ray process behind, and the check that a killed actor's pid is gone."""
+no Ray process behind, the check that a killed actor's pid is gone, and the session's listening
+TCP sockets."""
 
 import contextlib
+import ipaddress
 import os
 import time
 
@@ -55,3 +57,24 @@ def pid_gone(pid: int, timeout_s: float = 10.0) -> bool:
       return True
     time.sleep(0.05)
   return False
+
+
+def tcp_listeners() -> list[tuple[int, str, str, int]]:
+  """(pid, process name, ip, port) of every listening TCP socket of this process and its
+  descendants (the driver's own gRPC server, the session's GCS, raylets, agents and actors)."""
+  out = []
+  for p in [psutil.Process()] + _ray_procs():
+    try:
+      name = p.name()
+      out += [(p.pid, name, c.laddr.ip, c.laddr.port) for c in p.net_connections(kind="tcp")
+              if c.status == psutil.CONN_LISTEN]
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+      pass
+  return out
+
+
+def is_loopback(ip: str) -> bool:
+  """127.0.0.0/8 or ::1, also as an IPv4-mapped IPv6 address (gRPC's sockets: ::ffff:127.0.0.1)."""
+  addr = ipaddress.ip_address(ip.split("%")[0])
+  return addr.is_loopback or bool(getattr(addr, "ipv4_mapped", None) and
+                                  addr.ipv4_mapped.is_loopback)

@@ -5,8 +5,10 @@ combined: each engine serves twice, with different failures). Oracle: every requ
 equal `fake_generate` (the fake program's single-device greedy tokens, computed by hand), for
 D = 2, 3, 4 and after killing the last stage, stage 0 and a middle stage under replica,
 snapshot and restart, and after a kill during a recovery. A killed actor's pid must be gone, and
-the session must leave no process behind.
+the session must leave no process behind. The session listens on loopback only (last test).
 """
+
+import collections
 
 import numpy as np
 import pytest
@@ -23,7 +25,7 @@ from dejavu_jax.runtime.ray import init_ray
 from dejavu_jax.serving import runner
 from dejavu_jax.serving.engine import PipelineEngine
 from dejavu_jax.serving.workload import Request
-from tests.ray_util import checked_shutdown, pid_gone
+from tests.ray_util import checked_shutdown, is_loopback, pid_gone, tcp_listeners
 from tests.serving_util import greedy_references
 
 CFG = tiny_config("opt", num_layers=4, max_positions=128)
@@ -148,3 +150,23 @@ def test_model_replacement_loads_its_stage_from_the_checkpoint(ray_session, tmp_
     (ev,) = res.recoveries
     assert ev.stages == (1,)
     assert pid_gone(eng.runtime.kills[0]["pid"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_local_session_listens_on_loopback_only(ray_session):
+  """Every listening TCP socket of the session's processes (driver, GCS, raylet, agents, the
+  actors of an open pipeline and the pool's, their `jax.experimental.transfer` servers) is on
+  loopback. Runs last: the module's pooled actors are alive by then."""
+  with _engine(2, "replica", ray_transport="jax_transfer") as eng:
+    socks = tcp_listeners()
+    names = {name for _, name, _, _ in socks}
+    # Ray's servers are really there (gRPC, with an IPv6 socket: "::" before this was fixed).
+    assert {"gcs_server", "raylet"} <= names, socks
+    # Each stage actor listens twice: its Ray worker gRPC server and its transfer server.
+    per_pid = collections.Counter(pid for pid, _, _, _ in socks)
+    actors = [w.pid for w in eng.runtime._workers]  # pylint: disable=protected-access
+    assert all(per_pid[pid] >= 2 for pid in actors), (actors, socks)
+    wide = [s for s in socks if not is_loopback(s[2])]
+    assert not wide, f"listening beyond loopback: {wide}"
+    assert ray.util.get_node_ip_address() == "127.0.0.1"

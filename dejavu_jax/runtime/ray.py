@@ -43,9 +43,9 @@ and controller do not change. The processes, threads and what waits on what:
 8. Multi-host: `address` joins a running cluster (`ray start --head` / `ray start
    --address=...`); `placement` "pack" puts the stages where they fit, "spread" one per node
    (a STRICT_SPREAD placement group; its stages never come from the pool; spares and
-   replacements are placed by Ray outside the group). A session this runtime starts advertises
-   127.0.0.1, has no dashboard and keeps Ray's token authentication; Ray 2.60's gRPC servers
-   still listen on every interface (no option found to bind them to loopback).
+   replacements are placed by Ray outside the group). A session this runtime starts has no
+   dashboard, keeps Ray's token authentication and listens on 127.0.0.1 only: every Ray server
+   (GCS, raylet, workers, agents) and the actors' transfer servers (`init_ray`, ray_session.py).
 """
 
 from __future__ import annotations

@@ -190,6 +190,7 @@ class _ActorRuntime:
     self.peers: dict[int, object] = {}     # stage -> actor handle (set by the driver)
     self.link_fault = None
     self.token = spec.token
+    self.swapping = False    # microbatch swapping (runtime/local.py) is a LocalRuntime feature
 
   def _peer(self, stage: int):
     peer = self.peers.get(stage)

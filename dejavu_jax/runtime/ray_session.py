@@ -3,22 +3,55 @@ stage actor's process, and the per-session pool of started actor processes (runt
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 
 import ray
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) -> bool:
-  """Connects to `address` (a running cluster) or starts a local session that advertises
-  127.0.0.1, without a dashboard; returns True when this call started Ray (the caller shuts it down)."""
+# Ray's switch for sessions confined to one machine (off by default on macOS and Windows). On
+# Linux it is on, and `ray.init(_node_ip_address="127.0.0.1")` is rewritten to the machine's
+# outward address (`services.resolve_ip_for_localhost` -> `get_node_ip_address`), so every server
+# listened on all interfaces. With it off the node address stays 127.0.0.1, and Ray binds each
+# server to loopback: the GCS, raylet (node and object manager) and worker gRPC servers when
+# `node_ip_address == "127.0.0.1"`, the dashboard agent and autoscaler metrics when
+# `is_localhost(ip)`, the runtime-env agent on the node address itself.
+_CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@contextlib.contextmanager
+def _loopback_node():
+  """While `ray.init` starts the local session: Ray reads the switch into
+  `ray_constants.ENABLE_RAY_CLUSTER` when it is imported (already done here), so that value is
+  set too; the environment variable reaches the processes the session starts."""
+  from ray._private import ray_constants  # pylint: disable=g-import-not-at-top
+  saved = os.environ.get(_CLUSTER_ENV), ray_constants.ENABLE_RAY_CLUSTER
+  os.environ[_CLUSTER_ENV] = "0"
+  ray_constants.ENABLE_RAY_CLUSTER = False
+  try:
+    yield
+  finally:
+    if saved[0] is None:
+      os.environ.pop(_CLUSTER_ENV, None)
+    else:
+      os.environ[_CLUSTER_ENV] = saved[0]
+    ray_constants.ENABLE_RAY_CLUSTER = saved[1]
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None, loopback: bool = True,
+             **kwargs) -> bool:
+  """Connects to `address` (a running cluster) or starts a local session without a dashboard,
+  whose every server listens on 127.0.0.1 only (`loopback`; False: the machine's address, on
+  all interfaces); returns True when this call started Ray (the caller shuts it down)."""
   if ray.is_initialized():
     return False
   if address:
     ray.init(address=address, include_dashboard=False, log_to_driver=False, **kwargs)
-  else:
+    return True
+  with _loopback_node() if loopback else contextlib.nullcontext():
     ray.init(num_cpus=num_cpus or max(8, os.cpu_count() or 1), include_dashboard=False,
-             _node_ip_address="127.0.0.1", log_to_driver=False, **kwargs)
+             _node_ip_address="127.0.0.1" if loopback else None, log_to_driver=False, **kwargs)
   return True
 
 
