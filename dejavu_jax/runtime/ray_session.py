@@ -21,10 +21,12 @@ _CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 @contextlib.contextmanager
-def _loopback_node():
-  """While `ray.init` starts the local session: Ray reads the switch into
+def loopback_node():
+  """Ray nodes started inside this context (`ray.init`, `ray.cluster_utils.Cluster`) take
+  127.0.0.1 and listen on loopback only, and `ray.init(address="127.0.0.1:...")` keeps that
+  address (outside it, Ray rewrites it to the machine's). Ray reads the switch into
   `ray_constants.ENABLE_RAY_CLUSTER` when it is imported (already done here), so that value is
-  set too; the environment variable reaches the processes the session starts."""
+  set too; the environment variable reaches the processes started meanwhile."""
   from ray._private import ray_constants  # pylint: disable=g-import-not-at-top
   saved = os.environ.get(_CLUSTER_ENV), ray_constants.ENABLE_RAY_CLUSTER
   os.environ[_CLUSTER_ENV] = "0"
@@ -49,9 +51,13 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, loopback: 
   if address:
     ray.init(address=address, include_dashboard=False, log_to_driver=False, **kwargs)
     return True
-  with _loopback_node() if loopback else contextlib.nullcontext():
-    ray.init(num_cpus=num_cpus or max(8, os.cpu_count() or 1), include_dashboard=False,
-             _node_ip_address="127.0.0.1" if loopback else None, log_to_driver=False, **kwargs)
+  # address "local": a new session even where RAY_ADDRESS or Ray's last-cluster file
+  # (/tmp/ray/ray_current_cluster, written by `ray start` and `cluster_utils.Cluster`, left
+  # behind by a killed one) names another, which `ray.init()` would join.
+  with loopback_node() if loopback else contextlib.nullcontext():
+    ray.init(address="local", num_cpus=num_cpus or max(8, os.cpu_count() or 1),
+             include_dashboard=False, _node_ip_address="127.0.0.1" if loopback else None,
+             log_to_driver=False, **kwargs)
   return True
 
 
