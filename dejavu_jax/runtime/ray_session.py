@@ -1,5 +1,6 @@
-"""The Ray session side of the Ray runtime: joining or starting a session, the environment of a
-stage actor's process, and the per-session pool of started actor processes (runtime/ray.py)."""
+"""The Ray session side of the Ray runtime: joining or starting a session (a local one listens on
+loopback only), the environment of a stage actor's process, and the per-session pool of started
+actor processes (runtime/ray.py)."""
 
 from __future__ import annotations
 
