@@ -27,16 +27,17 @@ Threads and who waits on what:
 A swap-in moves only the used prefix: positions [0, T) where T is the longest row's length
 bucketed (`bucket_length`: powers of two, so a few kernels compile once). The prefix is gathered
 on the host into one contiguous `Packed` (`HostKVLog.read_prefix`), placed with one
-`jax.device_put` (sharded like the buffer), and `packing.scatter`ed into the evicted buffer, which
-is donated: the device keeps exactly two buffers. Only each row's [0, length) is written and
-lengths are set from the log; the tail past a row's length keeps whatever the buffer held before.
-That is safe because every reader masks by position (a query at p sees keys j <= p, all written:
-models/layers.py and the fake program's `sees`/`before`), the invariant of kv/cache.py. When T is
+`jax.device_put` (sharded like the buffer), and written into the evicted buffer as one block
+(`packing.write_prefix`; the buffer is donated, so the device keeps exactly two buffers). Lengths
+are set from the log; positions past a row's length hold stale data (the log's, or past T the
+evicted microbatch's). That is safe because every reader masks by position (a query at p sees keys
+j <= p, all written: models/layers.py and the fake program's `sees`/`before`), the invariant of
+kv/cache.py; the fake program's tokens, which depend on every entry it reads, check it. When T is
 the whole length S (or no buffer is free to donate) the log is placed whole instead, the evicted
 buffer dropped first. Stats record the bytes each swap-in moved (`last_swap_in_bytes`).
 
 Device memory: the device holds at most two caches plus, during a prefix swap-in, the prefix's
-staging copy (T/S of a buffer; its bytes are live until the scatter into the buffer is done).
+staging copy (T/S of a buffer; its bytes are live until the write into the buffer is done).
 `live_device_bytes` counts both; `peak_device_bytes` is the maximum seen; `max_staging_bytes` is
 the largest staging copy (never a full buffer: a full-length swap-in places the log whole).
 
@@ -78,13 +79,16 @@ class Swapping:
     new_cache: () -> a placed, empty device cache of the stage's shape (the two buffers).
     place: (host KVCache of numpy arrays) -> the same cache placed on the stage's devices.
     max_events: bound on the event log kept for tests (oldest dropped).
+    prefix_swap_in: move only the used prefix on a swap-in (default); False places the log's
+      whole length every time (the former behaviour, kept for comparisons).
   """
 
   num_buffers = 2
 
   def __init__(self, new_cache: Callable[[], KVCache], place: Callable[[KVCache], KVCache],
-               max_events: int = 100_000):
+               max_events: int = 100_000, prefix_swap_in: bool = True):
     self._place, self._new_cache = place, new_cache
+    self._prefix_swap_in = prefix_swap_in
     self._slots = [_Slot(new_cache()) for _ in range(self.num_buffers)]
     self._buffer_bytes = cache_nbytes(self._slots[0].cache)
     self._staging = 0           # bytes of a prefix swap-in's device staging copy, while live
@@ -163,7 +167,7 @@ class Swapping:
     log = self._logs[mb_id]
     size = log.kv.shape[3]
     t = bucket_length(max(int(log.lengths.max()), 1), size)
-    if buffer is None or t >= size:
+    if buffer is None or t >= size or not self._prefix_swap_in:
       del buffer                         # dropped before the whole log is placed
       kv, lengths = log.read_host()
       cache = self._place(KVCache(k=kv[0], v=kv[1], lengths=lengths))
@@ -178,10 +182,9 @@ class Swapping:
     try:
       data_sh, pos_sh = _packed_shardings(buffer.k.sharding, buffer.lengths.sharding)
       packed = jax.device_put(packed, packed.replace(data=data_sh, positions=pos_sh))
-      # Lengths restart at 0: the scatter raises each row's to one past its last used position.
-      cache = packing.scatter(buffer.replace(lengths=buffer.lengths * 0), packed)
+      cache = packing.write_prefix(buffer, packed)   # one block copy; lengths set from the log
       del buffer, packed
-      jax.block_until_ready(cache)       # the staging copy is freed once the scatter has run
+      jax.block_until_ready(cache)       # the staging copy is freed once the write has run
     finally:
       with self._lock:
         self._staging = 0
