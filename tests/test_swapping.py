@@ -252,3 +252,58 @@ def test_swap_in_moves_only_the_used_prefix():
     used_equal(got, 3)
   finally:
     sw.close()
+  # A staging limit below the prefix (a budget's headroom): the log is placed whole instead.
+  sw = Swapping(lambda: jax.device_put(init_cache(layers, batch, size, heads, dim), dev),
+                lambda c: jax.device_put(c, dev), staging_limit_bytes=expected - 1)
+  try:
+    for mb in (0, 1, 2):
+      sw.install(mb, jax.tree.map(jnp.asarray, host[mb]))
+    used_equal(sw.get(0), 0)
+    st = sw.stats()
+    assert st["last_swap_in_bytes"] == full + batch * 4 and st["max_staging_bytes"] == 0
+  finally:
+    sw.close()
+
+
+@pytest.mark.timeout(60)
+def test_stale_tail_after_a_prefix_swap_in_is_never_read():
+  """After a prefix swap-in the positions past each row's length hold another microbatch's data
+  (here: garbage); the fake program, whose every layer sums every entry it reads, decodes the
+  same logits from it as from the swapped-out cache: it masks by position, not by what is there."""
+  from dejavu_jax.kv.cache import init_cache_for
+  from dejavu_jax.pipeline import fake
+  batch, size, layers = 3, CFG.max_positions, CFG.num_layers
+  dev = jax.devices()[0]
+  clean = jax.tree.map(np.array, init_cache_for(CFG, layers, batch, size))   # host: no donation
+
+  def garbage():
+    return jax.device_put(KVCache(k=clean.k + 777, v=clean.v - 5,
+                                  lengths=jnp.full((batch,), size, jnp.int32)), dev)
+
+  lengths = np.array([3, 7, 11])
+  cols = np.arange(16)[None, :]
+  x = np.where(cols < lengths[:, None], (cols * 5 + 3) % CFG.vocab_size, 0).astype(np.int32)
+  positions = np.where(cols < lengths[:, None], cols, -1).astype(np.int32)
+  cache, _ = fake._PREFILL(CFG, 0, layers, jax.device_put(clean, dev), x, positions)
+  host = jax.tree.map(np.array, cache)
+  tok = jnp.asarray([4, 9, 2], jnp.int32)
+
+  def decode(c):
+    return fake._DECODE(CFG, 0, layers, c, tok, jnp.asarray(lengths, jnp.int32))
+
+  sw = Swapping(garbage, lambda c: jax.device_put(c, dev))
+  try:
+    sw.install(0, cache)
+    for mb in (1, 2):    # the second evicts microbatch 0
+      sw.install(mb, garbage())
+    got = sw.get(0)      # swapped into a garbage buffer; only [0, 16) is written
+    assert sw.stats()["swap_ins"] == 1 and sw.stats()["max_staging_bytes"] > 0
+    assert (np.asarray(got.k)[:, :, 16:] == 777).all()
+    want_cache, want = decode(jax.device_put(jax.tree.map(jnp.asarray, host), dev))
+    got_cache, out = decode(got)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(want))
+    for b, n in enumerate(lengths + 1):
+      np.testing.assert_array_equal(np.asarray(got_cache.k)[:, b, :n],
+                                    np.asarray(want_cache.k)[:, b, :n])
+  finally:
+    sw.close()

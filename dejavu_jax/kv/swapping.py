@@ -39,7 +39,10 @@ buffer dropped first. Stats record the bytes each swap-in moved (`last_swap_in_b
 Device memory: the device holds at most two caches plus, during a prefix swap-in, the prefix's
 staging copy (T/S of a buffer; its bytes are live until the write into the buffer is done).
 `live_device_bytes` counts both; `peak_device_bytes` is the maximum seen; `max_staging_bytes` is
-the largest staging copy (never a full buffer: a full-length swap-in places the log whole).
+the largest staging copy (never a full buffer: a full-length swap-in places the log whole; with
+`staging_limit_bytes`, nothing larger than that limit). The engine's KV budget (kv/budget.py)
+reserves two buffers only, so under an exact budget a prefix swap-in's staging copy goes past it
+for its duration unless the policy is given the budget's headroom as `staging_limit_bytes`.
 
 An event log (`events`: (kind, mb_id) tuples, kinds "prefetch", "demand", "resident", "step",
 "evict") lets tests check that a swap-in is issued before the step that needs it, without timings.
@@ -81,14 +84,18 @@ class Swapping:
     max_events: bound on the event log kept for tests (oldest dropped).
     prefix_swap_in: move only the used prefix on a swap-in (default); False places the log's
       whole length every time (the former behaviour, kept for comparisons).
+    staging_limit_bytes: device bytes a prefix's staging copy may take beside the two buffers
+      (a budget's headroom); a larger prefix is placed whole instead. None: no limit.
   """
 
   num_buffers = 2
 
   def __init__(self, new_cache: Callable[[], KVCache], place: Callable[[KVCache], KVCache],
-               max_events: int = 100_000, prefix_swap_in: bool = True):
+               max_events: int = 100_000, prefix_swap_in: bool = True,
+               staging_limit_bytes: int | None = None):
     self._place, self._new_cache = place, new_cache
     self._prefix_swap_in = prefix_swap_in
+    self._staging_limit = staging_limit_bytes
     self._slots = [_Slot(new_cache()) for _ in range(self.num_buffers)]
     self._buffer_bytes = cache_nbytes(self._slots[0].cache)
     self._staging = 0           # bytes of a prefix swap-in's device staging copy, while live
@@ -167,14 +174,15 @@ class Swapping:
     log = self._logs[mb_id]
     size = log.kv.shape[3]
     t = bucket_length(max(int(log.lengths.max()), 1), size)
-    if buffer is None or t >= size or not self._prefix_swap_in:
+    staging = log.prefix_nbytes(t)
+    if (buffer is None or t >= size or not self._prefix_swap_in or
+        (self._staging_limit is not None and staging > self._staging_limit)):
       del buffer                         # dropped before the whole log is placed
       kv, lengths = log.read_host()
       cache = self._place(KVCache(k=kv[0], v=kv[1], lengths=lengths))
       self._moved(kv.nbytes + lengths.nbytes)
       return cache
     packed = log.read_prefix(t)
-    staging = packed.nbytes
     with self._lock:
       self._staging = staging
       self.max_staging_bytes = max(self.max_staging_bytes, staging)

@@ -147,6 +147,11 @@ class HostKVLog:
       kv = np.where(live[None, None, :, :, None, None], kv, np.zeros((), kv.dtype))
     return kv, lengths
 
+  def prefix_nbytes(self, size: int) -> int:
+    """Bytes of `read_prefix(size)` (data and positions), without reading."""
+    _, l, b, _, h, k = self.kv.shape
+    return 2 * l * b * size * h * k * self.kv.dtype.itemsize + b * size * 4
+
   def read_prefix(self, size: int) -> Packed:
     """The latest step's positions [0, size) of every layer and row as one host `Packed`.
 
