@@ -8,6 +8,8 @@ always issued before the step that needs it (from the policy's event log, not fr
 
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -16,6 +18,8 @@ from dejavu_jax.config import ServeConfig, get_model_config, tiny_config
 from dejavu_jax.costmodel import TableCostModel
 from dejavu_jax.fault.controller import FailureSpec
 from dejavu_jax.kv import budget as kv_budget
+from dejavu_jax.kv.cache import KVCache, init_cache
+from dejavu_jax.kv.swapping import Swapping
 from dejavu_jax.pipeline.fake import fake_generate
 from dejavu_jax.serving.engine import PipelineEngine
 from dejavu_jax.serving.workload import Request
@@ -82,13 +86,20 @@ def test_tokens_identical_with_swapping(stages, mode, eos):
     res = eng.serve(reqs)
     stats = eng.worker_stats()
     events = [eng.runtime.worker(s).swap_events for s in range(stages)]
+    swaps = [eng.runtime.worker(s).swap_stats() for s in range(stages)]
   assert res.tokens() == _reference(reqs, eos)
   if eos is not None:
     assert any(len(v) < r.max_new_tokens for r, v in zip(reqs, res.tokens().values()))
   assert res.summary["swapping"] is True and res.summary["microbatch_size"] == 3
-  # The budget is never exceeded: sampled after every step, and the policy's own peak.
-  assert seen and max(seen) <= budget
-  assert all(0 < st.kv_peak_device_bytes <= budget for st in stats)
+  # Contexts (<= 36) are shorter than the cache (64): swap-ins (D > 2 microbatches) move a
+  # prefix through a staging copy smaller than a buffer, so the tokens above cover that path.
+  staging = max(sw["max_staging_bytes"] for sw in swaps)
+  assert staging < 3 * _row(stages, max_len)
+  assert (staging > 0) == (stages > 2) == any(sw["swap_ins"] for sw in swaps)
+  # The two buffers stay within the budget: sampled after every step, and the policy's own
+  # peak; beyond them only a prefix swap-in's staging copy is ever live.
+  assert seen and max(seen) <= budget + staging
+  assert all(0 < st.kv_peak_device_bytes <= budget + staging for st in stats)
   demands = [_check_prefetch_order(ev) for ev in events]
   if stages > 2:
     assert sum(ev.count(("prefetch", mb)) for ev in events for _, mb in set(ev)) > 0
@@ -189,3 +200,110 @@ def test_failure_recovered_with_swapping(recovery, stage):
   (ev,) = res.recoveries
   assert ev.handled_by.get(recovery, 0) >= 1 and ev.restored_microbatches >= 1, ev
   assert all(st.cache_mb_ids == [] for st in stats)
+
+
+@pytest.mark.timeout(60)
+def test_swap_in_moves_only_the_used_prefix():
+  """A swap-in moves the longest row's length, bucketed (not the whole cache), as one staging
+  copy scattered into the evicted buffer: the result equals the swapped-out cache on every used
+  position, with its lengths; a context as long as the cache is placed whole."""
+  layers, batch, size, heads, dim = 2, 3, 256, 2, 4
+  dev = jax.devices()[0]
+  sw = Swapping(lambda: jax.device_put(init_cache(layers, batch, size, heads, dim), dev),
+                lambda c: jax.device_put(c, dev))
+  rng = np.random.default_rng(0)
+
+  def cache(lengths):
+    k, v = rng.standard_normal((2, layers, batch, size, heads, dim)).astype(np.float32)
+    return KVCache(k=jnp.asarray(k), v=jnp.asarray(v), lengths=jnp.asarray(lengths, jnp.int32))
+
+  lengths = {0: [5, 20, 0], 1: [7, 7, 7], 2: [3, 3, 3], 3: [size, 9, 1]}
+  def used_equal(got, mb):   # every used position (each row's [0, length)) and the lengths
+    np.testing.assert_array_equal(np.asarray(got.lengths), lengths[mb])
+    for b, n in enumerate(lengths[mb]):
+      np.testing.assert_array_equal(np.asarray(got.k)[:, b, :n], host[mb].k[:, b, :n])
+      np.testing.assert_array_equal(np.asarray(got.v)[:, b, :n], host[mb].v[:, b, :n])
+
+  caches = {mb: cache(n) for mb, n in lengths.items()}
+  host = {mb: jax.tree.map(np.array, c) for mb, c in caches.items()}   # before any donation
+  try:
+    for mb in (0, 1, 2):
+      sw.install(mb, caches[mb])
+    assert sw.stats()["swap_ins"] == 0
+    got = sw.get(0)   # not resident: swapped in on demand, into the evicted buffer
+    t = 32            # bucket_length(20, 256)
+    itemsize = 4
+    expected = 2 * layers * batch * t * heads * dim * itemsize + batch * t * 4   # data + positions
+    st = sw.stats()
+    assert st["swap_ins"] == 1 and st["last_swap_in_bytes"] == expected
+    assert st["max_staging_bytes"] == expected
+    full = 2 * layers * batch * size * heads * dim * itemsize
+    assert st["peak_device_bytes"] <= 2 * (full + batch * 4) + expected
+    used_equal(got, 0)
+    # A row as long as the cache: the bucket is the whole length, placed whole (no staging).
+    sw.install(3, caches[3])
+    for mb in (1, 2):   # each evicts the least recently stepped: 0, then 3
+      sw.get(mb)
+    got = sw.get(3)
+    st = sw.stats()
+    assert st["swap_ins"] == 4, st
+    assert st["last_swap_in_bytes"] == full + batch * 4
+    assert st["max_staging_bytes"] == expected
+    used_equal(got, 3)
+  finally:
+    sw.close()
+  # A staging limit below the prefix (a budget's headroom): the log is placed whole instead.
+  sw = Swapping(lambda: jax.device_put(init_cache(layers, batch, size, heads, dim), dev),
+                lambda c: jax.device_put(c, dev), staging_limit_bytes=expected - 1)
+  try:
+    for mb in (0, 1, 2):
+      sw.install(mb, jax.tree.map(jnp.asarray, host[mb]))
+    used_equal(sw.get(0), 0)
+    st = sw.stats()
+    assert st["last_swap_in_bytes"] == full + batch * 4 and st["max_staging_bytes"] == 0
+  finally:
+    sw.close()
+
+
+@pytest.mark.timeout(60)
+def test_stale_tail_after_a_prefix_swap_in_is_never_read():
+  """After a prefix swap-in the positions past each row's length hold another microbatch's data
+  (here: garbage); the fake program, whose every layer sums every entry it reads, decodes the
+  same logits from it as from the swapped-out cache: it masks by position, not by what is there."""
+  from dejavu_jax.kv.cache import init_cache_for
+  from dejavu_jax.pipeline import fake
+  batch, size, layers = 3, CFG.max_positions, CFG.num_layers
+  dev = jax.devices()[0]
+  clean = jax.tree.map(np.array, init_cache_for(CFG, layers, batch, size))   # host: no donation
+
+  def garbage():
+    return jax.device_put(KVCache(k=clean.k + 777, v=clean.v - 5,
+                                  lengths=jnp.full((batch,), size, jnp.int32)), dev)
+
+  lengths = np.array([3, 7, 11])
+  cols = np.arange(16)[None, :]
+  x = np.where(cols < lengths[:, None], (cols * 5 + 3) % CFG.vocab_size, 0).astype(np.int32)
+  positions = np.where(cols < lengths[:, None], cols, -1).astype(np.int32)
+  cache, _ = fake._PREFILL(CFG, 0, layers, jax.device_put(clean, dev), x, positions)
+  host = jax.tree.map(np.array, cache)
+  tok = jnp.asarray([4, 9, 2], jnp.int32)
+
+  def decode(c):
+    return fake._DECODE(CFG, 0, layers, c, tok, jnp.asarray(lengths, jnp.int32))
+
+  sw = Swapping(garbage, lambda c: jax.device_put(c, dev))
+  try:
+    sw.install(0, cache)
+    for mb in (1, 2):    # the second evicts microbatch 0
+      sw.install(mb, garbage())
+    got = sw.get(0)      # swapped into a garbage buffer; only [0, 16) is written
+    assert sw.stats()["swap_ins"] == 1 and sw.stats()["max_staging_bytes"] > 0
+    assert (np.asarray(got.k)[:, :, 16:] == 777).all()
+    want_cache, want = decode(jax.device_put(jax.tree.map(jnp.asarray, host), dev))
+    got_cache, out = decode(got)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(want))
+    for b, n in enumerate(lengths + 1):
+      np.testing.assert_array_equal(np.asarray(got_cache.k)[:, b, :n],
+                                    np.asarray(want_cache.k)[:, b, :n])
+  finally:
+    sw.close()

@@ -20,15 +20,29 @@ Threads and who waits on what:
   * swap-out streamer thread (`stream.Streamer`, one thread): flushes each gathered delta to host
     and writes it into the microbatch's log (per-microbatch key: in step order).
   * prefetch thread (one): waits for the microbatch's last swap-out ticket (so the log holds its
-    latest step), reads the log on the host, and places it on the device (`place`). It returns
-    the device cache; the worker thread assigns it to the buffer slot when it waits. So a slot's
-    state is only ever mutated on the worker thread.
+    latest step), reads the log on the host, and writes it into the evicted buffer (below). It
+    returns the device cache; the worker thread assigns it to the buffer slot when it waits. So a
+    slot's state is only ever mutated on the worker thread.
 
-Device memory: a buffer being evicted is dropped before its replacement is placed, so the device
-holds at most two caches (`live_device_bytes` counts them; `peak_device_bytes` is the maximum
-seen). The swap-in moves the log's whole length S (the log is read as one host block and placed
-with the stage's sharding), so the device never holds a staging copy beside the two buffers; the
-cost model charges the context actually cached (what a gathered DMA into the donated buffer moves).
+A swap-in moves only the used prefix: positions [0, T) where T is the longest row's length
+bucketed (`bucket_length`: powers of two, so a few kernels compile once). The prefix is gathered
+on the host into one contiguous `Packed` (`HostKVLog.read_prefix`), placed with one
+`jax.device_put` (sharded like the buffer), and written into the evicted buffer as one block
+(`packing.write_prefix`; the buffer is donated, so the device keeps exactly two buffers). Lengths
+are set from the log; positions past a row's length hold stale data (the log's, or past T the
+evicted microbatch's). That is safe because every reader masks by position (a query at p sees keys
+j <= p, all written: models/layers.py and the fake program's `sees`/`before`), the invariant of
+kv/cache.py; the fake program's tokens, which depend on every entry it reads, check it. When T is
+the whole length S (or no buffer is free to donate) the log is placed whole instead, the evicted
+buffer dropped first. Stats record the bytes each swap-in moved (`last_swap_in_bytes`).
+
+Device memory: the device holds at most two caches plus, during a prefix swap-in, the prefix's
+staging copy (T/S of a buffer; its bytes are live until the write into the buffer is done).
+`live_device_bytes` counts both; `peak_device_bytes` is the maximum seen; `max_staging_bytes` is
+the largest staging copy (never a full buffer: a full-length swap-in places the log whole; with
+`staging_limit_bytes`, nothing larger than that limit). The engine's KV budget (kv/budget.py)
+reserves two buffers only, so under an exact budget a prefix swap-in's staging copy goes past it
+for its duration unless the policy is given the budget's headroom as `staging_limit_bytes`.
 
 An event log (`events`: (kind, mb_id) tuples, kinds "prefetch", "demand", "resident", "step",
 "evict") lets tests check that a swap-in is issued before the step that needs it, without timings.
@@ -41,10 +55,12 @@ import threading
 import time
 from typing import Callable
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from dejavu_jax.kv.cache import KVCache, cache_nbytes
+from dejavu_jax.models.generate import bucket_length
 from dejavu_jax.stream import packing
 from dejavu_jax.stream.hostlog import HostKVLog
 from dejavu_jax.stream.streamer import Streamer
@@ -66,15 +82,23 @@ class Swapping:
     new_cache: () -> a placed, empty device cache of the stage's shape (the two buffers).
     place: (host KVCache of numpy arrays) -> the same cache placed on the stage's devices.
     max_events: bound on the event log kept for tests (oldest dropped).
+    prefix_swap_in: move only the used prefix on a swap-in (default); False places the log's
+      whole length every time (the former behaviour, kept for comparisons).
+    staging_limit_bytes: device bytes a prefix's staging copy may take beside the two buffers
+      (a budget's headroom); a larger prefix is placed whole instead. None: no limit.
   """
 
   num_buffers = 2
 
   def __init__(self, new_cache: Callable[[], KVCache], place: Callable[[KVCache], KVCache],
-               max_events: int = 100_000):
+               max_events: int = 100_000, prefix_swap_in: bool = True,
+               staging_limit_bytes: int | None = None):
     self._place, self._new_cache = place, new_cache
+    self._prefix_swap_in = prefix_swap_in
+    self._staging_limit = staging_limit_bytes
     self._slots = [_Slot(new_cache()) for _ in range(self.num_buffers)]
     self._buffer_bytes = cache_nbytes(self._slots[0].cache)
+    self._staging = 0           # bytes of a prefix swap-in's device staging copy, while live
     self._logs: dict[int, HostKVLog] = {}
     self._tickets: dict[int, object] = {}       # mb_id -> its last swap-out ticket
     self._order: dict[int, None] = {}           # mb_ids, least recently stepped first
@@ -90,6 +114,10 @@ class Swapping:
     self.last_get_swapped = False   # the last `get` needed a swap-in (paced mode charges it)
     self._loaded: set[int] = set()  # microbatches loaded since their last step here
     self.prefetches = 0
+    self.max_staging_bytes = 0
+    self.swap_ins = 0                 # swap-ins done (prefix or whole) and the bytes they moved
+    self.swap_in_bytes = 0
+    self.last_swap_in_bytes = 0
 
   # ---- helpers (worker thread) ----
   def _log(self, kind: str, mb_id: int) -> None:
@@ -119,7 +147,8 @@ class Swapping:
       self._account()
 
   def _account(self) -> None:
-    self.peak_device_bytes = max(self.peak_device_bytes, self.live_device_bytes())
+    with self._lock:
+      self.peak_device_bytes = max(self.peak_device_bytes, self.live_device_bytes())
 
   def _victim(self, keep: int | None) -> _Slot:
     """A slot to reuse: free first, else the least recently stepped microbatch's, never `keep`'s
@@ -135,18 +164,54 @@ class Swapping:
     self._log("evict", slot.mb)
     return slot
 
-  def _read(self, mb_id: int) -> KVCache:
-    """(prefetch thread) The microbatch's latest cache, from its log once its swap-outs landed."""
+  def _read(self, mb_id: int, box: list) -> KVCache:
+    """(prefetch thread) The microbatch's latest cache, from its log once its swap-outs landed,
+    written into the evicted buffer `box.pop()` (the box: so this thread holds its only ref)."""
+    buffer = box.pop() if box else None
     ticket = self._tickets.get(mb_id)
     if ticket is not None:
       ticket.wait()
-    kv, lengths = self._logs[mb_id].read_host()
-    return self._place(KVCache(k=kv[0], v=kv[1], lengths=lengths))
+    log = self._logs[mb_id]
+    size = log.kv.shape[3]
+    t = bucket_length(max(int(log.lengths.max()), 1), size)
+    staging = log.prefix_nbytes(t)
+    if (buffer is None or t >= size or not self._prefix_swap_in or
+        (self._staging_limit is not None and staging > self._staging_limit)):
+      del buffer                         # dropped before the whole log is placed
+      kv, lengths = log.read_host()
+      cache = self._place(KVCache(k=kv[0], v=kv[1], lengths=lengths))
+      self._moved(kv.nbytes + lengths.nbytes)
+      return cache
+    packed = log.read_prefix(t)
+    with self._lock:
+      self._staging = staging
+      self.max_staging_bytes = max(self.max_staging_bytes, staging)
+      self.peak_device_bytes = max(self.peak_device_bytes, self.live_device_bytes())
+    try:
+      data_sh, pos_sh = _packed_shardings(buffer.k.sharding, buffer.lengths.sharding)
+      packed = jax.device_put(packed, packed.replace(data=data_sh, positions=pos_sh))
+      cache = packing.write_prefix(buffer, packed)   # one block copy; lengths set from the log
+      del buffer, packed
+      jax.block_until_ready(cache)       # the staging copy is freed once the write has run
+    finally:
+      with self._lock:
+        self._staging = 0
+    self._moved(staging)
+    return cache
+
+  def _moved(self, nbytes: int) -> None:
+    with self._lock:
+      self.swap_ins += 1
+      self.swap_in_bytes += nbytes
+      self.last_swap_in_bytes = nbytes
 
   def _load_into(self, slot: _Slot, mb_id: int) -> None:
-    slot.mb, slot.cache = mb_id, None    # the evicted buffer is dropped before the load
+    # The evicted buffer goes to the prefetch thread, which overwrites it (donated) with the
+    # microbatch's used prefix; the slot counts as one buffer meanwhile.
+    box = [slot.cache] if slot.cache is not None else []
+    slot.mb, slot.cache = mb_id, None
     self._loaded.add(mb_id)
-    slot.load = self._pool.submit(self._read, mb_id)
+    slot.load = self._pool.submit(self._read, mb_id, box)
 
   def _touch(self, mb_id: int) -> None:
     self._order.pop(mb_id, None)
@@ -218,9 +283,12 @@ class Swapping:
 
   def stats(self) -> dict:
     """Counters for reports: swap-ins prefetched / on demand, worker time blocked / committing."""
-    return dict(prefetches=self.prefetches, demand_swap_ins=self.demand_swap_ins,
-                blocked_s=self.blocked_s, commit_s=self.commit_s,
-                peak_device_bytes=self.peak_device_bytes)
+    with self._lock:
+      return dict(prefetches=self.prefetches, demand_swap_ins=self.demand_swap_ins,
+                  blocked_s=self.blocked_s, commit_s=self.commit_s,
+                  peak_device_bytes=self.peak_device_bytes, swap_ins=self.swap_ins,
+                  swap_in_bytes=self.swap_in_bytes, last_swap_in_bytes=self.last_swap_in_bytes,
+                  max_staging_bytes=self.max_staging_bytes)
 
   def _commit(self, mb_id: int, kind: str, positions, cache: KVCache):
     if kind == "decode" and self._logs.get(mb_id) is not None:
@@ -289,10 +357,22 @@ class Swapping:
       return sorted(mb for mb, log in self._logs.items() if log is not None)
 
   def live_device_bytes(self) -> int:
-    # A slot holds one buffer: its cache, or the load that replaces the one it dropped.
+    # A slot holds one buffer: its cache, or the load that replaces (overwrites) it; plus a
+    # prefix swap-in's staging copy while it is live.
     return sum(self._buffer_bytes for s in self._slots
-               if s.cache is not None or s.load is not None)
+               if s.cache is not None or s.load is not None) + self._staging
 
   def close(self) -> None:
     self._pool.shutdown(wait=False, cancel_futures=True)
     self._out.close(wait=False, raise_on_error=False)
+
+
+def _packed_shardings(k_sharding, lengths_sharding):
+  """Shardings for a Packed of the buffer's layers and rows: data [2, L, B, T, H, K] split like
+  the buffer's k [L, B, S, H, K] (by KV heads on a tensor-parallel stage), positions like its
+  lengths (replicated)."""
+  if isinstance(k_sharding, jax.sharding.NamedSharding):
+    spec = tuple(k_sharding.spec) + (None,) * (5 - len(k_sharding.spec))
+    data = jax.sharding.NamedSharding(k_sharding.mesh, jax.sharding.PartitionSpec(None, *spec))
+    return data, lengths_sharding
+  return k_sharding, lengths_sharding

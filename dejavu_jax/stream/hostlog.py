@@ -147,6 +147,28 @@ class HostKVLog:
       kv = np.where(live[None, None, :, :, None, None], kv, np.zeros((), kv.dtype))
     return kv, lengths
 
+  def prefix_nbytes(self, size: int) -> int:
+    """Bytes of `read_prefix(size)` (data and positions), without reading."""
+    _, l, b, _, h, k = self.kv.shape
+    return 2 * l * b * size * h * k * self.kv.dtype.itemsize + b * size * 4
+
+  def read_prefix(self, size: int) -> Packed:
+    """The latest step's positions [0, size) of every layer and row as one host `Packed`.
+
+    One contiguous copy (the gather of a swap-in: the used prefix, not the whole length S).
+    Columns at or past a row's length are marked -1, so `packing.scatter` writes only the used
+    positions and sets each row's length; `data` still holds them (stale, never written).
+    """
+    s = self.kv.shape[3]
+    if not 0 < size <= s:
+      raise ValueError(f"prefix of {size} positions is empty or exceeds the log length {s}")
+    with self._lock:
+      lengths = self.history[self._step].copy()
+      data = np.ascontiguousarray(self.kv[:, :, :, :size])
+    cols = np.arange(size, dtype=np.int32)[None, :]
+    pos = np.where(cols < lengths[:, None], cols, -1).astype(np.int32)
+    return Packed(data=data, positions=pos, layers=self.layers, rows=(0, self.kv.shape[2]))
+
   def read(self, step: int | None = None, layers: Range | None = None,
            rows: Range | None = None, device: jax.Device | None = None) -> KVCache:
     """The log as of `step` as a KVCache on `device` (default: the default device)."""

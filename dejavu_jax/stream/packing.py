@@ -7,7 +7,8 @@ host log shares.
 A slice of a cache is a layer range x a batch-row range x some token positions of each row. In
 the cache `[L, B, S, H, K]` such a slice is many small strided pieces (one per layer, row and k/v);
 `gather` copies them into one buffer so that a transfer is one large copy instead of hundreds of
-small ones (the paper's "buffered copies", its largest single win). `scatter` writes a buffer back.
+small ones (the paper's "buffered copies", its largest single win). `scatter` writes a buffer back;
+`write_prefix` writes a prefix (positions [0, T) of every row) back as one block (swap-ins).
 
     Packed.data       [2, Ls, Bs, T, H, K]   keys (index 0) and values (index 1)
     Packed.positions  [Bs, T] int32          cache position of each column, per row; -1 = unused
@@ -135,7 +136,35 @@ def scatter(cache: KVCache, packed: Packed, *, layer_base: int = 0) -> KVCache:
   return KVCache(k=k, v=v, lengths=lengths)
 
 
+def write_prefix(cache: KVCache, packed: Packed, *, layer_base: int = 0) -> KVCache:
+  """Writes a prefix slice (column t at position t: `HostKVLog.read_prefix`) into `cache` as one
+  block copy, and SETS its rows' lengths to one past each row's last used position. `cache` is
+  DONATED. Faster than `scatter` (no per-row indices), for a cache taken over whole (a swap-in).
+
+  Unlike `scatter`, columns marked -1 are written too (whatever the slice holds there): they lie
+  at or past the row's new length, where the cache may hold anything (kv/cache.py invariant).
+  """
+  l0, l1 = packed.layers[0] - layer_base, packed.layers[1] - layer_base
+  check_range((l0, l1), cache.num_layers, "layer")
+  check_range(packed.rows, cache.batch, "row")
+  if packed.data.shape[3] > cache.max_len:
+    raise ValueError(f"prefix of {packed.data.shape[3]} positions exceeds the cache length "
+                     f"{cache.max_len}")
+  k, v, lengths = _write_prefix(cache.k, cache.v, cache.lengths, jnp.asarray(packed.data),
+                                jnp.asarray(packed.positions, jnp.int32), layers=(l0, l1),
+                                rows=packed.rows)
+  return KVCache(k=k, v=v, lengths=lengths)
+
+
 # ---- kernels: layer and row ranges and the bucket are static, everything else traced ----
+@functools.partial(jax.jit, static_argnames=("layers", "rows"), donate_argnums=(0, 1, 2))
+def _write_prefix(k, v, lengths, data, positions, *, layers, rows):
+  (l0, l1), (r0, r1) = layers, rows
+  k = k.at[l0:l1, r0:r1, :data.shape[3]].set(data[0].astype(k.dtype))
+  v = v.at[l0:l1, r0:r1, :data.shape[3]].set(data[1].astype(v.dtype))
+  return k, v, lengths.at[r0:r1].set(jnp.max(positions, axis=1) + 1)
+
+
 @functools.partial(jax.jit, static_argnames=("layers", "rows", "t"))
 def _gather_range(k, v, start, size, *, layers, rows, t):
   s = k.shape[2]
