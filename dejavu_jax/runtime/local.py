@@ -52,6 +52,7 @@ import time
 from typing import Any, Callable
 
 import jax
+import numpy as np
 
 from dejavu_jax.fault import snapshot as snapshot_lib
 from dejavu_jax.fault.replication import ReplicaStore, ReplicationTap, ReplicaWrite
@@ -117,8 +118,10 @@ class LocalWorker:
     self._program = program
     self._params = program.place_params(params)
     new_cache = lambda: program.new_cache(runtime.microbatch_size, runtime.max_len)  # noqa: E731
-    self._store = CacheStore(Swapping(new_cache, program.place_cache) if runtime.swapping
-                             else AllOnDevice(new_cache, runtime.depth))
+    self._store = CacheStore(
+        Swapping(new_cache, program.place_cache,
+                 staging_limit_bytes=_staging_headroom(runtime, new_cache))
+        if runtime.swapping else AllOnDevice(new_cache, runtime.depth))
     self._inbox: queue.Queue = queue.Queue()
     self._epoch = 0
     self._last_step: dict[int, int] = {}       # mb_id -> last step run here
@@ -429,6 +432,19 @@ class LocalWorker:
       self._rt.forward(self.stage, dataclasses.replace(msg, x=out, ready_at=end))
 
 
+def _staging_headroom(runtime, new_cache) -> int | None:
+  """Device bytes a swap-in's prefix copy may take beside a swapping worker's two buffers: what
+  the KV budget leaves (None: no budget, no limit). A prefix that does not fit is swapped in
+  whole, straight into the evicted buffer, so the budget is never exceeded."""
+  budget = getattr(runtime, "kv_budget_bytes", None)
+  if budget is None:
+    return None
+  shapes = jax.eval_shape(new_cache)
+  buffer = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+               for x in jax.tree_util.tree_leaves(shapes))
+  return max(0, budget - 2 * buffer)
+
+
 class LocalRuntime:
   """The workers of one pipeline as threads of this process (see module doc).
 
@@ -445,14 +461,15 @@ class LocalRuntime:
 
   def __init__(self, programs, params_for: Callable[[int], Any], depth: int,
                microbatch_size: int, max_len: int, pace: PaceFn | None = None,
-               heartbeat_s: float = 1.0, swapping: bool = False):
+               heartbeat_s: float = 1.0, swapping: bool = False,
+               kv_budget_bytes: int | None = None):
     if heartbeat_s <= 0:
       raise ValueError(f"heartbeat_s must be > 0, got {heartbeat_s}")
     self.programs, self.params_for = list(programs), params_for
     self.num_stages = len(self.programs)
     self.depth, self.microbatch_size, self.max_len = depth, microbatch_size, max_len
     self.pace, self.heartbeat_s = pace, heartbeat_s
-    self.swapping = swapping
+    self.swapping, self.kv_budget_bytes = swapping, kv_budget_bytes
     self.events: queue.Queue = queue.Queue()
     self.options = WorkerOptions()
     self.worker_class = LocalWorker   # a subclass may run other workers (disaggregation)

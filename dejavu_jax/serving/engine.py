@@ -172,7 +172,7 @@ class PipelineEngine:
           sc.ray_address, sc.ray_placement, sc.ray_transport, sc.ray_gpus_per_stage)
     return LocalRuntime(self.programs, self._params_for, self.plan.num_stages,
                         self.microbatch_size, sc.max_len, self._pace, sc.heartbeat_s,
-                        swapping=self.swap_choice.swapping)
+                        swapping=self.swap_choice.swapping, kv_budget_bytes=self.kv_budget_bytes)
 
   def _params_for(self, s: int):
     """A (replacement) worker's weights: the orbax checkpoint when there is one, else host."""
@@ -631,6 +631,7 @@ def choose_swapping(engine: "PipelineEngine", serve: ServeConfig, cost_model, sw
           f"device_kv_budget_fraction needs a device that reports its memory (a GPU); "
           f"{devices[0].platform} does not: give device_kv_budget_bytes instead")
     budget = int(serve.device_kv_budget_fraction * limit)
+  engine.kv_budget_bytes = budget   # the workers keep their swap-in staging within it
   layers = [stop - start for start, stop in engine.plan.ranges]
   cost = cost_model if serve.swapping == "auto" and budget is not None else None
   if serve.swapping == "auto" and budget is not None and cost is None:
