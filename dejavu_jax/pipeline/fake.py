@@ -33,8 +33,11 @@ from dejavu_jax.pipeline.stage import StageSlot
 MOD = 1009
 
 
-def _stage_step(cfg: ModelConfig, start: int, stop: int, cache: KVCache, x, positions):
-  """(cache, out): out is logits [B, V] on the last stage, else hidden [B, T] (int32)."""
+def _stage_step(cfg: ModelConfig, start: int, stop: int, cache: KVCache, x, positions,
+                lo: int = 0, hi: int | None = None):
+  """(cache, out): out is logits [B, V] on the last stage, else hidden [B, T] (int32). Only the
+  stage's local layers [lo, hi) run (default all): a layer group of a layer-wise prefill."""
+  hi = stop - start if hi is None else hi
   if positions.ndim == 1:
     positions = positions[:, None]
   h = x if x.ndim == 2 else x[:, None]                                  # [B, T]
@@ -56,10 +59,10 @@ def _stage_step(cfg: ModelConfig, start: int, stop: int, cache: KVCache, x, posi
     total = jnp.einsum("bts,bs->bt", sees.astype(jnp.float32), k0)       # [B, T]
     return k, v, (h + 1 + jnp.round(total).astype(jnp.int32)) % MOD
 
-  k, v, h = jax.lax.fori_loop(0, stop - start, layer, (cache.k, cache.v, h))
+  k, v, h = jax.lax.fori_loop(lo, hi, layer, (cache.k, cache.v, h))
   lengths = jnp.maximum(cache.lengths, positions.max(axis=1) + 1)
   cache = KVCache(k=k, v=v, lengths=lengths)
-  if stop != cfg.num_layers:
+  if start + hi != cfg.num_layers:
     return cache, h
   last = jnp.take_along_axis(h, jnp.argmax(positions, axis=1)[:, None], axis=1)[:, 0]
   return cache, jax.nn.one_hot(last % cfg.vocab_size, cfg.vocab_size, dtype=jnp.float32)
@@ -99,14 +102,15 @@ def _decode_step(cfg: ModelConfig, start: int, stop: int, cache: KVCache, x, pos
   return cache, jax.nn.one_hot(h % cfg.vocab_size, cfg.vocab_size, dtype=jnp.float32)
 
 
-def _prefill(cfg, start, stop, cache, x, positions):
+def _prefill(cfg, start, stop, cache, x, positions, lo=0, hi=None):
+  # Every layer group resets the lengths too: each ends with the same max(positions) + 1.
   cache = cache.replace(lengths=jnp.zeros_like(cache.lengths))
-  return _stage_step(cfg, start, stop, cache, x, positions)
+  return _stage_step(cfg, start, stop, cache, x, positions, lo, hi)
 
 
 # Module-level and keyed by (cfg, start, stop): every engine of a test session or a failure
 # campaign shares the compiled steps instead of compiling its own.
-_PREFILL = jax.jit(_prefill, static_argnums=(0, 1, 2), donate_argnums=(3,))
+_PREFILL = jax.jit(_prefill, static_argnums=(0, 1, 2, 6, 7), donate_argnums=(3,))
 _DECODE = jax.jit(_decode_step, static_argnums=(0, 1, 2), donate_argnums=(3,))
 
 
@@ -135,6 +139,11 @@ class FakeProgram(StageSlot):
     del params
     return _PREFILL(self.cfg, self.start, self.stop, cache, self.to_stage(x),
                     self.to_stage(jnp.asarray(positions, jnp.int32)))
+
+  def _prefill_group(self, params, cache, x, positions, a, b):
+    del params
+    return _PREFILL(self.cfg, self.start, self.stop, cache, x, positions, a - self.start,
+                    b - self.start)
 
   def decode(self, params, cache: KVCache, x, positions):
     """`cache` is donated."""

@@ -3,6 +3,13 @@
 Stateless: the worker that runs it owns the params and the per-microbatch KV caches. Shapes are
 static per (microbatch size, prompt bucket, cache length), so serving compiles a handful of
 programs per stage and decoding never recompiles. Cache arguments are donated.
+
+A prefill can also run layer group by layer group (`StageSlot.prefill_layerwise`): one jitted
+program per group [a, b) of the stage's layers (the embedding runs with the first, the head with
+the last), dispatched from a Python loop on the caller's thread, which is handed the cache after
+each group is dispatched (a disaggregated prompt worker streams that group's KV from there while
+the next group computes). The groups run the same stage function as a pipeline split at their
+boundaries would, so the tokens are the whole-stage prefill's.
 """
 
 from __future__ import annotations
@@ -37,6 +44,28 @@ class StageSlot:
     self.tensor = plan.tensor
     self.devices = tuple(self.sub.devices.flat)
 
+  def layer_groups(self, group: int = 1) -> list[tuple[int, int]]:
+    """The stage's layers as consecutive global ranges of `group` layers (the last may be
+    shorter)."""
+    if group < 1:
+      raise ValueError(f"layer group size must be >= 1, got {group}")
+    return [(a, min(a + group, self.stop)) for a in range(self.start, self.stop, group)]
+
+  def prefill_layerwise(self, params, cache: KVCache, x, positions, emit, group: int = 1):
+    """The prefill, one layer group at a time: after group [a, b) (global) is dispatched,
+    `emit((a, b), cache)` runs on this thread with the cache holding those layers (the next
+    group donates it, so `emit` must dispatch what it reads before returning; XLA orders those
+    reads before the donation). Returns (cache, out) as `prefill`; `cache` is donated."""
+    x, positions = self.to_stage(x), self.to_stage(jnp.asarray(positions, jnp.int32))
+    for a, b in self.layer_groups(group):
+      cache, x = self._prefill_group(params, cache, x, positions, a, b)
+      emit((a, b), cache)
+    return cache, x
+
+  def _prefill_group(self, params, cache, x, positions, a: int, b: int):
+    """(cache, out) of the prefill of global layers [a, b) of this stage (inputs placed)."""
+    raise NotImplementedError
+
 
 class StageProgram(StageSlot):
   """Compiled steps of stage `s` of `plan` on `mesh`."""
@@ -51,6 +80,7 @@ class StageProgram(StageSlot):
     out = (self._cache_sharding, rep)
     self._prefill = jit(prefill, donate_argnums=(1,), out_shardings=out)
     self._decode = jit(decode, donate_argnums=(1,), out_shardings=out)
+    self._groups: dict[tuple[int, int], object] = {}   # (a, b) -> jitted group prefill
 
   def place_params(self, params):
     """This stage's subset of the whole model's params, placed (and sharded) on its devices."""
@@ -77,6 +107,14 @@ class StageProgram(StageSlot):
     """See `step_functions`; `cache` is donated."""
     return self._run(self._decode, params, cache, x, positions)
 
+  def _prefill_group(self, params, cache, x, positions, a, b):
+    fn = self._groups.get((a, b))
+    if fn is None:
+      fn = self._groups[(a, b)] = jit(_group_prefill(self.cfg, self.start, a, b),
+                                      donate_argnums=(1,),
+                                      out_shardings=(self._cache_sharding, self._rep))
+    return self._run(fn, params, cache, x, positions)
+
   def _run(self, fn, params, cache, x, positions):
     x, positions = self.to_stage(x), self.to_stage(jnp.asarray(positions, jnp.int32))
     if self.tensor == 1:
@@ -85,3 +123,18 @@ class StageProgram(StageSlot):
       out = fn(params, cache, x, positions)
       jax.block_until_ready(out)
       return out
+
+
+def _group_prefill(cfg: ModelConfig, base: int, a: int, b: int):
+  """prefill(params, cache, x, positions) of global layers [a, b) over a stage's whole cache
+  (whose layer 0 is global layer `base`): the stage [a, b)'s prefill on that slice of it."""
+  prefill, _ = step_functions(cfg, a, b)
+
+  def fn(params, cache: KVCache, x, positions):
+    lo, hi = a - base, b - base
+    sub = KVCache(k=cache.k[lo:hi], v=cache.v[lo:hi], lengths=cache.lengths)
+    sub, out = prefill(stage_params(cfg, params, a, b), sub, x, positions)
+    return KVCache(k=cache.k.at[lo:hi].set(sub.k), v=cache.v.at[lo:hi].set(sub.v),
+                   lengths=sub.lengths), out
+
+  return fn
