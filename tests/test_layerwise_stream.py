@@ -6,10 +6,15 @@ step has finished. Oracle for the tokens: `fake_generate`."""
 import itertools
 import threading
 
+import jax
+import numpy as np
 import pytest
 
 from dejavu_jax.config import ServeConfig, tiny_config
-from dejavu_jax.pipeline.fake import fake_generate
+from dejavu_jax.models import init_params
+from dejavu_jax.pipeline.fake import FakeProgram, fake_generate
+from dejavu_jax.pipeline.plan import make_mesh, plan_stages
+from dejavu_jax.pipeline.stage import StageProgram
 from dejavu_jax.serving.disagg_engine import DisaggregatedEngine
 from dejavu_jax.serving.workload import Request
 
@@ -103,3 +108,72 @@ def test_whole_stage_ablation_sends_after_the_step():
       # One packet per overlapping token stage, all after the step.
       assert [r[5] for r in landed] == list(owners)
       assert all(r[0] > done[0] for r in landed)
+
+
+def _stage_run(program_cls, cfg, params, stages, tensor, group):
+  """Both prefills of every stage of a `stages` x `tensor` plan, chained: [(whole, layerwise,
+  emitted layer ranges)] per stage, as host arrays."""
+  plan = plan_stages(cfg, stages, None, tensor, num_devices=stages * tensor)
+  mesh = make_mesh(plan, jax.devices()[:stages * tensor])
+  tokens = np.array([[5, 9, 2, 7, 1], [3, 4, 0, 0, 0]], np.int32)
+  positions = np.array([[0, 1, 2, 3, 4], [0, 1, -1, -1, -1]], np.int32)
+  x_whole = x_layer = tokens
+  out = []
+  for s in range(stages):
+    prog = program_cls(cfg, plan, mesh, s)
+    p = prog.place_params(params)
+    c_whole, x_whole = prog.prefill(p, prog.new_cache(2, 16), x_whole, positions)
+    emitted = []
+    c_layer, x_layer = prog.prefill_layerwise(p, prog.new_cache(2, 16), x_layer, positions,
+                                              lambda layers, c: emitted.append(layers), group)
+    out.append((jax.device_get((c_whole, x_whole)), jax.device_get((c_layer, x_layer)), emitted))
+  return out
+
+
+@pytest.mark.timeout(120)
+def test_layerwise_prefill_equals_whole_stage_prefill():
+  """Program level: the fake program exactly (groups of 2 over stages of 3 layers), the tiny
+  transformer to float tolerance with the same greedy token."""
+  for (whole, layer, emitted), (lo, hi) in zip(_stage_run(FakeProgram, CFG, None, 2, 1, 2),
+                                               ((0, 3), (3, 6))):
+    assert emitted == [(lo, lo + 2), (lo + 2, hi)]
+    for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(layer)):
+      np.testing.assert_array_equal(a, b)
+  # Tensor 2 (the collective-lock path); tensor 1 is the engine's real-model test.
+  cfg = tiny_config("opt", num_layers=2, max_positions=32)
+  ((whole, layer, emitted),) = _stage_run(StageProgram, cfg, init_params(cfg, jax.random.key(0)),
+                                          1, 2, 1)
+  assert emitted == [(0, 1), (1, 2)]   # the embedding runs with the first, the head the last
+  for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(layer)):
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-5,
+                               atol=1e-5)
+  np.testing.assert_array_equal(whole[1].argmax(-1), layer[1].argmax(-1))
+  plan = plan_stages(CFG, 1)
+  with pytest.raises(ValueError, match="layer group size"):
+    FakeProgram(CFG, plan, make_mesh(plan), 0).layer_groups(0)
+
+
+@pytest.mark.timeout(60)
+def test_host_slot_completes_when_its_last_layer_lands_in_any_order():
+  from dejavu_jax.kv.cache import KVCache  # pylint: disable=g-import-not-at-top
+  from dejavu_jax.stream.packing import to_host  # pylint: disable=g-import-not-at-top
+  from dejavu_jax.stream.route import stream_out_layers  # pylint: disable=g-import-not-at-top
+  from dejavu_jax.stream.slots import HostSlots  # pylint: disable=g-import-not-at-top
+  k = np.arange(3 * 2 * 16 * 1 * 2, dtype=np.float32).reshape(3, 2, 16, 1, 2)
+  cache = KVCache(k=k, v=-k, lengths=np.array([16, 16], np.int32))   # global layers 2..4
+  slots = HostSlots(1, (2, 5), 2, 16, 1, 2, np.float32)
+  assert slots.reserve(7)
+  for n, layer in enumerate((4, 2, 3)):
+    ((d, packet),) = stream_out_layers(cache, 2, (layer, layer + 1), ((0, 2), (2, 5)), size=16)
+    assert d == 1 and packet.layers == (layer, layer + 1)
+    if n < 2:
+      assert not slots.write(7, to_host(packet), cache.lengths)
+      with pytest.raises(ValueError, match="have not landed"):
+        slots.read(7)
+    else:
+      assert slots.write(7, to_host(packet), cache.lengths)   # the last layer completes it
+  got = slots.read(7)
+  np.testing.assert_array_equal(got.k, k)
+  np.testing.assert_array_equal(got.v, -k)
+  with pytest.raises(ValueError, match="not inside"):
+    stream_out_layers(cache, 2, (1, 3), ((0, 2), (2, 5)))
