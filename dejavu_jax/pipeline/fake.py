@@ -34,10 +34,13 @@ MOD = 1009
 
 
 def _stage_step(cfg: ModelConfig, start: int, stop: int, cache: KVCache, x, positions,
-                lo: int = 0, hi: int | None = None):
+                lo=0, hi=None, head: bool | None = None):
   """(cache, out): out is logits [B, V] on the last stage, else hidden [B, T] (int32). Only the
-  stage's local layers [lo, hi) run (default all): a layer group of a layer-wise prefill."""
+  stage's local layers [lo, hi) run (default all; traced: one program for every layer group of a
+  layer-wise prefill), and `head` (default: this is the last stage) says whether they end the
+  model."""
   hi = stop - start if hi is None else hi
+  head = stop == cfg.num_layers if head is None else head
   if positions.ndim == 1:
     positions = positions[:, None]
   h = x if x.ndim == 2 else x[:, None]                                  # [B, T]
@@ -62,7 +65,7 @@ def _stage_step(cfg: ModelConfig, start: int, stop: int, cache: KVCache, x, posi
   k, v, h = jax.lax.fori_loop(lo, hi, layer, (cache.k, cache.v, h))
   lengths = jnp.maximum(cache.lengths, positions.max(axis=1) + 1)
   cache = KVCache(k=k, v=v, lengths=lengths)
-  if start + hi != cfg.num_layers:
+  if not head:
     return cache, h
   last = jnp.take_along_axis(h, jnp.argmax(positions, axis=1)[:, None], axis=1)[:, 0]
   return cache, jax.nn.one_hot(last % cfg.vocab_size, cfg.vocab_size, dtype=jnp.float32)
@@ -102,15 +105,16 @@ def _decode_step(cfg: ModelConfig, start: int, stop: int, cache: KVCache, x, pos
   return cache, jax.nn.one_hot(h % cfg.vocab_size, cfg.vocab_size, dtype=jnp.float32)
 
 
-def _prefill(cfg, start, stop, cache, x, positions, lo=0, hi=None):
+def _prefill(cfg, start, stop, cache, x, positions, lo=0, hi=None, head=None):
   # Every layer group resets the lengths too: each ends with the same max(positions) + 1.
   cache = cache.replace(lengths=jnp.zeros_like(cache.lengths))
-  return _stage_step(cfg, start, stop, cache, x, positions, lo, hi)
+  return _stage_step(cfg, start, stop, cache, x, positions, lo, hi, head)
 
 
 # Module-level and keyed by (cfg, start, stop): every engine of a test session or a failure
 # campaign shares the compiled steps instead of compiling its own.
-_PREFILL = jax.jit(_prefill, static_argnums=(0, 1, 2, 6, 7), donate_argnums=(3,))
+_PREFILL = jax.jit(_prefill, static_argnums=(0, 1, 2), donate_argnums=(3,))
+_PREFILL_GROUP = jax.jit(_prefill, static_argnums=(0, 1, 2, 8), donate_argnums=(3,))
 _DECODE = jax.jit(_decode_step, static_argnums=(0, 1, 2), donate_argnums=(3,))
 
 
@@ -142,8 +146,9 @@ class FakeProgram(StageSlot):
 
   def _prefill_group(self, params, cache, x, positions, a, b):
     del params
-    return _PREFILL(self.cfg, self.start, self.stop, cache, x, positions, a - self.start,
-                    b - self.start)
+    return _PREFILL_GROUP(self.cfg, self.start, self.stop, cache, x, positions,
+                          jnp.int32(a - self.start), jnp.int32(b - self.start),
+                          b == self.cfg.num_layers)
 
   def decode(self, params, cache: KVCache, x, positions):
     """`cache` is donated."""
