@@ -124,8 +124,19 @@ def _stage_run(program_cls, cfg, params, stages, tensor, group):
     p = prog.place_params(params)
     c_whole, x_whole = prog.prefill(p, prog.new_cache(2, 16), x_whole, positions)
     emitted = []
+    packed = []
+
+    def emit(layers, c, packets):
+      emitted.append(layers)
+      packed.extend(packets)
+
+    # Each group packs its first layer: the packets must equal the whole prefill's cache there.
     c_layer, x_layer = prog.prefill_layerwise(p, prog.new_cache(2, 16), x_layer, positions,
-                                              lambda layers, c: emitted.append(layers), group)
+                                              emit, group, lambda a, b: [(a, a + 1)])
+    for pk in jax.device_get(packed):
+      np.testing.assert_allclose(np.asarray(pk.data[0][:, :, :5], np.float32), np.asarray(
+          c_whole.k[pk.layers[0] - prog.start:pk.layers[1] - prog.start, :, :5], np.float32),
+                                 rtol=1e-5, atol=1e-5)
     out.append((jax.device_get((c_whole, x_whole)), jax.device_get((c_layer, x_layer)), emitted))
   return out
 

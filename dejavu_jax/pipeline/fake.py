@@ -29,6 +29,7 @@ from dejavu_jax.config import ModelConfig
 from dejavu_jax.kv.cache import KVCache, init_cache_for
 from dejavu_jax.pipeline import plan as plan_lib
 from dejavu_jax.pipeline.stage import StageSlot
+from dejavu_jax.stream import packing
 
 MOD = 1009
 
@@ -144,11 +145,14 @@ class FakeProgram(StageSlot):
     return _PREFILL(self.cfg, self.start, self.stop, cache, self.to_stage(x),
                     self.to_stage(jnp.asarray(positions, jnp.int32)))
 
-  def _prefill_group(self, params, cache, x, positions, a, b):
+  def _prefill_group(self, params, cache, x, positions, a, b, ranges):
     del params
-    return _PREFILL_GROUP(self.cfg, self.start, self.stop, cache, x, positions,
-                          jnp.int32(a - self.start), jnp.int32(b - self.start),
-                          b == self.cfg.num_layers)
+    cache, out = _PREFILL_GROUP(self.cfg, self.start, self.stop, cache, x, positions,
+                                jnp.int32(a - self.start), jnp.int32(b - self.start),
+                                b == self.cfg.num_layers)
+    size = int(positions.shape[1])
+    return cache, out, [packing.gather(cache, 0, size, (r0 - self.start, r1 - self.start),
+                                       layer_base=self.start) for r0, r1 in ranges]
 
   def decode(self, params, cache: KVCache, x, positions):
     """`cache` is donated."""

@@ -18,12 +18,14 @@ import threading
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dejavu_jax.config import ModelConfig
 from dejavu_jax.kv.cache import KVCache, init_cache_for
 from dejavu_jax.models.decoder import stage_params
 from dejavu_jax.models.generate import jit, step_functions
 from dejavu_jax.pipeline import plan as plan_lib
+from dejavu_jax.stream import packing
 
 # XLA collectives on forced CPU devices, dispatched asynchronously from several threads, can
 # deadlock (measured: about half the runs; see DESIGN.md "Runtimes"). Tensor-parallel stages
@@ -51,19 +53,24 @@ class StageSlot:
       raise ValueError(f"layer group size must be >= 1, got {group}")
     return [(a, min(a + group, self.stop)) for a in range(self.start, self.stop, group)]
 
-  def prefill_layerwise(self, params, cache: KVCache, x, positions, emit, group: int = 1):
-    """The prefill, one layer group at a time: after group [a, b) (global) is dispatched,
-    `emit((a, b), cache)` runs on this thread with the cache holding those layers (the next
-    group donates it, so `emit` must dispatch what it reads before returning; XLA orders those
-    reads before the donation). Returns (cache, out) as `prefill`; `cache` is donated."""
+  def prefill_layerwise(self, params, cache: KVCache, x, positions, emit, group: int = 1,
+                        pack=None):
+    """The prefill, one layer group at a time. After group [a, b) (global) is dispatched,
+    `emit((a, b), cache, packets)` runs on this thread: `packets` are the prompt's KV of the
+    global ranges `pack(a, b)` names (default none), as `stream.packing.Packed` (positions
+    [0, prompt bucket)), already dispatched. `cache` holds layers up to b; the next group donates
+    it, so what `emit` reads of it must be dispatched before it returns (XLA orders those reads
+    before the donation). Returns (cache, out) as `prefill`; `cache` is donated."""
     x, positions = self.to_stage(x), self.to_stage(jnp.asarray(positions, jnp.int32))
     for a, b in self.layer_groups(group):
-      cache, x = self._prefill_group(params, cache, x, positions, a, b)
-      emit((a, b), cache)
+      ranges = tuple(tuple(r) for r in pack(a, b)) if pack is not None else ()
+      cache, x, packets = self._prefill_group(params, cache, x, positions, a, b, ranges)
+      emit((a, b), cache, packets)
     return cache, x
 
-  def _prefill_group(self, params, cache, x, positions, a: int, b: int):
-    """(cache, out) of the prefill of global layers [a, b) of this stage (inputs placed)."""
+  def _prefill_group(self, params, cache, x, positions, a: int, b: int, ranges):
+    """(cache, out, [Packed of each global range in `ranges`]) of the prefill of global layers
+    [a, b) of this stage (inputs placed)."""
     raise NotImplementedError
 
 
@@ -107,12 +114,15 @@ class StageProgram(StageSlot):
     """See `step_functions`; `cache` is donated."""
     return self._run(self._decode, params, cache, x, positions)
 
-  def _prefill_group(self, params, cache, x, positions, a, b):
-    fn = self._groups.get((a, b))
+  def _prefill_group(self, params, cache, x, positions, a, b, ranges):
+    # The packets are gathered inside the group's program: a separate gather program still
+    # reading the cache when the next group donates it made XLA:CPU steps markedly slower.
+    key = (a, b, ranges, int(np.shape(positions)[1]))
+    fn = self._groups.get(key)
     if fn is None:
-      fn = self._groups[(a, b)] = jit(_group_prefill(self.cfg, self.start, a, b),
-                                      donate_argnums=(1,),
-                                      out_shardings=(self._cache_sharding, self._rep))
+      fn = self._groups[key] = jit(_group_prefill(self.cfg, self.start, a, b, ranges, key[3]),
+                                   donate_argnums=(1,),
+                                   out_shardings=(self._cache_sharding, self._rep, self._rep))
     return self._run(fn, params, cache, x, positions)
 
   def _run(self, fn, params, cache, x, positions):
@@ -125,16 +135,20 @@ class StageProgram(StageSlot):
       return out
 
 
-def _group_prefill(cfg: ModelConfig, base: int, a: int, b: int):
-  """prefill(params, cache, x, positions) of global layers [a, b) over a stage's whole cache
-  (whose layer 0 is global layer `base`): the stage [a, b)'s prefill on that slice of it."""
+def _group_prefill(cfg: ModelConfig, base: int, a: int, b: int, ranges=(), size: int = 0):
+  """prefill(params, cache, x, positions) -> (cache, out, packets) of global layers [a, b) over a
+  stage's whole cache (whose layer 0 is global layer `base`): the stage [a, b)'s prefill on that
+  slice of it, plus positions [0, size) of the global layer ranges `ranges`, packed."""
   prefill, _ = step_functions(cfg, a, b)
 
   def fn(params, cache: KVCache, x, positions):
     lo, hi = a - base, b - base
     sub = KVCache(k=cache.k[lo:hi], v=cache.v[lo:hi], lengths=cache.lengths)
     sub, out = prefill(stage_params(cfg, params, a, b), sub, x, positions)
-    return KVCache(k=cache.k.at[lo:hi].set(sub.k), v=cache.v.at[lo:hi].set(sub.v),
-                   lengths=sub.lengths), out
+    cache = KVCache(k=cache.k.at[lo:hi].set(sub.k), v=cache.v.at[lo:hi].set(sub.v),
+                    lengths=sub.lengths)
+    packets = [packing.gather(cache, 0, size, (r0 - base, r1 - base), layer_base=base)
+               for r0, r1 in ranges]
+    return cache, out, packets
 
   return fn

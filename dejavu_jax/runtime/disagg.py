@@ -6,9 +6,9 @@ Two worker sets over disjoint devices of the mesh, each a `LocalRuntime` of its 
   their KV to the token stages that own each layer, into the token workers' host slots. Layer-wise
   (the default, `PromptRuntime(layerwise=True)`): the worker thread runs the prefill one layer
   group at a time (`StageSlot.prefill_layerwise`, one jitted program per group) and, right after
-  dispatching group l, dispatches the gathers of l's layers for the token stages owning them
-  (`stream.route.stream_out_layers`) and hands them to its sender thread; it does not wait for
-  them, so group l's device-to-host copy overlaps group l+1's compute. The sender thread blocks on
+  dispatching group l (whose program also packs l's layers for the token stages owning them,
+  `stream.route.owners`) hands those packets to its sender thread; it does not wait for them,
+  so group l's device-to-host copy overlaps group l+1's compute. The sender thread blocks on
   each packet's copy to host (`to_host`) and delivers it (one delivery per layer group and
   owning token stage, in layer order). Whole-stage (`layerwise=False`, the streaming ablation):
   one jitted prefill, then one packet per overlapping token stage (`stream_out`) after the step.
@@ -40,7 +40,7 @@ import numpy as np
 from dejavu_jax.kv.cache import init_cache_for
 from dejavu_jax.runtime.local import LocalRuntime, LocalWorker, PeerDead, _Free
 from dejavu_jax.stream.packing import to_host
-from dejavu_jax.stream.route import stream_out, stream_out_layers
+from dejavu_jax.stream.route import owners, stream_out
 from dejavu_jax.stream.slots import HostSlots
 
 
@@ -97,16 +97,17 @@ class PromptWorker(LocalWorker):
     size = int(np.shape(msg.positions)[1])   # the prompt bucket
     lengths = []   # the step's row lengths, final after the first group
 
-    def emit(layers, cache):
-      packets = stream_out_layers(cache, self._program.start, layers, rt.token_splits, start=0,
-                                  size=size)
+    pack = lambda a, b: [r for _, r in owners((a, b), rt.token_splits)]  # noqa: E731
+
+    def emit(layers, cache, packets):
       if not lengths:   # a copy: the next group donates the cache, its lengths included
         lengths.append(jnp.copy(cache.lengths))
+      dsts = [d for d, _ in owners(layers, rt.token_splits)]
       rt.trace("dispatched", self.stage, msg.mb_id, layers)
-      self._sender.submit(self._send, msg.mb_id, packets, lengths[0])
+      self._sender.submit(self._send, msg.mb_id, list(zip(dsts, packets)), lengths[0])
 
     return lambda params, cache, x, positions: self._program.prefill_layerwise(
-        params, cache, x, positions, emit, rt.layer_group)
+        params, cache, x, positions, emit, rt.layer_group, pack)
 
   def _after_compute(self, msg, cache) -> None:
     rt = self._rt

@@ -105,15 +105,17 @@ def stream_out_layers(cache: KVCache, layer_base: int, layers: Range, dst: Split
   if not layer_base <= lo < hi <= layer_base + cache.num_layers:
     raise ValueError(f"layers {tuple(layers)} are not inside the cache's "
                      f"[{layer_base}, {layer_base + cache.num_layers})")
+  return [(d, gather_lib.gather(cache, start, cache.max_len if size is None else size,
+                                (a - layer_base, b - layer_base), layer_base=layer_base))
+          for d, (a, b) in owners(layers, dst)]
+
+
+def owners(layers: Range, dst: Splits) -> list[tuple[int, Range]]:
+  """[(destination stage, the part of global `layers` it owns)], in destination order."""
   check_splits(dst)
-  out = []
-  for d, (b0, b1) in enumerate(dst):
-    a, b = max(lo, b0), min(hi, b1)
-    if a < b:
-      out.append((d, gather_lib.gather(cache, start, cache.max_len if size is None else size,
-                                       (a - layer_base, b - layer_base),
-                                       layer_base=layer_base)))
-  return out
+  lo, hi = int(layers[0]), int(layers[1])
+  return [(d, (max(lo, b0), min(hi, b1))) for d, (b0, b1) in enumerate(dst)
+          if max(lo, b0) < min(hi, b1)]
 
 
 def stream_in(cache: KVCache, packets: Iterable[Packed], stage: int, dst: Splits) -> KVCache:
