@@ -337,6 +337,9 @@ class ServeConfig:
   token_stages: int = 0
   host_slots: int | None = None
   stream_link: str | None = None
+  # layerwise_stream: prompt workers prefill layer by layer and stream each layer's KV as soon as
+  # it is dispatched (False: one packet per token stage after the whole stage step; the ablation).
+  layerwise_stream: bool = True
   # ---- runtime (issue 14): where the workers run ----
   runtime: str = "local"
   ray_address: str | None = None

@@ -29,12 +29,19 @@ from dejavu_jax.config import ModelConfig
 from dejavu_jax.kv.cache import KVCache, init_cache_for
 from dejavu_jax.pipeline import plan as plan_lib
 from dejavu_jax.pipeline.stage import StageSlot
+from dejavu_jax.stream import packing
 
 MOD = 1009
 
 
-def _stage_step(cfg: ModelConfig, start: int, stop: int, cache: KVCache, x, positions):
-  """(cache, out): out is logits [B, V] on the last stage, else hidden [B, T] (int32)."""
+def _stage_step(cfg: ModelConfig, start: int, stop: int, cache: KVCache, x, positions,
+                lo=0, hi=None, head: bool | None = None):
+  """(cache, out): out is logits [B, V] on the last stage, else hidden [B, T] (int32). Only the
+  stage's local layers [lo, hi) run (default all; traced: one program for every layer group of a
+  layer-wise prefill), and `head` (default: this is the last stage) says whether they end the
+  model."""
+  hi = stop - start if hi is None else hi
+  head = stop == cfg.num_layers if head is None else head
   if positions.ndim == 1:
     positions = positions[:, None]
   h = x if x.ndim == 2 else x[:, None]                                  # [B, T]
@@ -56,10 +63,10 @@ def _stage_step(cfg: ModelConfig, start: int, stop: int, cache: KVCache, x, posi
     total = jnp.einsum("bts,bs->bt", sees.astype(jnp.float32), k0)       # [B, T]
     return k, v, (h + 1 + jnp.round(total).astype(jnp.int32)) % MOD
 
-  k, v, h = jax.lax.fori_loop(0, stop - start, layer, (cache.k, cache.v, h))
+  k, v, h = jax.lax.fori_loop(lo, hi, layer, (cache.k, cache.v, h))
   lengths = jnp.maximum(cache.lengths, positions.max(axis=1) + 1)
   cache = KVCache(k=k, v=v, lengths=lengths)
-  if stop != cfg.num_layers:
+  if not head:
     return cache, h
   last = jnp.take_along_axis(h, jnp.argmax(positions, axis=1)[:, None], axis=1)[:, 0]
   return cache, jax.nn.one_hot(last % cfg.vocab_size, cfg.vocab_size, dtype=jnp.float32)
@@ -99,14 +106,16 @@ def _decode_step(cfg: ModelConfig, start: int, stop: int, cache: KVCache, x, pos
   return cache, jax.nn.one_hot(h % cfg.vocab_size, cfg.vocab_size, dtype=jnp.float32)
 
 
-def _prefill(cfg, start, stop, cache, x, positions):
+def _prefill(cfg, start, stop, cache, x, positions, lo=0, hi=None, head=None):
+  # Every layer group resets the lengths too: each ends with the same max(positions) + 1.
   cache = cache.replace(lengths=jnp.zeros_like(cache.lengths))
-  return _stage_step(cfg, start, stop, cache, x, positions)
+  return _stage_step(cfg, start, stop, cache, x, positions, lo, hi, head)
 
 
 # Module-level and keyed by (cfg, start, stop): every engine of a test session or a failure
 # campaign shares the compiled steps instead of compiling its own.
 _PREFILL = jax.jit(_prefill, static_argnums=(0, 1, 2), donate_argnums=(3,))
+_PREFILL_GROUP = jax.jit(_prefill, static_argnums=(0, 1, 2, 8), donate_argnums=(3,))
 _DECODE = jax.jit(_decode_step, static_argnums=(0, 1, 2), donate_argnums=(3,))
 
 
@@ -135,6 +144,15 @@ class FakeProgram(StageSlot):
     del params
     return _PREFILL(self.cfg, self.start, self.stop, cache, self.to_stage(x),
                     self.to_stage(jnp.asarray(positions, jnp.int32)))
+
+  def _prefill_group(self, params, cache, x, positions, a, b, ranges):
+    del params
+    cache, out = _PREFILL_GROUP(self.cfg, self.start, self.stop, cache, x, positions,
+                                jnp.int32(a - self.start), jnp.int32(b - self.start),
+                                b == self.cfg.num_layers)
+    size = int(positions.shape[1])
+    return cache, out, [packing.gather(cache, 0, size, (r0 - self.start, r1 - self.start),
+                                       layer_base=self.start) for r0, r1 in ranges]
 
   def decode(self, params, cache: KVCache, x, positions):
     """`cache` is donated."""

@@ -3,6 +3,13 @@
 Stateless: the worker that runs it owns the params and the per-microbatch KV caches. Shapes are
 static per (microbatch size, prompt bucket, cache length), so serving compiles a handful of
 programs per stage and decoding never recompiles. Cache arguments are donated.
+
+A prefill can also run layer group by layer group (`StageSlot.prefill_layerwise`): one jitted
+program per group [a, b) of the stage's layers (the embedding runs with the first, the head with
+the last), dispatched from a Python loop on the caller's thread, which is handed the cache after
+each group is dispatched (a disaggregated prompt worker streams that group's KV from there while
+the next group computes). The groups run the same stage function as a pipeline split at their
+boundaries would, so the tokens are the whole-stage prefill's.
 """
 
 from __future__ import annotations
@@ -11,12 +18,14 @@ import threading
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dejavu_jax.config import ModelConfig
 from dejavu_jax.kv.cache import KVCache, init_cache_for
 from dejavu_jax.models.decoder import stage_params
 from dejavu_jax.models.generate import jit, step_functions
 from dejavu_jax.pipeline import plan as plan_lib
+from dejavu_jax.stream import packing
 
 # XLA collectives on forced CPU devices, dispatched asynchronously from several threads, can
 # deadlock (measured: about half the runs; see DESIGN.md "Runtimes"). Tensor-parallel stages
@@ -37,6 +46,33 @@ class StageSlot:
     self.tensor = plan.tensor
     self.devices = tuple(self.sub.devices.flat)
 
+  def layer_groups(self, group: int = 1) -> list[tuple[int, int]]:
+    """The stage's layers as consecutive global ranges of `group` layers (the last may be
+    shorter)."""
+    if group < 1:
+      raise ValueError(f"layer group size must be >= 1, got {group}")
+    return [(a, min(a + group, self.stop)) for a in range(self.start, self.stop, group)]
+
+  def prefill_layerwise(self, params, cache: KVCache, x, positions, emit, group: int = 1,
+                        pack=None):
+    """The prefill, one layer group at a time. After group [a, b) (global) is dispatched,
+    `emit((a, b), cache, packets)` runs on this thread: `packets` are the prompt's KV of the
+    global ranges `pack(a, b)` names (default none), as `stream.packing.Packed` (positions
+    [0, prompt bucket)), already dispatched. `cache` holds layers up to b; the next group donates
+    it, so what `emit` reads of it must be dispatched before it returns (XLA orders those reads
+    before the donation). Returns (cache, out) as `prefill`; `cache` is donated."""
+    x, positions = self.to_stage(x), self.to_stage(jnp.asarray(positions, jnp.int32))
+    for a, b in self.layer_groups(group):
+      ranges = tuple(tuple(r) for r in pack(a, b)) if pack is not None else ()
+      cache, x, packets = self._prefill_group(params, cache, x, positions, a, b, ranges)
+      emit((a, b), cache, packets)
+    return cache, x
+
+  def _prefill_group(self, params, cache, x, positions, a: int, b: int, ranges):
+    """(cache, out, [Packed of each global range in `ranges`]) of the prefill of global layers
+    [a, b) of this stage (inputs placed)."""
+    raise NotImplementedError
+
 
 class StageProgram(StageSlot):
   """Compiled steps of stage `s` of `plan` on `mesh`."""
@@ -51,6 +87,7 @@ class StageProgram(StageSlot):
     out = (self._cache_sharding, rep)
     self._prefill = jit(prefill, donate_argnums=(1,), out_shardings=out)
     self._decode = jit(decode, donate_argnums=(1,), out_shardings=out)
+    self._groups: dict[tuple[int, int], object] = {}   # (a, b) -> jitted group prefill
 
   def place_params(self, params):
     """This stage's subset of the whole model's params, placed (and sharded) on its devices."""
@@ -77,6 +114,17 @@ class StageProgram(StageSlot):
     """See `step_functions`; `cache` is donated."""
     return self._run(self._decode, params, cache, x, positions)
 
+  def _prefill_group(self, params, cache, x, positions, a, b, ranges):
+    # The packets are gathered inside the group's program: a separate gather program still
+    # reading the cache when the next group donates it made XLA:CPU steps markedly slower.
+    key = (a, b, ranges, int(np.shape(positions)[1]))
+    fn = self._groups.get(key)
+    if fn is None:
+      fn = self._groups[key] = jit(_group_prefill(self.cfg, self.start, a, b, ranges, key[3]),
+                                   donate_argnums=(1,),
+                                   out_shardings=(self._cache_sharding, self._rep, self._rep))
+    return self._run(fn, params, cache, x, positions)
+
   def _run(self, fn, params, cache, x, positions):
     x, positions = self.to_stage(x), self.to_stage(jnp.asarray(positions, jnp.int32))
     if self.tensor == 1:
@@ -85,3 +133,22 @@ class StageProgram(StageSlot):
       out = fn(params, cache, x, positions)
       jax.block_until_ready(out)
       return out
+
+
+def _group_prefill(cfg: ModelConfig, base: int, a: int, b: int, ranges=(), size: int = 0):
+  """prefill(params, cache, x, positions) -> (cache, out, packets) of global layers [a, b) over a
+  stage's whole cache (whose layer 0 is global layer `base`): the stage [a, b)'s prefill on that
+  slice of it, plus positions [0, size) of the global layer ranges `ranges`, packed."""
+  prefill, _ = step_functions(cfg, a, b)
+
+  def fn(params, cache: KVCache, x, positions):
+    lo, hi = a - base, b - base
+    sub = KVCache(k=cache.k[lo:hi], v=cache.v[lo:hi], lengths=cache.lengths)
+    sub, out = prefill(stage_params(cfg, params, a, b), sub, x, positions)
+    cache = KVCache(k=cache.k.at[lo:hi].set(sub.k), v=cache.v.at[lo:hi].set(sub.v),
+                    lengths=sub.lengths)
+    packets = [packing.gather(cache, 0, size, (r0 - base, r1 - base), layer_base=base)
+               for r0, r1 in ranges]
+    return cache, out, packets
+
+  return fn

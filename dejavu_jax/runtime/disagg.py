@@ -2,11 +2,18 @@
 
 Two worker sets over disjoint devices of the mesh, each a `LocalRuntime` of its own depth:
 
-* a `PromptWorker` runs the prefill steps of its stage of the Dp-stage prompt pipeline. Right
-  after a step computed (before its output is handed on) it packs what each token stage owns of
-  its layers (`stream.route.stream_out`: one packet per overlapping token stage), gives its cache
-  buffer back to its pool, and a sender thread copies the packets to host and delivers them
-  into the token workers' host slots; the next prompt step does not wait for the transfer.
+* a `PromptWorker` runs the prefill steps of its stage of the Dp-stage prompt pipeline and streams
+  their KV to the token stages that own each layer, into the token workers' host slots. Layer-wise
+  (the default, `PromptRuntime(layerwise=True)`): the worker thread runs the prefill one layer
+  group at a time (`StageSlot.prefill_layerwise`, one jitted program per group) and, right after
+  dispatching group l (whose program also packs l's layers for the token stages owning them,
+  `stream.route.owners`) hands those packets to its sender thread; it does not wait for them,
+  so group l's device-to-host copy overlaps group l+1's compute. The sender thread blocks on
+  each packet's copy to host (`to_host`) and delivers it (one delivery per layer group and
+  owning token stage, in layer order). Whole-stage (`layerwise=False`, the streaming ablation):
+  one jitted prefill, then one packet per overlapping token stage (`stream_out`) after the step.
+  Either way the cache buffer goes back to its pool right after the step (the gathers are
+  dispatched first) and the next prompt step does not wait for the transfers.
 * a `TokenWorker` runs the decode steps of its stage of the Dt-stage token pipeline and owns
   bounded `HostSlots`. The engine reserves a slot on every token worker before a microbatch's
   prompt starts (`reserve_slot`); when a worker's slot holds every layer it owns, it reports
@@ -27,12 +34,13 @@ import concurrent.futures
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from dejavu_jax.kv.cache import init_cache_for
 from dejavu_jax.runtime.local import LocalRuntime, LocalWorker, PeerDead, _Free
 from dejavu_jax.stream.packing import to_host
-from dejavu_jax.stream.route import stream_out
+from dejavu_jax.stream.route import owners, stream_out
 from dejavu_jax.stream.slots import HostSlots
 
 
@@ -82,15 +90,35 @@ class PromptWorker(LocalWorker):
     super().__init__(runtime, program, params, options)
     self._sender = concurrent.futures.ThreadPoolExecutor(1, f"send-prompt-{self.stage}")
 
+  def _prefill_fn(self, msg):
+    rt = self._rt
+    if not rt.layerwise:
+      return self._program.prefill
+    size = int(np.shape(msg.positions)[1])   # the prompt bucket
+    lengths = []   # the step's row lengths, final after the first group
+
+    pack = lambda a, b: [r for _, r in owners((a, b), rt.token_splits)]  # noqa: E731
+
+    def emit(layers, cache, packets):
+      if not lengths:   # a copy: the next group donates the cache, its lengths included
+        lengths.append(jnp.copy(cache.lengths))
+      dsts = [d for d, _ in owners(layers, rt.token_splits)]
+      rt.trace("dispatched", self.stage, msg.mb_id, layers)
+      self._sender.submit(self._send, msg.mb_id, list(zip(dsts, packets)), lengths[0])
+
+    return lambda params, cache, x, positions: self._program.prefill_layerwise(
+        params, cache, x, positions, emit, rt.layer_group, pack)
+
   def _after_compute(self, msg, cache) -> None:
     rt = self._rt
-    size = int(np.shape(msg.positions)[1])   # the prompt bucket
-    packets = stream_out(cache, self.stage, rt.splits, rt.token_splits, start=0, size=size)
-    lengths = cache.lengths
+    rt.trace("step_done", self.stage, msg.mb_id, (self._program.start, self._program.stop))
+    if not rt.layerwise:
+      size = int(np.shape(msg.positions)[1])   # the prompt bucket
+      packets = stream_out(cache, self.stage, rt.splits, rt.token_splits, start=0, size=size)
+      self._sender.submit(self._send, msg.mb_id, packets, cache.lengths)
     # The gathers are dispatched: the buffer may be donated to the next prefill (XLA orders
     # the reads first), so it goes back to the pool now, not after the transfer.
     self._store.release(msg.mb_id)
-    self._sender.submit(self._send, msg.mb_id, packets, lengths)
 
   def _send(self, mb_id, packets, lengths) -> None:
     if self._stop.is_set():
@@ -100,7 +128,8 @@ class PromptWorker(LocalWorker):
       try:
         self._rt.deliver(dst, mb_id, to_host(packet), host_lengths)
       except PeerDead:
-        pass   # the token worker died: the engine requeues the microbatch
+        continue   # the token worker died: the engine requeues the microbatch
+      self._rt.trace("landed", self.stage, mb_id, packet.layers, dst)
 
   def stop(self, timeout: float = 10.0) -> None:
     super().stop(timeout)
@@ -181,12 +210,25 @@ class PromptRuntime(LocalRuntime):
   """The prompt pipeline's workers; `deliver` lands packets in the token runtime's workers."""
 
   def __init__(self, programs, params_for, depth, microbatch_size, max_len, pace, heartbeat_s,
-               splits, token_runtime: "TokenRuntime"):
+               splits, token_runtime: "TokenRuntime", layerwise: bool = True,
+               layer_group: int = 1):
     super().__init__(programs, params_for, depth, microbatch_size, max_len, pace, heartbeat_s)
+    if layer_group < 1:
+      raise ValueError(f"layer_group must be >= 1, got {layer_group}")
     self.worker_class = PromptWorker
     self.splits, self.token_splits = tuple(splits), tuple(token_runtime.splits)
     self.token_runtime = token_runtime
     self.events = _Tagged(token_runtime.events)
+    self.layerwise, self.layer_group = bool(layerwise), int(layer_group)
+    # Test hook: (event, prompt stage, mb_id, global layers[, token stage]) for "dispatched"
+    # (worker thread, a layer group's gathers dispatched), "landed" (sender thread, a packet
+    # delivered into a token worker's slot) and "step_done" (worker thread, the step computed).
+    self.tracer = None
+
+  def trace(self, event: str, stage: int, mb_id: int, layers, token_stage: int | None = None):
+    tracer = self.tracer
+    if tracer is not None:
+      tracer(event, stage, mb_id, tuple(layers), token_stage)
 
   def deliver(self, token_stage: int, mb_id: int, packet, lengths) -> None:
     self.token_runtime.worker(token_stage).receive_prompt(mb_id, packet, lengths)

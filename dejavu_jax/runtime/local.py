@@ -310,6 +310,11 @@ class LocalWorker:
     """A subclass's hook on the worker thread after a step computed, before its output is handed
     on (a prompt worker streams the step's KV from here: runtime/disagg.py)."""
 
+  def _prefill_fn(self, msg: Step):
+    """The prefill `msg` runs (a subclass's hook: a prompt worker's layer-wise prefill)."""
+    del msg
+    return self._program.prefill
+
   def _not_before(self, msg: Step) -> float:
     """Paced mode: a subclass's earliest modeled start of `msg` here beyond its input and this
     stage being ready (a token worker's modeled host-to-device load of a prompt cache)."""
@@ -358,7 +363,7 @@ class LocalWorker:
     swapped_in = False
     if msg.kind == "prefill":
       cache = store.for_prefill(msg.mb_id)
-      fn = program.prefill
+      fn = self._prefill_fn(msg)
       self._mb_rows[msg.mb_id] = msg.batch
     else:
       cache = store.get(msg.mb_id)

@@ -10,7 +10,8 @@ arrive on one channel. A microbatch's life:
      is reserved on each token worker before its prompt starts (flow control: otherwise the
      prompt waits, and so does every request behind it);
   2. its prefill runs through the prompt stages; each stage streams the KV of its layers to the
-     token stages that own them (stream.route) into the reserved host slots;
+     token stages that own them (stream.route) into the reserved host slots, layer by layer as
+     each is computed (`serve.layerwise_stream`; else once per stage step);
   3. the last prompt stage's logits give the first token (sampled here, as in the baseline);
   4. when every token worker reported its slot complete and the token pipeline holds fewer than
      Dt microbatches, it enters the token pipeline (microbatch injection): each token worker is
@@ -20,11 +21,13 @@ arrive on one channel. A microbatch's life:
 
 Failures (`FailureSpec.stage` numbers the prompt stages 0..Dp-1, then the token stages
 Dp..Dp+Dt-1). A prompt worker's death (heartbeat silence on the prompt side) replaces it and
-redoes every prompt whose cache had not completely landed: those microbatches go back to the front
-of the queue and their slots are freed; nothing on the token side is touched. A token worker's
-death is recovered by the configured strategy chain exactly as in the baseline engine (this class
-reuses `PipelineEngine`'s recovery, events, sampling and decode steps over the token pipeline);
-the microbatches still waiting in host slots of the dead worker are redone from their prompts.
+redoes every prompt whose cache had not completely landed or whose first token had not come
+(the prompt epoch changes: a prefill still in the prompt pipeline reports nothing): those
+microbatches go back to the front of the queue and their slots are freed; nothing on the token
+side is touched. A token worker's death is recovered by the configured strategy chain exactly as
+in the baseline engine (this class reuses `PipelineEngine`'s recovery, events, sampling and
+decode steps over the token pipeline); the microbatches still waiting in host slots of the dead
+worker are redone from their prompts.
 """
 
 from __future__ import annotations
@@ -140,7 +143,8 @@ class DisaggregatedEngine(PipelineEngine):
                                 sc.max_len, pace, sc.heartbeat_s, self.plan.ranges, slots)
     self.prompt_runtime = PromptRuntime(self.prompt_programs, self._prompt_params_for, self.Dp,
                                         sc.microbatch_size, sc.max_len, prompt_pace,
-                                        sc.heartbeat_s, self.prompt_plan.ranges, self.runtime)
+                                        sc.heartbeat_s, self.prompt_plan.ranges, self.runtime,
+                                        layerwise=sc.layerwise_stream)
     self.runtime.start(self.strategy.options())
     self.prompt_runtime.start(api.WorkerOptions())
     self._started = True
@@ -510,7 +514,10 @@ class DisaggregatedEngine(PipelineEngine):
       w = self.prompt_runtime.replace(s)
       w.set_epoch(self.prompt_epoch)
       self.prompt_controller.watch(s, w.worker_id)
-    lost = [m for m, p in self._prompt.items() if len(p.landed) < self.Dt]
+    # A prompt whose first token never came is redone even if its cache landed: streaming layer
+    # by layer, a stage that dies after its last layer streamed still never hands its output on.
+    lost = [m for m, p in self._prompt.items()
+            if len(p.landed) < self.Dt or not p.first_token]
     lost_requests = sum(self._unfinished(m) for m in lost)
     recomputed = sum(self._drop_prompt(sched, m, requeue="restart") for m in lost)
     self._released_at = time.perf_counter()

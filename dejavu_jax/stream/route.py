@@ -11,6 +11,8 @@ splits (a source stage straddles two destinations, a destination takes from two 
 
 - `stream_out` (sender side): one `Packed` per destination stage its layers overlap, each
   gathered into one contiguous buffer and named by global layers.
+- `stream_out_layers`: the same for one layer range of the source cache only (a layer-wise
+  prefill streams each layer group as soon as it is computed).
 - `stream_in` (receiver side): scatters packets into the stage's cache (donated).
 - `stream_out_to_logs`: the disaggregation one-liner, stream_out into the destinations' host KV
   logs through the async streamer.
@@ -93,6 +95,27 @@ def stream_out(cache: KVCache, stage: int, src: Splits, dst: Splits, *, start=0,
                             layer_base=base)
     out.append((r.dst_stage, p))
   return out
+
+
+def stream_out_layers(cache: KVCache, layer_base: int, layers: Range, dst: Splits, *, start=0,
+                      size: int | None = None) -> list[tuple[int, Packed]]:
+  """Packs global layers `layers` of `cache` (whose layer 0 is global `layer_base`) for the
+  destination stages that own them: [(destination stage, Packed)], in destination order."""
+  lo, hi = int(layers[0]), int(layers[1])
+  if not layer_base <= lo < hi <= layer_base + cache.num_layers:
+    raise ValueError(f"layers {tuple(layers)} are not inside the cache's "
+                     f"[{layer_base}, {layer_base + cache.num_layers})")
+  return [(d, gather_lib.gather(cache, start, cache.max_len if size is None else size,
+                                (a - layer_base, b - layer_base), layer_base=layer_base))
+          for d, (a, b) in owners(layers, dst)]
+
+
+def owners(layers: Range, dst: Splits) -> list[tuple[int, Range]]:
+  """[(destination stage, the part of global `layers` it owns)], in destination order."""
+  check_splits(dst)
+  lo, hi = int(layers[0]), int(layers[1])
+  return [(d, (max(lo, b0), min(hi, b1))) for d, (b0, b1) in enumerate(dst)
+          if max(lo, b0) < min(hi, b1)]
 
 
 def stream_in(cache: KVCache, packets: Iterable[Packed], stage: int, dst: Splits) -> KVCache:

@@ -7,8 +7,10 @@ Host memory is finite, so each token worker has a fixed number of slots, preallo
 
   reserve(mb)        the microbatch asks for a slot before anything is streamed for it; False
                      when every slot is held (the caller waits: backpressure on the prompt side)
-  write(mb, p, len)  a packet of global layers lands; True the first time the slot holds every
-                     layer of the worker (the prompt cache is complete here)
+  write(mb, p, len)  a packet of global layers lands (any sub-range: a layer-wise prompt worker
+                     sends one packet per layer, two prompt stages may feed one worker); True
+                     the first time the slot holds every layer of the worker (the prompt cache
+                     is complete here, whatever order the layers came in)
   read(mb)           the complete cache on the host (what the worker loads to its device)
   release(mb)        the slot is free again (the cache went to the device, or the microbatch
                      was lost)
