@@ -48,10 +48,13 @@ def get_config(arg=None):
     fc = figure_config(module_name, variant)
     if fc is not None:
       c.figures[name] = fc
-  if variant != "tiny" and "disaggregation" in c.figures:
-    # The engine's disaggregation study alone is ~40 min at its own config's size; the figure
-    # run keeps every system (baseline, planner split, neighbours) at two rates and 6 saturated
-    # microbatches per point, so that all figures regenerate within 30 minutes here.
-    c.figures.disaggregation.rates = (0.6, 1.2)
-    c.figures.disaggregation.num_microbatches = 6
+  if variant != "tiny":
+    # The engine studies at their own configs' sizes take ~40 min (disaggregation) and ~20 min
+    # (swapping) here; the figure run keeps every system of each at two rates, fewer
+    # microbatches per point, so that all figures regenerate within 30 minutes on 2 cores.
+    if "disaggregation" in c.figures:
+      c.figures.disaggregation.rates = (0.6, 1.2)
+      c.figures.disaggregation.num_microbatches = 4
+    if "swapping" in c.figures:
+      c.figures.swapping.loads = (0.5, 2.0)
   return c
