@@ -1,5 +1,5 @@
 """A few seconds of `configs/disaggregation.py`: OPT-125M on 2 machines, short outputs, steps
-paced at 1/50 of the modeled time (tests/test_disaggregation_experiment.py). It checks the
+paced at 1/50 of the modeled time (tests/test_figures.py, as the figure run's disaggregation figure). It checks the
 plumbing only: the modeled steps are far shorter than the real ones, so paced latencies are the
 machine's overheads, not the model's."""
 

@@ -58,7 +58,7 @@ def test_every_figure_on_its_tiny_config(tmp_path):
   assert "baseline" in plotted and any(s.startswith("disagg ") for s in plotted)
   assert len({r["rate"] for r in rows if "rate" in r}) == len(c.figures.disagg_sim.load)
 
-  # Swapping (engine, paced; was tests/test_swapping_experiment.py): no swapping at B vs
+  # Swapping (engine, paced): no swapping at B vs
   # swapping at 2B under one budget, tokens equal to the oracle, the budget never exceeded.
   rows = entries["swapping"]["rows"]
   assert _rows(tmp_path / "swapping" / "rows.jsonl") == rows
@@ -74,8 +74,8 @@ def test_every_figure_on_its_tiny_config(tmp_path):
   for png in ("rate_opt66b_a100.png", "context_sweep.png"):
     assert (tmp_path / "swapping" / png).stat().st_size > 0
 
-  # Disaggregation (engine, paced, and the simulator beside it; was
-  # tests/test_disaggregation_experiment.py): every system at every rate, tokens identical.
+  # Disaggregation (engine, paced, and the simulator beside it):
+  # every system at every rate, tokens identical.
   dc, rows = c.figures.disaggregation, entries["disaggregation"]["rows"]
   assert _rows(tmp_path / "disaggregation" / "results.jsonl") == json.loads(json.dumps(rows))
   systems = {r["system"] for r in rows}
