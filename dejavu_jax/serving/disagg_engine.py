@@ -56,8 +56,7 @@ from dejavu_jax.runtime import api
 from dejavu_jax.runtime.disagg import (FromPrompt, PromptLanded, PromptRuntime, SlotFreed,
                                        TokenRuntime)
 from dejavu_jax.serving import metrics as metrics_lib
-from dejavu_jax.serving.engine import (EngineError, EngineTimeout, PipelineEngine, ServeResult,
-                                       _record)
+from dejavu_jax.serving.engine import PipelineEngine, ServeResult, _record, finish_serve
 from dejavu_jax.serving.disagg_split import (DisaggregationError, check_split,  # noqa: F401
                                              default_host_slots, modeled_prompt_len,
                                              prompt_pace_fn)
@@ -294,23 +293,9 @@ class DisaggregatedEngine(PipelineEngine):
     summary.update(rejected=len(rejected), rejected_queue_full=queue_full,
                    max_queue_depth=max_depth, prompt_stages=self.Dp, token_stages=self.Dt,
                    host_slots=self.host_slots)
-    stats = self.worker_stats() + self.prompt_worker_stats()
-    if sc.pacing == "paced":
-      summary["paced_overruns"] = sum(
-          st.overruns - getattr(stats0.get(st.worker_id), "overruns", 0) for st in stats)
-    if events:
-      summary["failures"] = len(events)
-      summary["mean_recovery_s"] = float(np.mean([e.recovery_s for e in events]))
-    if error is not None:
-      summary["error"] = error
-    busy = [st.busy_s - getattr(stats0.get(st.worker_id), "busy_s", 0.0) for st in stats]
-    result = ServeResult(recs, rejected, summary, wall, busy, events, error)
-    if error is not None and raise_on_error:
-      done = sum(r.done for r in recs)
-      kind = EngineTimeout if isinstance(cause, TimeoutError) else EngineError
-      raise kind(f"serving failed with {done} of {len(recs)} admitted requests finished "
-                 f"(see .result): {error}", result) from cause
-    return result
+    return finish_serve(recs, rejected, summary, wall,
+                        self.worker_stats() + self.prompt_worker_stats(), stats0,
+                        sc.pacing == "paced", events, error, cause, raise_on_error)
 
   def _abandon(self, sched: Scheduler) -> None:
     try:

@@ -385,23 +385,8 @@ class PipelineEngine:
     summary["microbatch_size"] = self.microbatch_size
     summary["swapping"] = self.swap_choice.swapping
     summary["swapping_reason"] = self.swap_choice.reason
-    stats = self.worker_stats()
-    if sc.pacing == "paced":  # steps whose real compute outlasted the modeled time
-      summary["paced_overruns"] = sum(
-          st.overruns - getattr(stats0.get(st.worker_id), "overruns", 0) for st in stats)
-    if events:
-      summary["failures"] = len(events)
-      summary["mean_recovery_s"] = float(np.mean([e.recovery_s for e in events]))
-    if error is not None:
-      summary["error"] = error
-    busy = [st.busy_s - getattr(stats0.get(st.worker_id), "busy_s", 0.0) for st in stats]
-    result = ServeResult(recs, rejected, summary, wall, busy, events, error)
-    if error is not None and raise_on_error:
-      done = sum(r.done for r in recs)
-      kind = EngineTimeout if isinstance(cause, TimeoutError) else EngineError
-      raise kind(f"serving failed with {done} of {len(recs)} admitted requests finished "
-                 f"(see .result): {error}", result) from cause
-    return result
+    return finish_serve(recs, rejected, summary, wall, self.worker_stats(), stats0,
+                        sc.pacing == "paced", events, error, cause, raise_on_error)
 
   def _abandon(self, sched: Scheduler) -> None:
     """After a failed serve: the steps still queued or running are void (a new epoch) and their
@@ -641,6 +626,29 @@ def choose_swapping(engine: "PipelineEngine", serve: ServeConfig, cost_model, sw
   return kv_budget.choose(serve.swapping, engine.cfg, layers, serve.max_len, budget,
                           engine.plan.num_stages, serve.microbatch_size, cost, swap_link,
                           serve.swap_context, layer_scale)
+
+
+def finish_serve(recs, rejected, summary: dict, wall: float, stats, stats0: dict, paced: bool,
+                 events, error, cause, raise_on_error: bool) -> ServeResult:
+  """The end of a serve, shared by the engines: this serve's share of the workers' counters
+  (`stats` minus `stats0`, the same workers' stats when it began) into the summary, then the
+  result, or the `EngineError` / `EngineTimeout` carrying it."""
+  if paced:  # steps whose real compute outlasted the modeled time
+    summary["paced_overruns"] = sum(
+        st.overruns - getattr(stats0.get(st.worker_id), "overruns", 0) for st in stats)
+  if events:
+    summary["failures"] = len(events)
+    summary["mean_recovery_s"] = float(np.mean([e.recovery_s for e in events]))
+  if error is not None:
+    summary["error"] = error
+  busy = [st.busy_s - getattr(stats0.get(st.worker_id), "busy_s", 0.0) for st in stats]
+  result = ServeResult(recs, rejected, summary, wall, busy, events, error)
+  if error is not None and raise_on_error:
+    done = sum(r.done for r in recs)
+    kind = EngineTimeout if isinstance(cause, TimeoutError) else EngineError
+    raise kind(f"serving failed with {done} of {len(recs)} admitted requests finished "
+               f"(see .result): {error}", result) from cause
+  return result
 
 
 def _record(state) -> metrics_lib.RequestRecord:
