@@ -45,7 +45,7 @@ from dejavu_jax.config import ModelConfig, ServeConfig
 from dejavu_jax.fault.controller import Controller, RecoveryEvent
 from dejavu_jax.fault.inject import FailureSpec
 from dejavu_jax.fault.strategies import get_strategy
-from dejavu_jax.models.checkpoint import check_params_checkpoint, restore_params
+from dejavu_jax.models.checkpoint import check_params_checkpoint
 from dejavu_jax.models.decoder import param_shapes
 from dejavu_jax.models.generate import bucket_length, pad_prompts, sample
 from dejavu_jax.pipeline.fake import FakeProgram
@@ -164,10 +164,7 @@ class DisaggregatedEngine(PipelineEngine):
     self._start_runtimes()
 
   def _prompt_params_for(self, s: int):
-    if self._started and self.params_checkpoint:
-      start, stop = self.prompt_plan.ranges[s]
-      return restore_params(self.params_checkpoint, like=param_shapes(self.cfg, start, stop))
-    return self.params
+    return self._stage_params(self.prompt_plan.ranges[s])
 
   def close(self) -> None:
     self.prompt_runtime.close()

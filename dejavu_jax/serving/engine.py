@@ -175,9 +175,12 @@ class PipelineEngine:
                         swapping=self.swap_choice.swapping, kv_budget_bytes=self.kv_budget_bytes)
 
   def _params_for(self, s: int):
+    return self._stage_params(self.plan.ranges[s])
+
+  def _stage_params(self, layer_range):
     """A (replacement) worker's weights: the orbax checkpoint when there is one, else host."""
     if self._started and self.params_checkpoint:
-      start, stop = self.plan.ranges[s]
+      start, stop = layer_range
       return restore_params(self.params_checkpoint, like=param_shapes(self.cfg, start, stop))
     return self.params
 
