@@ -35,7 +35,7 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from dejavu_jax import planner as planner_lib  # noqa: E402
-from dejavu_jax.serving import disagg_experiment as dx  # noqa: E402
+from dejavu_jax.studies import disagg_experiment as dx  # noqa: E402
 
 TARGET = 0.10
 

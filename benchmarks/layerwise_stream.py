@@ -35,7 +35,7 @@ from dejavu_jax.config import ServeConfig, tiny_config  # noqa: E402
 from dejavu_jax.models import init_params  # noqa: E402
 from dejavu_jax.runtime import disagg as disagg_rt  # noqa: E402
 from dejavu_jax.serving.disagg_engine import DisaggregatedEngine  # noqa: E402
-from dejavu_jax.serving.workload import Request  # noqa: E402
+from dejavu_jax.workload import Request  # noqa: E402
 
 
 def _run(cfg, params, layerwise, args):

@@ -31,7 +31,7 @@ from dejavu_jax.config import ServeConfig, get_model_config, tiny_config  # noqa
 from dejavu_jax.costmodel import TableCostModel  # noqa: E402
 from dejavu_jax.models import init_params  # noqa: E402
 from dejavu_jax.serving.engine import PipelineEngine  # noqa: E402
-from dejavu_jax.serving.workload import Request  # noqa: E402
+from dejavu_jax.workload import Request  # noqa: E402
 
 _RUNS = flags.DEFINE_integer("runs", 3, "runs per measurement (median reported)")
 _REQUESTS = flags.DEFINE_integer("requests", 16, "requests per real-mode run")

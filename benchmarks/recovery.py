@@ -30,7 +30,7 @@ from dejavu_jax.config import ServeConfig, get_model_config  # noqa: E402
 from dejavu_jax.fault.controller import FailureSpec  # noqa: E402
 from dejavu_jax.models import init_params  # noqa: E402
 from dejavu_jax.serving.engine import PipelineEngine  # noqa: E402
-from dejavu_jax.serving.workload import Request  # noqa: E402
+from dejavu_jax.workload import Request  # noqa: E402
 
 _RUNS = flags.DEFINE_integer("runs", 3, "runs per measurement (median reported)")
 _MODEL = flags.DEFINE_string("model", "opt_125m", "model preset (random weights)")

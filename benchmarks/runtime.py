@@ -43,7 +43,7 @@ from dejavu_jax.models import init_params  # noqa: E402
 from dejavu_jax.runtime import ray as ray_rt  # noqa: E402
 from dejavu_jax.runtime.ray_actor import TRANSPORTS  # noqa: E402
 from dejavu_jax.serving.engine import PipelineEngine  # noqa: E402
-from dejavu_jax.serving.workload import Request  # noqa: E402
+from dejavu_jax.workload import Request  # noqa: E402
 
 _RUNS = flags.DEFINE_integer("runs", 3, "runs per measurement (median reported)")
 _NEW = flags.DEFINE_integer("new_tokens", 24, "tokens generated per request")

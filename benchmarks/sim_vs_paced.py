@@ -71,8 +71,8 @@ from dejavu_jax import sim  # noqa: E402
 from dejavu_jax.config import ServeConfig, tiny_config  # noqa: E402
 from dejavu_jax.costmodel import TableCostModel  # noqa: E402
 from dejavu_jax.models import init_params  # noqa: E402
-from dejavu_jax.serving import metrics  # noqa: E402
-from dejavu_jax.serving import workload as wl  # noqa: E402
+from dejavu_jax import metrics  # noqa: E402
+from dejavu_jax import workload as wl  # noqa: E402
 from dejavu_jax.serving.engine import PipelineEngine  # noqa: E402
 
 CFG = tiny_config("opt", num_layers=4, max_positions=128)

@@ -37,7 +37,8 @@ import numpy as np
 from dejavu_jax.config import get_model_config
 from dejavu_jax.kv.cache import KVCache, init_cache_for
 from dejavu_jax.models import init_params
-from dejavu_jax.models.generate import bucket_length, make_steps
+from dejavu_jax.models.generate import make_steps
+from dejavu_jax.kv.buckets import bucket_length
 from dejavu_jax.stream import ablation, transport
 from dejavu_jax.stream.packing import gather
 from dejavu_jax.stream.hostlog import HostKVLog

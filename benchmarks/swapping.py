@@ -39,8 +39,8 @@ from dejavu_jax.config import get_model_config, tiny_config  # noqa: E402
 from dejavu_jax.models import init_params  # noqa: E402
 from dejavu_jax.models.generate import generate  # noqa: E402
 from dejavu_jax.pipeline.fake import fake_generate  # noqa: E402
-from dejavu_jax.serving import metrics  # noqa: E402
-from dejavu_jax.serving import swapstudy as study  # noqa: E402
+from dejavu_jax import metrics  # noqa: E402
+from dejavu_jax.studies import swapstudy as study  # noqa: E402
 
 STAGES, PROMPT, OUTPUT, BATCH = 4, 16, 48, 8
 MAX_LEN = PROMPT + OUTPUT

@@ -2,9 +2,12 @@
 and ServeConfig.
 
 A `ModelConfig` is static (hashable): it is closed over by jitted step functions, so changing
-one recompiles. Everything that varies per request (lengths, positions) is a traced array. What a
-family means (norm, activation, positions, biases) lives in `models/families/`; the parameter
-counts here read it from there.
+one recompiles. Everything that varies per request (lengths, positions) is a traced array.
+`FAMILY_TRAITS` holds the shape-level traits of each model family (norm, gating, positions,
+biases: what parameter counts and the tiny test configs need); everything else a family means
+(activations, Hugging Face names, parameter axes) lives in `models/families/`, which builds its
+`Family` records on these traits. This module imports nothing of the package: it is the bottom
+layer.
 """
 
 from __future__ import annotations
@@ -17,6 +20,52 @@ from typing import Callable
 import jax.numpy as jnp
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class FamilyTraits:
+  """The shape-level traits of one decoder family (declared once, here; `models.families` adds
+  the code-level ones).
+
+  Attributes:
+    name: the `ModelConfig.family` value.
+    norm: "layernorm" (scale and bias) or "rmsnorm" (scale only).
+    gated_mlp: MLP is down(act(gate(x)) * up(x)) (SwiGLU) instead of fc2(act(fc1(x))).
+    positions: "learned" (a position table added to the embeddings), "rope" (rotary embedding of
+      q and k) or "alibi" (a per-head linear bias on the attention scores).
+    position_offset: rows of the learned table in front of position 0 (OPT's fairseq legacy: 2).
+    bias: whether the attention and MLP projections have biases.
+    embed_norm: a norm right after the token embedding (BLOOM's word_embeddings_layernorm).
+    tiny: what `tiny_config(name)` changes for this family (ids, head layout), as pairs.
+  """
+
+  name: str
+  norm: str
+  gated_mlp: bool
+  positions: str
+  position_offset: int = 0
+  bias: bool = True
+  embed_norm: bool = False
+  tiny: tuple[tuple[str, object], ...] = ()
+
+  def __post_init__(self):
+    if self.norm not in ("layernorm", "rmsnorm"):
+      raise ValueError(f"family {self.name}: unknown norm {self.norm!r}")
+    if self.positions not in ("learned", "rope", "alibi"):
+      raise ValueError(f"family {self.name}: unknown position scheme {self.positions!r}")
+
+
+FAMILY_TRAITS: dict[str, FamilyTraits] = {t.name: t for t in (
+    FamilyTraits("opt", "layernorm", False, "learned", position_offset=2),
+    FamilyTraits("gpt2", "layernorm", False, "learned",
+                 tiny=(("eos_token_id", 127), ("pad_token_id", 127))),
+    FamilyTraits("llama", "rmsnorm", True, "rope", bias=False,
+                 tiny=(("num_kv_heads", 2), ("tie_word_embeddings", False),
+                       ("layer_norm_eps", 1e-5), ("pad_token_id", 0))),
+    # HF BLOOM's MLP is always 4 x hidden.
+    FamilyTraits("bloom", "layernorm", False, "alibi", embed_norm=True,
+                 tiny=(("ffn_dim", 256), ("pad_token_id", 3))),
+)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +115,9 @@ class ModelConfig:
   rope_scaling: tuple[tuple[str, float | str], ...] | None = None
 
   def __post_init__(self):
-    self.family_spec  # pylint: disable=pointless-statement  # a ValueError names unknown families
+    if self.family not in FAMILY_TRAITS:
+      raise ValueError(f"unknown model family {self.family!r}; expected one of "
+                       f"{', '.join(FAMILY_TRAITS)}")
     if self.hidden_size % self.num_heads:
       raise ValueError(
           f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
@@ -84,10 +135,9 @@ class ModelConfig:
       raise ValueError(f"num_layers must be >= 1, got {self.num_layers}")
 
   @property
-  def family_spec(self):
-    """The `models.families.base.Family` record of this config's family."""
-    from dejavu_jax.models import families  # pylint: disable=g-import-not-at-top
-    return families.get(self.family)
+  def traits(self) -> FamilyTraits:
+    """The shape-level traits of this config's family (`models.families.get` has the rest)."""
+    return FAMILY_TRAITS[self.family]
 
   @property
   def head_dim(self) -> int:
@@ -121,14 +171,14 @@ class ModelConfig:
     """Weights of one layer's matrix products (q, k, v, out and the MLP projections)."""
     d, f = self.hidden_size, self.ffn_dim
     q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-    return 2 * d * q + 2 * d * kv + (3 if self.family_spec.gated_mlp else 2) * d * f
+    return 2 * d * q + 2 * d * kv + (3 if self.traits.gated_mlp else 2) * d * f
 
   def _norm_params(self) -> int:
-    return self.hidden_size * (1 if self.family_spec.norm == "rmsnorm" else 2)
+    return self.hidden_size * (1 if self.traits.norm == "rmsnorm" else 2)
 
   def layer_param_count(self) -> int:
     """Parameters of one decoder layer (attention + MLP + two norms)."""
-    fam = self.family_spec
+    fam = self.traits
     d, f = self.hidden_size, self.ffn_dim
     n = self.layer_matmul_params() + 2 * self._norm_params()
     if fam.bias:
@@ -139,7 +189,7 @@ class ModelConfig:
   def embed_param_count(self) -> int:
     """Token (+ learned position) embeddings, embedding norm, OPT-350M projections, the final
     norm and an untied LM head."""
-    fam = self.family_spec
+    fam = self.traits
     n = self.vocab_size * self.embed_dim
     if fam.positions == "learned":
       n += (self.max_positions + fam.position_offset) * self.hidden_size
@@ -242,10 +292,12 @@ def get_model_config(name: str, **overrides) -> ModelConfig:
 def tiny_config(family: str = "opt", **overrides) -> ModelConfig:
   """A model small enough for unit tests (random weights, milliseconds per step); each family
   adjusts it (`Family.tiny`: e.g. Llama is grouped-query with an untied head)."""
-  from dejavu_jax.models import families  # pylint: disable=g-import-not-at-top
+  if family not in FAMILY_TRAITS:
+    raise ValueError(f"unknown model family {family!r}; expected one of "
+                     f"{', '.join(FAMILY_TRAITS)}")
   base = dict(name=f"tiny_{family}", family=family, num_layers=4, hidden_size=64, num_heads=4,
               ffn_dim=128, vocab_size=128, max_positions=128)
-  base.update(families.get(family).tiny)
+  base.update(dict(FAMILY_TRAITS[family].tiny))
   base.update(overrides)
   return ModelConfig(**base)
 

@@ -467,3 +467,10 @@ def _check_args(**kw):
     lo = 0 if name == "context" else 1
     if v < lo:
       raise ValueError(f"{name} must be >= {lo}, got {v}")
+
+
+def streamed_prompt_time(compute: float, layers: int, per_layer_transfer: float) -> float:
+  """A prompt stage's time when each layer's KV is sent while the next layer computes."""
+  c = compute / layers
+  x = per_layer_transfer
+  return c + x + (layers - 1) * max(c, x)

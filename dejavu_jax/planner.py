@@ -143,7 +143,7 @@ def prompt_overhead(cost: cm.CostModel, wl: Workload, layers: int,
   y = cost.prompt_time(layers, wl.prompt_len, wl.batch_size)
   x = stream_link.transfer_time(cm.prompt_kv_bytes_per_layer(cost.model, wl.batch_size,
                                                              wl.prompt_len))
-  return disagg.streamed_prompt_time(y, layers, x) / y
+  return cm.streamed_prompt_time(y, layers, x) / y
 
 
 def analytical_plan(cost: cm.CostModel, machines: int, wl: Workload, machine_bytes: float,

@@ -1,5 +1,5 @@
 """Prompt-token disaggregation, paced and simulated: latency vs rate of the colocated baseline,
-the planner's split and its neighbours (dejavu_jax/serving/disagg_experiment.py).
+the planner's split and its neighbours (dejavu_jax/studies/disagg_experiment.py).
 
 Writes `results.jsonl` (one object per system, rate and source: "paced" runs of the real
 engines, "sim" the simulator on the same requests; median and p99 normalized latency in modeled
@@ -17,8 +17,8 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from dejavu_jax.serving import disagg_experiment as dx  # noqa: E402
-from dejavu_jax.serving import metrics  # noqa: E402
+from dejavu_jax.studies import disagg_experiment as dx  # noqa: E402
+from dejavu_jax import metrics  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/disaggregation.py")
 _OUT = flags.DEFINE_string("output_dir", "/tmp/dejavu_disaggregation", "where results go")

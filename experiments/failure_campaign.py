@@ -16,7 +16,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from dejavu_jax.fault.campaign import run_campaign  # noqa: E402
+from dejavu_jax.studies.campaign import run_campaign  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/campaign.py", "campaign config")
 _OUT = flags.DEFINE_string("output_dir", "", "where campaign.json goes (nothing written if empty)")

@@ -3,7 +3,7 @@
 
 For each scenario (model, hardware, machines) the baseline is a colocated pipeline over every
 machine; the disaggregated systems are every split Dp + Dt = machines that fits memory by the
-planner's check (`dejavu_jax.sim.splits`; infeasible ones are listed, not simulated). Writes
+planner's check (`dejavu_jax.studies.splits`; infeasible ones are listed, not simulated). Writes
 `disagg_sim.jsonl` and one `latency_vs_rate_{model}.png` per scenario (p50 solid, p99 dashed, a
 colour per system) to --output_dir.
 
@@ -13,10 +13,12 @@ colour per system) to --output_dir.
 import os
 
 from dejavu_jax import costmodel as cm
-from dejavu_jax import planner, reporting, sim
+from dejavu_jax import planner, sim
+from dejavu_jax.studies import reporting
 from dejavu_jax.config import get_model_config
-from dejavu_jax.serving import metrics, runrecord
-from dejavu_jax.sim import splits
+from dejavu_jax import metrics
+from dejavu_jax.studies import runrecord
+from dejavu_jax.studies import splits
 
 
 TABLE = ("model", "system", "rate", "load", "completed", "norm_latency_p50_s_per_tok",
@@ -73,7 +75,7 @@ def run(c, out_dir, log=print) -> list[dict]:
   for spec in c.scenarios:
     name, hw, machines = spec.split(":")
     pts = [r for r in rows if r["model"] == name and "rate" in r]
-    metrics.plot_latency_vs_rate(pts, os.path.join(out_dir, f"latency_vs_rate_{name}.png"),
+    reporting.plot_latency_vs_rate(pts, os.path.join(out_dir, f"latency_vs_rate_{name}.png"),
                                  log_y=True, title=f"{name} on {machines} x {hw}")
   reporting.write_rows(os.path.join(out_dir, "disagg_sim.jsonl"), rows)
   return rows

@@ -11,9 +11,11 @@ with a failure mid-generation, per strategy).
 import os
 
 from dejavu_jax import costmodel as cm
-from dejavu_jax import reporting, sim
+from dejavu_jax import sim
+from dejavu_jax.studies import reporting
 from dejavu_jax.config import get_model_config
-from dejavu_jax.serving import metrics, runrecord
+from dejavu_jax import metrics
+from dejavu_jax.studies import runrecord
 
 
 TABLE = ("scenario", "system", "completed", "norm_latency_p50_s_per_tok", "mean_e2el_ms",
@@ -55,7 +57,7 @@ def _timeline(c, cost, scenario: str, failures, out_dir, rows) -> None:
                                  failures=failures, recovery=recovery(c, strategy))
     runs[strategy] = res.records
     rows.append(_row(scenario, strategy, res, base))
-  metrics.plot_failure_timeline(
+  reporting.plot_failure_timeline(
       runs, os.path.join(out_dir, f"timeline_{scenario}.png"),
       failure_times=[f.time for f in failures],
       title=f"{c.model}, {c.num_stages} stages, {len(failures)} failure(s)")

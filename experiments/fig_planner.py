@@ -12,9 +12,10 @@ reports) and `makespan.png` (grouped bars, every system on one chart) to --outpu
 import os
 
 from dejavu_jax import costmodel as cm
-from dejavu_jax import planner, reporting, sim
+from dejavu_jax import planner, sim
+from dejavu_jax.studies import reporting
 from dejavu_jax.config import get_model_config
-from dejavu_jax.serving import runrecord
+from dejavu_jax.studies import runrecord
 
 
 TABLE = ("cluster", "system", "plan", "throughput_rps", "makespan_s", "speedup_vs_baseline")

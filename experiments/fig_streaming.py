@@ -15,9 +15,9 @@ import time
 import types
 
 from benchmarks import streaming as bench
-from dejavu_jax import reporting
+from dejavu_jax.studies import reporting
 from dejavu_jax.config import get_model_config
-from dejavu_jax.serving import runrecord
+from dejavu_jax.studies import runrecord
 from dejavu_jax.stream import ablation
 
 

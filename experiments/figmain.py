@@ -7,8 +7,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from dejavu_jax import reporting
-from dejavu_jax.serving import runrecord
+from dejavu_jax.studies import reporting
+from dejavu_jax.studies import runrecord
 
 
 def main_for(run, headline, table, default_config: str, default_output_dir: str) -> None:

@@ -34,8 +34,9 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags
 
-from dejavu_jax import reporting
-from dejavu_jax.serving import metrics, runrecord
+from dejavu_jax.studies import reporting
+from dejavu_jax import metrics
+from dejavu_jax.studies import runrecord
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,7 +17,7 @@ import json  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from dejavu_jax.serving import text  # noqa: E402
+from dejavu_jax.studies import text  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/generate.py", "generation config")
 _PROMPT = flags.DEFINE_multi_string("prompt", None, "prompt(s); overrides the config's")

@@ -24,7 +24,10 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from dejavu_jax.serving import runconfig, runner, runrecord, textjob  # noqa: E402
+from dejavu_jax.studies import runconfig
+from dejavu_jax.studies import runner
+from dejavu_jax.studies import runrecord
+from dejavu_jax.studies import textjob  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/serve.py", "experiment config")
 _OUT = flags.DEFINE_string("output_dir", "results/serve", "where results and plots go")

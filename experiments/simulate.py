@@ -20,8 +20,10 @@ from dejavu_jax import costmodel as cm
 from dejavu_jax import planner
 from dejavu_jax import sim
 from dejavu_jax.config import get_model_config
-from dejavu_jax.serving import metrics, runrecord
-from dejavu_jax.sim import splits
+from dejavu_jax import metrics
+from dejavu_jax.studies import runrecord
+from dejavu_jax.studies import splits
+from dejavu_jax.studies import reporting
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/simulate.py")
 _OUT = flags.DEFINE_string("output_dir", "/tmp/dejavu_simulate", "where results and plots go")
@@ -118,10 +120,10 @@ def run(c, out_dir, log=print, overwrite=True):
 
 def _plot(rows, timelines, c, out_dir):
   # One plotting path with the engine (serving.metrics): p50 and p99 share a system's colour.
-  metrics.plot_latency_vs_rate([r for r in rows if r["kind"] == "rate_sweep"],
+  reporting.plot_latency_vs_rate([r for r in rows if r["kind"] == "rate_sweep"],
                                os.path.join(out_dir, "latency_vs_rate.png"),
                                title=f"{c.model} on {c.machines} x {c.hardware}", log_y=True)
-  metrics.plot_failure_timeline(timelines, os.path.join(out_dir, "failure_timeline.png"),
+  reporting.plot_failure_timeline(timelines, os.path.join(out_dir, "failure_timeline.png"),
                                 failure_times=[c.fail_time],
                                 title=f"token stage {c.fail_stage} fails at {c.fail_time} s")
 

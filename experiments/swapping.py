@@ -43,7 +43,7 @@ def headline(rows) -> str:
 def run(config, output_dir: str, log=print) -> list[dict]:
   """Runs the study; writes the files above; returns the rows written to rows.jsonl."""
   from dejavu_jax.config import tiny_config
-  from dejavu_jax.serving import swapstudy as study
+  from dejavu_jax.studies import swapstudy as study
   os.makedirs(output_dir, exist_ok=True)
   cfg = tiny_config("opt", num_layers=4, max_positions=1024)
   rows = []

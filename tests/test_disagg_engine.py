@@ -12,7 +12,7 @@ from dejavu_jax.costmodel import TableCostModel
 from dejavu_jax.fault.controller import FailureSpec
 from dejavu_jax.pipeline.fake import fake_generate
 from dejavu_jax.serving.disagg_engine import DisaggregatedEngine, DisaggregationError
-from dejavu_jax.serving.workload import Request
+from dejavu_jax.workload import Request
 
 CFG = tiny_config("opt", num_layers=6, max_positions=128)
 

@@ -8,7 +8,7 @@ from dejavu_jax.config import ServeConfig, tiny_config
 from dejavu_jax.costmodel import TableCostModel
 from dejavu_jax.models import init_params
 from dejavu_jax.serving.engine import PipelineEngine
-from dejavu_jax.serving.workload import Request
+from dejavu_jax.workload import Request
 
 CFG = tiny_config("opt", num_layers=4, max_positions=128)
 

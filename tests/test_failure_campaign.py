@@ -4,7 +4,7 @@ failure-free tokens, and the report has the fields the issue names."""
 import pytest
 
 from configs import campaign_tiny
-from dejavu_jax.fault.campaign import draw_scenarios, run_campaign
+from dejavu_jax.studies.campaign import draw_scenarios, run_campaign
 
 
 @pytest.mark.slow

@@ -150,7 +150,7 @@ def test_engine_tokens_identical_to_single_device(family, stages, tensor):
   """The serving engine over a pipeline (and tensor split) gives the single-device greedy tokens."""
   from dejavu_jax.models import init_params  # pylint: disable=g-import-not-at-top
   from dejavu_jax.serving.engine import PipelineEngine  # pylint: disable=g-import-not-at-top
-  from dejavu_jax.serving.workload import Request  # pylint: disable=g-import-not-at-top
+  from dejavu_jax.workload import Request  # pylint: disable=g-import-not-at-top
   from tests.serving_util import greedy_references  # pylint: disable=g-import-not-at-top
   cfg = tiny_config(family)
   params = init_params(cfg, jax.random.key(0))
@@ -173,7 +173,7 @@ def test_replica_recovery_of_a_grouped_query_model():
   from dejavu_jax.fault.controller import FailureSpec  # pylint: disable=g-import-not-at-top
   from dejavu_jax.models import init_params  # pylint: disable=g-import-not-at-top
   from dejavu_jax.serving.engine import PipelineEngine  # pylint: disable=g-import-not-at-top
-  from dejavu_jax.serving.workload import Request  # pylint: disable=g-import-not-at-top
+  from dejavu_jax.workload import Request  # pylint: disable=g-import-not-at-top
   from tests.serving_util import greedy_references  # pylint: disable=g-import-not-at-top
   cfg = tiny_config("llama", num_kv_heads=1)
   params = init_params(cfg, jax.random.key(0))

@@ -11,7 +11,7 @@ from dejavu_jax.fault.strategies import get_strategy
 from dejavu_jax.models import init_params
 from dejavu_jax.models.checkpoint import save_params
 from dejavu_jax.serving.engine import PipelineEngine
-from dejavu_jax.serving.workload import Request
+from dejavu_jax.workload import Request
 from tests.serving_util import greedy_references
 
 CFG = tiny_config("opt", num_layers=4, max_positions=128)

@@ -7,7 +7,8 @@ import pytest
 
 from dejavu_jax.config import tiny_config
 from dejavu_jax.models import init_params
-from dejavu_jax.models.generate import SamplingConfig, bucket_length, generate, sample
+from dejavu_jax.models.generate import SamplingConfig, generate, sample
+from dejavu_jax.kv.buckets import bucket_length
 
 CFG = tiny_config("opt", max_positions=64)
 

@@ -158,7 +158,8 @@ def test_logits_match_transformers(loaded, model):
   transformers = pytest.importorskip("transformers")
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from dejavu_jax.kv.cache import init_cache_for  # pylint: disable=g-import-not-at-top
-  from dejavu_jax.models.generate import bucket_length, make_steps, pad_prompts  # pylint: disable=g-import-not-at-top
+  from dejavu_jax.kv.buckets import bucket_length  # pylint: disable=g-import-not-at-top
+  from dejavu_jax.models.generate import make_steps, pad_prompts  # pylint: disable=g-import-not-at-top
   hf_cfg, tensors, tok = loaded
   cfg, params, _ = model
   ids = _prompt_ids(tok)
@@ -203,7 +204,7 @@ def test_pipeline_reproduces_golden(num_stages):
   microbatches of 2: the three prompts in two microbatches in flight) reproduces the stored
   tokens at depth 1 and 2; EOS stops a row as in `generate`."""
   from configs import generate as generate_config  # pylint: disable=g-import-not-at-top
-  from dejavu_jax.serving import text  # pylint: disable=g-import-not-at-top
+  from dejavu_jax.studies import text  # pylint: disable=g-import-not-at-top
   c = generate_config.get_config()
   c.num_stages, c.microbatch_size, c.max_new_tokens = num_stages, 2, GOLDEN_NEW_TOKENS
   completions = text.run_config(c, list(GOLDEN))

@@ -9,7 +9,8 @@ import pytest
 
 from dejavu_jax.config import tiny_config
 from dejavu_jax.kv.cache import init_cache_for
-from dejavu_jax.models.generate import bucket_length, make_steps, pad_prompts
+from dejavu_jax.models.generate import make_steps, pad_prompts
+from dejavu_jax.kv.buckets import bucket_length
 from dejavu_jax.models.decoder import stage_apply
 from tests import hf_util
 

@@ -16,7 +16,7 @@ from dejavu_jax.pipeline.fake import FakeProgram, fake_generate
 from dejavu_jax.pipeline.plan import make_mesh, plan_stages
 from dejavu_jax.pipeline.stage import StageProgram
 from dejavu_jax.serving.disagg_engine import DisaggregatedEngine
-from dejavu_jax.serving.workload import Request
+from dejavu_jax.workload import Request
 
 CFG = tiny_config("opt", num_layers=6, max_positions=64)
 # 2 prompt stages (layers 0-2, 3-5) into 3 token stages (0-1, 2-3, 4-5): each prompt stage

@@ -5,7 +5,8 @@ import types
 
 import pytest
 
-from dejavu_jax.serving import metrics as mx
+from dejavu_jax import metrics as mx
+from dejavu_jax.studies import reporting
 
 
 def _records() -> list[mx.RequestRecord]:
@@ -138,9 +139,9 @@ def test_plot_latency_vs_rate(tmp_path):
     for rate in (0.5, 1.0, 2.0):
       rows.append({"system": system, "rate": rate, "norm_latency_p50_s_per_tok": scale * rate,
                    "norm_latency_p99_s_per_tok": 2 * scale * rate})
-  path = mx.plot_latency_vs_rate(rows, tmp_path / "fig" / "latency.png", title="t", log_y=True)
+  path = reporting.plot_latency_vs_rate(rows, tmp_path / "fig" / "latency.png", title="t", log_y=True)
   with open(path, "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   with pytest.raises(ValueError, match="rate"):
-    mx.plot_latency_vs_rate([{"norm_latency_p50_s_per_tok": 1.0}], tmp_path / "x.png")
+    reporting.plot_latency_vs_rate([{"norm_latency_p50_s_per_tok": 1.0}], tmp_path / "x.png")
 

@@ -13,7 +13,7 @@ from dejavu_jax.fault.inject import FailureSpec
 from dejavu_jax.pipeline.fake import fake_generate
 from dejavu_jax.runtime.ray_session import loopback_node
 from dejavu_jax.serving.engine import PipelineEngine
-from dejavu_jax.serving.workload import Request
+from dejavu_jax.workload import Request
 from tests.ray_util import checked_shutdown, is_loopback, pid_gone, tcp_listeners
 
 CFG = tiny_config("opt", num_layers=4, max_positions=128)

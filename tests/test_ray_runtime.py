@@ -22,9 +22,9 @@ from dejavu_jax.models import init_params
 from dejavu_jax.models.checkpoint import save_params
 from dejavu_jax.pipeline.fake import fake_generate
 from dejavu_jax.runtime.ray import init_ray
-from dejavu_jax.serving import runner
+from dejavu_jax.studies import runner
 from dejavu_jax.serving.engine import PipelineEngine
-from dejavu_jax.serving.workload import Request
+from dejavu_jax.workload import Request
 from tests.ray_util import checked_shutdown, is_loopback, pid_gone, tcp_listeners
 from tests.serving_util import greedy_references
 

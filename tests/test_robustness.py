@@ -20,9 +20,9 @@ from dejavu_jax.models import init_params
 from dejavu_jax.models.checkpoint import save_params
 from dejavu_jax.models.generate import validate_prompts
 from dejavu_jax.pipeline.fake import fake_generate
-from dejavu_jax.serving import metrics
+from dejavu_jax import metrics
 from dejavu_jax.serving.engine import EngineError, PipelineEngine
-from dejavu_jax.serving.workload import Request
+from dejavu_jax.workload import Request
 
 CFG = tiny_config("opt", num_layers=4, max_positions=128)
 FAKE = dict(program="fake", num_stages=2, microbatch_size=2, max_len=64)
@@ -244,7 +244,7 @@ def test_summary_of_nothing_finished_is_valid_json(tmp_path):
 @pytest.mark.timeout(180)
 def test_experiment_writes_what_was_served_when_serving_fails(tmp_path, monkeypatch):
   from configs import serve_tiny  # pylint: disable=g-import-not-at-top
-  from dejavu_jax.serving import runner  # pylint: disable=g-import-not-at-top
+  from dejavu_jax.studies import runner  # pylint: disable=g-import-not-at-top
   c = serve_tiny.get_config()
   c.program, c.fail_stages, c.fail_times, c.rates = "fake", (), (), (50.0,)
   c.microbatch_size = 1

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from dejavu_jax.pipeline.scheduler import Scheduler
-from dejavu_jax.serving.workload import Request
+from dejavu_jax.workload import Request
 
 
 def _drive(sched, requests, seed=0):

@@ -11,9 +11,11 @@ import pytest
 
 from configs import serve, serve_tiny
 from dejavu_jax.pipeline.fake import fake_generate
-from dejavu_jax.serving import runconfig, runner, runrecord
-from dejavu_jax.serving.metrics import read_jsonl
-from dejavu_jax.serving.workload import WorkloadConfig, make_workload
+from dejavu_jax.studies import runconfig
+from dejavu_jax.studies import runner
+from dejavu_jax.studies import runrecord
+from dejavu_jax.metrics import read_jsonl
+from dejavu_jax.workload import WorkloadConfig, make_workload
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STRATEGIES = ("restart", "reprefill", "replica,snapshot,reprefill")

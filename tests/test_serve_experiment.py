@@ -6,8 +6,8 @@ import os
 import pytest
 
 from configs import serve_tiny
-from dejavu_jax.serving import runner
-from dejavu_jax.serving.metrics import read_jsonl
+from dejavu_jax.studies import runner
+from dejavu_jax.metrics import read_jsonl
 
 
 @pytest.mark.slow

@@ -24,7 +24,7 @@ def test_sim_forms_the_engines_paper_microbatches():
   """Same waiting requests: the simulator's paper-mode feed cuts the engine scheduler's groups."""
   from dejavu_jax import sim
   from dejavu_jax.pipeline.scheduler import Scheduler
-  from dejavu_jax.serving.workload import Request
+  from dejavu_jax.workload import Request
   from dejavu_jax.sim.engine import EventLoop
   from dejavu_jax.sim.feed import RequestFeed
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dejavu_jax.fault.replication import ReplicaGap, ReplicaStore, ReplicationTap
+from dejavu_jax.runtime.replication import ReplicaGap, ReplicaStore, ReplicationTap
 from dejavu_jax.kv.cache import init_cache
 from dejavu_jax.kv.store import AllOnDevice, CacheStore, StoreFull
 
@@ -47,7 +47,7 @@ def test_replica_store_rejects_gaps_and_reads_only_what_it_holds():
   tap.after_step(5, 0, cache, None, "prefill", 4)
   tap.streamer.drain()
   assert acks == [0]
-  from dejavu_jax.fault.replication import ReplicaWrite  # pylint: disable=g-import-not-at-top
+  from dejavu_jax.runtime.replication import ReplicaWrite  # pylint: disable=g-import-not-at-top
   from dejavu_jax.stream import packing  # pylint: disable=g-import-not-at-top
   bad = ReplicaWrite(stage=0, mb_id=5, gen=0, step=2, block=False,
                      packed=packing.gather_step(cache, jnp.array([5, 5, 5])),

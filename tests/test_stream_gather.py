@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from dejavu_jax.kv.cache import KVCache, init_cache
-from dejavu_jax.models.generate import bucket_length
+from dejavu_jax.kv.buckets import bucket_length
 from dejavu_jax.stream import packing as gather_lib
 from dejavu_jax.stream import transport
 from dejavu_jax.stream.packing import gather, gather_step, scatter

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from dejavu_jax.serving import workload as wl
+from dejavu_jax import workload as wl
 
 
 def _cfg(**kw) -> wl.WorkloadConfig:

@@ -100,7 +100,7 @@ def params_from_state_dict(cfg: ModelConfig, sd: dict[str, np.ndarray]):
   Raises ValueError naming: a tensor the config needs that is missing, tensors present but unused
   (beyond the family's ignored buffers and a tied model's redundant lm_head.weight), a shape the
   config does not imply, a tensor with NaN or infinite values."""
-  family = cfg.family_spec
+  family = families.get(cfg.family)
   sd = _Tracked(family.strip_prefix(sd))
   try:
     raw = family.params_from_hf(cfg, sd)

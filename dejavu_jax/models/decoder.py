@@ -25,6 +25,7 @@ from flax import linen as nn
 from dejavu_jax.config import ModelConfig
 from dejavu_jax.kv.cache import KVCache
 from dejavu_jax.models.layers import DecoderLayer, _norm
+from dejavu_jax.models import families
 
 
 class DecoderStage(nn.Module):
@@ -33,7 +34,7 @@ class DecoderStage(nn.Module):
   stop: int
 
   def setup(self):
-    cfg, fam = self.cfg, self.cfg.family_spec
+    cfg, fam = self.cfg, families.get(self.cfg.family)
     dt = cfg.jnp_dtype
     first, last = self.start == 0, self.stop == cfg.num_layers
     if first or (last and cfg.tie_word_embeddings):
@@ -60,7 +61,7 @@ class DecoderStage(nn.Module):
                logits: bool = True, select: jax.Array | None = None):
     """See the module docstring. `select` [B]: the last stage keeps only token select[b] of each
     row before the LM head (a prefill needs just the last prompt token's logits)."""
-    cfg, fam = self.cfg, self.cfg.family_spec
+    cfg, fam = self.cfg, families.get(self.cfg.family)
     first, last = self.start == 0, self.stop == cfg.num_layers
     if first:
       h = self.embed_tokens(x)                                                 # [B, T, E]
@@ -101,7 +102,7 @@ def stage_apply(cfg: ModelConfig, start: int, stop: int, params, cache: KVCache,
 
 def stage_param_names(cfg: ModelConfig, start: int, stop: int) -> list[str]:
   """Top-level parameter names owned by the stage [start, stop)."""
-  fam = cfg.family_spec
+  fam = families.get(cfg.family)
   names = [f"layers_{i}" for i in range(start, stop)]
   projected = cfg.embed_dim != cfg.hidden_size
   if start == 0:

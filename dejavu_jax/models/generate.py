@@ -16,18 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from dejavu_jax.config import ModelConfig
+from dejavu_jax.kv.buckets import bucket_length
 from dejavu_jax.kv.cache import KVCache, init_cache_for
 from dejavu_jax.models.decoder import check_layer_range, stage_apply
 
-MIN_BUCKET = 16
-
-
-def bucket_length(n: int, limit: int) -> int:
-  """Smallest power of two >= n (at least MIN_BUCKET), capped at `limit`."""
-  b = MIN_BUCKET
-  while b < n:
-    b *= 2
-  return min(b, limit)
 
 
 def step_functions(cfg: ModelConfig, start: int = 0, stop: int | None = None):

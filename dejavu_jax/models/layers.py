@@ -4,7 +4,7 @@ RoPE or ALiBi when the family says so), MLP (plain or gated), norms, the decoder
 Shape vocabulary: B batch, T new tokens, S cache length, D hidden, H query heads, Hkv key/value
 heads, G = H / Hkv queries per KV head, K head dim. The cache is passed in and returned (never kept
 in a Flax collection), so a caller can slice it per microbatch, stream it, swap it or restore it.
-What differs between families is read from `cfg.family_spec` (models/families/), never from a
+What differs between families is read from `models.families.get(cfg.family)`, never from a
 comparison of family names.
 """
 
@@ -18,10 +18,11 @@ from flax import linen as nn
 from dejavu_jax.config import ModelConfig
 from dejavu_jax.kv.cache import write_kv
 from dejavu_jax.models import positions as positions_lib
+from dejavu_jax.models import families
 
 
 def _dense(cfg: ModelConfig, features: int, name: str, use_bias: bool | None = None) -> nn.Dense:
-  use_bias = cfg.family_spec.bias if use_bias is None else use_bias
+  use_bias = families.get(cfg.family).bias if use_bias is None else use_bias
   return nn.Dense(features, use_bias=use_bias, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_dtype,
                   name=name)
 
@@ -40,7 +41,7 @@ class RMSNorm(nn.Module):
 
 
 def _norm(cfg: ModelConfig, name: str) -> nn.Module:
-  if cfg.family_spec.norm == "rmsnorm":
+  if families.get(cfg.family).norm == "rmsnorm":
     return RMSNorm(cfg, name=name)
   return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.jnp_dtype,
                       param_dtype=cfg.jnp_dtype, name=name)
@@ -119,7 +120,7 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x, k_all, v_all, layer: int, positions):
     """x [B, T, D]; k_all, v_all [L, B, S, Hkv, K] (this stage's caches); layer indexes L."""
-    cfg, fam = self.cfg, self.cfg.family_spec
+    cfg, fam = self.cfg, families.get(self.cfg.family)
     b, t, _ = x.shape
     h, hkv, kd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     q = _dense(cfg, h * kd, "q_proj")(x).reshape(b, t, h, kd)                  # [B, T, H, K]
@@ -141,7 +142,7 @@ class MLP(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    cfg, fam = self.cfg, self.cfg.family_spec
+    cfg, fam = self.cfg, families.get(self.cfg.family)
     if fam.gated_mlp:  # SwiGLU: down(act(gate(x)) * up(x))
       h = fam.activation(_dense(cfg, cfg.ffn_dim, "gate_proj")(x))              # [B, T, F]
       h = h * _dense(cfg, cfg.ffn_dim, "up_proj")(x)

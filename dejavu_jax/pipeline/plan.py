@@ -18,6 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dejavu_jax.config import ModelConfig
 from dejavu_jax.partition import balanced_ranges
+from dejavu_jax.models import families
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +93,7 @@ def param_spec(path, cfg: ModelConfig) -> P:
   without axes (norms, embeddings) are replicated."""
   names = [getattr(k, "key", str(k)) for k in path]
   leaf, owner = names[-1], names[-2] if len(names) > 1 else ""
-  axes = cfg.family_spec.param_axes.get(owner, {}).get(leaf)
+  axes = families.get(cfg.family).param_axes.get(owner, {}).get(leaf)
   if axes is None:
     return P()
   return P(*(LOGICAL_TO_MESH.get(a) for a in axes))

@@ -54,11 +54,11 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from dejavu_jax.fault import snapshot as snapshot_lib
-from dejavu_jax.fault.replication import ReplicaStore, ReplicationTap, ReplicaWrite
+from dejavu_jax.runtime import snapshot as snapshot_lib
+from dejavu_jax.runtime.replication import ReplicaStore, ReplicationTap, ReplicaWrite
 from dejavu_jax.kv.cache import KVCache
 from dejavu_jax.kv.store import AllOnDevice, CacheStore, device_bytes
-from dejavu_jax.kv.swapping import Swapping
+from dejavu_jax.runtime.swapping import Swapping
 from dejavu_jax.runtime.api import (Ack, CacheLoaded, Heartbeat, Progress, ReplicaSource,
                                     SnapshotSaved, SnapshotSource, Step, StepError, StepResult,
                                     WorkerOptions, WorkerStats)

@@ -37,7 +37,7 @@ import time
 import numpy as np
 import ray
 
-from dejavu_jax.fault.replication import ReplicaWrite
+from dejavu_jax.runtime.replication import ReplicaWrite
 from dejavu_jax.runtime.api import Step, StepError, StepResult, WorkerOptions
 from dejavu_jax.runtime.local import LocalWorker, PeerDead
 

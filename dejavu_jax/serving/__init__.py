@@ -1,1 +1,3 @@
-"""Serving on real devices: the open-loop workload, the request metrics and the pipelined engine."""
+"""The serving engine: orchestration of a pipeline's workers (engine.py, disagg_engine.py), its
+prompt-path split checks (disagg_split.py) and the paced mode's step durations (pacing.py).
+Harness and study code (runners, run records, plots) lives above it, in `dejavu_jax.studies`."""

@@ -47,7 +47,8 @@ from dejavu_jax.fault.inject import FailureSpec
 from dejavu_jax.fault.strategies import get_strategy
 from dejavu_jax.models.checkpoint import check_params_checkpoint
 from dejavu_jax.models.decoder import param_shapes
-from dejavu_jax.models.generate import bucket_length, pad_prompts, sample
+from dejavu_jax.models.generate import pad_prompts, sample
+from dejavu_jax.kv.buckets import bucket_length
 from dejavu_jax.pipeline.fake import FakeProgram
 from dejavu_jax.pipeline.plan import make_mesh, plan_stages
 from dejavu_jax.pipeline.scheduler import Microbatch, Scheduler
@@ -55,7 +56,7 @@ from dejavu_jax.pipeline.stage import StageProgram
 from dejavu_jax.runtime import api
 from dejavu_jax.runtime.disagg import (FromPrompt, PromptLanded, PromptRuntime, SlotFreed,
                                        TokenRuntime)
-from dejavu_jax.serving import metrics as metrics_lib
+from dejavu_jax import metrics as metrics_lib
 from dejavu_jax.serving.engine import PipelineEngine, ServeResult, _record, finish_serve
 from dejavu_jax.serving.disagg_split import (DisaggregationError, check_split,  # noqa: F401
                                              default_host_slots, modeled_prompt_len,

@@ -3,7 +3,7 @@
 `check_split` validates a `ServeConfig`'s prompt/token split against the model and the devices
 (every impossible split is a `DisaggregationError` naming the constraint); `default_host_slots`
 is the sound default number of host slots per token worker; `prompt_pace_fn` paces prompt steps
-with layer-wise streaming as the simulator charges them (`sim.disagg.streamed_prompt_time`).
+with layer-wise streaming as the simulator charges them (`costmodel.streamed_prompt_time`).
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 from dejavu_jax import costmodel as cm
 from dejavu_jax.config import ModelConfig, ServeConfig
 from dejavu_jax.serving.pacing import make_pace_fn
-from dejavu_jax.sim.disagg import streamed_prompt_time
 
 
 class DisaggregationError(ValueError):
@@ -61,7 +60,7 @@ def modeled_prompt_len(cost_model, tokens: int) -> int:
 def prompt_pace_fn(cost_model, num_stages: int, time_scale: float, layer_scale: float,
                    stream_link: cm.Link | None):
   """Paced prompt steps: compute overlapped layer by layer with streaming the previous layer's
-  KV over `stream_link` (sim.disagg.streamed_prompt_time), as the simulator charges them."""
+  KV over `stream_link` (costmodel.streamed_prompt_time), as the simulator charges them."""
   base = make_pace_fn(cost_model, num_stages, time_scale, layer_scale)
 
   def pace(stage: int, kind: str, layers: int, batch: int, tokens: int) -> float:
@@ -71,6 +70,6 @@ def prompt_pace_fn(cost_model, num_stages: int, time_scale: float, layer_scale: 
     n = max(1, round(layers * layer_scale))
     x = stream_link.transfer_time(cm.prompt_kv_bytes_per_layer(
         cost_model.model, batch, modeled_prompt_len(cost_model, tokens)))
-    return streamed_prompt_time(t, n, x * time_scale)
+    return cm.streamed_prompt_time(t, n, x * time_scale)
 
   return pace

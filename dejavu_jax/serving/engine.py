@@ -65,16 +65,17 @@ from dejavu_jax.fault.strategies import FailureView, get_strategy
 from dejavu_jax.kv import budget as kv_budget
 from dejavu_jax.models.checkpoint import check_params_checkpoint, restore_params
 from dejavu_jax.models.decoder import param_shapes
-from dejavu_jax.models.generate import bucket_length, pad_prompts, sample, validate_prompts
+from dejavu_jax.models.generate import pad_prompts, sample, validate_prompts
+from dejavu_jax.kv.buckets import bucket_length
 from dejavu_jax.pipeline.fake import FakeProgram
 from dejavu_jax.pipeline.plan import make_mesh, plan_stages
 from dejavu_jax.pipeline.scheduler import Microbatch, Scheduler
 from dejavu_jax.pipeline.stage import StageProgram
 from dejavu_jax.runtime import api
 from dejavu_jax.runtime.local import LocalRuntime
-from dejavu_jax.serving import metrics as metrics_lib
+from dejavu_jax import metrics as metrics_lib
 from dejavu_jax.serving.pacing import make_pace_fn
-from dejavu_jax.serving.workload import Request
+from dejavu_jax.workload import Request
 
 
 @dataclasses.dataclass

@@ -9,8 +9,9 @@ snapshots), `feed` (arrivals, microbatch formation), `colocated` (the baseline),
 `records` (request records, `summarize`, `SimResult`).
 """
 
+from dejavu_jax.costmodel import streamed_prompt_time
 from dejavu_jax.sim.colocated import simulate_colocated
-from dejavu_jax.sim.disagg import simulate_disaggregated, streamed_prompt_time
+from dejavu_jax.sim.disagg import simulate_disaggregated
 from dejavu_jax.sim.failures import STRATEGIES, Failure, RecoveryConfig
 from dejavu_jax.sim.records import RequestRecord, SimResult, summarize
 from dejavu_jax.sim.workload import from_serving, make_requests, poisson_arrivals, \

@@ -32,13 +32,6 @@ from dejavu_jax.sim.pipeline import Pipeline, split_layers
 from dejavu_jax.sim.records import RequestRecord, SimResult
 
 
-def streamed_prompt_time(compute: float, layers: int, per_layer_transfer: float) -> float:
-  """A prompt stage's time when each layer's KV is sent while the next layer computes."""
-  c = compute / layers
-  x = per_layer_transfer
-  return c + x + (layers - 1) * max(c, x)
-
-
 class _Disaggregated:
   """Hooks of both pipelines (see `PipelineHooks`)."""
 
@@ -70,7 +63,7 @@ class _Disaggregated:
       if self.stream_link is not None:
         x = self.stream_link.transfer_time(cm.prompt_kv_bytes_per_layer(m, mb.batch,
                                                                         mb.step_tokens()))
-      return streamed_prompt_time(compute, layers, x)
+      return cm.streamed_prompt_time(compute, layers, x)
     if mb.done == 1 and not mb.reprefill and mb in self.loaded_at:
       t += max(0.0, self.loaded_at[mb][stage] - self.loop.now)   # what is left of the load
       if stage == pipe.num_stages - 1:

@@ -1,7 +1,7 @@
 """The simulator's per-request timing records, its run result, and its metrics summary.
 
 A `RequestRecord` holds the times (seconds) a request arrived, got its first token and finished.
-`summarize` is `dejavu_jax.serving.metrics.summarize` (one definition of throughput, normalized
+`summarize` is `dejavu_jax.metrics.summarize` (one definition of throughput, normalized
 latency, TTFT and TPOT, one set of names and units, for the engine and the simulator). `SimResult` is what every simulation returns.
 """
 
@@ -11,7 +11,7 @@ import dataclasses
 import math
 from typing import Sequence
 
-from dejavu_jax.serving import metrics
+from dejavu_jax import metrics
 
 
 @dataclasses.dataclass
@@ -60,7 +60,7 @@ class RequestRecord:
 
 
 def summarize(records: Sequence[RequestRecord]) -> dict:
-  """`dejavu_jax.serving.metrics.summarize` over `records`: every metric is computed once, by the
+  """`dejavu_jax.metrics.summarize` over `records`: every metric is computed once, by the
   engine's summary, under one set of names and units, so simulated and served runs are judged by
   the same definitions (`num_requests` counts all requests, `completed` the finished ones)."""
   return metrics.summarize(records)

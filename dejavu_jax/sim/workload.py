@@ -1,6 +1,6 @@
 """Simulated client: Poisson arrivals with a fixed prompt length and sampled output lengths.
 
-The random draws are `dejavu_jax.serving.workload`'s (`poisson_arrivals`, re-exported here, and
+The random draws are `dejavu_jax.workload`'s (`poisson_arrivals`, re-exported here, and
 `sample_output_lengths`): the engine and the simulator share one client. This module only shapes
 them into the simulator's `RequestRecord`s; `from_serving` converts a served workload (same
 arrivals, prompt lengths and output lengths) so both can run the very same requests.
@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from dejavu_jax.serving.workload import Request, poisson_arrivals, sample_output_lengths
+from dejavu_jax.workload import Request, poisson_arrivals, sample_output_lengths
 from dejavu_jax.sim.records import RequestRecord
 
 

@@ -31,7 +31,7 @@ import numpy as np
 from flax import struct
 
 from dejavu_jax.kv.cache import KVCache
-from dejavu_jax.models.generate import bucket_length
+from dejavu_jax.kv.buckets import bucket_length
 
 Range = tuple[int, int]
 

@@ -17,6 +17,8 @@ from typing import Any, Callable, Mapping
 import numpy as np
 from flax import linen as nn
 
+from dejavu_jax.config import FamilyTraits
+
 # Logical axes of the weights every family shares (Megatron: q/k/v and the MLP's input
 # projections split by output features, out_proj and the MLP's output projection by input
 # features). "embed" is never split; "heads", "kv_heads" and "mlp" are what tensor parallelism
@@ -43,50 +45,37 @@ class Family:
   """One decoder family (static: blocks branch on these fields at trace time).
 
   Attributes:
-    name: the `ModelConfig.family` value.
+    traits: the shape-level traits (`config.FAMILY_TRAITS`: norm, gated_mlp, positions,
+      position_offset, bias, embed_norm, tiny), readable here as attributes of the family.
     model_types: Hugging Face `model_type` values this family loads.
-    norm: "layernorm" (scale and bias) or "rmsnorm" (scale only).
     activation: the MLP nonlinearity.
-    gated_mlp: MLP is down(act(gate(x)) * up(x)) (SwiGLU) instead of fc2(act(fc1(x))).
-    positions: "learned" (a position table added to the embeddings), "rope" (rotary embedding of
-      q and k) or "alibi" (a per-head linear bias on the attention scores).
-    position_offset: rows of the learned table in front of position 0 (OPT's fairseq legacy: 2).
-    bias: whether the attention and MLP projections have biases.
     scale_queries: q is scaled before q.k (OPT) instead of the scores after (everyone else); kept
       apart so float32 logits match Hugging Face to the last bits.
-    embed_norm: a norm right after the token embedding (BLOOM's word_embeddings_layernorm).
     param_axes: parameter owner name -> leaf -> logical axes (see ATTENTION_AXES).
     config_from_hf(hf: dict, name: str) -> ModelConfig.
     params_from_hf(cfg, tensors: dict[str, np.ndarray]) -> params tree (HF names, prefix stripped).
     strip_prefix(tensors) -> tensors with the names params_from_hf expects.
     ignored: regexes of checkpoint tensors that carry no weights (buffers such as GPT-2's causal
       mask); any other tensor the mapping does not use is an error.
-    tiny: what `config.tiny_config(name)` changes for this family (ids, head layout).
   """
 
-  name: str
+  traits: FamilyTraits
   model_types: tuple[str, ...]
-  norm: str
   activation: Callable[[Any], Any]
-  gated_mlp: bool
-  positions: str
   config_from_hf: Callable[..., Any]
   params_from_hf: Callable[..., dict]
   strip_prefix: Callable[[dict], dict]
-  position_offset: int = 0
-  bias: bool = True
   scale_queries: bool = False
-  embed_norm: bool = False
   param_axes: Mapping[str, Mapping[str, tuple[str, ...]]] = dataclasses.field(
       default_factory=lambda: {**ATTENTION_AXES, **MLP_AXES})
   ignored: tuple[str, ...] = ()
-  tiny: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
-  def __post_init__(self):
-    if self.norm not in ("layernorm", "rmsnorm"):
-      raise ValueError(f"family {self.name}: unknown norm {self.norm!r}")
-    if self.positions not in ("learned", "rope", "alibi"):
-      raise ValueError(f"family {self.name}: unknown position scheme {self.positions!r}")
+  def __getattr__(self, name: str):
+    # name, norm, gated_mlp, positions, position_offset, bias, embed_norm, tiny: declared once,
+    # in config.FAMILY_TRAITS (the layer below), and read here as the family's own.
+    if name != "traits" and name in FamilyTraits.__dataclass_fields__:
+      return getattr(self.traits, name)
+    raise AttributeError(name)
 
   def __hash__(self):  # param_axes is a dict: hash by name (one record per family)
     return hash(self.name)

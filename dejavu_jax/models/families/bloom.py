@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dejavu_jax.config import ModelConfig
+from dejavu_jax.config import FAMILY_TRAITS, ModelConfig
 from dejavu_jax.models.families import base
 
 
@@ -76,7 +76,5 @@ def strip_prefix(sd: dict) -> dict:
 
 
 FAMILY = base.Family(
-    name="bloom", model_types=("bloom",), norm="layernorm", activation=base.gelu_tanh,
-    gated_mlp=False, positions="alibi", embed_norm=True,
-    config_from_hf=config_from_hf, params_from_hf=params_from_hf, strip_prefix=strip_prefix,
-    tiny={"ffn_dim": 256, "pad_token_id": 3})  # HF BLOOM's MLP is always 4 x hidden
+    traits=FAMILY_TRAITS["bloom"], model_types=("bloom",), activation=base.gelu_tanh,
+    config_from_hf=config_from_hf, params_from_hf=params_from_hf, strip_prefix=strip_prefix)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dejavu_jax.config import ModelConfig
+from dejavu_jax.config import FAMILY_TRAITS, ModelConfig
 from dejavu_jax.models.families import base
 
 
@@ -64,8 +64,7 @@ def strip_prefix(sd: dict) -> dict:
 
 
 FAMILY = base.Family(
-    name="gpt2", model_types=("gpt2",), norm="layernorm", activation=base.gelu_tanh,
-    gated_mlp=False, positions="learned",
+    traits=FAMILY_TRAITS["gpt2"], model_types=("gpt2",), activation=base.gelu_tanh,
     config_from_hf=config_from_hf, params_from_hf=params_from_hf, strip_prefix=strip_prefix,
     # The causal-mask buffers of original GPT-2 checkpoints.
-    ignored=(r"\.attn\.(masked_)?bias$",), tiny={"eos_token_id": 127, "pad_token_id": 127})
+    ignored=(r"\.attn\.(masked_)?bias$",))

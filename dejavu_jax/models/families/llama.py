@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 from flax import linen as nn
 
-from dejavu_jax.config import ModelConfig
+from dejavu_jax.config import FAMILY_TRAITS, ModelConfig
 from dejavu_jax.models.families import base
 
 
@@ -94,11 +94,8 @@ def strip_prefix(sd: dict) -> dict:
 
 
 FAMILY = base.Family(
-    name="llama", model_types=("llama",), norm="rmsnorm", activation=nn.silu, gated_mlp=True,
-    positions="rope", bias=False,
+    traits=FAMILY_TRAITS["llama"], model_types=("llama",), activation=nn.silu,
     config_from_hf=config_from_hf, params_from_hf=params_from_hf, strip_prefix=strip_prefix,
     param_axes={**base.ATTENTION_AXES, **base.GATED_MLP_AXES},
     # Old checkpoints store RoPE's inverse frequencies, which we compute from rope_theta.
-    ignored=(r"rotary_emb\.inv_freq$",),
-    tiny={"num_kv_heads": 2, "tie_word_embeddings": False, "layer_norm_eps": 1e-5,
-          "pad_token_id": 0})
+    ignored=(r"rotary_emb\.inv_freq$",))

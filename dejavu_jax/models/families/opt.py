@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 from flax import linen as nn
 
-from dejavu_jax.config import ModelConfig
+from dejavu_jax.config import FAMILY_TRAITS, ModelConfig
 from dejavu_jax.models.families import base
 
 
@@ -56,6 +56,5 @@ def strip_prefix(sd: dict) -> dict:
 
 
 FAMILY = base.Family(
-    name="opt", model_types=("opt",), norm="layernorm", activation=nn.relu, gated_mlp=False,
-    positions="learned", position_offset=2, scale_queries=True,
+    traits=FAMILY_TRAITS["opt"], model_types=("opt",), activation=nn.relu, scale_queries=True,
     config_from_hf=config_from_hf, params_from_hf=params_from_hf, strip_prefix=strip_prefix)

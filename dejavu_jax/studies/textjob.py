@@ -17,9 +17,10 @@ import os
 from dejavu_jax.fault.inject import FailureSpec
 from dejavu_jax.models.generate import generate
 from dejavu_jax.models.tokenizer import encode_prompts, read_prompts
-from dejavu_jax.serving import metrics, text
+from dejavu_jax import metrics
+from dejavu_jax.studies import text
 from dejavu_jax.serving.engine import PipelineEngine
-from dejavu_jax.serving.workload import Request
+from dejavu_jax.workload import Request
 
 
 def failures_of(c) -> list[FailureSpec]:
@@ -41,7 +42,7 @@ def failures_of(c) -> list[FailureSpec]:
 def run_text_job(c, out_dir: str, log=print, row_info: dict | None = None) -> dict:
   """Runs the job (module doc); `row_info` (what the run was: commit, config, ...) goes into the
   summary row."""
-  from dejavu_jax.serving.runner import serve_config  # pylint: disable=g-import-not-at-top
+  from dejavu_jax.studies.runner import serve_config  # pylint: disable=g-import-not-at-top
   failures = failures_of(c)
   os.makedirs(out_dir, exist_ok=True)
   cfg, params, tok = text.load_text_model(c.gguf, c.dtype)

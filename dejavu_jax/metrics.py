@@ -9,7 +9,7 @@ This module owns what every serving experiment reports, for the real engine and 
   (end-to-end latency / generated tokens, s/token) over the *finished* requests; the others are
   counted in `num_unfinished` and left out of every other number.
 * `write_jsonl` / `read_jsonl`, `dumps` (valid JSON: a NaN or infinite number, e.g. the latency
-  of a run where nothing finished, is written as null), `format_summary`, `plot_latency_vs_rate`.
+  of a run where nothing finished, is written as null), `format_summary`.
 
 Metric names follow vLLM's `benchmark_serving.py` where the quantity is the same (`duration`,
 `completed`, `request_throughput`, `output_throughput`, `mean_ttft_ms`, `median_ttft_ms`,
@@ -33,7 +33,6 @@ import dataclasses
 import json
 import math
 import os
-import re
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -253,98 +252,3 @@ def format_summary(summary: dict, title: str | None = None) -> str:
       text = f"{value:.6g}"
     lines.append(f"{key:<{width}}  {text:>12} {_unit(key)}".rstrip())
   return "\n".join(lines)
-
-
-def _stat_name(key: str) -> str:
-  """'p99' from 'norm_latency_p99_s_per_tok' (the legend's name for a series)."""
-  m = re.search(r"(?:^|_)(p\d+|mean|median)(?:_|$)", key)
-  return m.group(1) if m else key
-
-
-def plot_latency_vs_rate(rows: Sequence[dict], path: str | os.PathLike, *,
-                         rate_key: str = "rate", system_key: str = "system",
-                         median_key: str = "norm_latency_p50_s_per_tok",
-                         tail_key: str | None = "norm_latency_p99_s_per_tok",
-                         title: str | None = None, log_y: bool = False) -> str:
-  """Normalized latency against request rate, as in the paper's figures, saved to `path`.
-
-  Args:
-    rows: one summary per (system, rate), with the request rate under `rate_key` and, when
-      several systems are compared, the system's name under `system_key`.
-    path: the image file (format from the extension, e.g. .png or .pdf).
-    rate_key: the key holding the request rate (requests/s).
-    system_key: the key naming the system; rows without it form one unnamed series.
-    median_key: drawn solid, with markers.
-    tail_key: drawn dashed in the same color; None to leave it out.
-    title: the figure title.
-    log_y: a logarithmic latency axis (latency explodes past saturation).
-
-  Returns:
-    `path`, as a string.
-  """
-  series: dict[str, list[dict]] = {}
-  for row in rows:
-    if rate_key not in row:
-      raise ValueError(f"a row has no request rate under {rate_key!r}: keys {sorted(row)}")
-    series.setdefault(str(row.get(system_key, "")), []).append(row)
-  fig, ax = _new_figure()
-  for i, (system, pts) in enumerate(series.items()):
-    pts = sorted(pts, key=lambda r: r[rate_key])
-    rates = [r[rate_key] for r in pts]
-    color = f"C{i % 10}"
-    label = system or "system"
-    ax.plot(rates, [r[median_key] for r in pts], "o-", color=color,
-            label=f"{label} {_stat_name(median_key)}")
-    if tail_key is not None:
-      ax.plot(rates, [r[tail_key] for r in pts], "--", color=color,
-              label=f"{label} {_stat_name(tail_key)}")
-  if log_y:
-    ax.set_yscale("log")
-  return _finish_figure(fig, ax, path, "request rate (requests/s)",
-                        "normalized latency (s/token)", title)
-
-
-def _new_figure():
-  """A figure built without pyplot: no global backend state, safe beside other threads."""
-  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
-  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
-  fig = Figure(figsize=(6.4, 4.2))
-  FigureCanvasAgg(fig)
-  return fig, fig.add_subplot()
-
-
-def _finish_figure(fig, ax, path, xlabel: str, ylabel: str, title: str | None) -> str:
-  ax.set_xlabel(xlabel)
-  ax.set_ylabel(ylabel)
-  if title:
-    ax.set_title(title)
-  ax.grid(True, alpha=0.3)
-  ax.legend()
-  fig.tight_layout()
-  path = os.fspath(path)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path)
-  return path
-
-
-def plot_failure_timeline(runs: dict, path: str | os.PathLike, *,
-                          failure_times: Sequence[float] = (), title: str | None = None) -> str:
-  """Cumulative end-to-end latency of finished requests against time, one curve per run, as in
-  the paper's failure figures: a failure shows as a flat stretch (nothing finishes) followed by a
-  steeper climb (the redone and delayed requests). Dashed vertical lines mark the failures.
-
-  Args:
-    runs: label -> RequestRecords of one run.
-    path: the image file.
-    failure_times: seconds at which failures were injected.
-    title: the figure title.
-  """
-  fig, ax = _new_figure()
-  for i, (label, records) in enumerate(runs.items()):
-    done = sorted((r for r in records if r.done), key=lambda r: r.finish)
-    t = [r.finish for r in done]
-    cum = np.cumsum([r.finish - r.arrival for r in done])
-    ax.step([0.0] + t, [0.0] + cum.tolist(), where="post", color=f"C{i % 10}", label=str(label))
-  for ft in failure_times:
-    ax.axvline(ft, color="k", linestyle="--", linewidth=0.8)
-  return _finish_figure(fig, ax, path, "time (s)", "cumulative latency (s)", title)

@@ -31,7 +31,7 @@ from dejavu_jax.config import ServeConfig, get_model_config, tiny_config
 from dejavu_jax.pipeline.fake import fake_generate
 from dejavu_jax.serving.disagg_engine import DisaggregatedEngine
 from dejavu_jax.serving.engine import PipelineEngine
-from dejavu_jax.serving.workload import Request, poisson_arrivals
+from dejavu_jax.workload import Request, poisson_arrivals
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,7 +27,7 @@ from dejavu_jax.costmodel import TableCostModel
 from dejavu_jax.fault.inject import FailureSpec
 from dejavu_jax.pipeline.fake import fake_generate
 from dejavu_jax.serving.engine import PipelineEngine
-from dejavu_jax.serving.workload import Request
+from dejavu_jax.workload import Request
 
 PATTERNS = ("single", "adjacent", "close", "during_recovery")
 

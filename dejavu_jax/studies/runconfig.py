@@ -200,7 +200,7 @@ def validate(c, num_devices: int | None = None) -> None:
            f"{prompt_len} leaves no room for a generated token in max_len {max_len}")
     _int(c, "max_output")
     try:
-      from dejavu_jax.serving import workload  # pylint: disable=g-import-not-at-top
+      from dejavu_jax import workload  # pylint: disable=g-import-not-at-top
       workload.make_workload(workload.WorkloadConfig(rate=1.0, num_requests=1, prompt_len=prompt_len,
                                    output_len=c.output_len, vocab_size=64, seed=0,
                                    max_output=c.max_output))
@@ -235,7 +235,7 @@ def validate(c, num_devices: int | None = None) -> None:
     _check(v is None or (isinstance(v, (int, float)) and v > 0), f,
            f"must be None (no objective) or > 0 ms, got {v!r}")
   # The remaining fields are ServeConfig's; it checks them by name.
-  from dejavu_jax.serving.runner import serve_config  # pylint: disable=g-import-not-at-top
+  from dejavu_jax.studies.runner import serve_config  # pylint: disable=g-import-not-at-top
   for spec in strategies_of(c.recovery):
     try:
       c2 = c.copy_and_resolve_references()

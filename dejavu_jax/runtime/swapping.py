@@ -60,7 +60,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dejavu_jax.kv.cache import KVCache, cache_nbytes
-from dejavu_jax.models.generate import bucket_length
+from dejavu_jax.kv.buckets import bucket_length
 from dejavu_jax.stream import packing
 from dejavu_jax.stream.hostlog import HostKVLog
 from dejavu_jax.stream.streamer import Streamer

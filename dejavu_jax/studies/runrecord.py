@@ -83,7 +83,7 @@ def run_info(config, **extra) -> dict:
 
 
 def write_run_info(out_dir: str, info: dict) -> str:
-  from dejavu_jax.serving import metrics  # pylint: disable=g-import-not-at-top
+  from dejavu_jax import metrics  # pylint: disable=g-import-not-at-top
   path = os.path.join(out_dir, "run.json")
   with open(path, "w", encoding="utf-8") as f:
     f.write(metrics.dumps(info) + "\n")

@@ -21,8 +21,8 @@ from dejavu_jax import costmodel as cm
 from dejavu_jax import sim
 from dejavu_jax.config import ModelConfig, ServeConfig, get_model_config
 from dejavu_jax.kv import budget as kv_budget
-from dejavu_jax.serving import metrics as metrics_lib
-from dejavu_jax.serving import workload as wl
+from dejavu_jax import metrics as metrics_lib
+from dejavu_jax import workload as wl
 from dejavu_jax.serving.engine import PipelineEngine
 
 

@@ -18,7 +18,7 @@ from typing import Sequence
 
 from dejavu_jax.config import ServeConfig
 from dejavu_jax.models import gguf
-from dejavu_jax.models.generate import bucket_length
+from dejavu_jax.kv.buckets import bucket_length
 from dejavu_jax.models.tokenizer import GGUFTokenizer, encode_prompts, read_prompts
 
 

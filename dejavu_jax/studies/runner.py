@@ -23,10 +23,13 @@ from dejavu_jax.config import ServeConfig, get_model_config
 from dejavu_jax.fault.controller import FailureSpec
 from dejavu_jax.models import init_params
 from dejavu_jax.models.convert import load_hf_checkpoint
-from dejavu_jax.serving import metrics, runconfig, runrecord
+from dejavu_jax import metrics
+from dejavu_jax.studies import runconfig
+from dejavu_jax.studies import runrecord
 from dejavu_jax.serving.disagg_engine import make_engine
 from dejavu_jax.serving.engine import EngineError
-from dejavu_jax.serving.workload import WorkloadConfig, make_workload
+from dejavu_jax.workload import WorkloadConfig, make_workload
+from dejavu_jax.studies import reporting
 
 
 def build_model(c):
@@ -222,10 +225,10 @@ def run_experiment(c, out_dir: str, log=print, overwrite: bool = False,
       f.write(table + "\n")
     log("\n" + table)
   if len(c.rates) > 1:
-    metrics.plot_latency_vs_rate(summaries, os.path.join(out_dir, "latency_vs_rate.png"),
+    reporting.plot_latency_vs_rate(summaries, os.path.join(out_dir, "latency_vs_rate.png"),
                                  system_key="strategy" if many_s else "system")
   if failures:
-    metrics.plot_failure_timeline(
+    reporting.plot_failure_timeline(
         timelines, os.path.join(out_dir, "failure_timeline.png"),
         failure_times=[f.time_s for f in failures],
         title=f"stage(s) {[f.stage for f in failures]} killed; "
