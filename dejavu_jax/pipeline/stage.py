@@ -28,9 +28,15 @@ from dejavu_jax.pipeline import plan as plan_lib
 from dejavu_jax.stream import packing
 
 # XLA collectives on forced CPU devices, dispatched asynchronously from several threads, can
-# deadlock (measured: about half the runs; see DESIGN.md "Runtimes"). Tensor-parallel stages
-# therefore dispatch and complete their step under one process-wide lock.
+# deadlock (measured: about half the runs). Tensor-parallel stages on CPU devices therefore
+# dispatch and complete their step under one process-wide lock. Only there: on GPUs the lock would
+# serialize the stages of a pipeline, which is exactly the overlap pipelining is for.
 _COLLECTIVE_LOCK = threading.Lock()
+
+
+def needs_collective_lock(devices) -> bool:
+  """Whether steps with collectives over `devices` must be serialized (CPU devices only)."""
+  return any(d.platform == "cpu" for d in devices)
 
 
 class StageSlot:
@@ -45,6 +51,7 @@ class StageSlot:
     self.sub = plan_lib.stage_mesh(mesh, s)
     self.tensor = plan.tensor
     self.devices = tuple(self.sub.devices.flat)
+    self._lock_collectives = needs_collective_lock(self.devices)
 
   def layer_groups(self, group: int = 1) -> list[tuple[int, int]]:
     """The stage's layers as consecutive global ranges of `group` layers (the last may be
@@ -127,7 +134,7 @@ class StageProgram(StageSlot):
 
   def _run(self, fn, params, cache, x, positions):
     x, positions = self.to_stage(x), self.to_stage(jnp.asarray(positions, jnp.int32))
-    if self.tensor == 1:
+    if self.tensor == 1 or not self._lock_collectives:
       return fn(params, cache, x, positions)
     with _COLLECTIVE_LOCK:
       out = fn(params, cache, x, positions)
