@@ -19,9 +19,10 @@ Every layer's output reads every K and V entry, of every head and dim, at every 
 of the row in that layer, each through a coefficient that is a unit mod M: changing any one entry
 to a value that differs mod M (a V dropped or taken from another head, K and V swapped, a hole
 in a restored cache, a stale entry that is not masked, a step run twice with other inputs)
-changes that layer's output, and each layer's output is a bijection of its input (given what it
-reads) whenever 1 + sum_e c_e is not 0 mod M (true for every config the tests use), so the change
-reaches the stage's output. The masking rule is the real model's (a query at p sees keys j <= p;
+changes that layer's output. Each layer's output is a bijection of its input (given what it reads)
+whenever 1 + sum_e c_e is not 0 mod M (e.g. 185 for the tiny config's 4 heads of 16 dims), so the
+change reaches the stage's hidden output; the token, x mod vocab_size, changes unless the two
+values collide there. The masking rule is the real model's (a query at p sees keys j <= p;
 position -1 writes nothing and reads nothing: x <- x + 1), so everything that relies on it (bucket
 padding, reused buffers, rewinding a microbatch) is exercised as with the model.
 
