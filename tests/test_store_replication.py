@@ -31,11 +31,25 @@ def test_all_on_device_pool_reuses_its_buffers():
     store.get(99)
 
 
+def _entries(step, shape):
+  """Keys and values of `shape` [..., H, K] all different from each other, in every layer, row,
+  head and dim, and from those of another step: a log that drops V, swaps K and V or mis-slices
+  an axis cannot read back equal."""
+  k = 1000.0 * (step + 1) + jnp.arange(np.prod(shape), dtype=jnp.float32).reshape(shape)
+  return k, -k - 0.5
+
+
+def _prompt_cache():
+  cache = _new()
+  k, v = _entries(0, cache.k.shape)
+  return cache.replace(k=k, v=v, lengths=jnp.array([4, 4, 4]))
+
+
 def _step_cache(cache, step, positions):
-  """The cache after a decode step that wrote step + 1 at `positions` [B] of every layer."""
+  """The cache after a decode step that wrote step's entries at `positions` [B] of every layer."""
   rows, pos = jnp.arange(cache.batch), jnp.asarray(positions, jnp.int32)
-  k = jnp.full((2, 3, 2, 4), float(step + 1))
-  return cache.replace(k=cache.k.at[:, rows, pos].set(k), v=cache.v.at[:, rows, pos].set(-k),
+  k, v = _entries(step, (2, 3, 2, 4))
+  return cache.replace(k=cache.k.at[:, rows, pos].set(k), v=cache.v.at[:, rows, pos].set(v),
                        lengths=jnp.maximum(cache.lengths, pos + 1))
 
 
@@ -74,7 +88,7 @@ def test_failed_transfer_is_never_acknowledged_and_the_log_heals():
     return step
 
   tap = ReplicationTap(1, 0, send)
-  cache = _new().replace(lengths=jnp.array([4, 4, 4]))
+  cache = _prompt_cache()
   snapshots = {}
   tap.after_step(0, 0, cache, None, "prefill", 4)
   snapshots[0] = jax.device_get(cache)
@@ -93,5 +107,7 @@ def test_failed_transfer_is_never_acknowledged_and_the_log_heals():
     kv, _ = store.read(1, 0, step)
     want = snapshots[step]
     upto = 4 + step
+    # Every layer, row, head and dim of both K and V, at every position the step holds.
     np.testing.assert_array_equal(kv[0][:, :, :upto], np.asarray(want.k)[:, :, :upto])
+    np.testing.assert_array_equal(kv[1][:, :, :upto], np.asarray(want.v)[:, :, :upto])
   tap.close()
