@@ -232,7 +232,9 @@ class FailureManager:
     progress = sum(mb.done for mb in mbs.values())
     lost_steps = lost_tokens = 0
     handled: dict[str, int] = {}
-    per_stage = {s: 0.0 for s in dead}
+    # Per dead stage: each replica is its own load; a snapshot is read once for every
+    # microbatch restored from it (the engine's worker keeps the restored snapshot).
+    loads: dict[tuple, int] = {}
     resumed = []
     for mid, step, sources, by in resumes:
       mb = mbs[mid]
@@ -241,12 +243,19 @@ class FailureManager:
       lost_tokens += (mb.done - (step + 1)) * sum(1 for r in mb.requests if not r.done)
       for s, src in sources.items():
         nbytes = cm.kv_bytes(model, layers[s], mb.batch, mb.prompt_len + step)
-        link = cfg.replica_link if isinstance(src, ReplicaSource) else cfg.snapshot_link
-        if not isinstance(src, (ReplicaSource, SnapshotSource)):
+        if isinstance(src, ReplicaSource):
+          key = (s, "replica", mid)
+        elif isinstance(src, SnapshotSource):
+          key = (s, "snapshot", src.directory, src.snapshot_id)
+        else:
           raise TypeError(f"unknown cache source {src!r}")
-        per_stage[s] += link.transfer_time(nbytes)
+        loads[key] = loads.get(key, 0) + nbytes
       mb.done, mb.reprefill = step + 1, False
       resumed.append((mb, step, tuple(sources)))
+    per_stage = {s: 0.0 for s in dead}
+    for key, nbytes in loads.items():
+      link = cfg.replica_link if key[1] == "replica" else cfg.snapshot_link
+      per_stage[key[0]] += link.transfer_time(nbytes)
     requeued = []
     for mid, (mode, by) in requeue.items():
       mb = mbs[mid]
