@@ -300,14 +300,13 @@ def run_grid(scenarios: list[Scenario], params=None, log=print) -> dict:
 # ---- failures ----
 FAIL_STRATEGIES = ("restart", "reprefill", "replica", "snapshot")
 HEARTBEAT_S, HEARTBEAT_TIMEOUT_S = 0.1, 0.4
-SNAPSHOT_EVERY = 4
-# The engine's replicas are host copies inside this process (a few ms); its snapshots orbax
-# checkpoints on local disk (tens of ms to write or read back on this machine).
+SNAPSHOT_EVERY = 8
+# The engine's replicas are host copies inside this process (a few ms). Its snapshots are orbax
+# checkpoints on local disk: how long one takes to complete is measured (`snapshot_link`).
 REPLICA_LINK = cm.Link("in_process_host_copy", 1e9, 0.002)
-SNAPSHOT_LINK = cm.Link("orbax_local_disk", 2e8, 0.05)
 # (stage, after that many steps of its worker): distinct stages (one armed failure per worker),
 # spaced so that each comes after the previous recovery.
-FAILURE_PLANS = {1: ((1, 25),), 3: ((1, 25), (3, 60), (0, 95))}
+FAILURE_PLANS = {1: ((1, 20),), 3: ((1, 20), (3, 45), (0, 70))}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -319,9 +318,9 @@ class FailScenario:
   stages: int = 4
   batch: int = 4
   load: float = 0.5
-  span_s: float = 4.0
+  span_s: float = 3.0
   seed: int = 1
-  stretch: float = 1.5
+  stretch: float = 2.0      # real recovery work (replica resyncs, orbax saves) stays in the steps
 
   def workload(self) -> Scenario:
     return Scenario(self.stages, self.batch, self.load, span_s=self.span_s, seed=self.seed,
@@ -350,15 +349,42 @@ def warm_up_recovery(eng: PipelineEngine, sc: FailScenario) -> None:
   eng.set_recovery(sc.strategy)
 
 
-def sim_recovery(strategy: str, replacement_s: float) -> sim.RecoveryConfig:
+def snapshot_link(sc: FailScenario, repeats: int = 3) -> cm.Link:
+  """The engine's snapshot as a link: the measured median time for a worker's `Snapshotter` to
+  complete one snapshot of D microbatch caches of this scenario's shape (a worker holds D), on
+  this machine now. It decides how stale the last complete snapshot is when a stage dies."""
+  import tempfile  # pylint: disable=g-import-not-at-top
+  import threading  # pylint: disable=g-import-not-at-top
+  from dejavu_jax.kv.cache import init_cache_for  # pylint: disable=g-import-not-at-top
+  from dejavu_jax.runtime.snapshot import Snapshotter  # pylint: disable=g-import-not-at-top
+  layers = CFG.num_layers // sc.stages
+  caches = {mb: (init_cache_for(CFG, layers, sc.batch, MAX_LEN), 1) for mb in range(sc.stages)}
+  times = []
+  with tempfile.TemporaryDirectory(prefix="sim-vs-paced-snap-") as d:
+    done = threading.Event()
+    snap = Snapshotter(d, 0, 0, 1, lambda *a: done.set())
+    for _ in range(repeats + 1):   # the first one warms orbax up
+      done.clear()
+      t0 = time.perf_counter()
+      snap.after_step(caches)
+      done.wait(30)
+      times.append(time.perf_counter() - t0)
+    snap.close()
+  return cm.Link("orbax_local_disk_measured", 1e12, float(np.median(times[1:])))
+
+
+def sim_recovery(strategy: str, replacement_s: float,
+                 snap_link: cm.Link | None = None) -> sim.RecoveryConfig:
   """The simulator's recovery configuration for the paced engine's (see the module doc)."""
   return sim.RecoveryConfig(strategy=strategy, heartbeat_s=HEARTBEAT_S,
                             timeout_s=HEARTBEAT_TIMEOUT_S, replacement_start_s=replacement_s,
                             weight_load_s=0.0, replica_link=REPLICA_LINK,
-                            snapshot_every=SNAPSHOT_EVERY, snapshot_link=SNAPSHOT_LINK)
+                            snapshot_every=SNAPSHOT_EVERY,
+                            snapshot_link=snap_link or cm.Link("orbax_local_disk", 1e12, 0.05))
 
 
-def run_failure_scenario(eng: PipelineEngine, sc: FailScenario, cost: TableCostModel) -> dict:
+def run_failure_scenario(eng: PipelineEngine, sc: FailScenario, cost: TableCostModel,
+                         snap_link: cm.Link | None = None) -> dict:
   """Serves and simulates one strategy under one failure plan (module doc)."""
   base = sc.workload()
   rate = base.load * capacity_rps(cost, sc.stages, sc.batch)
@@ -374,7 +400,7 @@ def run_failure_scenario(eng: PipelineEngine, sc: FailScenario, cost: TableCostM
   simulated = sim.simulate_colocated(
       cost, sim.from_serving(reqs), sc.stages, batch_size=sc.batch, microbatching="paper",
       failures=[sim.Failure(stage=s, after_steps=n) for s, n in plan],
-      recovery=sim_recovery(sc.strategy, replacement_s))
+      recovery=sim_recovery(sc.strategy, replacement_s, snap_link))
   eng_s = metrics.summarize(served.records)
   sim_s = metrics.summarize(simulated.records)
   handled_eng: dict = {}
@@ -400,6 +426,7 @@ def run_failure_scenario(eng: PipelineEngine, sc: FailScenario, cost: TableCostM
                         if "resumed_at" in r),
       "engine_handled_by": handled_eng, "sim_handled_by": handled_sim,
       "replacement_s": replacement_s, "pace_overruns": overruns,
+      "snapshot_s": snap_link.latency if snap_link is not None else None,
       "engine_wall_s": served.wall_s,
   }
   out["rel_error_makespan"] = _rel(out["sim_makespan_s"], out["engine_makespan_s"])
@@ -438,7 +465,8 @@ def run_failure_grid(scenarios: list[FailScenario], params=None, log=print) -> d
         eng, key = make_failure_engine(params, sc, cost), k
       eng.set_recovery(sc.strategy)   # fresh workers, nothing armed, compiled steps kept
       warm_up_recovery(eng, sc)
-      row = run_failure_scenario(eng, sc, cost)
+      snap = snapshot_link(sc) if "snapshot" in sc.strategy.split(",") else None
+      row = run_failure_scenario(eng, sc, cost, snap)
       rows.append(row)
       log(format_failure_row(row))
   finally:
