@@ -447,13 +447,13 @@ def format_failure_row(row: dict) -> str:
 
 
 def failure_grid(strategies=FAIL_STRATEGIES, counts=(1, 3)) -> list[FailScenario]:
-  return [FailScenario(s, n) for n in counts for s in strategies]
+  return [FailScenario(s, n) for s in strategies for n in counts]
 
 
 def run_failure_grid(scenarios: list[FailScenario], params=None, log=print) -> dict:
   """Runs every failure scenario on one engine (strategies switched with `set_recovery`)."""
   params = init_params(CFG, jax.random.key(0)) if params is None else params
-  rows = []
+  rows, warm, snaps = [], set(), {}
   eng, key = None, None
   try:
     for sc in scenarios:
@@ -462,10 +462,14 @@ def run_failure_grid(scenarios: list[FailScenario], params=None, log=print) -> d
       if k != key:
         if eng is not None:
           eng.close()
-        eng, key = make_failure_engine(params, sc, cost), k
+        eng, key, warm = make_failure_engine(params, sc, cost), k, set()
       eng.set_recovery(sc.strategy)   # fresh workers, nothing armed, compiled steps kept
-      warm_up_recovery(eng, sc)
-      snap = snapshot_link(sc) if "snapshot" in sc.strategy.split(",") else None
+      if sc.strategy not in warm:
+        warm_up_recovery(eng, sc)
+        warm.add(sc.strategy)
+      snap = None
+      if "snapshot" in sc.strategy.split(","):
+        snap = snaps[k] = snaps.get(k) or snapshot_link(sc)
       row = run_failure_scenario(eng, sc, cost, snap)
       rows.append(row)
       log(format_failure_row(row))
