@@ -38,7 +38,7 @@ import math
 from dejavu_jax import costmodel as cm
 from dejavu_jax.fault import strategies as fault_strategies
 from dejavu_jax.runtime.api import ReplicaSource, SnapshotSource
-from dejavu_jax.sim.engine import EventLoop, Microbatch
+from dejavu_jax.sim.engine import EventLoop
 from dejavu_jax.sim.pipeline import Pipeline
 
 # The engine's registry: a strategy exists for the simulator iff the engine can run it.
