@@ -44,8 +44,33 @@ step started, the microbatch's last swap-out landed and the link is free; the st
 The engine charges a swap-in only when the microbatch really was not resident (with 2 in flight
 both stay on the device); the simulator skips swap-ins when at most 2 microbatches are in flight.
 
-Run: python benchmarks/sim_vs_paced.py [--quick] [--swapping]. Prints a table per scenario; the last stdout
-line is one JSON object with `max_rel_error_throughput` and `max_rel_error_p50_latency`.
+Failures (`--failures`): for each recovery strategy (restart, reprefill, replica, snapshot) and
+for one and for three crashes, the paced engine (fake stage program, `FailureSpec(after_steps=n)`:
+placed by step count, so load on this machine does not move them) against the simulator with the
+same failures (`sim.Failure(after_steps=n)`), the same strategy objects (fault/strategies.py) and
+the engine's recovery configuration: heartbeat period and timeout, snapshot period, a replica
+link and a snapshot link standing for the in-process host copy and the local orbax disk (their
+write side decides which replica or snapshot is complete when a stage dies). What the cost model
+does not model is the engine's own recovery work on this machine: starting a worker thread,
+placing its weights, loading the restored caches (host copies, orbax reads, on 2 cores shared
+with other jobs: 0.05 to 0.5 s, varying from run to run). It is measured in each engine run
+(detection -> recovered, per failure) and given to the simulator as `replacement_start_s`, as
+the design asks for measured constants; compared is everything else: detection, which work is
+lost and redone, the rollback of the other stages, requeue and re-batching, and the schedule
+after the recovery.
+Compared: the makespan (first arrival to last finish) and the mean end-to-end latency, within
+10%: they are what a failure costs the workload, and they integrate every piece of the recovery
+(which work is lost, when it resumes, how the requeued work is re-batched). The recomputed tokens
+and the failures' lost time (failure -> resumed) are reported beside them, not asserted: both
+hinge on single events (one step more or less done when the dead stage is noticed changes the
+recomputed tokens by a microbatch's rows; the engine's heartbeat phase is not the simulator's,
+so detection differs by up to one heartbeat period). Both runs replay the cost model: the
+figures are `modelled`.
+
+Run: python benchmarks/sim_vs_paced.py [--quick] [--swapping] [--failures]. Prints a table per
+scenario; the last stdout line is one JSON object with `max_rel_error_throughput` and
+`max_rel_error_p50_latency` (with --failures: `max_rel_error_makespan`,
+`max_rel_error_mean_latency` and one row per strategy and failure count).
 """
 
 from __future__ import annotations
@@ -70,6 +95,7 @@ from dejavu_jax import costmodel as cm  # noqa: E402
 from dejavu_jax import sim  # noqa: E402
 from dejavu_jax.config import ServeConfig, tiny_config  # noqa: E402
 from dejavu_jax.costmodel import TableCostModel  # noqa: E402
+from dejavu_jax.fault.inject import FailureSpec  # noqa: E402
 from dejavu_jax.models import init_params  # noqa: E402
 from dejavu_jax import metrics  # noqa: E402
 from dejavu_jax import workload as wl  # noqa: E402
@@ -271,6 +297,198 @@ def run_grid(scenarios: list[Scenario], params=None, log=print) -> dict:
   }
 
 
+# ---- failures ----
+FAIL_STRATEGIES = ("restart", "reprefill", "replica", "snapshot")
+# A short period keeps the heartbeat phase (where the engine and the simulator may differ) small;
+# a timeout well above it keeps a loaded machine's scheduling hiccups from looking like deaths.
+HEARTBEAT_S, HEARTBEAT_TIMEOUT_S = 0.1, 1.0
+SNAPSHOT_EVERY = 8
+# The engine's replicas are host copies inside this process (a few ms). Its snapshots are orbax
+# checkpoints on local disk: how long one takes to complete is measured (`snapshot_link`).
+REPLICA_LINK = cm.Link("in_process_host_copy", 1e9, 0.002)
+# (stage, after that many steps of its worker): distinct stages (one armed failure per worker),
+# spaced so that each comes after the previous recovery.
+FAILURE_PLANS = {1: ((1, 20),), 3: ((1, 20), (3, 45), (0, 70))}
+
+
+@dataclasses.dataclass(frozen=True)
+class FailScenario:
+  """One strategy under one failure plan, on a D = 4, B = 4 pipeline near saturation."""
+
+  strategy: str
+  failures: int                   # a key of FAILURE_PLANS
+  stages: int = 4
+  batch: int = 4
+  load: float = 0.5
+  span_s: float = 3.0
+  seed: int = 1
+  stretch: float = 2.0      # real recovery work (replica resyncs, orbax saves) stays in the steps
+
+  def workload(self) -> Scenario:
+    return Scenario(self.stages, self.batch, self.load, span_s=self.span_s, seed=self.seed,
+                    stretch=self.stretch)
+
+
+def make_failure_engine(params, sc: FailScenario, cost: TableCostModel) -> PipelineEngine:
+  serve = ServeConfig(num_stages=sc.stages, microbatch_size=sc.batch, max_len=MAX_LEN,
+                      pacing="paced", mode="paper", program="fake", recovery=sc.strategy,
+                      heartbeat_s=HEARTBEAT_S, heartbeat_timeout_s=HEARTBEAT_TIMEOUT_S,
+                      snapshot_every=SNAPSHOT_EVERY)
+  eng = PipelineEngine(CFG, params, serve, cost_model=cost)
+  # Every prefill bucket a continuation (prompt + tokens so far) can need: a compile inside a
+  # measured run would be a pace overrun of seconds.
+  for n in (PROMPT_LEN, 2 * PROMPT_LEN, MAX_LEN - 8):
+    eng.generate([[5] * n] * sc.batch, 3)
+  return eng
+
+
+def warm_up_recovery(eng: PipelineEngine, sc: FailScenario) -> None:
+  """One small serve with a crash under the scenario's strategy, so that what its recovery
+  compiles (cache exports, loads, snapshot restores) is compiled before the measured run; then
+  fresh workers with nothing armed."""
+  reqs = [wl.Request(i, 0.0, (5,) * PROMPT_LEN, 12) for i in range(2 * sc.batch)]
+  eng.serve(reqs, failures=[FailureSpec(stage=1, after_steps=3 * SNAPSHOT_EVERY)])
+  eng.set_recovery(sc.strategy)
+
+
+def snapshot_link(sc: FailScenario, repeats: int = 3) -> cm.Link:
+  """The engine's snapshot as a link: the measured median time for a worker's `Snapshotter` to
+  complete one snapshot of D microbatch caches of this scenario's shape (a worker holds D), on
+  this machine now. It decides how stale the last complete snapshot is when a stage dies."""
+  import tempfile  # pylint: disable=g-import-not-at-top
+  import threading  # pylint: disable=g-import-not-at-top
+  from dejavu_jax.kv.cache import init_cache_for  # pylint: disable=g-import-not-at-top
+  from dejavu_jax.runtime.snapshot import Snapshotter  # pylint: disable=g-import-not-at-top
+  layers = CFG.num_layers // sc.stages
+  caches = {mb: (init_cache_for(CFG, layers, sc.batch, MAX_LEN), 1) for mb in range(sc.stages)}
+  times = []
+  with tempfile.TemporaryDirectory(prefix="sim-vs-paced-snap-") as d:
+    done = threading.Event()
+    snap = Snapshotter(d, 0, 0, 1, lambda *a: done.set())
+    for _ in range(repeats + 1):   # the first one warms orbax up
+      done.clear()
+      t0 = time.perf_counter()
+      snap.after_step(caches)
+      done.wait(30)
+      times.append(time.perf_counter() - t0)
+    snap.close()
+  return cm.Link("orbax_local_disk_measured", 1e12, float(np.median(times[1:])))
+
+
+def sim_recovery(strategy: str, replacement_s: float,
+                 snap_link: cm.Link | None = None) -> sim.RecoveryConfig:
+  """The simulator's recovery configuration for the paced engine's (see the module doc)."""
+  return sim.RecoveryConfig(strategy=strategy, heartbeat_s=HEARTBEAT_S,
+                            timeout_s=HEARTBEAT_TIMEOUT_S, replacement_start_s=replacement_s,
+                            weight_load_s=0.0, replica_link=REPLICA_LINK,
+                            snapshot_every=SNAPSHOT_EVERY,
+                            snapshot_link=snap_link or cm.Link("orbax_local_disk", 1e12, 0.05))
+
+
+def run_failure_scenario(eng: PipelineEngine, sc: FailScenario, cost: TableCostModel,
+                         snap_link: cm.Link | None = None) -> dict:
+  """Serves and simulates one strategy under one failure plan (module doc)."""
+  base = sc.workload()
+  rate = base.load * capacity_rps(cost, sc.stages, sc.batch)
+  reqs = make_requests(base, rate)
+  plan = FAILURE_PLANS[sc.failures]
+  overruns0 = sum(st.overruns for st in eng.worker_stats())
+  served = eng.serve(reqs, failures=[FailureSpec(stage=s, after_steps=n) for s, n in plan])
+  overruns = sum(st.overruns for st in eng.worker_stats()) - overruns0
+  events = served.recoveries
+  # The engine's recovery work on this machine, measured (module doc).
+  replacement_s = float(np.mean([e.recovered_at - e.detected_at for e in events])) \
+      if events else 0.0
+  simulated = sim.simulate_colocated(
+      cost, sim.from_serving(reqs), sc.stages, batch_size=sc.batch, microbatching="paper",
+      failures=[sim.Failure(stage=s, after_steps=n) for s, n in plan],
+      recovery=sim_recovery(sc.strategy, replacement_s, snap_link))
+  eng_s = metrics.summarize(served.records)
+  sim_s = metrics.summarize(simulated.records)
+  handled_eng: dict = {}
+  for e in events:
+    for k, v in e.handled_by.items():
+      handled_eng[k] = handled_eng.get(k, 0) + v
+  handled_sim: dict = {}
+  for r in simulated.recoveries:
+    for k, v in r["handled_by"].items():
+      handled_sim[k] = handled_sim.get(k, 0) + v
+  out = {
+      "strategy": sc.strategy, "failures": sc.failures, "stages": sc.stages, "batch": sc.batch,
+      "num_requests": len(reqs), "rate": rate,
+      "engine_failures": len(events), "sim_failures": len(simulated.recoveries),
+      "engine_unfinished": eng_s["num_unfinished"], "sim_unfinished": sim_s["num_unfinished"],
+      "engine_makespan_s": eng_s["duration"], "sim_makespan_s": sim_s["duration"],
+      "engine_mean_latency_s": eng_s["mean_e2el_ms"] / 1e3,
+      "sim_mean_latency_s": sim_s["mean_e2el_ms"] / 1e3,
+      "engine_recomputed_tokens": sum(e.recomputed_tokens for e in events),
+      "sim_recomputed_tokens": sum(r["lost_tokens"] for r in simulated.recoveries),
+      "engine_lost_s": sum(e.recovery_s for e in events),
+      "sim_lost_s": sum(r["resumed_at"] - r["time"] for r in simulated.recoveries
+                        if "resumed_at" in r),
+      "engine_handled_by": handled_eng, "sim_handled_by": handled_sim,
+      "replacement_s": replacement_s, "pace_overruns": overruns,
+      "snapshot_s": snap_link.latency if snap_link is not None else None,
+      "engine_wall_s": served.wall_s,
+  }
+  out["rel_error_makespan"] = _rel(out["sim_makespan_s"], out["engine_makespan_s"])
+  out["rel_error_mean_latency"] = _rel(out["sim_mean_latency_s"], out["engine_mean_latency_s"])
+  out["rel_error_lost_s"] = _rel(out["sim_lost_s"], out["engine_lost_s"])
+  return out
+
+
+def format_failure_row(row: dict) -> str:
+  return (f"{row['strategy']:<10} {row['failures']} failure(s) [modelled]: makespan engine "
+          f"{row['engine_makespan_s']:.3f} s sim {row['sim_makespan_s']:.3f} s "
+          f"({row['rel_error_makespan']:.1%}); mean latency {row['engine_mean_latency_s']:.3f} / "
+          f"{row['sim_mean_latency_s']:.3f} s ({row['rel_error_mean_latency']:.1%}); "
+          f"recomputed tokens {row['engine_recomputed_tokens']} / "
+          f"{row['sim_recomputed_tokens']}; lost {row['engine_lost_s']:.3f} / "
+          f"{row['sim_lost_s']:.3f} s; handled by {row['engine_handled_by']} / "
+          f"{row['sim_handled_by']}; overruns {row['pace_overruns']}")
+
+
+def failure_grid(strategies=FAIL_STRATEGIES, counts=(1, 3)) -> list[FailScenario]:
+  return [FailScenario(s, n) for s in strategies for n in counts]
+
+
+def run_failure_grid(scenarios: list[FailScenario], params=None, log=print) -> dict:
+  """Runs every failure scenario on one engine (strategies switched with `set_recovery`)."""
+  params = init_params(CFG, jax.random.key(0)) if params is None else params
+  rows, warm, snaps = [], set(), {}
+  eng, key = None, None
+  try:
+    for sc in scenarios:
+      cost = cost_model(sc.stages, sc.stretch)
+      k = (sc.stages, sc.batch, sc.stretch)
+      if k != key:
+        if eng is not None:
+          eng.close()
+        eng, key, warm = make_failure_engine(params, sc, cost), k, set()
+      eng.set_recovery(sc.strategy)   # fresh workers, nothing armed, compiled steps kept
+      # Requeues need nothing compiled that the engine's start-up did not compile already.
+      loads = {"replica", "snapshot"} & set(sc.strategy.split(","))
+      if loads and sc.strategy not in warm:
+        warm_up_recovery(eng, sc)
+        warm.add(sc.strategy)
+      snap = None
+      if "snapshot" in sc.strategy.split(","):
+        snap = snaps[k] = snaps.get(k) or snapshot_link(sc)
+      row = run_failure_scenario(eng, sc, cost, snap)
+      rows.append(row)
+      log(format_failure_row(row))
+  finally:
+    if eng is not None:
+      eng.close()
+  return {
+      "label": "modelled",
+      "max_rel_error_makespan": max(r["rel_error_makespan"] for r in rows),
+      "max_rel_error_mean_latency": max(r["rel_error_mean_latency"] for r in rows),
+      "target": TARGET,
+      "failure_scenarios": rows,
+  }
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
   parser.add_argument("--quick", action="store_true", help="D in {1, 2}, B = 4, ~2 s spans")
@@ -278,8 +496,18 @@ def main() -> None:
                       help="the engine's serving mode (the simulator follows it)")
   parser.add_argument("--swapping", action="store_true",
                       help="the swapping scenarios (microbatch swapping over a modeled link)")
+  parser.add_argument("--failures", action="store_true",
+                      help="the failure scenarios (every strategy, one and three crashes)")
   args = parser.parse_args()
   t0 = time.perf_counter()
+  if args.failures:
+    out = run_failure_grid(failure_grid())
+    out["wall_s"] = time.perf_counter() - t0
+    print(f"[modelled] max rel error under failures: makespan "
+          f"{out['max_rel_error_makespan']:.2%}, mean latency "
+          f"{out['max_rel_error_mean_latency']:.2%} (target {TARGET:.0%})")
+    print(json.dumps(out))
+    return
   out = run_grid(grid(args.quick, args.mode, args.swapping))
   out["wall_s"] = time.perf_counter() - t0
   print(f"max rel error: throughput {out['max_rel_error_throughput']:.2%}, p50 normalized "

@@ -133,7 +133,7 @@ def test_recovery_parameters_and_whole_job_restart():
   # downtime is exactly detection + replacement + that time, for a stage or a whole-job restart.
   cost, D = _cost(0.02, 0.005), 4
   runs = {}
-  for scope, weight in (("stage", None), ("job", None), ("stage", 7.0)):
+  for scope, weight in (("requests", None), ("job", None), ("requests", 7.0)):
     rec = RecoveryConfig(strategy="restart", heartbeat_s=0.5, timeout_s=1.5,
                          replacement_start_s=4.0, weight_load_s=weight, restart_scope=scope,
                          weight_link=cm.Link("w", 1e18, 0.25))
@@ -143,6 +143,7 @@ def test_recovery_parameters_and_whole_job_restart():
   for (scope, weight), r in runs.items():
     assert r["scope"] == scope and r["detection_s"] == pytest.approx(10.0 + 1.5 - 10.3)  # beat at 10.0
     assert r["downtime_s"] == pytest.approx(r["detection_s"] + 4.0 + (weight or 0.25))
+  assert RecoveryConfig(restart_scope="stage").restart_scope == "requests"   # its old name
   with pytest.raises(ValueError, match="restart_scope"):
     RecoveryConfig(restart_scope="cluster")
   with pytest.raises(ValueError, match="weight_load_s"):
@@ -159,12 +160,12 @@ def test_whole_job_restart_waits_for_the_slowest_stage():
   link = cm.Link("w", 1e6, 0.0)   # 1 MB/s: weight time proportional to the layers
   per_layer = cost.model.layer_weight_bytes() / 1e6
   out = {}
-  for scope in ("stage", "job"):
+  for scope in ("requests", "job"):
     rec = RecoveryConfig(strategy="restart", restart_scope=scope, weight_link=link)
     res = simulate_colocated(cost, saturated_requests(4, 16, 8), 2, batch_size=1,
                              failures=[Failure(0.01, small)], recovery=rec)
     out[scope] = res.recoveries[0]["weight_load_s"]
-  assert out["stage"] == pytest.approx(min(layers) * per_layer)
+  assert out["requests"] == pytest.approx(min(layers) * per_layer)
   assert out["job"] == pytest.approx(max(layers) * per_layer) and min(layers) < max(layers)
 
 

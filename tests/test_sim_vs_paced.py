@@ -43,3 +43,23 @@ def test_sim_forms_the_engines_paper_microbatches():
   while feed.has_work():
     sim_groups.append([r.rid for r in feed.take().requests])
   assert sim_groups == engine_groups == [[0, 1, 2], [3, 4], [5, 6], [7], [8, 9], [10]]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_sim_matches_paced_engine_under_failures():
+  """Every strategy under three crashes of distinct stages (placed by step count; the first is
+  the one-failure case, which `benchmarks/sim_vs_paced.py --failures` also runs alone): the
+  simulator, planning through the engine's strategy objects, predicts the paced engine's
+  makespan and mean latency within 10%, and the same strategies handle the microbatches."""
+  out = bench.run_failure_grid(bench.failure_grid(counts=(3,)), log=lambda _: None)
+  assert out["label"] == "modelled"
+  rows = out["failure_scenarios"]
+  assert {(r["strategy"], r["failures"]) for r in rows} == {
+      (s, 3) for s in ("restart", "reprefill", "replica", "snapshot")}
+  for r in rows:
+    assert r["engine_failures"] == r["sim_failures"] == r["failures"], r
+    assert r["engine_unfinished"] == r["sim_unfinished"] == 0, r
+    assert set(r["sim_handled_by"]) == set(r["engine_handled_by"]), r
+    assert r["rel_error_makespan"] <= 0.10, r
+    assert r["rel_error_mean_latency"] <= 0.10, r

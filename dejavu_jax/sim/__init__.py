@@ -5,8 +5,9 @@ workload, request records and metrics match the serving engine's, so results are
 
 Modules: `engine` (event loop, microbatch state), `pipeline` (stages, swapping, replication,
 snapshots), `feed` (arrivals, microbatch formation), `colocated` (the baseline), `disagg`
-(prompt/token disaggregation), `failures` (detection and recovery strategies), `workload`,
-`records` (request records, `summarize`, `SimResult`).
+(prompt/token disaggregation), `failures` (detection, and recovery planned by the engine's own
+strategy objects from fault/strategies.py, fed modelled acks and snapshots), `workload`,
+`records` (request records, `summarize`, `SimResult`). `STRATEGIES` is the engine's registry.
 """
 
 from dejavu_jax.costmodel import streamed_prompt_time

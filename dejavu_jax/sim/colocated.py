@@ -65,9 +65,10 @@ class _Colocated:
     else:
       pipe.next_step(mb)
 
-  def on_restart(self, pipe, mb):
-    self.feed.redo.append(mb)
-    self.try_inject()
+  def on_requeue(self, pipe, mb, mode):
+    # As the engine's scheduler: the requests, not the microbatch, go back to the queue; they
+    # are cut into microbatches again once every lost one is requeued (`on_up`).
+    return self.feed.requeue(mb, mode)
 
   def on_up(self, pipe):
     self.try_inject()
@@ -101,7 +102,8 @@ def simulate_colocated(cost: cm.CostModel, requests: Sequence[RequestRecord], nu
     stage_link: link between consecutive stages (None: free hops).
     swap_link: device<->host link for microbatch swapping (None: no swapping).
     failures: `Failure`s with pipeline "main" (stage index within replica 0) or "main<i>".
-    recovery: how failures are recovered (default `RecoveryConfig()`: replica strategy).
+    recovery: how failures are recovered (default `RecoveryConfig()`: replica strategy), by the
+      engine's strategy objects (sim/failures.py).
     include_head: add the LM head's time to the last stage.
     until: stop the simulation at this time.
     microbatching: how waiting requests form a microbatch: "greedy" (up to `batch_size` in
@@ -130,11 +132,10 @@ def simulate_colocated(cost: cm.CostModel, requests: Sequence[RequestRecord], nu
   loop = EventLoop()
   sys = _Colocated(cost, loop, batch_size, max_inflight, include_head, live_rows_only)
   layers = split_layers(cost.model.num_layers, num_stages)
-  replica_link = recovery.replica_link if failures and recovery.strategy == "replica" else None
-  snap = recovery.snapshot_every if failures and recovery.strategy == "snapshot" else None
+  opts = recovery.pipeline_options(failures)
   for i in range(replicas):
     sys.pipes.append(Pipeline(loop, f"main{i}", cost.model, layers, sys, stage_link, swap_link,
-                              replica_link, snap, recovery.snapshot_link))
+                              **opts))
   names = {p.name: p for p in sys.pipes} | {"main": sys.pipes[0]}
   manager = FailureManager(loop, names, recovery)
   manager.schedule(failures)

@@ -91,12 +91,21 @@ class _Disaggregated:
       self.free_slots += 1
     self.finish_times.append(self.loop.now)
 
-  def on_restart(self, pipe, mb):
+  def on_requeue(self, pipe, mb, mode):
+    lost = sum(o + mb.done for r, o in zip(mb.requests, mb.offsets_or_zeros()) if not r.done)
+    if mode == "continue":
+      # The token pipeline re-prefills prompt + tokens in the microbatch's own slot.
+      mb.reprefill = True
+      pipe.admit(mb)
+      return 0
     if pipe is self.prompt:
       self.free_slots += 1  # its slot is asked for again when it is re-admitted
     mb.done, mb.reprefill = 0, False
+    for r in mb.requests:
+      if not r.done:
+        r.first_token = math.nan
     self.feed.redo.append(mb)
-    self.try_admit()
+    return lost
 
   def on_up(self, pipe):
     self.try_admit()
@@ -178,12 +187,10 @@ def simulate_disaggregated(cost: cm.CostModel, requests: Sequence[RequestRecord]
   sys = _Disaggregated(cost, loop, host_slots, prompt_inflight, token_inflight, stream_link,
                        host_link, prompt_overhead, include_head, live_rows_only)
   L = cost.model.num_layers
-  replica_link = recovery.replica_link if failures and recovery.strategy == "replica" else None
-  snap = recovery.snapshot_every if failures and recovery.strategy == "snapshot" else None
   sys.prompt = Pipeline(loop, "prompt", cost.model, split_layers(L, prompt_stages), sys,
                         stage_link)
   sys.token = Pipeline(loop, "token", cost.model, split_layers(L, token_stages), sys, stage_link,
-                       None, replica_link, snap, recovery.snapshot_link)
+                       None, **recovery.pipeline_options(failures))
   manager = FailureManager(loop, {"prompt": sys.prompt, "token": sys.token}, recovery)
   manager.schedule(failures)
   sys.feed = RequestFeed(loop, requests, batch_size, sys.try_admit, microbatching)

@@ -43,7 +43,9 @@ class Microbatch:
 
   Step 0 is the prompt step (it yields each request's first token); step k >= 1 is a token step
   with `prompt_len + k - 1` tokens already cached. A request with output length n is done when
-  step n - 1 completes; the microbatch runs `num_steps` = the longest output length.
+  step n - 1 completes; the microbatch runs `num_steps` = the longest output length. A requeued
+  continuation (the engine's reprefill requeue) carries `offsets`: tokens its requests had already
+  generated, so its prompt is the original prompt plus them and it owes the rest.
 
   Attributes:
     mid: microbatch id (admission order).
@@ -52,9 +54,10 @@ class Microbatch:
     num_steps: steps to run.
     done: steps completed on every stage.
     reprefill: the next step is a prefill over the prompt and the tokens generated so far
-      (the `reprefill` recovery strategy).
-    acks: per stage, (time, step) of each replicated step that the next stage acknowledged.
-    snaps: per stage, the last step whose cache was snapshotted (-1: none).
+      (a disaggregated token pipeline's continuation, which stays in its slot).
+    offsets: per request, tokens generated before this microbatch (continuations; 0 else).
+    last_at: per stage, the last step this microbatch ran there (-1: none), what a snapshot of
+      that stage records for it.
     data_ready: per stage, when its cache for this microbatch was last written back (swapping).
   """
 
@@ -64,8 +67,8 @@ class Microbatch:
   num_steps: int
   done: int = 0
   reprefill: bool = False
-  acks: list[list[tuple[float, int]]] = dataclasses.field(default_factory=list)
-  snaps: list[int] = dataclasses.field(default_factory=list)
+  offsets: tuple[int, ...] = ()
+  last_at: list[int] = dataclasses.field(default_factory=list)
   data_ready: list[float] = dataclasses.field(default_factory=list)
 
   @property
@@ -79,7 +82,11 @@ class Microbatch:
 
   def live_rows(self) -> int:
     """Requests still generating when the next step runs (a request of n tokens ends at n - 1)."""
-    return sum(1 for r in self.requests if r.output_len > self.done)
+    return sum(1 for r, o in zip(self.requests, self.offsets_or_zeros())
+               if r.output_len - o > self.done)
+
+  def offsets_or_zeros(self) -> tuple[int, ...]:
+    return self.offsets or (0,) * len(self.requests)
 
   def context(self) -> int:
     """Tokens already cached when the next (token) step runs."""
@@ -93,23 +100,25 @@ class Microbatch:
     return self.done == 0 or self.reprefill
 
   def reset_stage_state(self, num_stages: int) -> None:
-    self.acks = [[] for _ in range(num_stages)]
-    self.snaps = [-1] * num_stages
+    self.last_at = [-1] * num_stages
     self.data_ready = [0.0] * num_stages
 
 
-def form_microbatch(mid: int, requests: list[RequestRecord]) -> Microbatch:
-  return Microbatch(mid, requests, max(r.prompt_len for r in requests),
-                    max(r.output_len for r in requests))
+def form_microbatch(mid: int, requests: list[RequestRecord],
+                    offsets: tuple[int, ...] = ()) -> Microbatch:
+  offs = offsets or (0,) * len(requests)
+  return Microbatch(mid, requests, max(r.prompt_len + o for r, o in zip(requests, offs)),
+                    max(r.output_len - o for r, o in zip(requests, offs)),
+                    offsets=tuple(offsets) if any(offs) else ())
 
 
 def record_step(mb: Microbatch, step: int, now: float) -> None:
   """Marks step `step` of `mb` complete at `now`: first tokens and finished requests."""
-  for r in mb.requests:
+  for r, o in zip(mb.requests, mb.offsets_or_zeros()):
     if step == 0 and math.isnan(r.first_token):
       r.first_token = now
     # A request already finished keeps its time even if a restart regenerates its tokens.
-    if step + 1 >= r.output_len and math.isnan(r.finish):
+    if step + 1 + o >= r.output_len and math.isnan(r.finish):
       r.finish = now
   mb.done = step + 1
   mb.reprefill = False

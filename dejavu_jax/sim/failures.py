@@ -1,24 +1,33 @@
-"""Failures and recovery strategies: detection, replacement, weight loading, state restore, resume.
+"""Failures and their recovery in the simulator, planned by the engine's own strategy objects.
 
-Timeline of one failure of stage s at time T (all pieces reported in the recovery breakdown):
-  1. detection: heartbeats every `heartbeat_s`; the controller declares the worker dead
-     `timeout_s` after its last heartbeat, i.e. at floor(T / heartbeat_s) * heartbeat_s + timeout_s;
-  2. replacement: a spare worker starts (`replacement_start_s`);
-  3. weight loading: the stage's weights over `weight_link` (or a fixed `weight_load_s`);
-  4. state restore, per strategy, then every microbatch in flight resumes:
-     - restart:   nothing restored; every microbatch restarts from its prompt; with
-                  `restart_scope="job"` the whole job restarts (every stage is replaced and
-                  reloads its weights, as a serving system without per-stage recovery does);
-     - replica:   the failed stage's cache comes back from the replica in the next stage's host
-                  memory over `replica_link`; a microbatch resumes after its last step whose
-                  replication the next stage had acknowledged before T (the other stages still
-                  hold their caches and roll back to it);
-     - snapshot:  every stage reloads its last snapshot (taken every k steps) over
-                  `snapshot_link`, in parallel; resume after the oldest snapshot over the stages;
-     - reprefill: nothing restored; each microbatch's next step is a prefill over its prompt
-                  and the tokens it generated, which rebuilds the cache and yields the next token.
-The pipeline is down from T until the restore ends; work in flight at T is lost. A failure while
-the pipeline is already down restarts the recovery from that failure (the older one is dropped).
+The recovery strategy is `fault.strategies.get_strategy(spec)` (chains such as
+"replica,snapshot,reprefill" included), fed by the simulated pipeline with modelled events: an
+`Ack` when the replication transfer of a stage's step lands on its successor, a `SnapshotSaved`
+when a stage's asynchronous snapshot is written (sim/pipeline.py). The simulator executes the
+plan the chain returns as the engine does (serving/engine.py `_recover`), with modelled times.
+
+Timeline of a failure of stage s at time T (all pieces reported in the recovery breakdown):
+  1. the worker dies: its queue and running step are lost; the other stages go on with what
+     they hold until the failure is detected (steps that reach stage s wait in a dead inbox);
+  2. detection: heartbeats every `heartbeat_s`; the controller declares the worker dead
+     `timeout_s` after its last heartbeat, i.e. at floor(T / heartbeat_s) * heartbeat_s +
+     timeout_s. Everything in flight is then dropped, and the chain plans over every dead stage
+     with each in-flight microbatch's completed steps;
+  3. replacement: a spare worker starts (`replacement_start_s`) and loads the stage's weights
+     over `weight_link` (or a fixed `weight_load_s`);
+  4. state restore, per the plan:
+     - Resume(mb, r, sources): the dead stages' caches as of step r come back from the replica
+       on the successor (`replica_link`) or the stage's last complete snapshot (a read over
+       `snapshot_link`), stages in parallel; the surviving stages roll back to r; the
+       microbatch continues with step r + 1 (its later tokens are generated again);
+     - requeue "restart": the microbatch's unfinished requests go back to the front of the queue
+       from their prompts (only the lost in-flight requests: the rest of the work goes on);
+     - requeue "continue" (reprefill): they go back as continuations (prompt + tokens so far),
+       one prefill rebuilds their caches.
+     With `restart_scope="job"` the `restart` strategy restarts the whole job instead: every
+     stage is replaced and reloads its weights (a serving system without per-stage recovery).
+The pipeline is down from detection until the restore ends. A failure detected while a
+recovery runs is recovered when that one ends (the engine's recovery blocks its loop).
 """
 
 from __future__ import annotations
@@ -27,23 +36,67 @@ import dataclasses
 import math
 
 from dejavu_jax import costmodel as cm
-from dejavu_jax.sim.engine import EventLoop, Microbatch
+from dejavu_jax.fault import strategies as fault_strategies
+from dejavu_jax.runtime.api import ReplicaSource, SnapshotSource
+from dejavu_jax.sim.engine import EventLoop
 from dejavu_jax.sim.pipeline import Pipeline
 
-STRATEGIES = ("restart", "replica", "snapshot", "reprefill")
+# The engine's registry: a strategy exists for the simulator iff the engine can run it.
+STRATEGIES = tuple(fault_strategies.STRATEGIES)
+RESTART_SCOPES = ("requests", "job")
+# Snapshots are modelled, never written: the chain only needs a name for where they would live.
+_SNAPSHOT_DIR = "sim://snapshots"
+
+
+def make_strategy(spec: str, snapshot_every: int):
+  """The engine's strategy chain for `spec` (raises ValueError naming the known strategies)."""
+  return fault_strategies.get_strategy(spec, snapshot_dir=_SNAPSHOT_DIR,
+                                       snapshot_every=snapshot_every)
+
+
+def plan_recovery(strategy, view) -> tuple[list[tuple], dict]:
+  """A chain's plan for `view` as ([(mb_id, step, sources, by)], {mb_id: (mode, by)}).
+
+  Accepts both plan shapes of `Chain.plan`: a list of (strategy index, RecoveryPlan) and one
+  RecoveryPlan whose `handled_by` names the strategy of each microbatch (and whose `Resume`s
+  carry `by`): fault/strategies.py is moving from the first to the second.
+  """
+  out = strategy.plan(view)
+  resumes, requeue = [], {}
+  if isinstance(out, list):
+    for index, plan in out:
+      by = strategy.strategies[index].name
+      resumes += [(r.mb_id, r.step, dict(r.sources), by) for r in plan.resume]
+      requeue.update({mb: (mode, by) for mb, mode in plan.requeue.items()})
+    return resumes, requeue
+  handled = dict(getattr(out, "handled_by", {}) or {})
+  for r in out.resume:
+    resumes.append((r.mb_id, r.step, dict(r.sources),
+                    getattr(r, "by", None) or handled.get(r.mb_id, "?")))
+  requeue = {mb: (mode, handled.get(mb, "?")) for mb, mode in out.requeue.items()}
+  return resumes, requeue
 
 
 @dataclasses.dataclass(frozen=True)
 class Failure:
-  """Stage `stage` of pipeline `pipeline` ("main", "prompt" or "token") dies at `time` seconds."""
+  """Stage `stage` of pipeline `pipeline` ("main", "main<i>", "prompt" or "token") dies at `time`
+  seconds, or (`after_steps`, as the engine's `FailureSpec`) right after its worker computed that
+  many steps: placed by step count, independent of timing."""
 
-  time: float
-  stage: int
+  time: float | None = None
+  stage: int = 0
   pipeline: str = "main"
+  after_steps: int | None = None
 
   def __post_init__(self):
-    if self.time < 0:
+    if (self.time is None) == (self.after_steps is None):
+      raise ValueError("a failure needs exactly one of time and after_steps")
+    if self.time is not None and not self.time >= 0:
       raise ValueError(f"failure time must be >= 0, got {self.time}")
+    if self.after_steps is not None and (isinstance(self.after_steps, bool) or
+                                         not isinstance(self.after_steps, int) or
+                                         self.after_steps < 0):
+      raise ValueError(f"failure after_steps must be an int >= 0, got {self.after_steps!r}")
     if self.stage < 0:
       raise ValueError(f"failure stage must be >= 0, got {self.stage}")
 
@@ -52,10 +105,13 @@ class Failure:
 class RecoveryConfig:
   """How failures are detected and recovered (defaults: the paper's controller, 1 s / 3 s).
 
-  `weight_link` defaults to a 2 GB/s read of the stage's checkpoint from local NVMe;
-  `snapshot_link` to remote storage reached over a 40 Gbps network: snapshots are synchronous
-  (they block the stage) and restoring reads every stage's whole cache back, which is why they
-  are the slow fallback.
+  `strategy` is any spec of the engine's registry (`STRATEGIES`, chains like
+  "replica,snapshot,reprefill"). `weight_link` defaults to a 2 GB/s read of the stage's
+  checkpoint from local NVMe; `snapshot_link` to remote storage reached over a 40 Gbps network
+  (snapshots are written in the background every `snapshot_every` steps of a worker, as the
+  engine's; a restore reads the dead stage's caches back). `restart_scope`: what `restart`
+  restarts, "requests" (the engine's: only the lost in-flight requests; "stage" is accepted as
+  its old name) or "job" (every stage replaced, weights reloaded).
   """
 
   strategy: str = "replica"
@@ -66,24 +122,25 @@ class RecoveryConfig:
   replica_link: cm.Link = cm.LINKS["inter_vm_40gbps"]
   snapshot_every: int = 10
   snapshot_link: cm.Link = cm.Link("remote_storage", 5e9, 1e-3)
-  # Per-scenario recovery parameters (issue 15): a fixed weight-load time instead of the
-  # weight_link estimate (None: estimate), and what `restart` restarts ("stage" or "job").
+  # A fixed weight-load time instead of the weight_link estimate (None: estimate).
   weight_load_s: float | None = None
-  restart_scope: str = "stage"
+  restart_scope: str = "requests"
 
   def __post_init__(self):
-    if self.strategy not in STRATEGIES:
-      raise ValueError(f"unknown recovery strategy {self.strategy!r}; expected one of {STRATEGIES}")
-    if self.heartbeat_s <= 0 or self.timeout_s <= 0:
-      raise ValueError("heartbeat_s and timeout_s must be > 0")
     if self.snapshot_every < 1:
       raise ValueError(f"snapshot_every must be >= 1, got {self.snapshot_every}")
+    make_strategy(self.strategy, self.snapshot_every)   # an unknown name fails here
+    if self.heartbeat_s <= 0 or self.timeout_s <= 0:
+      raise ValueError("heartbeat_s and timeout_s must be > 0")
     if self.replacement_start_s < 0:
       raise ValueError(f"replacement_start_s must be >= 0, got {self.replacement_start_s}")
     if self.weight_load_s is not None and self.weight_load_s < 0:
       raise ValueError(f"weight_load_s must be None or >= 0, got {self.weight_load_s}")
-    if self.restart_scope not in ("stage", "job"):
-      raise ValueError(f"restart_scope must be 'stage' or 'job', got {self.restart_scope!r}")
+    if self.restart_scope == "stage":
+      object.__setattr__(self, "restart_scope", "requests")
+    if self.restart_scope not in RESTART_SCOPES:
+      raise ValueError(f"restart_scope must be one of {RESTART_SCOPES}, got "
+                       f"{self.restart_scope!r}")
 
   def weight_time(self, model, layers: int) -> float:
     """Seconds to load `layers` layers' weights into a replacement worker."""
@@ -91,93 +148,170 @@ class RecoveryConfig:
       return self.weight_load_s
     return self.weight_link.transfer_time(layers * model.layer_weight_bytes())
 
+  def pipeline_options(self, failures) -> dict:
+    """The `Pipeline` keyword arguments the strategy's worker options ask for (replication,
+    snapshots); none without failures, so a failure-free run pays for nothing."""
+    if not failures:
+      return {}
+    opts = make_strategy(self.strategy, self.snapshot_every).options()
+    return {"replica_link": self.replica_link if opts.replicate else None,
+            "snapshot_every": opts.snapshot_every or None, "snapshot_link": self.snapshot_link}
 
-def replicated_step(mb: Microbatch, stage: int, time: float) -> int:
-  """The last step of `mb` at `stage` whose replica was acknowledged by `time` (-1: none)."""
-  best = -1
-  for t, step in mb.acks[stage]:
-    if t <= time:
-      best = max(best, step)
-  return best
 
-
-def resume_point(strategy: str, mb: Microbatch, stage: int, time: float) -> int:
-  """Steps of `mb` still valid after a failure of `stage` at `time` (its new `done`)."""
-  if strategy == "restart":
-    return 0
-  if strategy == "replica":
-    return min(mb.done, replicated_step(mb, stage, time) + 1)
-  if strategy == "snapshot":
-    return min(mb.done, min(mb.snaps) + 1)
-  return mb.done  # reprefill keeps the tokens, rebuilds the cache
+@dataclasses.dataclass
+class _Recovery:
+  rid: int
+  replaced: dict              # stage -> its worker generation when the recovery began
+  resumed: list               # [(Microbatch, step, restored stages)]
+  requeued: list              # [(Microbatch, mode)]
 
 
 class FailureManager:
-  """Injects `Failure`s into named pipelines and runs the configured recovery."""
+  """Injects `Failure`s into named pipelines and executes the strategy chain's plans."""
 
   def __init__(self, loop: EventLoop, pipelines: dict[str, Pipeline], config: RecoveryConfig):
     self.loop, self.pipelines, self.config = loop, pipelines, config
     self.recoveries: list[dict] = []
-    self._pending: dict[str, int] = {}  # pipeline name -> id of its live recovery
+    self.strategies: dict[Pipeline, object] = {}
+    for pipe in pipelines.values():
+      if pipe not in self.strategies:
+        # A prompt pipeline holds nothing worth keeping: its prompts are simply redone.
+        spec = "restart" if pipe.name == "prompt" else config.strategy
+        chain = self.strategies[pipe] = make_strategy(spec, config.snapshot_every)
+        pipe.observe, pipe.on_retire = chain.observe, chain.retire
+    self._failed_at: dict[tuple[Pipeline, int], float] = {}
+    self._pending: dict[Pipeline, _Recovery] = {}
+    self._deferred: set[Pipeline] = set()
 
   def schedule(self, failures) -> None:
     for f in failures:
       if f.pipeline not in self.pipelines:
         raise ValueError(f"failure names pipeline {f.pipeline!r}; this system has "
                          f"{sorted(self.pipelines)}")
-      if f.stage >= self.pipelines[f.pipeline].num_stages:
+      pipe = self.pipelines[f.pipeline]
+      if f.stage >= pipe.num_stages:
         raise ValueError(f"failure stage {f.stage} out of range for the {f.pipeline!r} "
-                         f"pipeline of {self.pipelines[f.pipeline].num_stages} stages")
-      self.loop.at(f.time, self._fail, f)
+                         f"pipeline of {pipe.num_stages} stages")
+      if f.after_steps:
+        pipe.arm(f.stage, f.after_steps, lambda p=pipe, s=f.stage: self._fail(p, s))
+      else:
+        self.loop.at(f.time or 0.0, self._fail, pipe, f.stage)
 
-  def _fail(self, f: Failure) -> None:
-    cfg, pipe, now = self.config, self.pipelines[f.pipeline], self.loop.now
-    model, layers = pipe.model, pipe.layers
-    mbs = pipe.abort()
-    # A prompt pipeline holds nothing worth keeping: its prompts are simply redone.
-    strategy = "restart" if f.pipeline == "prompt" else cfg.strategy
-    detection = math.floor(now / cfg.heartbeat_s) * cfg.heartbeat_s + cfg.timeout_s - now
-    whole_job = strategy == "restart" and cfg.restart_scope == "job"
-    # A whole-job restart replaces every stage; they load their weights in parallel.
-    weight = max(cfg.weight_time(model, n) for n in (layers if whole_job else [layers[f.stage]]))
-    lost, lost_tokens, restore_bytes, snap_bytes = 0, 0, 0, [0] * pipe.num_stages
-    progress = sum(mb.done for mb in mbs)
-    for mb in mbs:
-      resume = resume_point(strategy, mb, f.stage, now)
-      lost += mb.done - resume
-      lost_tokens += (mb.done - resume) * mb.batch
-      cached = mb.prompt_len + max(resume - 1, 0)
-      if strategy == "replica" and resume > 0:
-        restore_bytes += cm.kv_bytes(model, layers[f.stage], mb.batch, cached)
-      if strategy == "snapshot" and resume > 0:
-        for s, n in enumerate(layers):
-          snap_bytes[s] += cm.kv_bytes(model, n, mb.batch, cached)
-      mb.done = resume
-      mb.reprefill = strategy == "reprefill" and resume > 0
-      for s in range(pipe.num_stages):  # replicas of steps past the resume point are stale
-        mb.acks[s] = [(t, k) for t, k in mb.acks[s] if k < resume]
-    if strategy == "replica":
-      restore = cfg.replica_link.transfer_time(restore_bytes)
-    elif strategy == "snapshot":
-      restore = max(cfg.snapshot_link.transfer_time(b) for b in snap_bytes)
+  def _fail(self, pipe: Pipeline, s: int) -> None:
+    if pipe.stages[s].dead:
+      return
+    now, cfg = self.loop.now, self.config
+    pipe.kill(s)
+    self._failed_at[(pipe, s)] = now
+    self.loop.at(math.floor(now / cfg.heartbeat_s) * cfg.heartbeat_s + cfg.timeout_s,
+                 self._detect, pipe)
+
+  def _detect(self, pipe: Pipeline) -> None:
+    dead = [s for s, st in enumerate(pipe.stages) if st.dead]
+    if not dead:
+      return   # recovered already, with an earlier detection
+    if pipe in self._pending:
+      self._deferred.add(pipe)
+      return
+    cfg, now, model, layers = self.config, self.loop.now, pipe.model, pipe.layers
+    chain = self.strategies[pipe]
+    mbs = {mb.mid: mb for mb in pipe.abort()}
+    failed_at = min(self._failed_at.pop((pipe, s), now) for s in dead)
+    view = fault_strategies.FailureView(tuple(dead), pipe.num_stages,
+                                        {mid: mb.done for mid, mb in mbs.items()})
+    chain.forget(view)
+    spec = "restart" if pipe.name == "prompt" else cfg.strategy
+    whole_job = spec == "restart" and cfg.restart_scope == "job"
+    if whole_job:
+      resumes, requeue = [], {mid: ("restart", "restart") for mid in mbs}
     else:
-      restore = 0.0
+      resumes, requeue = plan_recovery(chain, view)
+    replaced = range(pipe.num_stages) if whole_job else dead
+    # The replacements load their weights in parallel.
+    weight = max(cfg.weight_time(model, layers[s]) for s in replaced)
+    progress = sum(mb.done for mb in mbs.values())
+    lost_steps = lost_tokens = 0
+    handled: dict[str, int] = {}
+    # Per dead stage: each replica is its own load; a snapshot is read once for every
+    # microbatch restored from it (the engine's worker keeps the restored snapshot).
+    loads: dict[tuple, int] = {}
+    resumed = []
+    for mid, step, sources, by in resumes:
+      mb = mbs[mid]
+      handled[by] = handled.get(by, 0) + 1
+      lost_steps += mb.done - (step + 1)
+      lost_tokens += (mb.done - (step + 1)) * sum(1 for r in mb.requests if not r.done)
+      for s, src in sources.items():
+        nbytes = cm.kv_bytes(model, layers[s], mb.batch, mb.prompt_len + step)
+        if isinstance(src, ReplicaSource):
+          key = (s, "replica", mid)
+        elif isinstance(src, SnapshotSource):
+          key = (s, "snapshot", src.directory, src.snapshot_id)
+        else:
+          raise TypeError(f"unknown cache source {src!r}")
+        loads[key] = loads.get(key, 0) + nbytes
+      mb.done, mb.reprefill = step + 1, False
+      resumed.append((mb, step, tuple(sources)))
+    per_stage = {s: 0.0 for s in dead}
+    for key, nbytes in loads.items():
+      link = cfg.replica_link if key[1] == "replica" else cfg.snapshot_link
+      per_stage[key[0]] += link.transfer_time(nbytes)
+    requeued = []
+    for mid, (mode, by) in requeue.items():
+      mb = mbs[mid]
+      handled[by] = handled.get(by, 0) + 1
+      if mode == "restart":
+        lost_steps += mb.done
+        lost_tokens += sum(o + mb.done for r, o in zip(mb.requests, mb.offsets_or_zeros())
+                           if not r.done)
+      pipe.retire(mb)
+      requeued.append((mb, mode))
+    restore = max(per_stage.values(), default=0.0)
+    detection = now - failed_at
     downtime = detection + cfg.replacement_start_s + weight + restore
     rid = len(self.recoveries)
-    self._pending[f.pipeline] = rid
     self.recoveries.append({
-        "time": now, "pipeline": f.pipeline, "stage": f.stage, "strategy": strategy,
-        "scope": "job" if whole_job else "stage",
-        "detection_s": detection, "replacement_s": cfg.replacement_start_s,
+        "time": failed_at, "pipeline": pipe.name, "stage": dead[0], "stages": tuple(dead),
+        "strategy": spec, "scope": "job" if whole_job else "requests", "handled_by": handled,
+        "detected_at": now, "detection_s": detection, "replacement_s": cfg.replacement_start_s,
         "weight_load_s": weight, "restore_s": restore, "downtime_s": downtime,
         "inflight_microbatches": len(mbs), "progress_steps": progress,
-        "lost_steps": lost, "lost_tokens": lost_tokens,
+        "lost_steps": lost_steps, "lost_tokens": lost_tokens,
+        "restored_microbatches": len(resumed),
     })
-    self.loop.at(now + downtime, self._recover, f.pipeline, rid, mbs)
+    self._pending[pipe] = _Recovery(rid, {s: pipe.stages[s].worker for s in replaced},
+                                    resumed, requeued)
+    self.loop.at(failed_at + downtime, self._recover, pipe)
 
-  def _recover(self, name: str, rid: int, mbs: list[Microbatch]) -> None:
-    if self._pending.get(name) != rid:
-      return  # superseded by a later failure of the same pipeline
-    del self._pending[name]
-    self.recoveries[rid]["resumed_at"] = self.loop.now
-    self.pipelines[name].restore(mbs)
+  def _recover(self, pipe: Pipeline) -> None:
+    rec = self._pending.pop(pipe)
+    self.recoveries[rec.rid]["resumed_at"] = self.loop.now
+    # A stage that died again while this recovery ran stays dead until its own detection.
+    replaced = [s for s, w in rec.replaced.items() if pipe.stages[s].worker == w]
+    pipe.restore(replaced, [mb for mb, _, _ in rec.resumed])
+    for mb, mode in rec.requeued:
+      pipe.hooks.on_requeue(pipe, mb, mode)
+    if pipe.replica_link is not None:
+      self._resync(pipe, replaced, rec.resumed)
+    pipe.hooks.on_up(pipe)
+    if pipe in self._deferred:
+      self._deferred.discard(pipe)
+      self._detect(pipe)
+
+  def _resync(self, pipe: Pipeline, replaced: list[int], resumed: list) -> None:
+    """The replicas lost with the dead workers are streamed again, as the engine's workers do:
+    a restored cache goes to its successor, and a dead holder's predecessor resends its caches."""
+    now, model, d = self.loop.now, pipe.model, pipe.num_stages
+    for mb, step, stages in resumed:
+      for s in stages:
+        pipe.record_ack(s, mb, step, cm.kv_bytes(model, pipe.layers[s], mb.batch,
+                                                 mb.prompt_len + step), now)
+    for s in replaced:
+      p = (s - 1) % d
+      if d < 2 or p in replaced:
+        continue
+      for mb in pipe.inflight:
+        step = min(mb.last_at[p], mb.done - 1)
+        if step >= 0:
+          pipe.record_ack(p, mb, step, cm.kv_bytes(model, pipe.layers[p], mb.batch,
+                                                   mb.prompt_len + step), now)

@@ -10,6 +10,10 @@ formed as the engine's `pipeline.scheduler.Scheduler` forms it:
           share the first one's (prompt length, output length): the engine's "paper" mode, where
           all rows of a microbatch finish together. A request that arrives just after a group was
           cut starts the next microbatch instead of joining the running one.
+
+`requeue` is the engine scheduler's `requeue`: a recovery puts a lost microbatch's unfinished
+requests back at the front of the queue, from their prompts ("restart") or as continuations
+("continue": prompt + tokens so far, owing the rest), to be cut into microbatches again.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ class RequestFeed:
     self._next = 0
     self.waiting: collections.deque[RequestRecord] = collections.deque()
     self.redo: collections.deque[Microbatch] = collections.deque()  # restarted microbatches
+    self.offsets: dict[int, int] = {}   # rid -> tokens a waiting continuation already has
     self._mids = 0
     self._schedule_next()
 
@@ -63,12 +68,33 @@ class RequestFeed:
     """The next microbatch: a restarted one first, else up to batch_size waiting requests."""
     if self.redo:
       return self.redo.popleft()
+    key = self._key(self.waiting[0])
     reqs = [self.waiting.popleft()]
-    key = (reqs[0].prompt_len, reqs[0].output_len)
     while self.waiting and len(reqs) < self.batch_size and (
-        self.microbatching == "greedy" or
-        (self.waiting[0].prompt_len, self.waiting[0].output_len) == key):
+        self.microbatching == "greedy" or self._key(self.waiting[0]) == key):
       reqs.append(self.waiting.popleft())
-    mb = form_microbatch(self._mids, reqs)
+    mb = form_microbatch(self._mids, reqs, tuple(self.offsets.pop(r.rid, 0) for r in reqs))
     self._mids += 1
     return mb
+
+  def _key(self, r: RequestRecord) -> tuple[int, int]:
+    o = self.offsets.get(r.rid, 0)
+    return r.prompt_len + o, r.output_len - o
+
+  def requeue(self, mb: Microbatch, mode: str) -> int:
+    """`mb`'s unfinished requests back at the front of the queue (module doc), in the engine's
+    order; returns the tokens that will be generated again."""
+    if mode not in ("restart", "continue"):
+      raise ValueError(f"unknown requeue mode {mode!r}; expected 'restart' or 'continue'")
+    again, recomputed = [], 0
+    for r, o in zip(mb.requests, mb.offsets_or_zeros()):
+      if r.done:
+        continue
+      if mode == "restart":
+        recomputed += o + mb.done
+        r.first_token = float("nan")   # the engine forgets the lost tokens' times too
+      else:
+        self.offsets[r.rid] = o + mb.done
+      again.append(r)
+    self.waiting.extendleft(reversed(again))
+    return recomputed

@@ -11,31 +11,41 @@ Optional per-stage mechanisms, each off unless its link is given:
     the new token's delta is swapped out (on the other direction of the link). With at most 2
     microbatches in flight both stay in the slots and nothing is swapped in (as in the engine);
   * replication over `replica_link`: after each step a background sender streams the step's
-    cache (prompt block, then per-token deltas) to the next stage, which acknowledges it;
-  * snapshots every `snapshot_every` steps over `snapshot_link`, blocking the stage: the whole
-    cache after a prefill, then only the tokens added since the previous snapshot.
+    cache (prompt block, then per-token deltas) to the next stage (the ring's holder), which
+    acknowledges it: an `Ack` event when the transfer ends, unless sender or holder died first;
+  * snapshots every `snapshot_every` steps of a stage's worker, asynchronous as the engine's
+    (runtime/snapshot.py): the whole cache of every microbatch the stage holds is written over
+    `snapshot_link` in the background (a snapshot due while one is being written is skipped),
+    and a `SnapshotSaved` event names the step of each microbatch when the write ends.
+Events go to `observe` (the failure manager feeds them to the recovery strategy).
 
-A failure aborts everything in flight by bumping `epoch`: events of an older epoch are ignored.
+A failure kills one stage's worker (`kill`): its queue and the step it runs are lost, steps that
+reach it wait in a dead inbox, and the other stages go on with what they have until the failure
+is detected; then `abort` drops everything in flight (a new `epoch`: events of an older epoch
+are ignored) and `restore` brings the pipeline back up with replaced workers.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Protocol
+from typing import Callable, Protocol
 
 from dejavu_jax import costmodel as cm
 from dejavu_jax.config import ModelConfig
 from dejavu_jax.partition import balanced_ranges
+from dejavu_jax.runtime.api import Ack, SnapshotSaved
 from dejavu_jax.sim.engine import EventLoop, Microbatch
 
 
 class PipelineHooks(Protocol):
-  """What a driver does when a pipeline finishes a step, restarts a microbatch or comes back up."""
+  """What a driver does when a pipeline finishes a step, requeues a microbatch a recovery could
+  not resume ("restart" from the prompt or "continue" from prompt + tokens; returns the tokens to
+  be generated again) or comes back up."""
 
   def step_time(self, pipe: "Pipeline", stage: int, mb: Microbatch) -> float: ...
   def on_pass(self, pipe: "Pipeline", mb: Microbatch, step: int) -> None: ...
-  def on_restart(self, pipe: "Pipeline", mb: Microbatch) -> None: ...
+  def on_requeue(self, pipe: "Pipeline", mb: Microbatch, mode: str) -> int: ...
   def on_up(self, pipe: "Pipeline") -> None: ...
 
 
@@ -47,6 +57,13 @@ class _Stage:
   slot_free_at: float = 0.0
   swap_link_free_at: float = 0.0
   replica_free_at: float = 0.0
+  worker: int = 0           # bumped when the stage's worker dies: its pending events are void
+  dead: bool = False
+  started: int = 0          # steps this worker started (armed failures count them)
+  completed: int = 0        # steps this worker completed (snapshots are due every k of them)
+  snapshot_busy: bool = False
+  snapshots: int = 0
+  armed: tuple | None = None   # (steps left, callback)
 
 
 def split_layers(num_layers: int, num_stages: int) -> list[int]:
@@ -70,6 +87,8 @@ class Pipeline:
     self.up = True
     self.inflight: dict[Microbatch, None] = {}  # insertion-ordered set
     self.busy_time = [0.0] * len(layers)
+    self.observe: Callable[[object], None] = lambda event: None
+    self.on_retire: Callable[[int], None] = lambda mid: None
 
   @property
   def num_stages(self) -> int:
@@ -92,6 +111,7 @@ class Pipeline:
 
   def retire(self, mb: Microbatch) -> None:
     self.inflight.pop(mb, None)
+    self.on_retire(mb.mid)
 
   def record_ack(self, stage: int, mb: Microbatch, step: int, nbytes: int, now: float) -> None:
     """Streams `nbytes` of `mb`'s cache at `stage` to the next stage; acked on arrival."""
@@ -99,10 +119,23 @@ class Pipeline:
     st, link = self.stages[stage], self.replica_link
     start = max(now, st.replica_free_at)
     st.replica_free_at = start + nbytes / link.bandwidth
-    mb.acks[stage].append((start + link.transfer_time(nbytes), step))
+    holder = (stage + 1) % self.num_stages
+    self.loop.at(start + link.transfer_time(nbytes), self._ack, stage, holder, mb, step,
+                 st.worker, self.stages[holder].worker)
+
+  def _ack(self, stage, holder, mb, step, sender, receiver) -> None:
+    # A transfer whose sender or holder died before it landed is never acknowledged.
+    if self.stages[stage].worker == sender and self.stages[holder].worker == receiver and \
+        not self.stages[holder].dead:
+      self.observe(Ack(holder, stage, mb.mid, step, receiver))
+
+  def arm(self, stage: int, after_steps: int, fire: Callable[[], None]) -> None:
+    """Calls `fire` when stage `stage`'s current worker starts its `after_steps`-th step from
+    now (the engine's armed failure dies right after that step's compute, before handing on)."""
+    self.stages[stage].armed = (after_steps, fire)
 
   def _arrive(self, s: int, mb: Microbatch, epoch: int) -> None:
-    if epoch != self.epoch:
+    if epoch != self.epoch or self.stages[s].dead:
       return
     st = self.stages[s]
     st.queue.append(mb)
@@ -121,21 +154,17 @@ class Pipeline:
       start = max(now, ready)
     st.slot_free_at = start
     dur = self.hooks.step_time(self, s, mb)
-    if self._snapshot_due(mb):
-      # Incremental: the whole cache after a prefill, else the tokens since the last snapshot.
-      if mb.is_prefill() or mb.snaps[s] < 0:
-        tokens = mb.step_tokens() if mb.is_prefill() else mb.context() + 1
-      else:
-        tokens = mb.step - mb.snaps[s]
-      dur += self.snapshot_link.transfer_time(cm.kv_bytes(m, st.layers, mb.batch, tokens))
     self.busy_time[s] += dur
-    self.loop.at(start + dur, self._complete, s, mb, mb.step, self.epoch)
+    st.started += 1
+    self.loop.at(start + dur, self._complete, s, mb, mb.step, self.epoch, st.worker)
+    if st.armed is not None:
+      left, fire = st.armed
+      st.armed = (left - 1, fire) if left > 1 else None
+      if left <= 1:
+        self.loop.at(start, fire)
 
-  def _snapshot_due(self, mb: Microbatch) -> bool:
-    return bool(self.snapshot_every) and mb.step % self.snapshot_every == 0
-
-  def _complete(self, s: int, mb: Microbatch, step: int, epoch: int) -> None:
-    if epoch != self.epoch:
+  def _complete(self, s: int, mb: Microbatch, step: int, epoch: int, worker: int) -> None:
+    if epoch != self.epoch or worker != self.stages[s].worker:
       return
     st, now, m = self.stages[s], self.loop.now, self.model
     st.busy = False
@@ -144,8 +173,10 @@ class Pipeline:
     if self.replica_link is not None:
       tokens = mb.step_tokens() if mb.is_prefill() else 1
       self.record_ack(s, mb, step, cm.kv_bytes(m, st.layers, mb.batch, tokens), now)
-    if self._snapshot_due(mb):
-      mb.snaps[s] = step
+    mb.last_at[s] = step
+    st.completed += 1
+    if self.snapshot_every and st.completed % self.snapshot_every == 0:
+      self._snapshot(s)
     if s + 1 < self.num_stages:
       hop = 0.0
       if self.stage_link is not None:
@@ -157,7 +188,35 @@ class Pipeline:
     if st.queue:
       self._start(s)
 
+  def _snapshot(self, s: int) -> None:
+    st = self.stages[s]
+    held = [mb for mb in self.inflight if mb.last_at[s] >= 0]
+    if not held:
+      return
+    if st.snapshot_busy:
+      return   # the engine's snapshotter skips a snapshot due while one is being written
+    st.snapshot_busy = True
+    nbytes = sum(cm.kv_bytes(self.model, st.layers, mb.batch, mb.prompt_len + mb.last_at[s])
+                 for mb in held)
+    sid, st.snapshots = st.snapshots, st.snapshots + 1
+    self.loop.at(self.loop.now + self.snapshot_link.transfer_time(nbytes), self._snapshot_saved,
+                 s, st.worker, sid, {mb.mid: mb.last_at[s] for mb in held})
+
+  def _snapshot_saved(self, s: int, worker: int, sid: int, steps: dict) -> None:
+    st = self.stages[s]
+    if st.worker != worker:
+      return   # the worker died while writing: the snapshot never completed
+    st.snapshot_busy = False
+    self.observe(SnapshotSaved(s, f"sim/{self.name}/stage_{s}/worker_{worker}", sid, steps))
+
   # ---- failures ----
+  def kill(self, s: int) -> None:
+    """Stage `s`'s worker dies: its queue and running step are lost, steps reaching it wait."""
+    st = self.stages[s]
+    st.dead, st.busy, st.armed, st.snapshot_busy = True, False, None, False
+    st.worker += 1
+    st.queue.clear()
+
   def abort(self) -> list[Microbatch]:
     """Drops every step in flight and takes the pipeline down; returns the microbatches it held."""
     self.epoch += 1
@@ -167,17 +226,16 @@ class Pipeline:
       st.busy = False
     return list(self.inflight)
 
-  def restore(self, resumed: list[Microbatch]) -> None:
-    """Brings the pipeline back up and resumes `resumed` (their `done` already rolled back)."""
+  def restore(self, replaced: list[int], resumed: list[Microbatch]) -> None:
+    """Brings the pipeline back up with new workers on `replaced` and resumes `resumed` (their
+    `done` already rolled back); the driver requeues the others afterwards."""
     now = self.loop.now
     self.up = True
+    for s in replaced:
+      st = self.stages[s]
+      st.dead, st.started, st.completed = False, 0, 0
     for st in self.stages:
       st.slot_free_at = st.swap_link_free_at = st.replica_free_at = now
     for mb in resumed:
       mb.data_ready = [now] * self.num_stages
-      if mb.done == 0 and not mb.reprefill:
-        self.inflight.pop(mb, None)
-        self.hooks.on_restart(self, mb)
-      else:
-        self._arrive(0, mb, self.epoch)
-    self.hooks.on_up(self)
+      self._arrive(0, mb, self.epoch)
