@@ -190,10 +190,13 @@ def _finish_figure(fig, ax, path, xlabel: str, ylabel: str, title: str | None,
       ax.legend(fontsize=8)
   if notes:
     import textwrap  # pylint: disable=g-import-not-at-top
-    text = "\n".join(textwrap.shorten("! " + w, 150) for w in notes[:4])
+    shown = [textwrap.shorten("! " + w, 125, placeholder=" ...") for w in notes[:3]]
+    if len(notes) > 3:
+      shown[-1] = f"! ... and {len(notes) - 2} more warnings (comparison.md, summary.jsonl)"
+    text = "\n".join(shown)
     fig.text(0.01, 0.01, text, fontsize=6.5, color="firebrick", va="bottom", ha="left",
              wrap=True)
-    fig.tight_layout(rect=(0, 0.04 + 0.035 * min(len(notes), 4), 1, 1))
+    fig.tight_layout(rect=(0, 0.04 + 0.035 * min(len(notes), 3), 1, 1))
   else:
     fig.tight_layout()
   path = os.fspath(path)
@@ -206,7 +209,7 @@ FAILURE_FREE_PREFIX = "failure-free"
 
 
 def plot_failure_timeline(runs: dict, path: str | os.PathLike, *,
-                          failure_times: Sequence[float] = (), title: str | None = None,
+                          failure_times: Sequence[float] | dict = (), title: str | None = None,
                           failure_labels: Sequence[str] | None = None,
                           notes: Sequence[str] = ()) -> str:
   """Cumulative end-to-end latency of finished requests against time, one curve per run, as in
@@ -218,13 +221,16 @@ def plot_failure_timeline(runs: dict, path: str | os.PathLike, *,
   Args:
     runs: label -> RequestRecords of one run (name the seed in the label when seeds differ).
     path: the image file.
-    failure_times: seconds at which failures were injected (or fired).
+    failure_times: seconds at which failures were injected, or {run label: seconds at which its
+      failures fired} (failures placed by step fire at a different time in every run: each is
+      marked in its run's colour).
     title: the figure title.
     failure_labels: one legend label per failure (default 'failure at T s').
     notes: validity warnings, printed in red under the axes (e.g. 'the failure hit no work').
   """
   fig, ax = _new_figure()
   ordered = sorted(runs.items(), key=lambda kv: not str(kv[0]).startswith(FAILURE_FREE_PREFIX))
+  per_run = failure_times if isinstance(failure_times, dict) else {}
   i = 0
   for label, records in ordered:
     done = sorted((r for r in records if r.done), key=lambda r: r.finish)
@@ -242,10 +248,14 @@ def plot_failure_timeline(runs: dict, path: str | os.PathLike, *,
     ax.step(t, cum, where="post", color=f"C{i % 10}", label=str(label), zorder=2 + i,
             transform=shifted, **style)
     ax.update_datalim(np.column_stack([t, cum]))   # a shifted artist is not autoscaled
+    for j, ft in enumerate(per_run.get(label, ())):
+      ax.axvline(ft, color=f"C{i % 10}", linestyle=(0, (4, 2)), linewidth=1.0,
+                 label=f"{label}: failure at {ft:.2f} s")
     i += 1
   ax.autoscale_view()
-  labels = list(failure_labels or [f"failure at {ft:.2f} s" for ft in failure_times])
-  for j, ft in enumerate(failure_times):
+  shared = () if per_run else failure_times
+  labels = list(failure_labels or [f"failure at {ft:.2f} s" for ft in shared])
+  for j, ft in enumerate(shared):
     ax.axvline(ft, color="firebrick", linestyle=(0, (4, 2)), linewidth=1.0,
                label="failure injected" if j == 0 else None)
     ax.annotate(labels[j] if j < len(labels) else "failure", xy=(ft, 0.98),

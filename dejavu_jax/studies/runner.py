@@ -184,7 +184,7 @@ def run_experiment(c, out_dir: str, log=print, overwrite: bool = False,
       rate=float(rate), num_requests=c.num_requests, prompt_len=c.prompt_len,
       output_len=c.output_len, vocab_size=cfg.vocab_size, seed=seed, max_output=c.max_output))
       for seed in seeds for rate in c.rates}
-  summaries, texts, timelines, recoveries = [], [], {}, []
+  summaries, texts, timelines, recoveries, fired = [], [], {}, [], {}
   t_build = time.perf_counter()
   # share_devices: every stage on the same `tensor` devices (e.g. a whole pipeline on one GPU).
   devices = jax.devices()[:sc.tensor] * sc.num_stages if c.get("share_devices") else None
@@ -249,8 +249,9 @@ def run_experiment(c, out_dir: str, log=print, overwrite: bool = False,
           for w in warnings:
             runrecord.warn(log, f"[{tag}] {w}")
           if seed == seeds[0] or not many_s:
-            timelines[_curve_label(name, seed, float(rate), len(c.rates) > 1,
-                                   bool(warnings))] = res.records
+            label = _curve_label(name, seed, float(rate), len(c.rates) > 1, bool(warnings))
+            timelines[label] = res.records
+            fired[label] = [ev.failed_at for ev in res.recoveries]
           shown = {k: v for k, v in summary.items() if k not in ("config", "injected_failures")}
           texts.append(metrics.format_summary(shown, title=tag))
   _write_all(out_dir, summaries, recoveries)
@@ -277,7 +278,8 @@ def run_experiment(c, out_dir: str, log=print, overwrite: bool = False,
   if failures:
     reporting.plot_failure_timeline(
         timelines, os.path.join(out_dir, "failure_timeline.png"),
-        failure_times=_fired_at(recoveries, seeds[0]),
+        failure_times=(fired if not any(f.time_s is not None for f in failures) else
+                       [f.time_s for f in failures if f.time_s is not None]),
         title=f"{', '.join(f.describe() for f in failures)}; "
               f"{' vs '.join(strategies)} recovery",
         notes=cautions + sorted({w for s in summaries for w in s.get("warnings", ())
@@ -323,14 +325,6 @@ def warm(engine, workloads, recomputes: bool, log=print, bars: bool = True) -> N
 def _curve_label(name: str, seed: int, rate: float, many_rates: bool, warned: bool) -> str:
   label = f"{name} (seed {seed}" + (f", {rate:g} req/s)" if many_rates else ")")
   return label + (" [!]" if warned else "")
-
-
-def _fired_at(recoveries: list[dict], seed) -> list[float]:
-  """When the failures of the plotted seed fired (step-placed failures have no time of their
-  own); one mark per distinct time."""
-  times = sorted({round(float(e["failed_at"]), 2) for e in recoveries if e.get("seed") == seed
-                  and e.get("failed_at") is not None})
-  return times
 
 
 RUN_COLUMNS = (("completed", "done", "{:d}"), ("request_throughput", "req/s", "{:.3g}"),
