@@ -316,8 +316,9 @@ def warm(engine, workloads, recomputes: bool, log=print, bars: bool = True) -> N
       "for the next run)")
   bar = runrecord.progress_bar(len(buckets), "compile (prompt buckets)", bars, unit="bucket")
   for i, b in enumerate(buckets):
-    n = min(b, max_len - 1)
-    engine.generate([[engine.cfg.pad_token_id] * n], 2 if i == 0 else 1)   # first: + decode
+    new = 2 if i == 0 else 1   # the first also compiles the decode step
+    n = min(b, max_len - new)  # the longest prompt of the bucket that leaves room for them
+    engine.generate([[engine.cfg.pad_token_id] * n], new)
     bar(i + 1, len(buckets))
   bar.close()
 
