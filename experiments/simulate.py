@@ -90,7 +90,9 @@ def run(c, out_dir, log=print, overwrite=True):
                  "system": system, "split_infeasible": split_problem if system != "baseline"
                  else None})
     bar(i + 1, len(points) + len(c.strategies))
-  timelines = {}
+  # The failure-free run of the same requests: the timeline's baseline (not a result row).
+  timelines = {"failure-free": _run(c, cost, "disaggregated",
+                                    _requests(c, c.failure_rate, c.failure_requests)).records}
   for j, strategy in enumerate(c.strategies):
     res = _run(c, cost, "disaggregated", _requests(c, c.failure_rate, c.failure_requests),
                failures=[sim.Failure(c.fail_time, c.fail_stage, "token")],
