@@ -6,6 +6,16 @@ The config is validated whole before anything is built (`runconfig`); several st
 each strategy on the same requests and failures; every summary row says what it was
 (`runrecord`), and `comparison.md` gives each strategy's numbers (spread over the seeds).
 
+Issue 21 (a comparison that was silently noise): failures fire after a number of steps of the
+failed stage's worker by default (`fail_after_steps`; `fail_times` for wall clock), so a loaded
+machine moves them with the work; whenever failures are injected, a failure-free run of the same
+requests (recovery restart: no replication overhead) comes first and is a row of every table;
+each run's validity warnings (the failure hit no generated work, paced steps overran, a failure
+never fired) are in its summary row ("warnings"), in comparison.md (with too few seeds) and on
+the timeline plot, whose curves name their seed. Each run logs one line and the run ends with a
+table of one line per run; the full per-run summaries are in summary.txt. Only the prompt buckets
+the workload can reach are compiled (`warm`).
+
 When serving fails (`EngineError`), everything already served is still written (the requests
 file of the failed rate, and a summary with "error") before the error is raised again."""
 
@@ -103,7 +113,9 @@ def failures_of(c) -> list[FailureSpec]:
 
 def _failure_cell(f: FailureSpec) -> list:
   """A failure as the summary rows record it: [stage, seconds] or [stage, 'after N steps']."""
-  return [f.stage, f.time_s if f.time_s is not None else f.describe().split(" ", 3)[-1]]
+  if f.time_s is not None:
+    return [f.stage, f.time_s]
+  return [f.stage, f"after {f.after_steps} steps" if f.after_steps is not None else f.describe()]
 
 
 def _run_warnings(res, failures, summary: dict) -> list[str]:
