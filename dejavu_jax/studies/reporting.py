@@ -138,8 +138,8 @@ def plot_latency_vs_rate(rows: Sequence[dict], path: str | os.PathLike, *,
     rates = [r[rate_key] for r in pts]
     color = f"C{i % 10}"
     label = system or "system"
-    ax.plot(rates, [r[median_key] for r in pts], "o-", color=color,
-            label=f"{label} {_stat_name(median_key)}")
+    ax.plot(rates, [r[median_key] for r in pts], "-", marker=_MARKERS[i % len(_MARKERS)],
+            color=color, label=f"{label} {_stat_name(median_key)}")
     if tail_key is not None:
       ax.plot(rates, [r[tail_key] for r in pts], "--", color=color,
               label=f"{label} {_stat_name(tail_key)}")
