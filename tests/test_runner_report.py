@@ -3,6 +3,8 @@ validity warnings kept with the numbers, one line per run, the comparison's cave
 
 import types
 
+import pytest
+
 from configs import serve, serve_tiny
 from dejavu_jax.fault.controller import RecoveryEvent
 from dejavu_jax.studies import runner
@@ -59,3 +61,17 @@ def test_runs_table_is_one_line_per_run_and_the_comparison_counts_warnings():
   assert runner._comparison_warnings([_row("replica", s) for s in range(3)], (0, 1, 2)) == []
   line = runner.run_line(rows[1], "replica_seed0_rate2")
   assert "\n" not in line and "1 WARNING" in line
+
+
+def test_no_failing_stage_means_no_failure_whatever_the_trigger_defaults(tmp_path, monkeypatch):
+  class Built(Exception):
+    pass
+
+  def build(c):
+    assert not c.fail_after_steps and not c.fail_times
+    raise Built
+  monkeypatch.setattr(runner, "build_model", build)
+  c = serve_tiny.get_config()
+  c.program, c.fail_stages, c.fail_after_steps = "fake", (), (40,)   # the serve.py default
+  with pytest.raises(Built):   # validated: the trigger lists pair with no stage
+    runner.run_experiment(c, str(tmp_path / "o"), log=None)
