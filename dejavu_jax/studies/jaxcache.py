@@ -59,14 +59,16 @@ def enable_compilation_cache(path: str | None = None) -> str | None:
   return cache_dir
 
 
-def quiet_logging(verbose: bool = False) -> None:
-  """absl, orbax and jax loggers at WARNING (INFO when `verbose`); XLA's C++ log at errors."""
+def quiet_logging(verbose: bool = False, set_absl: bool = True) -> None:
+  """absl, orbax and jax loggers at WARNING (INFO when `verbose`); XLA's C++ log at errors.
+  `set_absl=False` leaves absl's verbosity as --verbosity set it."""
   level = pylogging.INFO if verbose else pylogging.WARNING
-  try:
-    from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
-    absl_logging.set_verbosity(absl_logging.INFO if verbose else absl_logging.WARNING)
-  except ImportError:
-    pass
+  if set_absl:
+    try:
+      from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+      absl_logging.set_verbosity(absl_logging.INFO if verbose else absl_logging.WARNING)
+    except ImportError:
+      pass
   for name in NOISY_LOGGERS:
     pylogging.getLogger(name).setLevel(level)
   if not verbose:
@@ -90,7 +92,7 @@ def setup_from_flags() -> str | None:
   `--compile_cache` (when defined). Returns the cache directory (None: off)."""
   from absl import flags  # pylint: disable=g-import-not-at-top
   fl = flags.FLAGS
-  verbose = "verbosity" in fl and fl["verbosity"].present and fl.verbosity >= 0
-  quiet_logging(verbose)
+  asked = "verbosity" in fl and bool(fl["verbosity"].present)
+  quiet_logging(asked and fl.verbosity >= 0, set_absl=not asked)
   path = fl.compile_cache if "compile_cache" in fl else None
   return enable_compilation_cache(path)
