@@ -37,6 +37,8 @@ def test_run_warnings_name_what_is_wrong():
   assert runner._run_warnings(_res([busy]), fails, {}) == []
   (w,) = runner._run_warnings(_res([]), fails, {})
   assert "never fired" in w
+  (w,) = runner._run_warnings(_res([busy]), [], {})   # a "failure-free" run that recovered
+  assert "1 recoveries but 0 failure(s) injected" in w
   (w,) = runner._run_warnings(_res([busy]), fails, {"paced_overruns": 5})
   assert "NOT a paced result" in w
 

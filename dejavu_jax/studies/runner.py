@@ -132,6 +132,11 @@ def _run_warnings(res, failures, summary: dict) -> list[str]:
                  "in flight (nothing in flight, or only prompts not yet past their first token): "
                  "it measures detection, not recovery (fail after more steps, or send more "
                  "requests)")
+  if len(res.recoveries) > len(failures):
+    out.append(f"{len(res.recoveries)} recoveries but {len(failures)} failure(s) injected: a live "
+               "worker was declared dead (missed heartbeats or progress on a loaded machine?), so "
+               "this run's numbers include recoveries nobody asked for (raise "
+               "heartbeat_timeout_s, or run on a quieter machine)")
   if len(res.recoveries) < len(failures):
     late = [f.describe() for f in failures][len(res.recoveries):]
     out.append(f"{len(failures) - len(res.recoveries)} failure(s) ({late}) never fired: the run "
