@@ -265,4 +265,6 @@ def main():
 
 
 if __name__ == "__main__":
+  from dejavu_jax.studies import jaxcache  # pylint: disable=g-import-not-at-top
+  jaxcache.enable_compilation_cache()   # DEJAVU_JAX_CACHE_DIR=off times cold compiles
   main()

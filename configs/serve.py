@@ -35,9 +35,13 @@ def get_config():
   c.prompt_len = 64
   c.output_len = "lognormal:40,32"  # "lmsys" for the LMSys-Chat-1M fit (mean ~209 tokens)
   c.max_output = 96
-  # Fault tolerance: kill these stages at these times (seconds into the run); [] for none.
+  # Fault tolerance: kill these stages right after this many steps of their workers (the same
+  # point of the run on a quiet or a loaded machine: a wall-clock time, on a loaded machine,
+  # often lands before any token was generated); () for none. Wall clock instead:
+  # --config.fail_after_steps='()' --config.fail_times='(4.0,)' (seconds into the run).
   c.fail_stages = (1,)
-  c.fail_times = (4.0,)
+  c.fail_after_steps = (40,)
+  c.fail_times = ()
   # "replica" (DéjàVu) | "restart" | "reprefill" | "snapshot", or a fallback chain such as
   # "replica,snapshot,reprefill" (dejavu_jax/fault/strategies.py); several in parentheses,
   # '(restart,reprefill,replica,snapshot)', are compared in one run on one compiled engine.

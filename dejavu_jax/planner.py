@@ -252,34 +252,26 @@ def search(cost: cm.CostModel, machines: int, wl: Workload, machine_bytes: float
   todo = []
   for b in batch_sizes:
     mem = Memory.of(model, wl, machine_bytes, reserve, batch=b)
-    wl_b = dataclasses.replace(wl, batch_size=b)
-    bound = _Bounds(cost, wl_b)
+    bound = _Bounds(cost, dataclasses.replace(wl, batch_size=b))
     for d in range(1, min(machines, L) + 1):
       if not mem.colocated_fits(L, d):
         continue
       r = machines // d
-      todo.append((bound.colocated(d) / r, Candidate("colocated", b, depth=d, replicas=r),
-                   lambda d=d, wl_b=wl_b, b=b, r=r: _saturated(
-                       colocated.simulate_colocated, d, wl_b, b, machines, cost=cost,
-                       num_stages=d) / r))
+      todo.append((bound.colocated(d) / r, Candidate("colocated", b, depth=d, replicas=r)))
     Pn, Tn = mem.prompt_layers(), mem.token_layers(L)
     if Pn < 1 or Tn < 1:
       continue
     for dp in range(math.ceil(L / Pn), machines):
       for dt in range(max(math.ceil(L / Tn), 1), machines - dp + 1):
-        todo.append((bound.disaggregated(dp, dt), Candidate("disaggregated", b, Dp=dp, Dt=dt),
-                     lambda dp=dp, dt=dt, wl_b=wl_b, b=b: _saturated(
-                         disagg.simulate_disaggregated, max(dp, dt), wl_b, b, machines,
-                         cost=cost, prompt_stages=dp, token_stages=dt, stream_link=stream_link,
-                         host_link=host_link, host_slots=host_slots)))
+        todo.append((bound.disaggregated(dp, dt), Candidate("disaggregated", b, Dp=dp, Dt=dt)))
   # Simulate the most promising first; skip what cannot beat the best simulated so far. The
   # bounds are true lower bounds on time, so the best plan is exact (and more machines, a
   # superset of candidates, can never be predicted slower).
   out, best = [], 0.0
-  for lb, cand, simulate in sorted(todo, key=lambda x: x[1].batch / x[0], reverse=True):
+  for lb, cand in sorted(todo, key=lambda x: x[1].batch / x[0], reverse=True):
     if cand.batch / lb < best * (1 - 1e-9):
       continue
-    cand = dataclasses.replace(cand, inverse_throughput=simulate())
+    cand = simulate_candidate(cost, cand, wl, machines, stream_link, host_link, host_slots)
     best = max(best, cand.throughput_rps)
     out.append(cand)
   if stats is not None:
@@ -288,6 +280,21 @@ def search(cost: cm.CostModel, machines: int, wl: Workload, machine_bytes: float
     raise ValueError(f"no feasible plan: no candidate of {model.name} on {machines} machine(s) "
                      f"fits memory for batch sizes {list(batch_sizes)}")
   return sorted(out, key=lambda c: -c.throughput_rps)
+
+
+def simulate_candidate(cost: cm.CostModel, cand: Candidate, wl: Workload, machines: int,
+                       stream_link: cm.Link | None = None, host_link: cm.Link | None = None,
+                       host_slots: int | None = None) -> Candidate:
+  """`cand` with its saturated inverse throughput simulated (as `search` does)."""
+  wl_b = dataclasses.replace(wl, batch_size=cand.batch)
+  if cand.system == "colocated":
+    inv = _saturated(colocated.simulate_colocated, cand.depth, wl_b, cand.batch, machines,
+                     cost=cost, num_stages=cand.depth) / cand.replicas
+  else:
+    inv = _saturated(disagg.simulate_disaggregated, max(cand.Dp, cand.Dt), wl_b, cand.batch,
+                     machines, cost=cost, prompt_stages=cand.Dp, token_stages=cand.Dt,
+                     stream_link=stream_link, host_link=host_link, host_slots=host_slots)
+  return dataclasses.replace(cand, inverse_throughput=inv)
 
 
 class _Bounds:
@@ -369,6 +376,7 @@ def plan_report(model: ModelConfig, machines: int, hardware: str, wl: Workload,
   else:
     link = stream_link
   M = cost.machine_memory_bytes
+  ap_error = None
   try:
     ap = analytical_plan(cost, machines, wl, M, stream_link=link, reserve=reserve)
   except ValueError as e:
@@ -381,6 +389,26 @@ def plan_report(model: ModelConfig, machines: int, hardware: str, wl: Workload,
                  host_slots=host_slots)
   best = cands[0]
   base = next(c for c in cands if c.system == "colocated")
+  # The paper's comparison: the analytical split against the same machines as one pipeline
+  # without data-parallel replicas, both at the analytical batch. The search prunes whatever
+  # cannot win, so either may be missing from its list: they are simulated here.
+  def find_or_simulate(cand):
+    for c in cands:
+      if dataclasses.replace(c, inverse_throughput=math.nan) == cand:
+        return c, False
+    return simulate_candidate(cost, cand, wl, machines, link, cost.hardware.host_link,
+                              host_slots), True
+  split = plain_b = None
+  extra = []
+  if ap is not None:
+    split, pruned = find_or_simulate(Candidate("disaggregated", wl.batch_size, Dp=ap.Dp,
+                                               Dt=ap.Dt))
+    extra += [split] if pruned else []
+  if machines <= model.num_layers and Memory.of(model, wl, M, reserve).colocated_fits(
+      model.num_layers, machines):
+    plain_b, pruned = find_or_simulate(Candidate("colocated", wl.batch_size, depth=machines,
+                                                 replicas=1))
+    extra += [plain_b] if pruned else []
   plain = [c for c in cands if c.system == "colocated" and c.replicas == 1 and c.depth == machines]
   dis = [c for c in cands if c.system == "disaggregated"]
   lines = [
@@ -401,6 +429,9 @@ def plan_report(model: ModelConfig, machines: int, hardware: str, wl: Workload,
                f"{stats['simulated']} simulated (the rest cannot beat them), best first:")
   for c in cands[:top]:
     lines.append(f"  {c.describe():48s} {c.machines} machines  {c.throughput_rps:8.3f} req/s")
+  for c in extra:
+    lines.append(f"  {c.describe():48s} {c.machines} machines  {c.throughput_rps:8.3f} req/s"
+                 "  (pruned by the search; simulated for the comparison below)")
   gain = best.throughput_rps / base.throughput_rps if best.system != "colocated" else 1.0
   best_dis = dis[0] if dis else None
   lines += ["", f"Recommended: {best.describe()} ({best.throughput_rps:.3f} req/s, "
@@ -413,21 +444,19 @@ def plan_report(model: ModelConfig, machines: int, hardware: str, wl: Workload,
   if plain:
     lines.append(f"  vs the paper's baseline (colocated D={machines}, no replicas, batch "
                  f"{plain[0].batch} best): {best.throughput_rps / plain[0].throughput_rps:.2f}x")
-  if ap is None:
-    why = f"no prompt/token split fits memory ({ap_error})"
-  elif math.isinf(ap.threshold):
-    why = (f"the streaming overhead m = {ap.m:.2f} is too large for D = {machines}: "
-           "D(2-m)-1 <= 0, so no Y/t makes disaggregation pay")
-  elif not ap.helps:
-    why = (f"Y/t = {ap.Y / ap.t:.1f} is below the threshold {ap.threshold:.2f}: the bubbles cost "
-           "less than the machines a prompt pipeline takes")
-  elif ap.gain < 1 and not ap.binding.startswith("balance"):
-    why = (f"Y/t = {ap.Y / ap.t:.1f} is above the threshold, but {ap.binding} forces "
-           f"Dp = {ap.Dp}, Dt = {ap.Dt} away from the balanced Dt = {ap.Dt_balance}")
-  else:
-    why = (f"Y/t = {ap.Y / ap.t:.1f} is above the threshold {ap.threshold:.2f}: token steps stop "
-           f"waiting behind prompts; the split is bound by {ap.binding}")
+  why = _why(ap, ap_error, best, split, plain_b, machines)
   lines.append(f"  why: {why}")
+  paper = None
+  if split is not None and plain_b is not None:
+    paper = {"split": dataclasses.asdict(split) | {"throughput_rps": split.throughput_rps},
+             "no_replicas": dataclasses.asdict(plain_b) | {"throughput_rps":
+                                                          plain_b.throughput_rps},
+             "gain": split.throughput_rps / plain_b.throughput_rps}
+    lines.append(
+        f"  the paper's comparison (the same {machines} machines, no data-parallel replicas, "
+        f"batch {wl.batch_size}): split Dp={split.Dp} Dt={split.Dt} {split.throughput_rps:.3f} "
+        f"req/s vs colocated D={machines} {plain_b.throughput_rps:.3f} req/s: "
+        f"{paper['gain']:.2f}x (analytical {ap.gain:.2f}x)")
   binds = binding_memory(model, wl, best, M, reserve)
   lines.append("  memory: " + "; ".join(
       f"{u['machine']} {u['used_bytes'] / 1e9:.1f} of {u['usable_bytes'] / 1e9:.1f} GB usable"
@@ -446,8 +475,50 @@ def plan_report(model: ModelConfig, machines: int, hardware: str, wl: Workload,
              "best_disaggregated": (dataclasses.asdict(best_dis) |
                                     {"throughput_rps": best_dis.throughput_rps}) if best_dis else None,
              "plain_baseline": (dataclasses.asdict(plain[0]) |
-                                {"throughput_rps": plain[0].throughput_rps}) if plain else None}
+                                {"throughput_rps": plain[0].throughput_rps}) if plain else None,
+             "why": why, "paper_comparison": paper}
   return "\n".join(lines), summary
+
+
+def _why(ap: AnalyticalPlan | None, ap_error: str | None, best: Candidate,
+         split: Candidate | None, plain: Candidate | None, machines: int) -> str:
+  """Why the recommendation wins: it speaks of the recommended system (the analytical split is
+  only its subject when the split is what is recommended)."""
+  if ap is None:
+    return f"no prompt/token split fits memory ({ap_error}); the best colocated layout wins"
+  ratio = (f"; the analytical split Dp={split.Dp} Dt={split.Dt} (batch {split.batch}) reaches "
+           f"{split.throughput_rps:.3f} req/s, {split.throughput_rps / best.throughput_rps:.2f}x "
+           "of it" if split is not None and split != best else "")
+  if best.system == "disaggregated":
+    if (best.Dp, best.Dt) == (ap.Dp, ap.Dt):
+      return (f"Y/t = {ap.Y / ap.t:.1f} is above the threshold {ap.threshold:.2f}: token steps "
+              f"stop waiting behind prompts; the split is bound by {ap.binding}")
+    return (f"the simulated split Dp={best.Dp} Dt={best.Dt} beats the analytical Dp={ap.Dp} "
+            f"Dt={ap.Dt} (the formula assumes equal output lengths and a fixed m; the "
+            f"simulation draws lengths per microbatch and streams over the link){ratio}")
+  # A colocated layout is recommended.
+  if math.isinf(ap.threshold):
+    reason = (f"the streaming overhead m = {ap.m:.2f} is too large for D = {machines}: "
+              "D(2-m)-1 <= 0, so no Y/t makes disaggregation pay")
+  elif not ap.helps:
+    reason = (f"Y/t = {ap.Y / ap.t:.1f} is below the threshold {ap.threshold:.2f}: the bubbles "
+              "cost less than the machines a prompt pipeline takes")
+  elif best.replicas > 1:
+    vs = (f" (over the plain D={machines} pipeline the split gains "
+          f"{split.throughput_rps / plain.throughput_rps:.2f}x, the paper's comparison)"
+          if split is not None and plain is not None else "")
+    reason = (f"{best.replicas} data-parallel replicas of a {best.depth}-stage pipeline: each "
+              f"pipeline is shallower, so its prompt bubbles ((D-1)(Y-t)/D per microbatch) "
+              f"shrink without giving machines to a prompt pipeline; disaggregation pays against "
+              f"one deep pipeline{vs}, but not against replicas")
+  elif ap.gain < 1 and not ap.binding.startswith("balance"):
+    reason = (f"Y/t = {ap.Y / ap.t:.1f} is above the threshold, but {ap.binding} forces "
+              f"Dp = {ap.Dp}, Dt = {ap.Dt} away from the balanced Dt = {ap.Dt_balance}")
+  else:
+    reason = (f"Y/t = {ap.Y / ap.t:.1f} is above the threshold {ap.threshold:.2f}, yet in "
+              f"simulation the split loses: its predicted gain {ap.gain:.2f}x is within what "
+              "streaming and uneven output lengths take back")
+  return f"{best.describe()} wins: {reason}{ratio}"
 
 
 def _analytical_lines(ap: AnalyticalPlan, machines: int) -> list[str]:

@@ -16,6 +16,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+from dejavu_jax.studies import jaxcache  # noqa: E402
 
 from dejavu_jax.studies import disagg_experiment as dx  # noqa: E402
 from dejavu_jax import metrics  # noqa: E402
@@ -119,8 +120,12 @@ def _plot(rows, path, sc):
   plt.close(fig)
 
 
+_CACHE = jaxcache.define_flags()
+
+
 def main(argv):
   del argv
+  jaxcache.setup_from_flags()   # compile cache on; absl/orbax/jax quiet unless --verbosity
   rows = run(_CONFIG.value, _OUT.value)
   for r in rows:
     print(json.dumps(r))

@@ -13,8 +13,9 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+from dejavu_jax.studies import jaxcache  # noqa: E402
 
 from dejavu_jax.studies.campaign import run_campaign  # noqa: E402
 
@@ -22,9 +23,12 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/campaign.py", "camp
 _OUT = flags.DEFINE_string("output_dir", "", "where campaign.json goes (nothing written if empty)")
 
 
+_CACHE = jaxcache.define_flags()
+
+
 def main(argv):
   del argv
-  logging.set_verbosity(logging.WARNING)   # orbax logs every snapshot at INFO
+  jaxcache.setup_from_flags()   # compile cache on; absl/orbax/jax quiet unless --verbosity
   report = run_campaign(_CONFIG.value)
   if _OUT.value:
     os.makedirs(_OUT.value, exist_ok=True)

@@ -60,6 +60,7 @@ def _timeline(c, cost, scenario: str, failures, out_dir, rows) -> None:
   reporting.plot_failure_timeline(
       runs, os.path.join(out_dir, f"timeline_{scenario}.png"),
       failure_times=[f.time for f in failures],
+      failure_labels=[f"stage {f.stage} fails at {f.time:g} s" for f in failures],
       title=f"{c.model}, {c.num_stages} stages, {len(failures)} failure(s)")
 
 
@@ -83,7 +84,7 @@ def _single(c, rows, out_dir) -> None:
   reporting.plot_bars([f"{c.single_model} {c.single_prompt_len}+{c.single_output_len}"],
                       {k: [v] for k, v in values.items()},
                       os.path.join(out_dir, "single_request.png"),
-                      ylabel="end-to-end latency (s)",
+                      ylabel="end-to-end latency (s)", baseline=FAILURE_FREE,
                       title=f"one request, failure at {t_fail:.1f} s (mid-generation)")
 
 

@@ -7,6 +7,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from dejavu_jax.studies import jaxcache
 from dejavu_jax.studies import reporting
 from dejavu_jax.studies import runrecord
 
@@ -17,9 +18,11 @@ def main_for(run, headline, table, default_config: str, default_output_dir: str)
   out = flags.DEFINE_string("output_dir", default_output_dir, "where results and plots go")
   overwrite = flags.DEFINE_bool("overwrite", False,
                                 "replace the results in a non-empty output_dir")
+  jaxcache.define_flags()
 
   def main(argv):
     del argv
+    jaxcache.setup_from_flags()   # compile cache on; absl/orbax/jax quiet unless --verbosity
     try:
       runrecord.prepare_output_dir(out.value, overwrite.value)
     except runrecord.OutputDirError as e:

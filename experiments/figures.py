@@ -33,6 +33,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags
+from dejavu_jax.studies import jaxcache  # noqa: E402
 
 from dejavu_jax.studies import reporting
 from dejavu_jax import metrics
@@ -193,8 +194,12 @@ def _html_table(rows: list[dict], cols) -> str:
   return f"<table>{out}</table>"
 
 
+_CACHE = jaxcache.define_flags()
+
+
 def main(argv):
   del argv
+  jaxcache.setup_from_flags()   # compile cache on; absl/orbax/jax quiet unless --verbosity
   c, out, overwrite = _CONFIG.value, _OUT.value, _OVERWRITE.value   # read before _import
   try:
     runrecord.prepare_output_dir(out, overwrite)

@@ -21,9 +21,10 @@ import sys
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from dejavu_jax.studies import jaxcache
 from dejavu_jax.studies import runconfig
 from dejavu_jax.studies import runner
 from dejavu_jax.studies import runrecord
@@ -35,11 +36,12 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False,
                                "replace the results in a non-empty --output_dir")
 _PRINT = flags.DEFINE_bool("print_config", False,
                            "print every config field, its value and meaning, and exit")
+_CACHE = jaxcache.define_flags()
 
 
 def main(argv):
   del argv
-  logging.set_verbosity(logging.INFO)
+  jaxcache.setup_from_flags()   # compile cache on; absl/orbax/jax quiet unless --verbosity
   c = _CONFIG.value
   if _PRINT.value:
     print(runconfig.describe(c))

@@ -21,6 +21,7 @@ from dejavu_jax import planner
 from dejavu_jax import sim
 from dejavu_jax.config import get_model_config
 from dejavu_jax import metrics
+from dejavu_jax.studies import jaxcache
 from dejavu_jax.studies import runrecord
 from dejavu_jax.studies import splits
 from dejavu_jax.studies import reporting
@@ -89,7 +90,9 @@ def run(c, out_dir, log=print, overwrite=True):
                  "system": system, "split_infeasible": split_problem if system != "baseline"
                  else None})
     bar(i + 1, len(points) + len(c.strategies))
-  timelines = {}
+  # The failure-free run of the same requests: the timeline's baseline (not a result row).
+  timelines = {"failure-free": _run(c, cost, "disaggregated",
+                                    _requests(c, c.failure_rate, c.failure_requests)).records}
   for j, strategy in enumerate(c.strategies):
     res = _run(c, cost, "disaggregated", _requests(c, c.failure_rate, c.failure_requests),
                failures=[sim.Failure(c.fail_time, c.fail_stage, "token")],
@@ -128,8 +131,12 @@ def _plot(rows, timelines, c, out_dir):
                                 title=f"token stage {c.fail_stage} fails at {c.fail_time} s")
 
 
+_CACHE = jaxcache.define_flags()
+
+
 def main(argv):
   del argv
+  jaxcache.setup_from_flags()   # compile cache on; absl/orbax/jax quiet unless --verbosity
   try:
     run(_CONFIG.value, _OUT.value, overwrite=_OVERWRITE.value)
   except runrecord.OutputDirError as e:

@@ -145,3 +145,60 @@ def test_plot_latency_vs_rate(tmp_path):
   with pytest.raises(ValueError, match="rate"):
     reporting.plot_latency_vs_rate([{"norm_latency_p50_s_per_tok": 1.0}], tmp_path / "x.png")
 
+
+
+def _capture_figures(monkeypatch) -> list:
+  """The (figure, axes) of every chart reporting draws, taken just before it is saved."""
+  seen = []
+  finish = reporting._finish_figure
+
+  def capture(fig, ax, *a, **kw):
+    out = finish(fig, ax, *a, **kw)
+    seen.append((fig, ax))
+    return out
+  monkeypatch.setattr(reporting, "_finish_figure", capture)
+  return seen
+
+
+def test_failure_timeline_keeps_coinciding_curves_and_labels_failures(tmp_path, monkeypatch):
+  """Issue 21: two strategies with the same timeline hid one line under the other, and the
+  failure marks had no label. Every run keeps its own visible line, the failure-free baseline is
+  drawn, the failures are named in the legend, warnings are printed on the figure."""
+  seen = _capture_figures(monkeypatch)
+  same = _records()
+  runs = {"failure-free (seed 0)": same, "reprefill (seed 0)": same, "replica (seed 0)": same}
+  reporting.plot_failure_timeline(runs, tmp_path / "t.png", failure_times=[2.0],
+                                  failure_labels=["stage 1 fails at 2 s"],
+                                  notes=["the failure hit no work"])
+  fig, ax = seen[-1]
+  labels = [t.get_text() for t in ax.get_legend().get_texts()]
+  assert labels[:3] == list(runs) and "failure injected" in labels
+  lines = {l.get_label(): l for l in ax.get_lines()}
+  rep, rpl = lines["reprefill (seed 0)"], lines["replica (seed 0)"]
+  # The same data, drawn apart on screen (offset) and with different markers and dashes.
+  assert rep.get_marker() != rpl.get_marker() and rep.get_linestyle() != rpl.get_linestyle()
+  fig.canvas.draw()
+  assert (rep.get_transform().transform((1.0, 1.0)) !=
+          rpl.get_transform().transform((1.0, 1.0))).all()
+  assert any("stage 1 fails at 2 s" in t.get_text() for t in ax.texts)
+  assert any("the failure hit no work" in t.get_text() for t in fig.texts)
+  # Per-run failure times (failures placed by step fire at different times in each run).
+  reporting.plot_failure_timeline(runs, tmp_path / "u.png",
+                                  failure_times={"replica (seed 0)": [1.5]})
+  labels = [t.get_text() for t in seen[-1][1].get_legend().get_texts()]
+  assert "replica (seed 0): failure at 1.50 s" in labels
+
+
+def test_bars_are_linear_labelled_and_clear_of_the_legend(tmp_path, monkeypatch):
+  seen = _capture_figures(monkeypatch)
+  reporting.plot_bars(["a", "b"], {"failure-free": [1.0, 2.0], "replica": [3.0, 400.0]},
+                      str(tmp_path / "b.png"), ylabel="s", baseline="failure-free", title="t")
+  fig, ax = seen[-1]
+  assert ax.get_yscale() == "linear" and ax.get_ylim()[0] == 0
+  fig.canvas.draw()
+  renderer = fig.canvas.get_renderer()
+  legend = ax.get_legend().get_window_extent(renderer)
+  for patch in ax.patches:
+    assert not legend.overlaps(patch.get_window_extent(renderer))
+  values = [t.get_text() for t in ax.texts]
+  assert {"1", "2", "3", "400"} <= set(values)

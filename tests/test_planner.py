@@ -94,3 +94,40 @@ def test_plan_report_smoke():
                                       batch_sizes=(8,))
   assert "Recommended:" in text and "why:" in text
   assert summary["best"]["throughput_rps"] > 0
+
+
+def test_why_explains_the_recommendation_and_the_paper_comparison_is_shown():
+  """Issue 21: the explanation spoke of the split (Dp=1, Dt=3) while recommending colocated
+  replicas, and the split was never simulated. Now the why names the recommended system, and the
+  split is simulated beside the same machines without data-parallel replicas."""
+  text, summary = planner.plan_report(get_model_config("opt_66b", dtype="float16"), 4,
+                                      "a100_80gb", planner.Workload(1000, 250, 8),
+                                      batch_sizes=(8, 16))
+  best = summary["best"]
+  why = next(line for line in text.splitlines() if line.strip().startswith("why:"))
+  if best["system"] == "colocated":
+    assert f"colocated D={best['depth']} x{best['replicas']}" in why
+    assert "the split is bound by" not in why   # not the split's own explanation
+  paper = summary["paper_comparison"]
+  ap = summary["analytical"]
+  assert (paper["split"]["Dp"], paper["split"]["Dt"]) == (ap["Dp"], ap["Dt"])
+  assert paper["no_replicas"]["depth"] == 4 and paper["no_replicas"]["replicas"] == 1
+  assert paper["split"]["batch"] == paper["no_replicas"]["batch"] == 8
+  assert paper["gain"] == pytest.approx(paper["split"]["throughput_rps"] /
+                                        paper["no_replicas"]["throughput_rps"])
+  assert f"Dp={ap['Dp']} Dt={ap['Dt']}" in text and "paper's comparison" in text
+  assert summary["why"] == why.strip()[len("why: "):]
+
+
+def test_why_follows_the_recommended_system():
+  ap = planner.analytical_plan(_cost(0.05, 0.001), 4, planner.Workload(32, 101, 2), BIG)
+  split = planner.Candidate("disaggregated", 2, Dp=ap.Dp, Dt=ap.Dt, inverse_throughput=1.0)
+  plain = planner.Candidate("colocated", 2, depth=4, replicas=1, inverse_throughput=2.0)
+  reps = planner.Candidate("colocated", 2, depth=2, replicas=2, inverse_throughput=0.5)
+  assert "the split is bound by" in planner._why(ap, None, split, split, plain, 4)
+  why = planner._why(ap, None, reps, split, plain, 4)
+  assert why.startswith("colocated D=2 x2") and "replicas" in why and "0.50x of it" in why
+  other = planner.Candidate("disaggregated", 2, Dp=ap.Dp + 1, Dt=ap.Dt - 1,
+                            inverse_throughput=0.8)
+  assert f"Dp={other.Dp} Dt={other.Dt} beats the analytical" in planner._why(
+      ap, None, other, split, plain, 4)

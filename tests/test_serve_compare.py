@@ -44,8 +44,13 @@ def test_strategies_share_one_engine_requests_and_failure(tmp_path, monkeypatch)
     built.append(1)
     return real_engine(*a, **kw)
   monkeypatch.setattr(runner, "make_engine", counting_engine)
-  summaries = runner.run_experiment(c, str(tmp_path), log=None)
+  every = runner.run_experiment(c, str(tmp_path), log=None)
   assert len(built) == 1   # one engine (one compile) for every strategy
+  base = [s for s in every if s["baseline"]]   # the failure-free baseline, per seed, first
+  summaries = [s for s in every if not s["baseline"]]
+  assert every[:2] == base and [(s["strategy"], s["seed"], s.get("failures", 0)) for s in base] == [
+      ("failure-free", 0, 0), ("failure-free", 1, 0)]
+  assert all(isinstance(s["warnings"], list) for s in every)
   assert [(s["strategy"], s["seed"]) for s in summaries] == [
       (st, seed) for st in STRATEGIES for seed in (0, 1)]
   cfg, _ = runner.build_model(c)
@@ -73,7 +78,8 @@ def test_strategies_share_one_engine_requests_and_failure(tmp_path, monkeypatch)
   info = json.loads((tmp_path / "run.json").read_text())
   assert info["strategies"] == list(STRATEGIES) and info["config"]["seeds"] == [0, 1]
   table = (tmp_path / "comparison.md").read_text()
-  assert all(f"| {st} | 20 | 2 |" in table for st in STRATEGIES)
+  assert all(f"| {st} | 20 | 2 |" in table for st in STRATEGIES + ("failure-free",))
+  assert "only 2 seed(s)" in table   # the validity warning is in the file, not only printed
   assert (tmp_path / "failure_timeline.png").stat().st_size > 0
 
 
@@ -93,6 +99,7 @@ def test_mechanisms_from_the_serve_config(tmp_path, mechanism):
     c.swapping = "on"
     c.microbatch_size = 2
   summaries = runner.run_experiment(c, str(tmp_path), log=None)
+  summaries = [s for s in summaries if not s["baseline"]]
   assert [s["strategy"] for s in summaries] == ["restart", "replica"]
   cfg, _ = runner.build_model(c)
   reqs = make_workload(WorkloadConfig(rate=20.0, num_requests=6, prompt_len=c.prompt_len,

@@ -15,13 +15,16 @@ from dejavu_jax.metrics import read_jsonl
 def test_serve_experiment_end_to_end(tmp_path):
   c = serve_tiny.get_config()
   summaries = runner.run_experiment(c, str(tmp_path), log=lambda *a: None)
-  assert [s["rate"] for s in summaries] == [5.0, 20.0]
+  assert [(s["rate"], s["baseline"]) for s in summaries] == [
+      (5.0, True), (20.0, True), (5.0, False), (20.0, False)]   # failure-free baseline first
+  summaries = summaries[2:]
   for s in summaries:
     assert s["completed"] == c.num_requests and s["rejected"] == 0
     assert s["failures"] == 1
   files = set(os.listdir(tmp_path))
   assert {"summary.jsonl", "summary.txt", "recoveries.jsonl", "latency_vs_rate.png", "failure_timeline.png",
-          "requests_rate5.jsonl", "requests_rate20.jsonl"} <= files
+          "requests_rate5.jsonl", "requests_rate20.jsonl", "requests_failure-free_rate5.jsonl",
+          "comparison.md"} <= files
   recs = read_jsonl(tmp_path / "requests_rate5.jsonl")
   assert len(recs) == c.num_requests and all(r.output_len == 6 for r in recs)
   with open(tmp_path / "recoveries.jsonl") as f:

@@ -5,6 +5,11 @@ A figure script (`experiments/fig_*.py`) returns a list of flat dict rows, each 
 renders chosen columns for the index page, and `plot_lines` / `plot_bars` draw every compared
 system on one chart (no pyplot state), and the serve runner's latency-vs-rate and failure-timeline
 charts.
+
+What a reviewer needs to read a chart (issue 21): every legend entry visible (each line its own
+marker and dash; coinciding timeline curves drawn a point apart), failures marked and labelled,
+a failure-free baseline drawn first wherever failures are, validity warnings printed on the
+figure, bars on a linear axis with their values and the legend clear of them.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import re
 from typing import Sequence
 
 import numpy as np
+from matplotlib import transforms as mtransforms
 
 from dejavu_jax import metrics
 
@@ -59,7 +65,10 @@ def plot_lines(series: dict, path: str, *, xlabel: str, ylabel: str, title: str 
   """`series`: label -> (xs, ys); one colour per label (a `styles[label]` format overrides)."""
   fig, ax = _new_figure()
   for i, (label, (xs, ys)) in enumerate(series.items()):
-    ax.plot(xs, ys, (styles or {}).get(label, "o-"), color=f"C{i % 10}", label=str(label))
+    if styles and label in styles:
+      ax.plot(xs, ys, styles[label], color=f"C{i % 10}", label=str(label))
+    else:
+      ax.plot(xs, ys, color=f"C{i % 10}", label=str(label), **_distinct(i, len(xs)))
   if log_y:
     ax.set_yscale("log")
   if log_x:
@@ -68,19 +77,32 @@ def plot_lines(series: dict, path: str, *, xlabel: str, ylabel: str, title: str 
 
 
 def plot_bars(groups: Sequence[str], bars: dict, path: str, *, ylabel: str,
-              title: str | None = None, log_y: bool = False) -> str:
-  """Grouped bars: `bars` maps a system to one value per group (NaN: no bar)."""
+              title: str | None = None, value_fmt: str = "{:.3g}",
+              baseline: str | None = None) -> str:
+  """Grouped bars on a linear axis (a bar's length is its value), each labelled with its value:
+  `bars` maps a system to one value per group (NaN: no bar). `baseline` (a key of `bars`) is
+  drawn hatched grey, first, so every other bar reads against it. The legend sits above the axes,
+  clear of the bars."""
   fig, ax = _new_figure()
-  n = max(len(bars), 1)
+  order = ([baseline] if baseline in bars else []) + [k for k in bars if k != baseline]
+  n = max(len(order), 1)
   width = 0.8 / n
   x = np.arange(len(groups))
-  for i, (label, values) in enumerate(bars.items()):
-    ax.bar(x + (i - (n - 1) / 2) * width, values, width, color=f"C{i % 10}", label=str(label))
+  top = 0.0
+  shift = 1 if baseline in bars else 0   # the same colour per system as in the line charts
+  for i, label in enumerate(order):
+    values = np.asarray(bars[label], np.float64)
+    style = (dict(color="0.75", hatch="//", edgecolor="0.3") if label == baseline else
+             dict(color=f"C{(i - shift) % 10}"))
+    rects = ax.bar(x + (i - (n - 1) / 2) * width, values, width, label=str(label), **style)
+    ax.bar_label(rects, labels=[value_fmt.format(v) if np.isfinite(v) else "" for v in values],
+                 fontsize=7, padding=2)
+    if np.isfinite(values).any():
+      top = max(top, float(np.nanmax(values)))
   ax.set_xticks(x)
   ax.set_xticklabels(groups, rotation=15 if len(groups) > 3 else 0, fontsize=8)
-  if log_y:
-    ax.set_yscale("log")
-  return _finish_figure(fig, ax, path, "", ylabel, title)
+  ax.set_ylim(0, top * 1.15 if top > 0 else 1)
+  return _finish_figure(fig, ax, path, "", ylabel, title, legend_above=True)
 
 
 def _stat_name(key: str) -> str:
@@ -121,8 +143,8 @@ def plot_latency_vs_rate(rows: Sequence[dict], path: str | os.PathLike, *,
     rates = [r[rate_key] for r in pts]
     color = f"C{i % 10}"
     label = system or "system"
-    ax.plot(rates, [r[median_key] for r in pts], "o-", color=color,
-            label=f"{label} {_stat_name(median_key)}")
+    ax.plot(rates, [r[median_key] for r in pts], "-", marker=_MARKERS[i % len(_MARKERS)],
+            color=color, label=f"{label} {_stat_name(median_key)}")
     if tail_key is not None:
       ax.plot(rates, [r[tail_key] for r in pts], "--", color=color,
               label=f"{label} {_stat_name(tail_key)}")
@@ -141,38 +163,108 @@ def _new_figure():
   return fig, fig.add_subplot()
 
 
-def _finish_figure(fig, ax, path, xlabel: str, ylabel: str, title: str | None) -> str:
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+_LINESTYLES = ("-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)))
+
+
+def _distinct(i: int, n_points: int) -> dict:
+  """Line style i: its own marker and dash, markers staggered along the line, so series that
+  coincide (e.g. two strategies with the same timeline) still show every legend entry."""
+  every = max(1, n_points // 8)
+  return dict(marker=_MARKERS[i % len(_MARKERS)], linestyle=_LINESTYLES[i % len(_LINESTYLES)],
+              markevery=(min(i % every, max(n_points - 1, 0)), every), markersize=5,
+              linewidth=1.4)
+
+
+def _finish_figure(fig, ax, path, xlabel: str, ylabel: str, title: str | None,
+                   legend_above: bool = False, notes: Sequence[str] = ()) -> str:
   ax.set_xlabel(xlabel)
   ax.set_ylabel(ylabel)
-  if title:
-    ax.set_title(title)
   ax.grid(True, alpha=0.3)
-  ax.legend()
-  fig.tight_layout()
+  handles, _ = ax.get_legend_handles_labels()
+  n = len(handles)
+  if legend_above and n:
+    ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.01, 1.0, 0.2), mode="expand",
+              ncol=min(n, 3), fontsize=8, frameon=False, borderaxespad=0.0)
+    if title:
+      fig.suptitle(title, fontsize=10)
+  else:
+    if title:
+      ax.set_title(title, fontsize=10)
+    if n:
+      ax.legend(fontsize=8)
+  if notes:
+    import textwrap  # pylint: disable=g-import-not-at-top
+    shown = [textwrap.shorten("! " + w, 125, placeholder=" ...") for w in notes[:3]]
+    if len(notes) > 3:
+      shown[-1] = f"! ... and {len(notes) - 2} more warnings (comparison.md, summary.jsonl)"
+    text = "\n".join(shown)
+    fig.text(0.01, 0.01, text, fontsize=6.5, color="firebrick", va="bottom", ha="left",
+             wrap=True)
+    fig.tight_layout(rect=(0, 0.04 + 0.035 * min(len(notes), 3), 1, 1))
+  else:
+    fig.tight_layout()
   path = os.fspath(path)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.savefig(path)
   return path
 
 
+FAILURE_FREE_PREFIX = "failure-free"
+
+
 def plot_failure_timeline(runs: dict, path: str | os.PathLike, *,
-                          failure_times: Sequence[float] = (), title: str | None = None) -> str:
+                          failure_times: Sequence[float] | dict = (), title: str | None = None,
+                          failure_labels: Sequence[str] | None = None,
+                          notes: Sequence[str] = ()) -> str:
   """Cumulative end-to-end latency of finished requests against time, one curve per run, as in
   the paper's failure figures: a failure shows as a flat stretch (nothing finishes) followed by a
-  steeper climb (the redone and delayed requests). Dashed vertical lines mark the failures.
+  steeper climb (the redone and delayed requests). Labelled dashed vertical lines mark the
+  failures; a run whose label starts with 'failure-free' is the baseline (black, drawn under the
+  others); every curve has its own marker and dash, so curves that coincide stay visible.
 
   Args:
-    runs: label -> RequestRecords of one run.
+    runs: label -> RequestRecords of one run (name the seed in the label when seeds differ).
     path: the image file.
-    failure_times: seconds at which failures were injected.
+    failure_times: seconds at which failures were injected, or {run label: seconds at which its
+      failures fired} (failures placed by step fire at a different time in every run: each is
+      marked in its run's colour).
     title: the figure title.
+    failure_labels: one legend label per failure (default 'failure at T s').
+    notes: validity warnings, printed in red under the axes (e.g. 'the failure hit no work').
   """
   fig, ax = _new_figure()
-  for i, (label, records) in enumerate(runs.items()):
+  ordered = sorted(runs.items(), key=lambda kv: not str(kv[0]).startswith(FAILURE_FREE_PREFIX))
+  per_run = failure_times if isinstance(failure_times, dict) else {}
+  i = 0
+  for label, records in ordered:
     done = sorted((r for r in records if r.done), key=lambda r: r.finish)
-    t = [r.finish for r in done]
-    cum = np.cumsum([r.finish - r.arrival for r in done])
-    ax.step([0.0] + t, [0.0] + cum.tolist(), where="post", color=f"C{i % 10}", label=str(label))
-  for ft in failure_times:
-    ax.axvline(ft, color="k", linestyle="--", linewidth=0.8)
-  return _finish_figure(fig, ax, path, "time (s)", "cumulative latency (s)", title)
+    t = [0.0] + [r.finish for r in done]
+    cum = [0.0] + np.cumsum([r.finish - r.arrival for r in done]).tolist()
+    if str(label).startswith(FAILURE_FREE_PREFIX):
+      ax.step(t, cum, where="post", color="k", linewidth=2.2, alpha=0.55, label=str(label),
+              zorder=1)
+      continue
+    # Curves that coincide (strategies losing nothing) are shifted by a point or two each, and
+    # later ones drawn smaller on top, so every legend entry stays visible.
+    shifted = mtransforms.offset_copy(ax.transData, fig=fig, x=1.2 * i, y=1.2 * i,
+                                      units="points")
+    style = _distinct(i, len(t)) | {"markersize": max(3.0, 7.0 - i)}
+    ax.step(t, cum, where="post", color=f"C{i % 10}", label=str(label), zorder=2 + i,
+            transform=shifted, **style)
+    ax.update_datalim(np.column_stack([t, cum]))   # a shifted artist is not autoscaled
+    for j, ft in enumerate(per_run.get(label, ())):
+      ax.axvline(ft, color=f"C{i % 10}", linestyle=(0, (4, 2)), linewidth=1.0,
+                 label=f"{label}: failure at {ft:.2f} s")
+    i += 1
+  ax.autoscale_view()
+  shared = () if per_run else failure_times
+  labels = list(failure_labels or [f"failure at {ft:.2f} s" for ft in shared])
+  for j, ft in enumerate(shared):
+    ax.axvline(ft, color="firebrick", linestyle=(0, (4, 2)), linewidth=1.0,
+               label="failure injected" if j == 0 else None)
+    ax.annotate(labels[j] if j < len(labels) else "failure", xy=(ft, 0.98),
+                xycoords=("data", "axes fraction"), xytext=(-3, 0), textcoords="offset points",
+                rotation=90, va="top", ha="right", fontsize=7, color="firebrick")
+  return _finish_figure(fig, ax, path, "time (s)", "cumulative latency (s)", title,
+                        notes=notes)

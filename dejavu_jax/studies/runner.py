@@ -6,6 +6,16 @@ The config is validated whole before anything is built (`runconfig`); several st
 each strategy on the same requests and failures; every summary row says what it was
 (`runrecord`), and `comparison.md` gives each strategy's numbers (spread over the seeds).
 
+Issue 21 (a comparison that was silently noise): failures fire after a number of steps of the
+failed stage's worker by default (`fail_after_steps`; `fail_times` for wall clock), so a loaded
+machine moves them with the work; whenever failures are injected, a failure-free run of the same
+requests (recovery restart: no replication overhead) comes first and is a row of every table;
+each run's validity warnings (the failure hit no generated work, paced steps overran, a failure
+never fired) are in its summary row ("warnings"), in comparison.md (with too few seeds) and on
+the timeline plot, whose curves name their seed. Each run logs one line and the run ends with a
+table of one line per run; the full per-run summaries are in summary.txt. Only the prompt buckets
+the workload can reach are compiled (`warm`).
+
 When serving fails (`EngineError`), everything already served is still written (the requests
 file of the failed rate, and a summary with "error") before the error is raised again."""
 
@@ -20,7 +30,8 @@ import numpy as np
 
 from dejavu_jax import costmodel
 from dejavu_jax.config import ServeConfig, get_model_config
-from dejavu_jax.fault.controller import FailureSpec
+from dejavu_jax.fault.inject import FailureSpec
+from dejavu_jax.kv.buckets import bucket_length
 from dejavu_jax.models import init_params
 from dejavu_jax.models.convert import load_hf_checkpoint
 from dejavu_jax import metrics
@@ -90,23 +101,62 @@ def _keeps_state(strategy: str) -> bool:
   return any(n.strip() in ("replica", "snapshot") for n in strategy.split(","))
 
 
-def _warn_run(log, res, failures, strategy: str, rate: float, summary: dict) -> None:
-  """Loud warnings for results that are not what they claim to be (issue 15)."""
-  what = f"[{strategy}, rate {rate:g}]"
+def failures_of(c) -> list[FailureSpec]:
+  """The config's failures: `fail_stages` paired with `fail_after_steps` (the default: the same
+  point of the run on any machine), else with `fail_times` (seconds of wall clock: on a loaded
+  machine a fixed time can land before or after any generated work)."""
+  steps = tuple(c.get("fail_after_steps", ()) or ())
+  if steps:
+    return [FailureSpec(stage=int(s), after_steps=int(n)) for s, n in zip(c.fail_stages, steps)]
+  return [FailureSpec(float(t), int(s)) for s, t in zip(c.fail_stages, c.fail_times or ())]
+
+
+def _failure_cell(f: FailureSpec) -> list:
+  """A failure as the summary rows record it: [stage, seconds] or [stage, 'after N steps']."""
+  if f.time_s is not None:
+    return [f.stage, f.time_s]
+  return [f.stage, f"after {f.after_steps} steps" if f.after_steps is not None else f.describe()]
+
+
+def _run_warnings(res, failures, summary: dict) -> list[str]:
+  """Why a run's numbers are not what they claim to be (issue 15, 21): written into the summary
+  row, comparison.md and the timeline plot, not only printed."""
+  out = []
   if summary.get("paced_overruns"):
-    runrecord.warn(log, f"{what} {summary['paced_overruns']} paced steps overran their modelled "
-                   "time: real compute did not fit, so this is NOT a paced result (raise "
-                   "cost.time_scale, or use fewer stages per core)")
+    out.append(f"{summary['paced_overruns']} paced steps overran their modelled time: real "
+               "compute did not fit, so this is NOT a paced result (raise cost.time_scale, or "
+               "use fewer stages per core)")
   for ev in res.recoveries:
     if ev.lost_requests == 0 or (ev.restored_microbatches == 0 and ev.recomputed_tokens == 0):
-      runrecord.warn(log, f"{what} the failure of stage {ev.stage} at {ev.failed_at:.2f} s hit "
-                     "no generated work in flight (nothing in flight, or only prompts not yet "
-                     "past their first token): it measures detection, not recovery (fail "
-                     "later, or send more requests)")
+      out.append(f"the failure of stage {ev.stage} at {ev.failed_at:.2f} s hit no generated work "
+                 "in flight (nothing in flight, or only prompts not yet past their first token): "
+                 "it measures detection, not recovery (fail after more steps, or send more "
+                 "requests)")
+  if len(res.recoveries) > len(failures):
+    out.append(f"{len(res.recoveries)} recoveries but {len(failures)} failure(s) injected: a live "
+               "worker was declared dead (missed heartbeats or progress on a loaded machine?), so "
+               "this run's numbers include recoveries nobody asked for (raise "
+               "heartbeat_timeout_s, or run on a quieter machine)")
   if len(res.recoveries) < len(failures):
-    late = [f.time_s for f in failures][len(res.recoveries):]
-    runrecord.warn(log, f"{what} {len(failures) - len(res.recoveries)} failure(s) (at "
-                   f"{late} s) never fired: the run ended at {res.wall_s:.2f} s")
+    late = [f.describe() for f in failures][len(res.recoveries):]
+    out.append(f"{len(failures) - len(res.recoveries)} failure(s) ({late}) never fired: the run "
+               f"ended at {res.wall_s:.2f} s")
+  return out
+
+
+MIN_SEEDS = 3   # fewer seeds give no usable spread for a comparison
+
+
+def _comparison_warnings(summaries: list[dict], seeds) -> list[str]:
+  out = []
+  if len(seeds) < MIN_SEEDS:
+    out.append(f"only {len(seeds)} seed(s) {list(seeds)}: differences between strategies may be "
+               f"noise (use --config.seeds='(0,1,2)' or more)")
+  bad = [s for s in summaries if s.get("warnings")]
+  if bad:
+    out.append(f"{len(bad)} of {len(summaries)} runs carry warnings (column 'warn'; each run's "
+               "text in summary.jsonl 'warnings'): their rows do not measure what they claim")
+  return out
 
 
 def run_experiment(c, out_dir: str, log=print, overwrite: bool = False,
@@ -120,11 +170,17 @@ def run_experiment(c, out_dir: str, log=print, overwrite: bool = False,
   """
   bars = bool(log) if progress is None else progress
   log = log or (lambda *a, **k: None)
+  if not tuple(c.fail_stages or ()) and (c.get("fail_after_steps") or c.get("fail_times")):
+    # No stage fails: the default trigger lists (fail_after_steps=(40,)) pair with nothing, so
+    # `--config.fail_stages='()'` alone means a failure-free run.
+    c = c.copy_and_resolve_references()
+    with c.unlocked():
+      c.fail_after_steps, c.fail_times = (), ()
   runconfig.validate(c, num_devices=len(jax.devices()))
   strategies = runconfig.strategies_of(c.recovery)
   seeds = tuple(c.get("seeds", ()) or ()) or (c.seed,)
   runrecord.prepare_output_dir(out_dir, overwrite)
-  failures = [FailureSpec(float(t), int(s)) for s, t in zip(c.fail_stages, c.fail_times)]
+  failures = failures_of(c)
   info = runrecord.run_info(c, strategies=list(strategies), seeds=list(seeds))
   runrecord.write_run_info(out_dir, info)
   cfg, params = build_model(c)
@@ -139,7 +195,19 @@ def run_experiment(c, out_dir: str, log=print, overwrite: bool = False,
                        "run and their overhead is in these numbers; a failure-free baseline "
                        "wants --config.recovery=restart")
   many_s, many_seeds = len(strategies) > 1, len(seeds) > 1
-  summaries, texts, timelines, recoveries = [], [], {}, []
+  if failures and len(c.fail_times or ()) and c.get("fail_after_steps"):
+    runrecord.warn(log, f"both fail_after_steps {list(c.fail_after_steps)} and fail_times "
+                   f"{list(c.fail_times)} are set: the failures fire after steps (wall-clock "
+                   "times: --config.fail_after_steps='()')")
+  # The failure-free baseline runs first on the same requests: every failure's cost is read
+  # against it, and restart keeps no replicas or snapshots, so no recovery overhead is in it.
+  runs = ([(BASELINE, "restart", [])] if failures and c.get("baseline", True) else [])
+  runs += [(st, st, failures) for st in strategies]
+  workloads = {(seed, float(rate)): make_workload(WorkloadConfig(
+      rate=float(rate), num_requests=c.num_requests, prompt_len=c.prompt_len,
+      output_len=c.output_len, vocab_size=cfg.vocab_size, seed=seed, max_output=c.max_output))
+      for seed in seeds for rate in c.rates}
+  summaries, texts, timelines, recoveries, fired = [], [], {}, [], {}
   t_build = time.perf_counter()
   # share_devices: every stage on the same `tensor` devices (e.g. a whole pipeline on one GPU).
   devices = jax.devices()[:sc.tensor] * sc.num_stages if c.get("share_devices") else None
@@ -154,36 +222,33 @@ def run_experiment(c, out_dir: str, log=print, overwrite: bool = False,
     choice = getattr(engine, "swap_choice", None)
     if choice is not None and (sc.swapping != "off" or sc.device_kv_budget_bytes):
       log(f"swapping {'on' if choice.swapping else 'off'}: {choice.reason}")
-    bar = runrecord.progress_bar(0, "compile (prompt buckets)", bars, unit="bucket")
-    engine.warmup(progress=bar)   # compile every prompt bucket before the clock starts
-    bar.close()
-    log(f"engine ready in {time.perf_counter() - t_build:.1f} s; strategies {list(strategies)}, "
-        f"seeds {list(seeds)}, rates {list(c.rates)}")
-    for strategy in strategies:
+    warm(engine, workloads.values(), recomputes=any(_recomputes(st) for _, st, _ in runs),
+         log=log, bars=bars)
+    log(f"engine ready in {time.perf_counter() - t_build:.1f} s; strategies {list(strategies)}"
+        f"{' + failure-free baseline' if runs[0][0] == BASELINE else ''}, seeds {list(seeds)}, "
+        f"rates {list(c.rates)}, failures {[f.describe() for f in failures] or 'none'}")
+    for name, strategy, fails in runs:
       if engine.serve_cfg.recovery != strategy:
         engine.set_recovery(strategy)   # same compiled programs, fresh workers
       for seed in seeds:
         for rate in c.rates:
-          wl = WorkloadConfig(rate=float(rate), num_requests=c.num_requests,
-                              prompt_len=c.prompt_len, output_len=c.output_len,
-                              vocab_size=cfg.vocab_size, seed=seed, max_output=c.max_output)
-          requests = make_workload(wl)
-          tag = _tag(strategy, seed, float(rate), many_s, many_seeds)
-          log(f"[{tag}] {len(requests)} requests, failures "
-              f"{[(f.stage, f.time_s) for f in failures] or 'none'}, recovery {strategy}")
+          requests = workloads[(seed, float(rate))]
+          tag = _tag(name, seed, float(rate), many_s or name == BASELINE, many_seeds)
           failed = None
           bar = runrecord.progress_bar(len(requests), f"serve {tag}", bars, unit="req")
           try:
-            res = engine.serve(requests, progress=bar, failures=failures)
+            res = engine.serve(requests, progress=bar, failures=fails)
           except EngineError as e:
             failed, res = e, e.result
           finally:
             bar.close()
+          warnings = _run_warnings(res, fails, res.summary)
           summary = {"rate": float(rate), "system": f"pipeline_D{sc.num_stages}",
                      "model": cfg.name,
                      **runrecord.row_info(
-                         info, strategy=strategy, seed=seed, pacing=sc.pacing,
-                         injected_failures=[[f.stage, f.time_s] for f in failures]),
+                         info, strategy=name, seed=seed, pacing=sc.pacing,
+                         injected_failures=[_failure_cell(f) for f in fails]),
+                     "baseline": name == BASELINE, "warnings": warnings,
                      **res.summary}
           if c.get("slo_ttft_ms") is not None or c.get("slo_tpot_ms") is not None:
             slo = metrics.summarize(res.records, duration=res.wall_s,
@@ -199,41 +264,138 @@ def run_experiment(c, out_dir: str, log=print, overwrite: bool = False,
             log(f"  serving failed [{tag}]: {res.error}; the "
                 f"{sum(r.done for r in res.records)} requests served are written to {out_dir}")
             raise failed
-          for ev in res.recoveries:
-            log(f"  failure of stage {ev.stage} at {ev.failed_at:.2f} s: detected after "
-                f"{ev.detection_s:.2f} s, recovered ({ev.strategy}) after {ev.recovery_s:.2f} s, "
-                f"{ev.lost_requests} requests in flight, {ev.recomputed_tokens} tokens to redo")
+          log(run_line(summary, tag, res))
           for line in getattr(engine.runtime, "report", lambda _: [])(res):   # Ray: killed pids
             log(f"  {line}")
           for why in res.rejected.values():
             log(f"  rejected: {why}")
-          _warn_run(log, res, failures, strategy, float(rate), summary)
-          if seed == seeds[0]:
-            label = strategy if many_s else ""
-            label = f"{label} {rate:g} req/s".strip() if len(c.rates) > 1 or not many_s else label
+          for w in warnings:
+            runrecord.warn(log, f"[{tag}] {w}")
+          if seed == seeds[0] or not many_s:
+            label = _curve_label(name, seed, float(rate), len(c.rates) > 1, bool(warnings))
             timelines[label] = res.records
+            fired[label] = [ev.failed_at for ev in res.recoveries]
           shown = {k: v for k, v in summary.items() if k not in ("config", "injected_failures")}
-          text = metrics.format_summary(shown, title=tag)
-          log(text)
-          texts.append(text)
+          texts.append(metrics.format_summary(shown, title=tag))
   _write_all(out_dir, summaries, recoveries)
   with open(os.path.join(out_dir, "summary.txt"), "w") as f:
     f.write("\n\n".join(texts) + "\n")
-  if many_s or many_seeds:
+  log("\n" + runs_table(summaries))
+  comparing = many_s or many_seeds or (failures and runs[0][0] == BASELINE)
+  cautions = _comparison_warnings(summaries, seeds) if comparing else []
+  if comparing:
     table = comparison_table(summaries)
     with open(os.path.join(out_dir, "comparison.md"), "w") as f:
       f.write(table + "\n")
+      if cautions:
+        f.write("\n**Validity warnings**\n\n" + "".join(f"- {w}\n" for w in cautions))
+        for s in summaries:
+          for w in s.get("warnings", ()):
+            f.write(f"- {s.get('strategy')} seed {s.get('seed')} rate {s['rate']:g}: {w}\n")
     log("\n" + table)
+    for w in cautions:
+      runrecord.warn(log, w)
   if len(c.rates) > 1:
     reporting.plot_latency_vs_rate(summaries, os.path.join(out_dir, "latency_vs_rate.png"),
-                                 system_key="strategy" if many_s else "system")
+                                 system_key="strategy" if many_s or comparing else "system")
   if failures:
     reporting.plot_failure_timeline(
         timelines, os.path.join(out_dir, "failure_timeline.png"),
-        failure_times=[f.time_s for f in failures],
-        title=f"stage(s) {[f.stage for f in failures]} killed; "
-              f"{' vs '.join(strategies)} recovery")
+        failure_times=(fired if not any(f.time_s is not None for f in failures) else
+                       [f.time_s for f in failures if f.time_s is not None]),
+        title=f"{', '.join(f.describe() for f in failures)}; "
+              f"{' vs '.join(strategies)} recovery",
+        notes=cautions + sorted({w for s in summaries for w in s.get("warnings", ())
+                                 if s.get("seed") == seeds[0]}))
   return summaries
+
+
+BASELINE = "failure-free"
+
+
+def _recomputes(strategy: str) -> bool:
+  """Whether a recovery may prefill a prompt together with its generated tokens (so longer
+  prompt buckets than the workload's are compiled)."""
+  return any(n.strip() in ("reprefill", "snapshot") for n in strategy.split(","))
+
+
+def warm(engine, workloads, recomputes: bool, log=print, bars: bool = True) -> None:
+  """Compiles only the prompt buckets these workloads can reach (every bucket up to `max_len`
+  is `engine.warmup`'s, 5 for max_len 256, and each costs a minute on a loaded CPU): the buckets
+  of their prompts and, when a recovery recomputes, those of prompt + generated tokens. Each
+  bucket is a dummy request served before the clock starts (a compile mid-run skews latencies
+  and can starve heartbeats)."""
+  max_len = engine.serve_cfg.max_len
+  if not hasattr(engine, "generate"):
+    bar = runrecord.progress_bar(0, "compile (prompt buckets)", bars, unit="bucket")
+    engine.warmup(progress=bar)
+    bar.close()
+    return
+  reqs = [r for w in workloads for r in w]
+  lo = min(len(r.prompt) for r in reqs)
+  hi = max(len(r.prompt) + (r.max_new_tokens if recomputes else 0) for r in reqs)
+  buckets = sorted({bucket_length(n, max_len) for n in range(lo, min(hi, max_len - 1) + 1)})
+  log(f"compiling {len(buckets)} prompt bucket(s) {buckets} and the decode step (cached on disk "
+      "for the next run)")
+  bar = runrecord.progress_bar(len(buckets), "compile (prompt buckets)", bars, unit="bucket")
+  for i, b in enumerate(buckets):
+    new = 2 if i == 0 else 1   # the first also compiles the decode step
+    n = min(b, max_len - new)  # the longest prompt of the bucket that leaves room for them
+    engine.generate([[engine.cfg.pad_token_id] * n], new)
+    bar(i + 1, len(buckets))
+  bar.close()
+
+
+def _curve_label(name: str, seed: int, rate: float, many_rates: bool, warned: bool) -> str:
+  label = f"{name} (seed {seed}" + (f", {rate:g} req/s)" if many_rates else ")")
+  return label + (" [!]" if warned else "")
+
+
+RUN_COLUMNS = (("completed", "done", "{:d}"), ("request_throughput", "req/s", "{:.3g}"),
+               ("norm_latency_p50_s_per_tok", "p50 s/tok", "{:.3g}"),
+               ("norm_latency_p99_s_per_tok", "p99 s/tok", "{:.3g}"),
+               ("mean_ttft_ms", "TTFT ms", "{:.0f}"), ("mean_e2el_ms", "e2e ms", "{:.0f}"),
+               ("mean_recovery_s", "recov s", "{:.2f}"),
+               ("total_recomputed_tokens", "redone", "{:d}"))
+
+
+def _fmt(v, f: str) -> str:
+  if v is None or (isinstance(v, float) and not np.isfinite(v)):
+    return "-"
+  try:
+    return f.format(int(v) if "d" in f else v)
+  except (TypeError, ValueError):
+    return str(v)
+
+
+def run_line(summary: dict, tag: str, res=None) -> str:
+  """One line per finished run (the full summary is in summary.txt / summary.jsonl)."""
+  cells = [f"{name} {_fmt(summary.get(k), f)}" for k, name, f in RUN_COLUMNS
+           if k in summary]
+  rec = ""
+  if res is not None and res.recoveries:
+    ev = res.recoveries[0]
+    rec = (f"; stage {ev.stage} failed at {ev.failed_at:.2f} s, detected +{ev.detection_s:.2f} s,"
+           f" {ev.lost_requests} req in flight")
+  warn = f"; {len(summary['warnings'])} WARNING(S)" if summary.get("warnings") else ""
+  return f"[{tag}] " + ", ".join(cells) + rec + warn
+
+
+def runs_table(summaries: list[dict]) -> str:
+  """The final table, one line per run (as vLLM's benchmark prints): strategy, seed, rate, the
+  headline metrics and how many validity warnings the run carries."""
+  head = ["strategy", "seed", "rate"] + [name for k, name, _ in RUN_COLUMNS
+                                         if any(k in s for s in summaries)] + ["warn"]
+  rows = []
+  for s in summaries:
+    rows.append([str(s.get("strategy", "")), str(s.get("seed", "")), f"{s['rate']:g}"] +
+                [_fmt(s.get(k), f) for k, _, f in RUN_COLUMNS if any(k in x for x in summaries)]
+                + [str(len(s.get("warnings", ()))) if s.get("warnings") else ""])
+  widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+  line = lambda cells: "  ".join(c.rjust(w) if i > 0 else c.ljust(w)
+                                 for i, (c, w) in enumerate(zip(cells, widths)))
+  out = [line(head), "-" * len(line(head))] + [line(r) for r in rows]
+  return "\n".join(out)
 
 
 COMPARED = (("norm_latency_p50_s_per_tok", "norm. latency p50 (s/tok)"),
@@ -247,13 +409,14 @@ COMPARED = (("norm_latency_p50_s_per_tok", "norm. latency p50 (s/tok)"),
 
 def comparison_table(summaries: list[dict]) -> str:
   """A Markdown table: one row per (strategy, rate), each metric's mean over the seeds and, with
-  several seeds, its spread (± standard deviation, [min, max])."""
+  several seeds, its spread (± standard deviation, [min, max]); 'warn' counts the runs whose
+  numbers carry a validity warning (the failure-free baseline's row is 'failure-free')."""
   groups: dict[tuple, list[dict]] = {}
   for s in summaries:
     groups.setdefault((s.get("strategy", ""), s["rate"]), []).append(s)
   cols = [(k, name) for k, name in COMPARED if any(k in s for s in summaries)]
-  lines = ["| strategy | rate | seeds | " + " | ".join(n for _, n in cols) + " |",
-           "|---|---|---|" + "---|" * len(cols)]
+  lines = ["| strategy | rate | seeds | " + " | ".join(n for _, n in cols) + " | warn |",
+           "|---|---|---|" + "---|" * len(cols) + "---|"]
   for (strategy, rate), rows in groups.items():
     cells = []
     for k, _ in cols:
@@ -265,6 +428,8 @@ def comparison_table(summaries: list[dict]) -> str:
         cells.append(f"{v[0]:.4g}")
       else:
         cells.append(f"{v.mean():.4g} ± {v.std():.2g} [{v.min():.4g}, {v.max():.4g}]")
+    warned = sum(bool(r.get("warnings")) for r in rows)
+    cells.append(f"{warned} of {len(rows)} runs" if warned else "")
     lines.append(f"| {strategy} | {rate:g} | {len(rows)} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
