@@ -18,7 +18,7 @@ from dejavu_jax.pipeline import fake
 from dejavu_jax.pipeline.fake import fake_generate
 from dejavu_jax.serving.disagg_engine import DisaggregatedEngine
 from dejavu_jax.serving.engine import PipelineEngine
-from dejavu_jax.serving.workload import Request
+from dejavu_jax.workload import Request
 from dejavu_jax.stream.hostlog import HostKVLog
 
 CFG = tiny_config("opt", num_layers=4, max_positions=128)   # cache [L, B, S, H=4, K=16]
