@@ -13,19 +13,17 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import flags, logging  # noqa: E402
 
+from dejavu_jax.studies import cli  # noqa: E402
 from dejavu_jax.studies.campaign import run_campaign  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/campaign.py", "campaign config")
 _OUT = flags.DEFINE_string("output_dir", "", "where campaign.json goes (nothing written if empty)")
 
 
-def main(argv):
-  del argv
+def main(c):
   logging.set_verbosity(logging.WARNING)   # orbax logs every snapshot at INFO
-  report = run_campaign(_CONFIG.value)
+  report = run_campaign(c)
   if _OUT.value:
     os.makedirs(_OUT.value, exist_ok=True)
     with open(os.path.join(_OUT.value, "campaign.json"), "w") as f:
@@ -34,4 +32,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, "configs/campaign.py", __doc__)

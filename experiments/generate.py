@@ -14,19 +14,16 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import json  # noqa: E402
 
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import flags  # noqa: E402
 
+from dejavu_jax.studies import cli  # noqa: E402
 from dejavu_jax.studies import text  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/generate.py", "generation config")
 _PROMPT = flags.DEFINE_multi_string("prompt", None, "prompt(s); overrides the config's")
 _OUTPUT = flags.DEFINE_string("output", "", "optional JSON-lines file of the completions")
 
 
-def main(argv):
-  del argv
-  c = _CONFIG.value
+def main(c):
   completions = text.run_config(c, _PROMPT.value)
   for comp in completions:
     print(f"\n>>> {comp.prompt}\n{comp.text}")
@@ -38,4 +35,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, "configs/generate.py", __doc__)
