@@ -666,7 +666,7 @@ class ServeConfig:
 
   def replace(self, **kw) -> "ServeConfig":
     """A copy with fields (flat names) or whole groups replaced."""
-    return ServeConfig(**{g: getattr(self, g) for g in SERVE_GROUPS}, **kw)
+    return ServeConfig(**{**{g: getattr(self, g) for g in SERVE_GROUPS}, **kw})
 
   def flat(self) -> dict[str, object]:
     """Every field by its flat name."""
