@@ -29,9 +29,7 @@ from absl import flags, logging  # noqa: E402
 
 from dejavu_jax.studies import cli  # noqa: E402
 from dejavu_jax.studies import runconfig  # noqa: E402
-from dejavu_jax.studies import runner  # noqa: E402
 from dejavu_jax.studies import runrecord  # noqa: E402
-from dejavu_jax.studies import textjob  # noqa: E402
 
 _OUT = flags.DEFINE_string("output_dir", "results/serve", "where results and plots go")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False,
@@ -42,6 +40,8 @@ _PRINT = flags.DEFINE_bool("print_config", False,
 
 def main(c):
   logging.set_verbosity(logging.INFO)
+  # Imported here: --help and config errors answer without loading the engine.
+  from dejavu_jax.studies import runner, textjob  # pylint: disable=g-import-not-at-top
   if _PRINT.value:
     print(runconfig.describe(c))
     return 0
