@@ -3,7 +3,6 @@ computable by hand with `fake_generate`, steps in milliseconds): each bad reques
 name while the others finish, each bad setting fails at construction naming its field, a bounded
 queue rejects under overload, and an engine error never loses what was already served."""
 
-import dataclasses
 import json
 import math
 import os
