@@ -28,7 +28,7 @@ HELP_FLAGS = ("--help", "-h", "--helpshort", "--helpfull", "-?")
 USAGE_ERROR = 2
 
 
-class UsageError(Exception):
+class UsageError(ValueError):
   """A command-line problem to report in one line (exit code 2)."""
 
 
