@@ -8,6 +8,11 @@ biases: what parameter counts and the tiny test configs need); everything else a
 (activations, Hugging Face names, parameter axes) lives in `models/families/`, which builds its
 `Family` records on these traits. This module imports nothing of the package: it is the bottom
 layer.
+
+`ServeConfig` is grouped by concern (`SERVE_GROUPS`: topology, sampling, fault, admission,
+memory, disagg, cluster, timing); each field is declared once with its meaning, each group checks
+its own fields (`ServeConfigError` names the field), and `serve_fields()`, `serve_field_paths()`
+(flat name -> "group.name") and `serve_help()` are generated from the declarations.
 """
 
 from __future__ import annotations
