@@ -352,10 +352,10 @@ def _check_seconds(obj, *names: str) -> None:
       _fail(name, f"must be a finite number > 0 (seconds), got {v!r}")
 
 
-def _check_choice(obj, name: str, choices: tuple) -> None:
+def _check_choice(obj, name: str, choices: tuple, what: str | None = None) -> None:
   v = getattr(obj, name)
   if v not in choices:
-    _fail(name, f"unknown value {v!r}; expected one of {list(choices)}")
+    _fail(name, f"unknown {what or name} {v!r}; expected one of {list(choices)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -381,8 +381,8 @@ class TopologyConfig:
     _check_int(self, "tensor")
     _check_int(self, "microbatch_size")
     _check_int(self, "max_len")
-    _check_choice(self, "mode", ("mixed", "paper"))
-    _check_choice(self, "program", ("model", "fake"))
+    _check_choice(self, "mode", ("mixed", "paper"), "serving mode")
+    _check_choice(self, "program", ("model", "fake"), "stage program")
     if self.stage_ranges is not None and not (
         isinstance(self.stage_ranges, (tuple, list)) and
         all(isinstance(r, (tuple, list)) and len(r) == 2 for r in self.stage_ranges)):
@@ -480,7 +480,7 @@ class MemoryConfig:
                                           "swap-in at (None: max_len)", int)
 
   def __post_init__(self):
-    _check_choice(self, "swapping", ("off", "on", "auto"))
+    _check_choice(self, "swapping", ("off", "on", "auto"), "swapping mode")
     _check_int(self, "device_kv_budget_bytes", optional=True)
     f = self.device_kv_budget_fraction
     if f is not None and (not _is_real(f) or not 0 < f <= 1):
