@@ -5,7 +5,6 @@ from configs import serve
 
 def get_config():
   c = serve.get_config()
-  c.model = "opt_125m"
   c.model_overrides = {"num_layers": 2, "hidden_size": 64, "num_heads": 4, "ffn_dim": 128,
                        "vocab_size": 128, "max_positions": 128}
   c.max_len = 64

@@ -8,6 +8,11 @@ biases: what parameter counts and the tiny test configs need); everything else a
 (activations, Hugging Face names, parameter axes) lives in `models/families/`, which builds its
 `Family` records on these traits. This module imports nothing of the package: it is the bottom
 layer.
+
+`ServeConfig` is grouped by concern (`SERVE_GROUPS`: topology, sampling, fault, admission,
+memory, disagg, cluster, timing); each field is declared once with its meaning, each group checks
+its own fields (`ServeConfigError` names the field), and `serve_fields()`, `serve_field_paths()`
+(flat name -> "group.name") and `serve_help()` are generated from the declarations.
 """
 
 from __future__ import annotations
@@ -302,159 +307,385 @@ def tiny_config(family: str = "opt", **overrides) -> ModelConfig:
   return ModelConfig(**base)
 
 
+# ---------------------------------------------------------------------------------------------
+# ServeConfig: how a pipeline serves, grouped by concern (STYLE.md item 15).
+#
+# Every field is declared once, with its meaning, by `_field(default, doc)`; each group checks
+# its own fields and names the field in its error (`ServeConfigError.field`); `serve_fields()`,
+# `serve_field_paths()` and `serve_help()` are generated from these declarations (the serve
+# experiment's --help and --print_config, and the integrator's flat -> nested rewrite map).
+# Field names are unique across groups, so a flat name (`recovery`) says which group it lives in.
+# ---------------------------------------------------------------------------------------------
+
+
+class ServeConfigError(ValueError):
+  """A ServeConfig field has a bad value; `field` is its (flat) name, and the message starts
+  with it."""
+
+  def __init__(self, field: str, message: str):
+    super().__init__(f"{field}: {message}")
+    self.field = field
+
+
+def _field(default, doc: str, kind: type | None = None):
+  """A documented field. `kind` is the value type of a field whose default is None (what a
+  command-line override of it is parsed as)."""
+  return dataclasses.field(default=default, metadata={"doc": doc, "kind": kind})
+
+
+def _fail(name: str, message: str):
+  raise ServeConfigError(name, message)
+
+
+def _check_int(obj, name: str, lo: int = 1, optional: bool = False) -> None:
+  v = getattr(obj, name)
+  if optional and v is None:
+    return
+  if not _is_int(v) or v < lo:
+    _fail(name, f"must be {'None or ' if optional else ''}an integer >= {lo}, got {v!r}")
+
+
+def _check_seconds(obj, *names: str) -> None:
+  for name in names:
+    v = getattr(obj, name)
+    if not _is_real(v) or not 0 < v < math.inf:   # NaN fails both comparisons
+      _fail(name, f"must be a finite number > 0 (seconds), got {v!r}")
+
+
+def _check_choice(obj, name: str, choices: tuple, what: str | None = None) -> None:
+  v = getattr(obj, name)
+  if v not in choices:
+    _fail(name, f"unknown {what or name} {v!r}; expected one of {list(choices)}")
+
+
 @dataclasses.dataclass(frozen=True)
-class ServeConfig:
-  """How a pipeline serves requests (static for the lifetime of an engine).
+class TopologyConfig:
+  """The pipeline: stages, devices, microbatches, cache length, serving mode, stage program."""
 
-  Attributes:
-    num_stages: pipeline depth D (stages on disjoint devices).
-    tensor: devices per stage (tensor parallelism inside a stage).
-    stage_ranges: explicit layer ranges per stage, or None for a balanced split.
-    microbatch_size: rows per microbatch; D microbatches are in flight.
-    max_len: KV cache length per row (prompt + generated tokens must fit).
-    mode: "paper" (a microbatch's rows share prompt and output length, all finish together) or
-      "mixed" (per-row lengths; a row's result returns as soon as it finishes).
-    pacing: "real" (steps last what they last) or "paced" (each stage step still computes for real
-      but lasts the duration the cost model gives; see dejavu_jax/serving/pacing.py).
-    eos_token_id: stop token, or None to always generate max_new_tokens.
-    temperature, top_k, top_p: sampling (temperature 0 is greedy).
-    seed: PRNG seed of sampling.
-    step_timeout_s: a stage step that takes longer than this is an error (a hang fails fast).
-    heartbeat_s, heartbeat_timeout_s: worker heartbeat period, and the silence after which the
-      controller declares a worker dead (the paper: 1 s and 3 s).
-    progress_timeout_s: the progress watchdog: a stage that has work waiting and finishes no step
-      for this long is stalled, and is killed and replaced like a crashed one.
-    recovery: what happens to in-flight work when a worker dies: a strategy or a fallback chain,
-      "restart" | "reprefill" | "replica" | "snapshot" | e.g. "replica,snapshot,reprefill" (see
-      dejavu_jax/fault/strategies.py).
-    snapshot_every, snapshot_dir: the `snapshot` strategy's period (steps of a worker) and
-      directory (None: a temporary directory).
-    program: "model" (the transformer) or "fake" (pipeline/fake.py: arithmetic you can check by
-      hand; tests and failure campaigns).
-    max_pending: admission control: at most this many admitted requests wait for a microbatch
-      slot; one arriving when the queue is full is rejected ("queue full"). None: unbounded.
-    raise_on_error: when serving fails (a stage error, a hang), `serve` raises an `EngineError`
-      carrying what was served so far (True), or returns it with `ServeResult.error` set (False).
-    swapping: microbatch swapping (kv/swapping.py): "off" (D device cache buffers per worker),
-      "on" (every cache in host memory, 2 device buffers), "auto" (on only where the cost model
-      says the swap-in hides under the step; kv/budget.py `choose`).
-    device_kv_budget_bytes: device bytes per worker for KV cache buffers; when set, it decides
-      the microbatch size (the largest whose D, or with swapping 2, buffers fit) and
-      `microbatch_size` is ignored. None: no budget.
-    device_kv_budget_fraction: the budget as a fraction of the device's memory (devices that
-      report it, i.e. GPUs); at most one of the two budgets.
-    swap_context: the context length "auto" judges the swap-in at (None: max_len).
-    runtime: "local" (workers as threads of this process) or "ray" (Ray actor processes; a
-      failure is a SIGKILL; runtime/ray.py). The ray_* fields apply to "ray" only:
-    ray_address: a running Ray cluster ("auto", "host:6379"), or None for a local session on
-      127.0.0.1 without a dashboard.
-    ray_placement: "pack" (stages where they fit) or "spread" (one stage per node).
-    ray_transport: activations and replicas between actors: "object_store" (default) or
-      "jax_transfer" (jax.experimental.transfer under a watchdog).
-    ray_gpus_per_stage: GPUs per stage actor (0: CPU, one device per actor).
-  """
-
-  num_stages: int = 1
-  tensor: int = 1
-  stage_ranges: tuple[tuple[int, int], ...] | None = None
-  microbatch_size: int = 4
-  max_len: int = 256
-  mode: str = "mixed"
-  pacing: str = "real"
-  eos_token_id: int | None = None
-  temperature: float = 0.0
-  top_k: int = 0
-  top_p: float = 1.0
-  seed: int = 0
-  step_timeout_s: float = 120.0
-  heartbeat_s: float = 1.0
-  heartbeat_timeout_s: float = 3.0
-  progress_timeout_s: float = 30.0
-  recovery: str = "restart"
-  snapshot_every: int = 8
-  snapshot_dir: str | None = None
-  program: str = "model"
-  max_pending: int | None = None
-  raise_on_error: bool = True
-  # ---- microbatch swapping and the device KV budget (kv/swapping.py, kv/budget.py) ----
-  swapping: str = "off"
-  device_kv_budget_bytes: int | None = None
-  device_kv_budget_fraction: float | None = None
-  swap_context: int | None = None
-  # ---- prompt-token disaggregation (serving/disagg_engine.py; 0 stages: the colocated engine)
-  # prompt_stages Dp and token_stages Dt on disjoint devices (num_stages is then unused);
-  # host_slots: prompt caches each token worker holds in host memory (None: Dp + Dt);
-  # stream_link: the prompt -> token link paced runs model (costmodel.LINKS name, None: free).
-  prompt_stages: int = 0
-  token_stages: int = 0
-  host_slots: int | None = None
-  stream_link: str | None = None
-  # layerwise_stream: prompt workers prefill layer by layer and stream each layer's KV as soon as
-  # it is dispatched (False: one packet per token stage after the whole stage step; the ablation).
-  layerwise_stream: bool = True
-  # ---- runtime (issue 14): where the workers run ----
-  runtime: str = "local"
-  ray_address: str | None = None
-  ray_placement: str = "pack"
-  ray_transport: str = "object_store"
-  ray_gpus_per_stage: float = 0.0
+  num_stages: int = _field(1, "pipeline depth D (stages on disjoint devices)")
+  tensor: int = _field(1, "devices per stage (tensor parallelism inside a stage); num_stages * "
+                          "tensor devices in all")
+  stage_ranges: tuple[tuple[int, int], ...] | None = _field(
+      None, "explicit layer ranges [start, stop) per stage, or None for a balanced split", tuple)
+  microbatch_size: int = _field(4, "rows (requests) per microbatch; D microbatches are in flight")
+  max_len: int = _field(256, "KV cache length per row (prompt + generated tokens must fit)")
+  mode: str = _field("mixed", "'mixed' (per-row lengths; a row's result returns as soon as it "
+                              "finishes) | 'paper' (a microbatch's rows share prompt and output "
+                              "length and finish together)")
+  program: str = _field("model", "stage program: 'model' (the transformer) | 'fake' "
+                                 "(pipeline/fake.py: arithmetic you can check by hand; tests and "
+                                 "failure campaigns)")
 
   def __post_init__(self):
-    # Each field checked by name here, so a bad value fails at construction, not mid-serve
-    # (a heartbeat_s of 0 would spin the heartbeat threads, a NaN timeout never fire).
-    _positive_int(self, "max_len", "microbatch_size", "num_stages", "tensor", "snapshot_every")
-    _positive_float(self, "step_timeout_s", "heartbeat_s", "heartbeat_timeout_s",
-                    "progress_timeout_s")
-    if not _is_int(self.top_k) or self.top_k < 0:
-      raise ValueError(f"top_k must be an integer >= 0 (0: no top-k), got {self.top_k!r}")
+    _check_int(self, "num_stages")
+    _check_int(self, "tensor")
+    _check_int(self, "microbatch_size")
+    _check_int(self, "max_len")
+    _check_choice(self, "mode", ("mixed", "paper"), "serving mode")
+    _check_choice(self, "program", ("model", "fake"), "stage program")
+    if self.stage_ranges is not None and not (
+        isinstance(self.stage_ranges, (tuple, list)) and
+        all(isinstance(r, (tuple, list)) and len(r) == 2 for r in self.stage_ranges)):
+      _fail("stage_ranges", f"must be None or (start, stop) pairs, got {self.stage_ranges!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """How the next token is chosen (the engine's and `models.generate`'s one sampling config)."""
+
+  temperature: float = _field(0.0, "sampling temperature; 0 is greedy")
+  top_k: int = _field(0, "sample among the k most likely tokens (0: all)")
+  top_p: float = _field(1.0, "sample among the smallest set of tokens holding this probability "
+                             "mass, in (0, 1] (1: all)")
+  seed: int = _field(0, "PRNG seed of sampling (the serve experiments also seed the random "
+                        "weights and the workload with it)")
+  eos_token_id: int | None = _field(None, "stop token, or None to always generate the requested "
+                                          "number of tokens", int)
+
+  def __post_init__(self):
     if not _is_real(self.temperature) or not 0 <= self.temperature < math.inf:
-      raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+      _fail("temperature", f"must be a finite number >= 0, got {self.temperature!r}")
+    _check_int(self, "top_k", lo=0)
     if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
-      raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-    if self.max_pending is not None and (not _is_int(self.max_pending) or self.max_pending < 1):
-      raise ValueError(f"max_pending must be None (unbounded) or an integer >= 1, got "
-                       f"{self.max_pending!r}")
-    if self.eos_token_id is not None and (not _is_int(self.eos_token_id) or
-                                          self.eos_token_id < 0):
-      raise ValueError(f"eos_token_id must be None or a token id >= 0, got {self.eos_token_id!r}")
-    if self.program not in ("model", "fake"):
-      raise ValueError(f"unknown stage program {self.program!r}; expected 'model' or 'fake'")
+      _fail("top_p", f"must be in (0, 1], got {self.top_p!r}")
+    _check_int(self, "seed", lo=0)
+    _check_int(self, "eos_token_id", lo=0, optional=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class FaultConfig:
+  """Failure detection and recovery (dejavu_jax/fault/)."""
+
+  recovery: str = _field("restart", "what happens to in-flight work when a worker dies: a "
+                                    "strategy ('restart' | 'reprefill' | 'replica' | 'snapshot') "
+                                    "or a fallback chain such as 'replica,snapshot,reprefill' "
+                                    "(fault/strategies.py)")
+  snapshot_every: int = _field(8, "the snapshot strategy's period, in steps of a worker")
+  snapshot_dir: str | None = _field(None, "the snapshot strategy's directory (None: a temporary "
+                                          "directory)", str)
+  heartbeat_s: float = _field(1.0, "worker heartbeat period in seconds (the paper: 1 s)")
+  heartbeat_timeout_s: float = _field(3.0, "silence in seconds after which a worker is declared "
+                                           "dead; must exceed heartbeat_s (the paper: 3 s)")
+  progress_timeout_s: float = _field(30.0, "progress watchdog: a stage with work waiting that "
+                                           "finishes no step for this many seconds is stalled, "
+                                           "and is killed and replaced like a crashed one")
+  step_timeout_s: float = _field(120.0, "a stage step that takes longer than this many seconds "
+                                        "is an error (a hang fails fast)")
+
+  def __post_init__(self):
+    if not isinstance(self.recovery, str) or not self.recovery.strip():
+      _fail("recovery", f"must be a strategy name or chain, got {self.recovery!r}")
+    _check_int(self, "snapshot_every")
+    _check_seconds(self, "heartbeat_s", "heartbeat_timeout_s", "progress_timeout_s",
+                   "step_timeout_s")
     if self.heartbeat_timeout_s <= self.heartbeat_s:
-      raise ValueError(f"heartbeat_timeout_s {self.heartbeat_timeout_s} must exceed the "
-                       f"heartbeat period {self.heartbeat_s}")
-    if self.mode not in ("paper", "mixed"):
-      raise ValueError(f"unknown serving mode {self.mode!r}; expected 'paper' or 'mixed'")
-    if self.pacing not in ("real", "paced"):
-      raise ValueError(f"unknown pacing {self.pacing!r}; expected 'real' or 'paced'")
-    if self.swapping not in ("off", "on", "auto"):
-      raise ValueError(f"unknown swapping mode {self.swapping!r}; expected 'off', 'on' or "
-                       "'auto'")
-    if self.device_kv_budget_bytes is not None and (
-        not _is_int(self.device_kv_budget_bytes) or self.device_kv_budget_bytes < 1):
-      raise ValueError(f"device_kv_budget_bytes must be None or an integer >= 1 (bytes per "
-                       f"worker), got {self.device_kv_budget_bytes!r}")
-    if self.device_kv_budget_fraction is not None and (
-        not _is_real(self.device_kv_budget_fraction) or
-        not 0 < self.device_kv_budget_fraction <= 1):
-      raise ValueError(f"device_kv_budget_fraction must be None or in (0, 1], got "
-                       f"{self.device_kv_budget_fraction!r}")
-    if self.device_kv_budget_bytes is not None and self.device_kv_budget_fraction is not None:
-      raise ValueError("give device_kv_budget_bytes or device_kv_budget_fraction, not both")
-    if self.swap_context is not None and (not _is_int(self.swap_context) or
-                                          not 1 <= self.swap_context <= self.max_len):
-      raise ValueError(f"swap_context must be None or an integer in [1, max_len "
-                       f"{self.max_len}], got {self.swap_context!r}")
-    _check_runtime(self)
+      _fail("heartbeat_timeout_s", f"{self.heartbeat_timeout_s} must exceed the heartbeat "
+                                   f"period heartbeat_s {self.heartbeat_s}")
 
 
-def _check_runtime(cfg) -> None:
-  choices = {"runtime": ("local", "ray"), "ray_placement": ("pack", "spread"),
-             "ray_transport": ("object_store", "jax_transfer")}
-  for name, ok in choices.items():
-    if getattr(cfg, name) not in ok:
-      raise ValueError(f"unknown {name} {getattr(cfg, name)!r}; expected one of {list(ok)}")
-  if not _is_real(cfg.ray_gpus_per_stage) or not 0 <= cfg.ray_gpus_per_stage < math.inf:
-    raise ValueError(f"ray_gpus_per_stage must be a number >= 0, got {cfg.ray_gpus_per_stage!r}")
+@dataclasses.dataclass(frozen=True)
+class AdmissionConfig:
+  """What is admitted, and what a failed serve does."""
+
+  max_pending: int | None = _field(None, "admission control: at most this many admitted "
+                                         "requests wait for a microbatch slot; one arriving to "
+                                         "a full queue is rejected ('queue full'). None: "
+                                         "unbounded", int)
+  raise_on_error: bool = _field(True, "when serving fails (a stage error, a hang), `serve` "
+                                      "raises an EngineError carrying what was served (True) or "
+                                      "returns it with ServeResult.error set (False)")
+
+  def __post_init__(self):
+    _check_int(self, "max_pending", optional=True)
+    if not isinstance(self.raise_on_error, bool):
+      _fail("raise_on_error", f"must be True or False, got {self.raise_on_error!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryConfig:
+  """Microbatch swapping and the device KV budget (kv/swapping.py, kv/budget.py)."""
+
+  swapping: str = _field("off", "microbatch swapping: 'off' (D device cache buffers per worker) "
+                                "| 'on' (every cache in host memory, 2 device buffers) | 'auto' "
+                                "(on where the cost model says the swap-in hides under the "
+                                "step)")
+  device_kv_budget_bytes: int | None = _field(
+      None, "device bytes per worker for KV cache buffers; when set it decides the microbatch "
+            "size (the largest whose D, or with swapping 2, buffers fit) and microbatch_size is "
+            "ignored. None: no budget", int)
+  device_kv_budget_fraction: float | None = _field(
+      None, "the budget as a fraction in (0, 1] of the device's memory (GPUs); at most one of "
+            "the two budgets", float)
+  swap_context: int | None = _field(None, "the context length swapping='auto' judges the "
+                                          "swap-in at (None: max_len)", int)
+
+  def __post_init__(self):
+    _check_choice(self, "swapping", ("off", "on", "auto"), "swapping mode")
+    _check_int(self, "device_kv_budget_bytes", optional=True)
+    f = self.device_kv_budget_fraction
+    if f is not None and (not _is_real(f) or not 0 < f <= 1):
+      _fail("device_kv_budget_fraction", f"must be None or in (0, 1], got {f!r}")
+    if self.device_kv_budget_bytes is not None and f is not None:
+      _fail("device_kv_budget_fraction", "give device_kv_budget_bytes or "
+                                         "device_kv_budget_fraction, not both")
+    _check_int(self, "swap_context", optional=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class DisaggConfig:
+  """Prompt-token disaggregation (serving/disagg_engine.py); 0 stages: the colocated engine."""
+
+  prompt_stages: int = _field(0, "prompt pipeline depth Dp (0 with token_stages 0: colocated; "
+                                 "num_stages is then unused)")
+  token_stages: int = _field(0, "token pipeline depth Dt, on devices after the prompt "
+                                "pipeline's")
+  host_slots: int | None = _field(None, "prompt caches each token worker holds in host memory "
+                                        "(None: Dp + Dt)", int)
+  stream_link: str | None = _field(None, "the prompt -> token link a paced run models "
+                                         "(a costmodel.LINKS name; None: free)", str)
+  layerwise_stream: bool = _field(True, "prompt workers stream each layer's KV as soon as it is "
+                                        "computed (False: one packet per token stage after the "
+                                        "whole stage step; the ablation)")
+
+  def __post_init__(self):
+    # Whether the two depths pair up, the slots suffice and the link exists is the disaggregated
+    # engine's check (DisaggregationError), which knows the model and the devices.
+    _check_int(self, "prompt_stages", lo=0)
+    _check_int(self, "token_stages", lo=0)
+    _check_int(self, "host_slots", lo=0, optional=True)
+    if self.stream_link is not None and not isinstance(self.stream_link, str):
+      _fail("stream_link", f"must be None or a link name, got {self.stream_link!r}")
+    if not isinstance(self.layerwise_stream, bool):
+      _fail("layerwise_stream", f"must be True or False, got {self.layerwise_stream!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterConfig:
+  """Where the workers run (runtime/); the ray_* fields apply to runtime='ray' only."""
+
+  runtime: str = _field("local", "'local' (workers are threads of this process) | 'ray' (one "
+                                 "Ray actor process per stage; a failure is a SIGKILL)")
+  ray_address: str | None = _field(None, "a running Ray cluster ('auto', 'host:6379'), or None "
+                                         "for a local session on 127.0.0.1", str)
+  ray_placement: str = _field("pack", "'pack' (stages where they fit) | 'spread' (one stage "
+                                      "per node)")
+  ray_transport: str = _field("object_store", "activations and replicas between actors: "
+                                              "'object_store' | 'jax_transfer' "
+                                              "(jax.experimental.transfer under a watchdog)")
+  ray_gpus_per_stage: float = _field(0.0, "GPUs per stage actor (0: CPU, one device per actor)")
+
+  def __post_init__(self):
+    _check_choice(self, "runtime", ("local", "ray"))
+    _check_choice(self, "ray_placement", ("pack", "spread"))
+    _check_choice(self, "ray_transport", ("object_store", "jax_transfer"))
+    v = self.ray_gpus_per_stage
+    if not _is_real(v) or not 0 <= v < math.inf:
+      _fail("ray_gpus_per_stage", f"must be a number >= 0, got {v!r}")
+    if self.ray_address is not None and not isinstance(self.ray_address, str):
+      _fail("ray_address", f"must be None or an address string, got {self.ray_address!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TimingConfig:
+  """How long a stage step lasts."""
+
+  pacing: str = _field("real", "'real' (steps last what they last) | 'paced' (each stage step "
+                               "computes for real but lasts the cost model's duration; "
+                               "serving/pacing.py)")
+
+  def __post_init__(self):
+    _check_choice(self, "pacing", ("real", "paced"))
+
+
+# group attribute of ServeConfig -> its class, in the order help lists them.
+SERVE_GROUPS: dict[str, type] = {
+    "topology": TopologyConfig, "sampling": SamplingConfig, "fault": FaultConfig,
+    "admission": AdmissionConfig, "memory": MemoryConfig, "disagg": DisaggConfig,
+    "cluster": ClusterConfig, "timing": TimingConfig,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeField:
+  """One ServeConfig field as declared: its group, name, default, value type and meaning."""
+  group: str
+  name: str
+  default: object
+  kind: type
+  doc: str
+
+  @property
+  def path(self) -> str:
+    return f"{self.group}.{self.name}"
+
+
+def serve_fields() -> tuple[ServeField, ...]:
+  """Every ServeConfig field, group by group, from the declarations above."""
+  out = []
+  for group, cls in SERVE_GROUPS.items():
+    for f in dataclasses.fields(cls):
+      kind = f.metadata.get("kind") or type(f.default)
+      out.append(ServeField(group, f.name, f.default, kind, f.metadata["doc"]))
+  return tuple(out)
+
+
+_FIELD_GROUP: dict[str, str] = {f.name: f.group for f in serve_fields()}
+assert len(_FIELD_GROUP) == len(serve_fields()), "ServeConfig field names must be unique"
+assert not set(_FIELD_GROUP) & set(SERVE_GROUPS), "a group may not share a field's name"
+
+
+def serve_field_paths() -> dict[str, str]:
+  """Flat field name -> its nested path ("heartbeat_timeout_s" -> "fault.heartbeat_timeout_s"):
+  the map that rewrites `sc.<flat>` reads into `sc.<group>.<flat>`."""
+  return {name: f"{group}.{name}" for name, group in _FIELD_GROUP.items()}
+
+
+def serve_help(values: "ServeConfig | None" = None) -> str:
+  """Every ServeConfig field, grouped by concern, with its default (or its value in `values`)
+  and its meaning."""
+  lines = []
+  for group, cls in SERVE_GROUPS.items():
+    lines.append(f"{group}: {cls.__doc__.splitlines()[0]}")
+    for f in dataclasses.fields(cls):
+      v = getattr(getattr(values, group), f.name) if values is not None else f.default
+      lines.append(f"  {f.name} = {v!r}\n      {f.metadata['doc']}")
+  return "\n".join(lines)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeConfig:
+  """How a pipeline serves requests (static for the lifetime of an engine), one group per
+  concern (`SERVE_GROUPS`; `serve_help()` lists every field with its meaning).
+
+  Built from groups, flat field names, or both (a flat name overrides its group's value):
+
+      ServeConfig(num_stages=2, program="fake", recovery="replica")
+      ServeConfig(topology=TopologyConfig(num_stages=2), fault=FaultConfig(recovery="replica"))
+      sc.replace(recovery="snapshot")            # flat names or groups, like the constructor
+
+  Read fields by their path, `sc.fault.heartbeat_timeout_s` (`serve_field_paths()`).
+  """
+
+  topology: TopologyConfig = dataclasses.field(default_factory=TopologyConfig)
+  sampling: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)
+  fault: FaultConfig = dataclasses.field(default_factory=FaultConfig)
+  admission: AdmissionConfig = dataclasses.field(default_factory=AdmissionConfig)
+  memory: MemoryConfig = dataclasses.field(default_factory=MemoryConfig)
+  disagg: DisaggConfig = dataclasses.field(default_factory=DisaggConfig)
+  cluster: ClusterConfig = dataclasses.field(default_factory=ClusterConfig)
+  timing: TimingConfig = dataclasses.field(default_factory=TimingConfig)
+
+  # Written by hand (dataclass keeps a class's own __init__) so that flat names route into their
+  # groups; `dataclasses.replace(sc, recovery=...)` keeps working through it as well.
+  def __init__(self, **kw):
+    flat: dict[str, dict] = {g: {} for g in SERVE_GROUPS}
+    groups = {}
+    for key, value in kw.items():
+      if key in SERVE_GROUPS:
+        if not isinstance(value, SERVE_GROUPS[key]):
+          raise TypeError(f"ServeConfig {key} must be a {SERVE_GROUPS[key].__name__}, got "
+                          f"{type(value).__name__}")
+        groups[key] = value
+      elif key in _FIELD_GROUP:
+        flat[_FIELD_GROUP[key]][key] = value
+      else:
+        import difflib  # pylint: disable=g-import-not-at-top
+        close = difflib.get_close_matches(key, list(_FIELD_GROUP) + list(SERVE_GROUPS), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise TypeError(f"ServeConfig has no field {key!r}{hint}")
+    for group, cls in SERVE_GROUPS.items():
+      base = groups.get(group)
+      if base is None:
+        value = cls(**flat[group])
+      else:
+        value = dataclasses.replace(base, **flat[group]) if flat[group] else base
+      object.__setattr__(self, group, value)
+    self.__post_init__()
+
+  def __post_init__(self):
+    # Checks across groups; each group checked its own fields already.
+    sc = self.memory.swap_context
+    if sc is not None and sc > self.topology.max_len:
+      _fail("swap_context", f"must be None or an integer in [1, max_len "
+                            f"{self.topology.max_len}], got {sc!r}")
+
+  def replace(self, **kw) -> "ServeConfig":
+    """A copy with fields (flat names) or whole groups replaced."""
+    return ServeConfig(**{**{g: getattr(self, g) for g in SERVE_GROUPS}, **kw})
+
+  def flat(self) -> dict[str, object]:
+    """Every field by its flat name."""
+    return {name: getattr(getattr(self, group), name) for name, group in _FIELD_GROUP.items()}
+
+  # TEMPORARY (engine transition): serving/, runtime/ and fault/ still read flat names
+  # (`sc.heartbeat_timeout_s`); once they read `sc.fault.heartbeat_timeout_s` (rewrite them with
+  # `serve_field_paths()`), delete this method.
+  def __getattr__(self, name):
+    group = _FIELD_GROUP.get(name)
+    value = self.__dict__.get(group) if group is not None else None
+    if value is None:   # also while unpickling, before the groups are set
+      raise AttributeError(f"ServeConfig has no attribute {name!r}")
+    return getattr(value, name)
 
 
 def _is_int(x) -> bool:
@@ -463,17 +694,3 @@ def _is_int(x) -> bool:
 
 def _is_real(x) -> bool:
   return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-
-def _positive_int(cfg, *names: str) -> None:
-  for name in names:
-    v = getattr(cfg, name)
-    if not _is_int(v) or v < 1:
-      raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-
-
-def _positive_float(cfg, *names: str) -> None:
-  for name in names:
-    v = getattr(cfg, name)
-    if not _is_real(v) or not 0 < v < math.inf:   # NaN fails both comparisons
-      raise ValueError(f"{name} must be a finite number > 0 (seconds), got {v!r}")

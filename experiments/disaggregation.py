@@ -14,14 +14,12 @@ import os
 # Stages run on virtual CPU devices unless the caller set XLA_FLAGS (before jax is imported).
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-from dejavu_jax.studies import jaxcache  # noqa: E402
+from absl import flags  # noqa: E402
 
+from dejavu_jax.studies import cli  # noqa: E402
 from dejavu_jax.studies import disagg_experiment as dx  # noqa: E402
 from dejavu_jax import metrics  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/disaggregation.py")
 _OUT = flags.DEFINE_string("output_dir", "/tmp/dejavu_disaggregation", "where results go")
 
 
@@ -120,16 +118,11 @@ def _plot(rows, path, sc):
   plt.close(fig)
 
 
-_CACHE = jaxcache.define_flags()
-
-
-def main(argv):
-  del argv
-  jaxcache.setup_from_flags()   # compile cache on; absl/orbax/jax quiet unless --verbosity
-  rows = run(_CONFIG.value, _OUT.value)
+def main(c):
+  rows = run(c, _OUT.value)
   for r in rows:
     print(json.dumps(r))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, "configs/disaggregation.py", __doc__)

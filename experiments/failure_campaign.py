@@ -13,23 +13,16 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-from dejavu_jax.studies import jaxcache  # noqa: E402
+from absl import flags  # noqa: E402
 
+from dejavu_jax.studies import cli  # noqa: E402
 from dejavu_jax.studies.campaign import run_campaign  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/campaign.py", "campaign config")
 _OUT = flags.DEFINE_string("output_dir", "", "where campaign.json goes (nothing written if empty)")
 
 
-_CACHE = jaxcache.define_flags()
-
-
-def main(argv):
-  del argv
-  jaxcache.setup_from_flags()   # compile cache on; absl/orbax/jax quiet unless --verbosity
-  report = run_campaign(_CONFIG.value)
+def main(c):
+  report = run_campaign(c)
   if _OUT.value:
     os.makedirs(_OUT.value, exist_ok=True)
     with open(os.path.join(_OUT.value, "campaign.json"), "w") as f:
@@ -38,4 +31,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, "configs/campaign.py", __doc__)

@@ -31,10 +31,9 @@ import traceback
 # must be set before jax is imported (by any figure module).
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags
-from dejavu_jax.studies import jaxcache  # noqa: E402
+from absl import flags  # noqa: E402
 
+from dejavu_jax.studies import cli
 from dejavu_jax.studies import reporting
 from dejavu_jax import metrics
 from dejavu_jax.studies import runrecord
@@ -109,13 +108,27 @@ def run_figure(fig: Figure, c, out_dir: str, log=print) -> dict:
                   "config": runrecord.config_dict(fc)}
 
 
+def selected(c) -> tuple[str, ...]:
+  """The figure names of `config.only` (() = all). The command line hands a tuple override
+  written without quotes, `--config.only='(failures,planner)'`, over as one string, so every
+  item is split on commas and stripped of brackets and quotes."""
+  items = (c.only,) if isinstance(c.only, str) else tuple(c.only or ())
+  names = []
+  for item in items:
+    for name in str(item).split(","):
+      name = name.strip().strip("()[]").strip().strip("'\"")
+      if name:
+        names.append(name)
+  unknown = sorted(set(names) - {f.name for f in FIGURES})
+  if unknown:
+    raise cli.UsageError(f"config.only: unknown figure(s) {unknown}; known: "
+                         f"{[f.name for f in FIGURES]}")
+  return tuple(names)
+
+
 def run(c, out_dir: str, log=print) -> list[dict]:
   """Runs every selected figure (the output directory must be prepared); writes the index."""
-  only = tuple(c.only or ())
-  unknown = set(only) - {f.name for f in FIGURES}
-  if unknown:
-    raise ValueError(f"config.only names unknown figures {sorted(unknown)}; known: "
-                     f"{[f.name for f in FIGURES]}")
+  only = selected(c)
   t0 = time.perf_counter()
   entries = [run_figure(f, c, out_dir, log) for f in FIGURES if not only or f.name in only]
   wall = time.perf_counter() - t0
@@ -194,17 +207,10 @@ def _html_table(rows: list[dict], cols) -> str:
   return f"<table>{out}</table>"
 
 
-_CACHE = jaxcache.define_flags()
-
-
-def main(argv):
-  del argv
-  jaxcache.setup_from_flags()   # compile cache on; absl/orbax/jax quiet unless --verbosity
-  c, out, overwrite = _CONFIG.value, _OUT.value, _OVERWRITE.value   # read before _import
-  try:
-    runrecord.prepare_output_dir(out, overwrite)
-  except runrecord.OutputDirError as e:
-    sys.exit(f"error: {e}")
+def main(c):
+  out, overwrite = _OUT.value, _OVERWRITE.value   # read before _import
+  selected(c)   # a bad selection fails before anything is written
+  runrecord.prepare_output_dir(out, overwrite)
   runrecord.write_run_info(out, runrecord.run_info(c))
   entries = run(c, out)
   if any(e["status"] == "failed" for e in entries):
@@ -212,8 +218,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  _CONFIG = config_flags.DEFINE_config_file("config", "configs/figures.py", "figures config")
   _OUT = flags.DEFINE_string("output_dir", "results/figures", "where every figure and the index go")
   _OVERWRITE = flags.DEFINE_bool("overwrite", False,
                                  "replace the results in a non-empty output_dir")
-  app.run(main)
+  cli.run(main, "configs/figures.py", __doc__, errors=(runrecord.OutputDirError,))

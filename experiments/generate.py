@@ -18,18 +18,13 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 import json  # noqa: E402
 import time  # noqa: E402
 
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-from dejavu_jax.studies import jaxcache  # noqa: E402
+from absl import flags  # noqa: E402
 
+from dejavu_jax.studies import cli  # noqa: E402
 from dejavu_jax.studies import text  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/generate.py", "generation config")
 _PROMPT = flags.DEFINE_multi_string("prompt", None, "prompt(s); overrides the config's")
 _OUTPUT = flags.DEFINE_string("output", "", "optional JSON-lines file of the completions")
-
-
-_CACHE = jaxcache.define_flags()
 
 
 def _generate(c, prompts) -> list[text.Completion]:
@@ -72,10 +67,7 @@ def _generate(c, prompts) -> list[text.Completion]:
           for k, (p, i) in enumerate(zip(prompts, ids))]
 
 
-def main(argv):
-  del argv
-  jaxcache.setup_from_flags()   # compile cache on; absl/orbax/jax quiet unless --verbosity
-  c = _CONFIG.value
+def main(c):
   completions = _generate(c, _PROMPT.value)
   for comp in completions:
     print(f"\n>>> {comp.prompt}\n{comp.text}")
@@ -87,4 +79,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, "configs/generate.py", __doc__)

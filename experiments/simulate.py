@@ -11,22 +11,19 @@ warning that names the feasible splits.
 """
 
 import os
-import sys
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
 from dejavu_jax import costmodel as cm
 from dejavu_jax import planner
 from dejavu_jax import sim
 from dejavu_jax.config import get_model_config
 from dejavu_jax import metrics
-from dejavu_jax.studies import jaxcache
+from dejavu_jax.studies import cli
 from dejavu_jax.studies import runrecord
 from dejavu_jax.studies import splits
 from dejavu_jax.studies import reporting
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/simulate.py")
 _OUT = flags.DEFINE_string("output_dir", "/tmp/dejavu_simulate", "where results and plots go")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "replace the results in a non-empty output_dir")
 
@@ -131,17 +128,9 @@ def _plot(rows, timelines, c, out_dir):
                                 title=f"token stage {c.fail_stage} fails at {c.fail_time} s")
 
 
-_CACHE = jaxcache.define_flags()
-
-
-def main(argv):
-  del argv
-  jaxcache.setup_from_flags()   # compile cache on; absl/orbax/jax quiet unless --verbosity
-  try:
-    run(_CONFIG.value, _OUT.value, overwrite=_OVERWRITE.value)
-  except runrecord.OutputDirError as e:
-    sys.exit(f"error: {e}")
+def main(c):
+  run(c, _OUT.value, overwrite=_OVERWRITE.value)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, "configs/simulate.py", __doc__, errors=(runrecord.OutputDirError,))

@@ -14,11 +14,10 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-from dejavu_jax.studies import jaxcache  # noqa: E402
+from absl import flags  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/swapping.py", "experiment config")
+from dejavu_jax.studies import cli  # noqa: E402
+
 _OUT = flags.DEFINE_string("output_dir", "results/swapping", "where results and plots go")
 
 
@@ -114,15 +113,10 @@ def _plot(rows, output_dir):
     plt.close(fig)
 
 
-_CACHE = jaxcache.define_flags()
-
-
-def main(argv):
-  del argv
-  jaxcache.setup_from_flags()   # compile cache on; absl/orbax/jax quiet unless --verbosity
-  rows = run(_CONFIG.value, _OUT.value)
+def main(c):
+  rows = run(c, _OUT.value)
   print(f"\nwrote {len(rows)} rows to {os.path.abspath(_OUT.value)}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, "configs/swapping.py", __doc__)

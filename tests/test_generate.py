@@ -58,7 +58,7 @@ def test_bad_input_is_named(params, prompts, new, match):
 
 
 def test_bad_sampling_config():
-  with pytest.raises(ValueError, match="invalid sampling"):
+  with pytest.raises(ValueError, match="top_p"):
     SamplingConfig(top_p=0.0)
 
 

@@ -3,7 +3,6 @@ computable by hand with `fake_generate`, steps in milliseconds): each bad reques
 name while the others finish, each bad setting fails at construction naming its field, a bounded
 queue rejects under overload, and an engine error never loses what was already served."""
 
-import dataclasses
 import json
 import math
 import os
@@ -182,7 +181,7 @@ def test_hang_keeps_what_was_served():
   serve = ServeConfig(**{**FAKE, "microbatch_size": 1})
   with PipelineEngine(CFG, None, serve) as eng:
     eng.warmup()   # compiles can outlast a 0.5 s timeout: tighten it only once they are done
-    eng.serve_cfg = dataclasses.replace(serve, step_timeout_s=0.5)
+    eng.serve_cfg = serve.replace(step_timeout_s=0.5)
     _fail_at(eng, eng._next_mb_id + 2, lambda: time.sleep(1.5))  # pylint: disable=protected-access
     with pytest.raises(TimeoutError, match="no pipeline step finished in 0.5 s") as info:
       eng.serve(reqs)

@@ -7,7 +7,6 @@ once, and a prefill compiles once per bucket (powers of two from 16).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Sequence
 
@@ -15,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dejavu_jax.config import ModelConfig
+from dejavu_jax.config import ModelConfig, SamplingConfig
 from dejavu_jax.kv.buckets import bucket_length
 from dejavu_jax.kv.cache import KVCache, init_cache_for
 from dejavu_jax.models.decoder import check_layer_range, stage_apply
@@ -132,18 +131,7 @@ def sample(logits: jax.Array, key: jax.Array, temperature: float = 0.0, top_k: i
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@dataclasses.dataclass(frozen=True)
-class SamplingConfig:
-  temperature: float = 0.0
-  top_k: int = 0
-  top_p: float = 1.0
-
-  def __post_init__(self):
-    if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-      raise ValueError(f"invalid sampling config {self}: need temperature >= 0, top_k >= 0, "
-                       "0 < top_p <= 1")
-
-
+# One sampling config for the engine and this loop (declared and checked in config.py).
 GREEDY = SamplingConfig()
 
 

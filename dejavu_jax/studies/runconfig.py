@@ -1,10 +1,16 @@
-"""The serving experiment's config, checked whole before anything is built, and described.
+"""The serving experiment's config: declared with each field's meaning, checked whole before
+anything is built, and described.
 
-`validate(c)` checks every field of a `configs/serve*.py` config (types, ranges, presets, stage
-indices against the pipeline, failure lists, strategy names, device count) and raises a
-`ConfigError` naming the first bad field, so a typo fails in milliseconds instead of after a model
-build and a compile. `FIELD_DOCS` says what each field means; `describe(c)` is the table that
-`experiments/serve.py --print_config` prints (every field, its value, its meaning).
+A serve config (`configs/serve*.py`) is an ml_collections ConfigDict built by
+`experiment_config(...)` from declarations: every ServeConfig field (dejavu_jax/config.py, under
+its flat name: `--config.recovery=replica`, `--config.temperature=0.7`) plus the experiment's own
+groups below (model, cost, workload, failures, reporting, text), each field declared once with
+its meaning. `describe(c)` (`--print_config`, `--help`) prints every field of a config with its
+value and meaning, generated from those declarations; `serve_config(c)` builds the ServeConfig.
+
+`validate(c)` checks every field (types, ranges, presets, stage indices against the pipeline,
+failure lists, strategy names, device count) and raises a `ConfigError` naming the first bad
+field, so a typo fails in milliseconds instead of after a model build and a compile.
 `strategies_of(recovery)` reads the `recovery` field: one strategy or fallback chain
 ("replica,snapshot,reprefill"), or a parenthesized comparison ("(restart,reprefill,replica)").
 """
@@ -12,66 +18,151 @@ build and a compile. `FIELD_DOCS` says what each field means; `describe(c)` is t
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import os
 
-FIELD_DOCS = {
-    "model": "preset name of the model (dejavu_jax/config.py PRESETS); ignored with checkpoint",
-    "model_overrides": "ModelConfig fields replaced in the preset (e.g. num_layers)",
-    "checkpoint": "local Hugging Face directory (config.json + safetensors); '' = random weights",
-    "dtype": "parameter and activation dtype: float32 | bfloat16 | float16",
-    "seed": "seed of the random weights, the workload and sampling",
-    "seeds": "repeat every run with each of these seeds and report the spread; () = (seed,)",
-    "num_stages": "pipeline depth D (stages on disjoint devices)",
-    "tensor": "devices per stage (tensor parallelism); num_stages * tensor devices in all",
-    "microbatch_size": "requests per microbatch; D microbatches in flight",
-    "max_len": "KV cache length per request (prompt + generated tokens must fit)",
-    "mode": "mixed (per-row lengths) | paper (a microbatch's rows share lengths)",
-    "pacing": "real (steps last what they last) | paced (steps last the cost model's time)",
-    "cost": "the cost model that paces steps (pacing=paced)",
-    "cost.kind": "roofline | table",
-    "cost.model": "roofline: the model whose step times are replayed (a preset)",
-    "cost.hardware": "roofline: the hardware (dejavu_jax/costmodel.py HARDWARE)",
-    "cost.time_scale": "multiplies every paced step time",
-    "cost.table": "table: a JSON file {'prompt': ..., 'token': ...}",
-    "rates": "request rates (req/s); one run per rate (a sweep when several)",
-    "num_requests": "requests per run",
-    "prompt_len": "prompt tokens per request",
-    "output_len": "output length distribution: fixed:N | lognormal:MEAN,MEDIAN | lmsys",
-    "max_output": "cap on sampled output lengths",
-    "fail_stages": "stages killed (paired with fail_times); () for none",
-    "fail_times": "seconds into each run at which the stages above are killed",
-    "recovery": ("recovery strategy or fallback chain ('replica', 'replica,snapshot,reprefill'), "
-                 "or a comparison of several in parentheses: '(restart,reprefill,replica)'"),
-    "snapshot_every": "snapshot strategy: a snapshot every this many steps",
-    "program": "model (the transformer) | fake (hand-checkable arithmetic, tests)",
-    "heartbeat_s": "worker heartbeat period (s)",
-    "heartbeat_timeout_s": "silence after which a worker is declared dead (s)",
-    "max_pending": "admission queue bound (a request arriving to a full queue is rejected)",
-    "share_devices": ("lay every stage on the same `tensor` devices (a whole pipeline on one GPU); "
-                      "False: stage s on its own devices"),
-    "slo_ttft_ms": "goodput objective on time to first token (ms); None = no objective",
-    "slo_tpot_ms": "goodput objective on time per output token (ms); None = no objective",
-    "runtime": "local (workers are threads of this process) | ray (one actor process per stage)",
-    "ray": "Ray runtime options (runtime=ray)",
-    "ray.address": "a running Ray cluster ('auto', 'host:6379'); '' = a local session on 127.0.0.1",
-    "ray.placement": "pack (stages where they fit) | spread (one stage per node)",
-    "ray.transport": "actor-to-actor transfers: object_store | jax_transfer (under a watchdog)",
-    "ray.gpus_per_stage": "GPUs per stage actor (0: one CPU device per actor)",
-    "swapping": ("microbatch swapping: off | on (caches in host memory, 2 device buffers) | auto "
-                 "(on where the cost model says the swap-in hides under the step)"),
-    "device_kv_budget_bytes": ("device KV bytes per worker; decides the microbatch size (the "
-                               "largest whose D, or with swapping 2, buffers fit); None = off"),
-    "prompt_stages": "disaggregation: prompt pipeline depth Dp (0 with token_stages 0: colocated)",
-    "token_stages": "disaggregation: token pipeline depth Dt (disjoint devices after the prompt's)",
-    "host_slots": "disaggregation: prompt caches each token worker holds in host memory (None: Dp+Dt)",
-    # configs/serve_text.py (the README main job)
-    "gguf": "a llama .gguf file; '' = the packaged SmolLM2-135M-Instruct",
-    "text_prompts": "text file of prompts (one per line) for the real-model job",
-    "text_new_tokens": "tokens generated per text prompt",
-    "text_gap_s": "seconds between text prompts (open loop)",
-    "fail_after_steps": "kill fail_stages right after this many steps of their workers",
+from dejavu_jax import config as serve_cfg
+
+
+def _f(default, doc: str, kind: type | None = None):
+  if isinstance(default, dict):
+    return dataclasses.field(default_factory=lambda: dict(default),
+                             metadata={"doc": doc, "kind": dict})
+  return dataclasses.field(default=default, metadata={"doc": doc, "kind": kind})
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFields:
+  """The model with random weights, or a checkpoint."""
+  model: str = _f("opt_125m", "preset name of the model (dejavu_jax/config.py PRESETS)")
+  model_overrides: dict = _f({}, "ModelConfig fields replaced in the preset (e.g. num_layers)")
+  checkpoint: str = _f("", "local Hugging Face directory (config.json + safetensors) whose "
+                           "weights replace the preset's; '' = the preset with random weights")
+
+
+@dataclasses.dataclass(frozen=True)
+class NumericsFields:
+  """Precision."""
+  dtype: str = _f("float32", "parameter and activation dtype: float32 | bfloat16 | float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class CostFields:
+  """The cost model that paces steps (pacing=paced)."""
+  kind: str = _f("roofline", "roofline | table")
+  model: str = _f("opt_66b", "roofline: the model whose step times are replayed (a preset)")
+  hardware: str = _f("a100_80gb", "roofline: the hardware (dejavu_jax/costmodel.py HARDWARE)")
+  time_scale: float = _f(1.0, "multiplies every paced step time")
+  table: str = _f("", "table: a JSON file {'prompt': ..., 'token': ...}")
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkloadFields:
+  """The open-loop Poisson client."""
+  rates: tuple = _f((2.0,), "request rates (req/s); one run per rate (a sweep when several)")
+  num_requests: int = _f(12, "requests per run")
+  prompt_len: int = _f(64, "prompt tokens per request")
+  output_len: str = _f("lognormal:40,32", "output length distribution: fixed:N | "
+                                          "lognormal:MEAN,MEDIAN | lmsys (LMSys-Chat-1M fit)")
+  max_output: int = _f(96, "cap on sampled output lengths")
+
+
+@dataclasses.dataclass(frozen=True)
+class FailureFields:
+  """Injected failures."""
+  fail_stages: tuple = _f((1,), "stages killed (paired with fail_times, or fail_after_steps in "
+                                "the text job); () for none")
+  fail_times: tuple = _f((4.0,), "seconds into each run at which the stages above are killed")
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportingFields:
+  """Repetitions, objectives and placement of the measured runs."""
+  seeds: tuple = _f((), "repeat every run with each of these seeds and report the spread; "
+                        "() = (seed,)")
+  share_devices: bool = _f(False, "lay every stage on the same `tensor` devices (a whole "
+                                  "pipeline on one GPU); False: stage s on its own devices")
+  slo_ttft_ms: float | None = _f(None, "goodput objective on time to first token (ms); None = no "
+                                       "objective", float)
+  slo_tpot_ms: float | None = _f(None, "goodput objective on time per output token (ms); None = "
+                                       "no objective", float)
+
+
+@dataclasses.dataclass(frozen=True)
+class TextFields:
+  """The real-model text job (configs/serve_text.py, the README main job)."""
+  gguf: str = _f("", "a llama .gguf file; '' = the packaged SmolLM2-135M-Instruct")
+  text_prompts: str = _f("data/prompts.txt", "text file of prompts (one per line)")
+  text_new_tokens: int = _f(48, "tokens generated per text prompt")
+  text_gap_s: float = _f(0.05, "seconds between text prompts (open loop)")
+  fail_after_steps: tuple = _f((), "kill fail_stages right after this many steps of their "
+                                   "workers (instead of at fail_times)")
+
+
+# Experiment groups: name -> declaration; "cost" is a nested entry (`--config.cost.kind=table`).
+EXPERIMENT_GROUPS: dict[str, type] = {
+    "model": ModelFields, "numerics": NumericsFields, "cost": CostFields,
+    "workload": WorkloadFields, "failures": FailureFields, "reporting": ReportingFields,
+    "text": TextFields,
 }
+_NESTED = ("cost",)
+
+
+def _entries(cls) -> list[tuple[str, object, type | None, str]]:
+  out = []
+  for f in dataclasses.fields(cls):
+    default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    out.append((f.name, default, f.metadata.get("kind"), f.metadata["doc"]))
+  return out
+
+
+def _docs() -> dict[str, str]:
+  docs = {f.name: f.doc for f in serve_cfg.serve_fields()}
+  for group, cls in EXPERIMENT_GROUPS.items():
+    if group in _NESTED:
+      docs[group] = cls.__doc__.splitlines()[0]
+      docs.update({f"{group}.{n}": doc for n, _, _, doc in _entries(cls)})
+    else:
+      docs.update({n: doc for n, _, _, doc in _entries(cls)})
+  return docs
+
+
+def _value(default, kind):
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  if default is None:   # typed, so that a command-line override is parsed
+    return ml_collections.config_dict.placeholder(kind)
+  if isinstance(default, dict):
+    return ml_collections.ConfigDict(default)
+  return default
+
+
+def experiment_config(groups, serve_exclude=(), **values):
+  """A ConfigDict of the experiment `groups` (names in EXPERIMENT_GROUPS) and every ServeConfig
+  field not in `serve_exclude`, at their declared defaults, with `values` (field names; "cost"
+  takes a dict) replacing them. A name that is not declared is an error."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  c = ml_collections.ConfigDict()
+  values = dict(values)
+  for group in groups:
+    cls = EXPERIMENT_GROUPS[group]
+    if group in _NESTED:
+      sub = ml_collections.ConfigDict()
+      given = dict(values.pop(group, {}) or {})
+      for name, default, kind, _ in _entries(cls):
+        sub[name] = _value(given.pop(name, default), kind)
+      if given:
+        raise ValueError(f"{group} has no field(s) {sorted(given)}")
+      c[group] = sub
+      continue
+    for name, default, kind, _ in _entries(cls):
+      c[name] = _value(values.pop(name, default), kind)
+  for f in serve_cfg.serve_fields():
+    if f.name not in serve_exclude:
+      c[f.name] = _value(values.pop(f.name, f.default), f.kind)
+  if values:
+    raise ValueError(f"experiment_config: undeclared field(s) {sorted(values)}")
+  return c
 
 
 class ConfigError(ValueError):
@@ -121,6 +212,11 @@ def validate(c, num_devices: int | None = None) -> None:
   from dejavu_jax.config import get_model_config  # pylint: disable=g-import-not-at-top
   from dejavu_jax.fault import strategies as strat  # pylint: disable=g-import-not-at-top
 
+  check_known_fields(c)
+  try:   # the ServeConfig fields: each group checks its own and names the field
+    sc = serve_config(c)
+  except serve_cfg.ServeConfigError as e:
+    raise ConfigError(e.field, str(e).removeprefix(f"{e.field}: ")) from None
   _check(c.dtype in ("float32", "bfloat16", "float16"), "dtype",
          f"must be float32, bfloat16 or float16, got {c.dtype!r}")
   if c.get("checkpoint"):
@@ -134,20 +230,19 @@ def validate(c, num_devices: int | None = None) -> None:
     max_positions = cfg.max_positions
   else:
     max_positions = None
-  _int(c, "seed", 0)
   seeds = tuple(c.get("seeds", ()) or ())
   _check(all(isinstance(s, int) and s >= 0 for s in seeds), "seeds",
          f"must be a tuple of integers >= 0, got {seeds!r}")
-  d, t = _int(c, "num_stages"), _int(c, "tensor")
-  dp, dt = c.get("prompt_stages", 0) or 0, c.get("token_stages", 0) or 0
+  d, t = sc.topology.num_stages, sc.topology.tensor
+  dp, dt = sc.disagg.prompt_stages, sc.disagg.token_stages
   if dp or dt:
     _check(isinstance(dp, int) and dp >= 1, "prompt_stages",
            f"disaggregation needs prompt_stages >= 1 (with token_stages {dt!r}), got {dp!r}")
     _check(isinstance(dt, int) and dt >= 1, "token_stages",
            f"disaggregation needs token_stages >= 1 (with prompt_stages {dp!r}), got {dt!r}")
-    _check(c.get("runtime", "local") == "local", "runtime",
+    _check(sc.cluster.runtime == "local", "runtime",
            "disaggregation runs on the local runtime")
-    _check(c.get("swapping", "off") == "off", "swapping",
+    _check(sc.memory.swapping == "off", "swapping",
            "swapping and disaggregation are not combined; use one of them")
     _check(not c.get("share_devices"), "share_devices",
            "the prompt and token pipelines need disjoint devices")
@@ -156,7 +251,7 @@ def validate(c, num_devices: int | None = None) -> None:
              f"{dp} prompt + {dt} token stages x tensor {t} need {(dp + dt) * t} devices; this "
              f"process has {num_devices}")
     d = dp + dt   # failures number the prompt stages first, then the token stages
-  elif c.get("runtime", "local") == "ray":
+  elif sc.cluster.runtime == "ray":
     # Every stage actor brings its own device(s); the driver needs the ray package only.
     import importlib.util  # pylint: disable=g-import-not-at-top
     _check(importlib.util.find_spec("ray") is not None, "runtime",
@@ -169,14 +264,11 @@ def validate(c, num_devices: int | None = None) -> None:
            f"{d} stages x tensor {t} need {d * t} devices; this process has {num_devices} "
            "(set share_devices=True to lay every stage on the same device(s), e.g. one GPU; "
            "WORKSPACE.md 'GPU')")
-  _int(c, "microbatch_size")
-  max_len = _int(c, "max_len", 2)
-  if max_positions is not None:
+  max_len = _int(c, "max_len", 2) if "max_len" in c else None   # the text job derives it
+  if max_positions is not None and max_len is not None:
     _check(max_len <= max_positions, "max_len",
            f"{max_len} exceeds the model's {max_positions} positions")
-  _check(c.mode in ("mixed", "paper"), "mode", f"must be 'mixed' or 'paper', got {c.mode!r}")
-  _check(c.pacing in ("real", "paced"), "pacing", f"must be 'real' or 'paced', got {c.pacing!r}")
-  if c.pacing == "paced":
+  if c.get("pacing") == "paced":
     _check(c.cost.kind in ("roofline", "table"), "cost.kind",
            f"must be 'roofline' or 'table', got {c.cost.kind!r}")
     if c.cost.kind == "roofline":
@@ -227,48 +319,64 @@ def validate(c, num_devices: int | None = None) -> None:
              f"unknown strategy {name.strip()!r} in {spec!r}; available: "
              f"{sorted(strat.STRATEGIES)} (a chain: 'replica,snapshot,reprefill'; a comparison: "
              "'(restart,replica)')")
-  _int(c, "snapshot_every")
-  _check(c.program in ("model", "fake"), "program",
-         f"must be 'model' or 'fake', got {c.program!r}")
   for f in ("slo_ttft_ms", "slo_tpot_ms"):
     v = c.get(f)
     _check(v is None or (isinstance(v, (int, float)) and v > 0), f,
            f"must be None (no objective) or > 0 ms, got {v!r}")
-  # The remaining fields are ServeConfig's; it checks them by name.
-  from dejavu_jax.studies.runner import serve_config  # pylint: disable=g-import-not-at-top
-  for spec in strategies_of(c.recovery):
-    try:
-      c2 = c.copy_and_resolve_references()
-      with c2.unlocked():
-        c2.recovery = spec
-      serve_config(c2)
-    except ValueError as e:
-      field = next((k for k in ("heartbeat_timeout_s", "heartbeat_s", "max_pending",
-                                "device_kv_budget_bytes", "swapping", "host_slots",
-                                "ray_placement", "ray_transport", "ray_gpus_per_stage",
-                                "runtime") if k in str(e)), "serve")
-      field = field.replace("ray_", "ray.") if field.startswith("ray_") else field
-      raise ConfigError(field, str(e)) from None
+
+
+def serve_config(c, **overrides) -> serve_cfg.ServeConfig:
+  """The ServeConfig of a serve config: every ServeConfig field `c` has (its flat name), then
+  `overrides`."""
+  fields = {f.name: c[f.name] for f in serve_cfg.serve_fields() if f.name in c}
+  for name, v in fields.items():
+    if isinstance(v, list):
+      fields[name] = tuple(tuple(x) if isinstance(x, list) else x for x in v)
+  return serve_cfg.ServeConfig(**{**fields, **overrides})
+
+
+def check_known_fields(c) -> None:
+  """Every field of `c` is declared (a ServeConfig field or an experiment group's)."""
+  docs = _docs()
+  for name, _ in _flatten(c):
+    if name not in docs and name.split(".")[0] != "model_overrides":
+      import difflib  # pylint: disable=g-import-not-at-top
+      close = difflib.get_close_matches(name, list(docs), n=1)
+      raise ConfigError(name, "is not a declared field" +
+                        (f"; did you mean {close[0]!r}?" if close else ""))
 
 
 def _flatten(c, prefix=""):
   for key in c.keys():
     v = c[key]
     name = f"{prefix}{key}"
-    if hasattr(v, "keys") and not isinstance(v, dict) and key != "model_overrides":
-      yield name, "", FIELD_DOCS.get(name, "")
+    if hasattr(v, "keys") and key != "model_overrides":
+      yield name, ""
       yield from _flatten(v, name + ".")
     else:
-      yield name, dict(v) if hasattr(v, "keys") else v, FIELD_DOCS.get(name, "")
+      yield name, dict(v) if hasattr(v, "keys") else v
 
 
 def describe(c) -> str:
-  """Every field of `c` with its value (the config file's default, or the override) and meaning."""
+  """Every field of `c` with its value (the config file's default, or the override) and its
+  declared meaning, ServeConfig's grouped by concern."""
+  docs = _docs()
   rows = list(_flatten(c))
   width = max(len(r[0]) for r in rows)
   vwidth = min(34, max(len(repr(r[1])) for r in rows))
+  group_of = {f.name: f.group for f in serve_cfg.serve_fields()}
+  heads = {g: cls.__doc__.splitlines()[0] for g, cls in serve_cfg.SERVE_GROUPS.items()}
   lines = [f"{'field':<{width}}  {'value':<{vwidth}}  meaning", "-" * (width + vwidth + 40)]
-  for name, v, doc in rows:
-    val = "" if v == "" and doc and name in ("cost",) else repr(v)
-    lines.append(f"{name:<{width}}  {val:<{vwidth}}  {doc or '(undocumented)'}")
+  exp = [r for r in rows if r[0].split(".")[0] not in group_of]
+  lines += ["[experiment]"] + [_row(n, v, docs, width, vwidth) for n, v in exp]
+  for group in serve_cfg.SERVE_GROUPS:
+    mine = [r for r in rows if group_of.get(r[0]) == group]
+    if mine:
+      lines += [f"[ServeConfig.{group}] {heads[group]}"]
+      lines += [_row(n, v, docs, width, vwidth) for n, v in mine]
   return "\n".join(lines)
+
+
+def _row(name, v, docs, width, vwidth) -> str:
+  val = "" if v == "" and name in _NESTED else repr(v)
+  return f"{name:<{width}}  {val:<{vwidth}}  {docs.get(name, '(undocumented)')}"

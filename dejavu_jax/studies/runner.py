@@ -21,7 +21,6 @@ file of the failed rate, and a summary with "error") before the error is raised 
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 
@@ -29,7 +28,7 @@ import jax
 import numpy as np
 
 from dejavu_jax import costmodel
-from dejavu_jax.config import ServeConfig, get_model_config
+from dejavu_jax.config import get_model_config
 from dejavu_jax.fault.inject import FailureSpec
 from dejavu_jax.kv.buckets import bucket_length
 from dejavu_jax.models import init_params
@@ -62,28 +61,8 @@ def build_cost_model(c, cfg):
   raise ValueError(f"unknown cost model kind {kind!r}; expected 'roofline' or 'table'")
 
 
-def serve_config(c) -> ServeConfig:
-  return ServeConfig(num_stages=c.num_stages, tensor=c.tensor, microbatch_size=c.microbatch_size,
-                     max_len=c.max_len, mode=c.mode, pacing=c.pacing, seed=c.seed,
-                     heartbeat_s=c.heartbeat_s, heartbeat_timeout_s=c.heartbeat_timeout_s,
-                     recovery=c.recovery, snapshot_every=c.snapshot_every,
-                     program=c.program, max_pending=c.get("max_pending"),
-                     swapping=c.get("swapping", "off"),
-                     device_kv_budget_bytes=c.get("device_kv_budget_bytes"),
-                     prompt_stages=c.get("prompt_stages", 0) or 0,
-                     token_stages=c.get("token_stages", 0) or 0,
-                     host_slots=c.get("host_slots"),
-                     **_runtime_fields(c))
-
-
-def _runtime_fields(c) -> dict:
-  """ServeConfig's runtime fields from the config's `runtime` and `ray` entries (if any)."""
-  ray_c = c.get("ray") or {}
-  out = {"runtime": c.get("runtime", "local")}
-  for key in ("address", "placement", "transport", "gpus_per_stage"):
-    if ray_c.get(key) not in (None, ""):
-      out[f"ray_{key}"] = ray_c[key]
-  return out
+# The ServeConfig of a serve config (every field under its flat name; runconfig declares them).
+serve_config = runconfig.serve_config
 
 
 def _tag(strategy: str, seed: int, rate: float, many_strategies: bool, many_seeds: bool) -> str:
@@ -184,8 +163,8 @@ def run_experiment(c, out_dir: str, log=print, overwrite: bool = False,
   info = runrecord.run_info(c, strategies=list(strategies), seeds=list(seeds))
   runrecord.write_run_info(out_dir, info)
   cfg, params = build_model(c)
-  sc = dataclasses.replace(serve_config(c), recovery=strategies[0])
-  cost = build_cost_model(c, cfg) if sc.pacing == "paced" else None
+  sc = serve_config(c, recovery=strategies[0])
+  cost = build_cost_model(c, cfg) if sc.timing.pacing == "paced" else None
   log(f"model {cfg.name}: {cfg.num_layers} layers, d={cfg.hidden_size}, "
       f"{cfg.param_count() / 1e6:.1f}M params, {cfg.dtype}")
   if not failures:
@@ -210,17 +189,18 @@ def run_experiment(c, out_dir: str, log=print, overwrite: bool = False,
   summaries, texts, timelines, recoveries, fired = [], [], {}, [], {}
   t_build = time.perf_counter()
   # share_devices: every stage on the same `tensor` devices (e.g. a whole pipeline on one GPU).
-  devices = jax.devices()[:sc.tensor] * sc.num_stages if c.get("share_devices") else None
+  devices = (jax.devices()[:sc.topology.tensor] * sc.topology.num_stages
+             if c.get("share_devices") else None)
   with make_engine(cfg, params, sc, cost_model=cost, devices=devices,
                    time_scale=c.cost.time_scale) as engine:
-    if sc.prompt_stages or sc.token_stages:
+    if sc.disagg.prompt_stages or sc.disagg.token_stages:
       log(f"disaggregated: {engine.Dp} prompt stages {list(engine.prompt_plan.ranges)} -> "
           f"{engine.Dt} token stages {list(engine.plan.ranges)}, {engine.host_slots} host slots")
     log(f"pipeline: {engine.plan.num_stages} stages {list(engine.plan.ranges)} x tensor "
-        f"{engine.plan.tensor}, microbatch {getattr(engine, 'microbatch_size', sc.microbatch_size)}"
-        f", {sc.mode} mode, {sc.pacing}")
+        f"{engine.plan.tensor}, microbatch {getattr(engine, 'microbatch_size', sc.topology.microbatch_size)}"
+        f", {sc.topology.mode} mode, {sc.timing.pacing}")
     choice = getattr(engine, "swap_choice", None)
-    if choice is not None and (sc.swapping != "off" or sc.device_kv_budget_bytes):
+    if choice is not None and (sc.memory.swapping != "off" or sc.memory.device_kv_budget_bytes):
       log(f"swapping {'on' if choice.swapping else 'off'}: {choice.reason}")
     warm(engine, workloads.values(), recomputes=any(_recomputes(st) for _, st, _ in runs),
          log=log, bars=bars)
@@ -228,7 +208,7 @@ def run_experiment(c, out_dir: str, log=print, overwrite: bool = False,
         f"{' + failure-free baseline' if runs[0][0] == BASELINE else ''}, seeds {list(seeds)}, "
         f"rates {list(c.rates)}, failures {[f.describe() for f in failures] or 'none'}")
     for name, strategy, fails in runs:
-      if engine.serve_cfg.recovery != strategy:
+      if engine.serve_cfg.fault.recovery != strategy:
         engine.set_recovery(strategy)   # same compiled programs, fresh workers
       for seed in seeds:
         for rate in c.rates:
@@ -243,10 +223,10 @@ def run_experiment(c, out_dir: str, log=print, overwrite: bool = False,
           finally:
             bar.close()
           warnings = _run_warnings(res, fails, res.summary)
-          summary = {"rate": float(rate), "system": f"pipeline_D{sc.num_stages}",
+          summary = {"rate": float(rate), "system": f"pipeline_D{sc.topology.num_stages}",
                      "model": cfg.name,
                      **runrecord.row_info(
-                         info, strategy=name, seed=seed, pacing=sc.pacing,
+                         info, strategy=name, seed=seed, pacing=sc.timing.pacing,
                          injected_failures=[_failure_cell(f) for f in fails]),
                      "baseline": name == BASELINE, "warnings": warnings,
                      **res.summary}

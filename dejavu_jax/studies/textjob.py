@@ -11,13 +11,13 @@ with plain single-device greedy decoding and says whether every completion is id
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 from dejavu_jax.fault.inject import FailureSpec
 from dejavu_jax.models.generate import generate
 from dejavu_jax.models.tokenizer import encode_prompts, read_prompts
 from dejavu_jax import metrics
+from dejavu_jax.studies import runconfig
 from dejavu_jax.studies import text
 from dejavu_jax.serving.engine import PipelineEngine
 from dejavu_jax.workload import Request
@@ -39,31 +39,42 @@ def failures_of(c) -> list[FailureSpec]:
   return [FailureSpec(float(t), int(s)) for s, t in zip(stages, times)]
 
 
+_HOW = {"replica": "from replicas", "snapshot": "from snapshots", "reprefill": "by re-prefill",
+        "restart": "by restarting their requests"}
+
+
+def recovered_words(handled_by: dict) -> str:
+  """{'replica': 2} -> 'recovered 2 microbatches from replicas' (each strategy that served)."""
+  parts = [f"{n} microbatch{'es' if n != 1 else ''} {_HOW.get(k, f'by {k}')}"
+           for k, n in handled_by.items()]
+  return "recovered " + (", ".join(parts) if parts else "nothing in flight")
+
+
 def run_text_job(c, out_dir: str, log=print, row_info: dict | None = None) -> dict:
   """Runs the job (module doc); `row_info` (what the run was: commit, config, ...) goes into the
   summary row."""
-  from dejavu_jax.studies.runner import serve_config  # pylint: disable=g-import-not-at-top
   failures = failures_of(c)
   os.makedirs(out_dir, exist_ok=True)
   cfg, params, tok = text.load_text_model(c.gguf, c.dtype)
   prompts = read_prompts(c.text_prompts)
   ids = encode_prompts(tok, prompts, chat=True)
   max_len = text.cache_length(ids, c.text_new_tokens, cfg.max_positions)
-  sc = dataclasses.replace(serve_config(c), max_len=max_len, eos_token_id=tok.eos_token_id)
+  sc = runconfig.serve_config(c, max_len=max_len, eos_token_id=tok.eos_token_id)
   log(f"model {cfg.name}: {cfg.num_layers} layers, d={cfg.hidden_size}, "
       f"{cfg.param_count() / 1e6:.1f}M params (GGUF, dequantized to {cfg.dtype}); "
       f"{len(prompts)} prompts from {c.text_prompts}")
   reqs = [Request(i, i * c.text_gap_s, tuple(p), c.text_new_tokens) for i, p in enumerate(ids)]
   with PipelineEngine(cfg, params, sc) as engine:
     log(f"pipeline: {engine.plan.num_stages} stages {list(engine.plan.ranges)}, microbatch "
-        f"{sc.microbatch_size}, recovery {sc.recovery}; failures: "
+        f"{sc.topology.microbatch_size}, recovery {sc.fault.recovery}; failures: "
         f"{[f.describe() for f in failures] or 'none'}")
     engine.warmup()
     res = engine.serve(reqs, failures=failures)
   for ev in res.recoveries:
     log(f"  failure of stage(s) {list(ev.stages)}: detected after {ev.detection_s:.2f} s, "
-        f"recovered ({ev.strategy}: {ev.handled_by}) after {ev.recovery_s:.2f} s, "
-        f"{ev.lost_requests} requests in flight, {ev.recomputed_tokens} tokens to redo")
+        f"{recovered_words(ev.handled_by)} after {ev.recovery_s:.2f} s (recovery "
+        f"{ev.strategy}), {ev.lost_requests} requests in flight, {ev.recomputed_tokens} tokens "
+        "to redo")
   ref = generate(cfg, params, ids, c.text_new_tokens, eos_token_id=tok.eos_token_id,
                  max_len=max_len)
   got = res.tokens()
@@ -84,8 +95,8 @@ def run_text_job(c, out_dir: str, log=print, row_info: dict | None = None) -> di
   with open(os.path.join(out_dir, "recoveries.jsonl"), "w") as f:
     for ev in res.recoveries:
       f.write(metrics.dumps(ev.to_dict()) + "\n")
-  summary = {"system": f"pipeline_D{sc.num_stages}", "model": cfg.name,
-             "recovery": sc.recovery, "identical": all(same), **(row_info or {}),
+  summary = {"system": f"pipeline_D{sc.topology.num_stages}", "model": cfg.name,
+             "recovery": sc.fault.recovery, "identical": all(same), **(row_info or {}),
              **res.summary}
   with open(os.path.join(out_dir, "summary.jsonl"), "w") as f:
     f.write(metrics.dumps(summary) + "\n")
