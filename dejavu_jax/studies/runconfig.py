@@ -71,9 +71,13 @@ class WorkloadFields:
 @dataclasses.dataclass(frozen=True)
 class FailureFields:
   """Injected failures."""
-  fail_stages: tuple = _f((1,), "stages killed (paired with fail_times, or fail_after_steps in "
-                                "the text job); () for none")
-  fail_times: tuple = _f((4.0,), "seconds into each run at which the stages above are killed")
+  fail_stages: tuple = _f((1,), "stages killed (paired with fail_after_steps, or else with "
+                                "fail_times); () for none")
+  fail_times: tuple = _f((4.0,), "seconds into each run at which the stages above are killed "
+                                 "(used when fail_after_steps is ())")
+  fail_after_steps: tuple = _f((), "kill fail_stages right after this many steps of their "
+                                   "workers: the same point of a run on a quiet or a loaded "
+                                   "machine (takes precedence over fail_times)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +89,8 @@ class ReportingFields:
                                   "pipeline on one GPU); False: stage s on its own devices")
   slo_ttft_ms: float | None = _f(None, "goodput objective on time to first token (ms); None = no "
                                        "objective", float)
+  baseline: bool = _f(True, "with failures, first serve the same requests failure-free "
+                           "(recovery restart): every strategy's row is read against it")
   slo_tpot_ms: float | None = _f(None, "goodput objective on time per output token (ms); None = "
                                        "no objective", float)
 
@@ -96,8 +102,6 @@ class TextFields:
   text_prompts: str = _f("data/prompts.txt", "text file of prompts (one per line)")
   text_new_tokens: int = _f(48, "tokens generated per text prompt")
   text_gap_s: float = _f(0.05, "seconds between text prompts (open loop)")
-  fail_after_steps: tuple = _f((), "kill fail_stages right after this many steps of their "
-                                   "workers (instead of at fail_times)")
 
 
 # Experiment groups: name -> declaration; "cost" is a nested entry (`--config.cost.kind=table`).
