@@ -18,15 +18,6 @@ DOCS = ("README.md", "WORKSPACE.md")
 PLACEHOLDERS = ("...", "/path/to/", "[--", "|")
 # Run as written (no --help: absl's own --help exits 1).
 RUN_AS_IS = ("dejavu_jax.planner",)
-# Documented commands that need a doc update after a rename (the doc is another owner's): they
-# must fail until the doc is fixed, then this entry goes.
-STALE = {
-    "--config.ray.": "WORKSPACE.md: the Ray fields are flat ServeConfig names now "
-                     "(--config.ray_address, --config.ray_placement, --config.ray_transport, "
-                     "--config.ray_gpus_per_stage)",
-}
-
-
 def _strip_comment(line: str) -> str:
   return re.sub(r"(^|\s)#\s.*$", "", line).rstrip()
 
@@ -90,8 +81,4 @@ def results():
 @pytest.mark.parametrize("doc,command", COMMANDS, ids=[c[:90] for _, c in COMMANDS])
 def test_documented_command_runs(results, doc, command):
   proc = results[command]
-  for marker, why in STALE.items():
-    if marker in command:
-      assert proc.returncode != 0   # fails today, as it should
-      pytest.xfail(why)
   assert proc.returncode == 0, f"{doc}: {command}\n{proc.stderr[-2000:]}"

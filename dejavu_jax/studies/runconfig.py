@@ -308,7 +308,9 @@ def validate(c, num_devices: int | None = None) -> None:
   for s in stages:
     _check(isinstance(s, int) and 0 <= s < d, "fail_stages",
            f"stage {s!r} is outside the pipeline's stages 0..{d - 1}")
-  if steps:
+  if not stages:
+    pass   # no failing stage: a failure-free run, whatever the triggers' defaults say
+  elif steps:
     _check(len(steps) == len(stages), "fail_after_steps",
            f"fail_stages {list(stages)} and fail_after_steps {list(steps)} must have the same "
            "length")
