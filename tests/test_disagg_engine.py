@@ -56,7 +56,7 @@ def _settle(eng):
     if not any(s.inbox or s.cache_mb_ids for s in st):
       break
     time.sleep(0.01)
-  return eng.worker_stats(), eng.prompt_worker_stats()
+  return eng.worker_stats(), eng.prompt_path.worker_stats()
 
 
 @pytest.mark.timeout(120)
@@ -73,7 +73,7 @@ def test_tokens_identical_any_split(dp, dt):
       # Every microbatch left: no token worker holds a cache or a host slot.
       assert all(s.cache_mb_ids == [] for s in tok)
       assert all(eng.runtime.worker(s).slots.held() == [] for s in range(dt))
-      assert eng.slots_free() == [eng.host_slots] * dt
+      assert eng.slots_free() == [eng.prompt_path.host_slots] * dt
   assert any(len(t) < r.max_new_tokens for r, t in zip(mixed, _reference(mixed, eos).values()))
 
 
@@ -84,15 +84,16 @@ def test_one_host_slot_blocks_prompts_without_loss_or_deadlock():
   reqs = _mixed(14, seed=1)
   held = []
   with DisaggregatedEngine(CFG, None, _config(2, 2, host_slots=1)) as eng:
-    orig = eng._inject_prompts   # pylint: disable=protected-access
+    path = eng.prompt_path
+    orig = path.inject
 
-    def spy(sched):
-      orig(sched)
-      held.append(len(eng._prompt))   # pylint: disable=protected-access
-    eng._inject_prompts = spy   # pylint: disable=protected-access
+    def spy(engine, st):
+      orig(engine, st)
+      held.append(len(st.path.phases))
+    path.inject = spy
     res = eng.serve(reqs)
     assert res.tokens() == _reference(reqs)
-    assert max(held) == 1 and eng.host_slots == 1
+    assert max(held) == 1 and eng.prompt_path.host_slots == 1
     _settle(eng)
     assert eng.slots_free() == [1, 1]
 
@@ -116,12 +117,12 @@ def _failure_run(failure, recovery="replica"):
   sc = _config(2, 2, pacing="paced", recovery=recovery)
   with DisaggregatedEngine(CFG, None, sc, cost_model=cost) as eng:
     tok_ids = [w.worker_id for w in (eng.runtime.worker(s) for s in range(2))]
-    pro_ids = [w.worker_id for w in (eng.prompt_runtime.worker(s) for s in range(2))]
+    pro_ids = [w.worker_id for w in (eng.prompt_path.runtime.worker(s) for s in range(2))]
     eng.generate([[5, 6, 7, 8]] * 3, 3)   # compiled before the measured run
     res = eng.serve(reqs, failures=[failure])
     tok, _ = _settle(eng)
     after = ([eng.runtime.worker(s).worker_id for s in range(2)],
-             [eng.prompt_runtime.worker(s).worker_id for s in range(2)])
+             [eng.prompt_path.runtime.worker(s).worker_id for s in range(2)])
   return reqs, res, tok, (tok_ids, pro_ids), after
 
 

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import os
 import queue
 import signal
@@ -66,7 +67,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from dejavu_jax.runtime.api import (Heartbeat, ReplicaSource, Step, StepResult, WorkerOptions,
-                                    WorkerStats)
+                                    WorkerStats, recovery_lines)
 from dejavu_jax.runtime.ray_actor import CONCURRENCY_GROUPS, TRANSPORTS, ActorSpec, StageActor
 from dejavu_jax.runtime.ray_session import (_actor_env, _pool_put, _pool_take,  # noqa: F401
                                             init_ray)
@@ -96,7 +97,7 @@ class RayWorker:
     else:
       self.actor.load_cache.remote(mb_id, source, epoch)
 
-  def export_replica(self, stage: int, mb_id: int, step: int, to: int, epoch: int = 0) -> None:
+  def export_replica(self, stage: int, mb_id: int, step: int, to: int, epoch: int) -> None:
     self.actor.export_replica.remote(stage, mb_id, step, to, epoch)
 
   def free(self, mb_id: int) -> None:
@@ -104,6 +105,15 @@ class RayWorker:
 
   def resync(self) -> None:
     self.actor.resync.remote()
+
+  def reserve_slot(self, mb_id: int) -> bool:
+    raise NotImplementedError("prompt-token disaggregation (host slots) runs on the local "
+                              "runtime only")
+
+  def load_prompt(self, mb_id: int, epoch: int, start_at: float = 0.0,
+                  load_s: float = 0.0) -> None:
+    raise NotImplementedError("prompt-token disaggregation (prompt cache loads) runs on the "
+                              "local runtime only")
 
   def stats(self) -> WorkerStats:
     if self._rt.alive(self.stage) or self._rt.worker(self.stage) is not self:
@@ -150,6 +160,7 @@ class RayRuntime:
     self.options = WorkerOptions()
     self.kills: list[dict] = []          # one record per SIGKILL (stage, pid, when, how)
     self._reported = 0
+    self.dropped_events = 0
     self._owns_ray = init_ray(address)
     self._params = params
     self._param_refs: dict[int, object] = {}
@@ -345,13 +356,16 @@ class RayRuntime:
     kills, self._reported = self.kills[self._reported:], len(self.kills)
     lines = [f"stage {k['stage']}: pid {k['pid']} (worker {k['worker_id']}) killed by "
              f"{k['how']}" for k in kills]
-    for ev in getattr(result, "recoveries", ()):
-      after = [t for r in result.records for t in r.token_times if t > ev.recovered_at]
-      first = f", first token {min(after):.3f} s" if after else ""
-      lines.append(f"stage(s) {list(ev.stages)}: killed {ev.failed_at:.3f} s, detected "
-                   f"{ev.detected_at:.3f} s, replaced and resumed {ev.recovered_at:.3f} s{first} "
-                   f"({ev.handled_by})")
-    return lines
+    return lines + recovery_lines(result)
+
+  def counters(self) -> dict:
+    """Event batches lost to a failed poll that was not an actor's death (logged each time)."""
+    return {"dropped_events": self.dropped_events}
+
+  def vouches_alive(self, stage: int) -> bool:
+    """Never: a silent actor may sit on a lost host; heartbeat silence decides."""
+    del stage
+    return False
 
   # ---- the event channel ----
   def _poll_loop(self) -> None:
@@ -384,7 +398,10 @@ class RayRuntime:
                                    "how": "SIGKILL by the actor itself (armed failure)"})
               self._notified.setdefault(s, now)
           continue
-        except Exception:  # pylint: disable=broad-except
+        except Exception as e:  # pylint: disable=broad-except
+          self.dropped_events += 1   # the actor lives, but this batch of its events is lost
+          logging.warning("ray runtime: a poll of stage %d failed (%s: %s); its events are "
+                          "lost", s, type(e).__name__, e)
           continue
         for ev in evs:
           self.events.put(self._stamp(ev))
