@@ -12,6 +12,7 @@ from dejavu_jax.costmodel import TableCostModel
 from dejavu_jax.fault.controller import FailureSpec
 from dejavu_jax.pipeline.fake import fake_generate
 from dejavu_jax.serving.disagg_engine import DisaggregatedEngine, DisaggregationError
+from dejavu_jax.serving.engine import PipelineEngine
 from dejavu_jax.workload import Request
 
 CFG = tiny_config("opt", num_layers=6, max_positions=128)
@@ -182,3 +183,12 @@ def test_real_model_tokens_identical():
   with DisaggregatedEngine(cfg, params, serve) as eng:
     res = eng.serve(reqs)
   assert res.tokens() == greedy_references(cfg, params, reqs, max_len=32)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kw,field", [(dict(runtime="ray"), "runtime"),
+                                      (dict(swapping="on"), "swapping")])
+def test_disaggregation_refuses_what_it_cannot_run_by_name(kw, field):
+  with pytest.raises(ValueError, match=field):
+    PipelineEngine(CFG, None, ServeConfig(program="fake", max_len=64, prompt_stages=1,
+                                          token_stages=1, **kw))

@@ -40,6 +40,10 @@ The threads and queues, and what each blocks on:
    the link is free, and the step starts no earlier than it ends.
 
 Any exception in a step becomes a `StepError` naming the stage: nothing is swallowed.
+
+Why one module of this size: a worker's step, its paced clock, its swapping hand-offs and its
+inbox messages run on the one worker thread walked through above; split apart, the order of
+what that thread does (and what each other thread may touch) would no longer read in one place.
 """
 
 from __future__ import annotations

@@ -46,6 +46,9 @@ and controller do not change. The processes, threads and what waits on what:
    replacements are placed by Ray outside the group). A session this runtime starts has no
    dashboard, keeps Ray's token authentication and listens on 127.0.0.1 only: every Ray server
    (GCS, raylet, workers, agents) and the actors' transfer servers (`init_ray`, ray_session.py).
+
+This module is a little over 400 lines because the driver's handle, the runtime's life cycle
+and its one event thread share the lock and the dead-stage tables above; they are one unit.
 """
 
 from __future__ import annotations

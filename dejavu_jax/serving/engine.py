@@ -56,34 +56,32 @@ about to leave.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-import math
-import numbers
 import time
 from typing import Callable, Sequence
 
 import jax
 import numpy as np
 
-from dejavu_jax import costmodel as cm
 from dejavu_jax import metrics as metrics_lib
 from dejavu_jax import runtime as runtime_lib
 from dejavu_jax.config import ModelConfig, ServeConfig
-from dejavu_jax.fault.controller import Controller, ProgressWatchdog, RecoveryEvent
+from dejavu_jax.fault.controller import Controller, ProgressWatchdog
 from dejavu_jax.fault.inject import FailureSpec, Injector
-from dejavu_jax.fault.strategies import FailureView, get_strategy
-from dejavu_jax.kv import budget as kv_budget
+from dejavu_jax.fault.strategies import get_strategy
 from dejavu_jax.kv.buckets import bucket_length
 from dejavu_jax.models.checkpoint import check_params_checkpoint, restore_params
 from dejavu_jax.models.decoder import param_shapes
-from dejavu_jax.models.generate import pad_prompts, sample, validate_prompts
+from dejavu_jax.models.generate import pad_prompts, sample
 from dejavu_jax.pipeline.fake import FakeProgram
 from dejavu_jax.pipeline.plan import make_mesh
 from dejavu_jax.pipeline.scheduler import Microbatch, Scheduler
 from dejavu_jax.pipeline.stage import StageProgram
 from dejavu_jax.runtime import api
+from dejavu_jax.serving import admission
+from dejavu_jax.serving import recovery as recovery_lib
 from dejavu_jax.serving.pacing import make_pace_fn
+from dejavu_jax.serving.sizing import check_limits, choose_swapping, host_link
 from dejavu_jax.serving.prompt_path import make_prompt_path
 from dejavu_jax.serving.result import (EngineError, EngineTimeout, ServeResult,  # noqa: F401
                                        finish_serve, record)
@@ -124,7 +122,7 @@ class PipelineEngine:
     self.prompt_path = make_prompt_path(serve)
     # The token pipeline's plan and devices; a disaggregated path also plans its prompt stages.
     self.plan, token_devices = self.prompt_path.layout(cfg, serve, devices, in_process)
-    _check_limits(cfg, serve)
+    check_limits(cfg, serve)
     if params_checkpoint is not None:
       # Read now, not at the first recovery: a missing path or another model's checkpoint
       # would otherwise lose the run when a worker must be replaced.
@@ -132,7 +130,7 @@ class PipelineEngine:
         check_params_checkpoint(params_checkpoint, param_shapes(cfg, start, stop))
     self.mesh = make_mesh(self.plan, token_devices) if in_process else None
     layer_scale = (cost_model.model.num_layers / cfg.num_layers) if cost_model is not None else 1
-    swap_link = swap_link or _host_link(cost_model)
+    swap_link = swap_link or host_link(cost_model)
     # The device KV budget decides the microbatch size, and "auto" whether swapping is on.
     self.swap_choice = choose_swapping(self, serve, cost_model, swap_link, layer_scale, devices)
     self.microbatch_size = self.swap_choice.batch
@@ -207,48 +205,7 @@ class PipelineEngine:
   # ---- requests ----
   def validate(self, request: Request) -> str | None:
     """The reason `request` cannot be served (naming it and the field), or None."""
-    rid = getattr(request, "request_id", None)
-    if not isinstance(rid, numbers.Integral) or isinstance(rid, bool):
-      return f"request {rid!r}: request_id must be an integer"
-    arrival = getattr(request, "arrival", None)
-    # NaN compares false with every clock reading: such a request would never arrive.
-    if (not isinstance(arrival, numbers.Real) or isinstance(arrival, bool) or
-        not 0 <= arrival < math.inf):
-      return f"request {rid}: arrival must be a finite time >= 0 (seconds), got {arrival!r}"
-    try:
-      validate_prompts(self.cfg, [getattr(request, "prompt", None)],
-                       getattr(request, "max_new_tokens", None), self.serve_cfg.max_len)
-    except ValueError as e:
-      return f"request {rid}: " + str(e).replace("prompt 0", "prompt")
-    return None
-
-  def _admissible(self, requests, rejected: dict) -> list[Request]:
-    """The valid requests, normalized (plain ints and floats) and in arrival order; the others
-    go to `rejected`. Of several requests with one id, the first to arrive is served."""
-    ok = []
-    for req in requests:
-      reason = self.validate(req)
-      if reason:
-        rejected[getattr(req, "request_id", None)] = reason
-      else:
-        fields = dict(request_id=int(req.request_id), arrival=float(req.arrival),
-                      prompt=tuple(int(t) for t in req.prompt),
-                      max_new_tokens=int(req.max_new_tokens))
-        ok.append(dataclasses.replace(req, **fields) if dataclasses.is_dataclass(req)
-                  else Request(**fields))
-    ok.sort(key=lambda r: r.arrival)   # stable: equal arrivals keep the caller's order
-    first, out = {}, []
-    for req in ok:
-      if req.request_id in first:
-        rejected[req.request_id] = (
-            f"request {req.request_id}: request_id {req.request_id} is already used by the "
-            f"request arriving at {first[req.request_id]:g} s; this one (arrival "
-            f"{req.arrival:g} s) is rejected and the first is served")
-        continue
-      first[req.request_id] = req.arrival
-      out.append(req)
-    out.sort(key=lambda r: (r.arrival, r.request_id))
-    return out
+    return admission.validate(self.cfg, self.serve_cfg.max_len, request)
 
   def warmup(self, progress: Callable[[int, int], None] | None = None) -> None:
     """Compiles every stage's prefill for every prompt bucket that fits `max_len`, and the decode
@@ -297,7 +254,7 @@ class PipelineEngine:
     raise_on_error = sc.raise_on_error if raise_on_error is None else raise_on_error
     path.check_failures(self, failures)
     rejected: dict[int, str] = {}
-    requests = self._admissible(requests, rejected)
+    requests = admission.admissible(self.validate, requests, rejected)
     sched = Scheduler(path.scheduler_depth(self), self.microbatch_size, sc.mode,
                       first_mb_id=self._next_mb_id)
     stats0 = {st.worker_id: st for st in self.worker_stats() + path.worker_stats()}
@@ -316,7 +273,7 @@ class PipelineEngine:
       while nxt < len(requests) or not sched.idle or path.busy(st):
         st.injector.fire_due()
         for ev in api.drain(self.runtime.events, 0.0):   # heartbeats first, then judge silence
-          finished += self._on_event(st, ev)
+          finished += self.on_event(st, ev)
         self._detect_and_recover(st)
         while nxt < len(requests) and requests[nxt].arrival <= now():
           req = requests[nxt]
@@ -341,7 +298,7 @@ class PipelineEngine:
         if due is not None:   # a timed failure fires on time, not after the wait
           wait = max(0.0, min(wait, due - now()))
         for ev in api.drain(self.runtime.events, wait):
-          finished += self._on_event(st, ev)
+          finished += self.on_event(st, ev)
         if progress:
           progress(finished, len(requests))
         if time.perf_counter() - st.last_progress > sc.step_timeout_s:
@@ -383,7 +340,7 @@ class PipelineEngine:
       pass   # best effort: the error being reported matters more than this cleanup
 
   # ---- events ----
-  def _on_event(self, st: ServeState, ev) -> int:
+  def on_event(self, st: ServeState, ev) -> int:
     """Handles one runtime event; returns the requests it finished."""
     n = self.prompt_path.on_event(self, st, ev)
     if n is not None:
@@ -447,7 +404,7 @@ class PipelineEngine:
     dead = sorted(set(self.controller.dead_stages(self.runtime.vouches_alive)) | set(stalled) |
                   set(self.runtime.notified_dead()))
     if dead:
-      st.recoveries.append(self._recover(st, dead))
+      st.recoveries.append(recovery_lib.recover(self, st, dead))
       st.last_progress = time.perf_counter()
       # Requeued requests were admitted already: they are never rejected, so after a failure
       # the queue may exceed max_pending for a while.
@@ -456,93 +413,6 @@ class PipelineEngine:
     if event is not None:
       st.recoveries.append(event)
       st.last_progress = time.perf_counter()
-
-  def _recover(self, st: ServeState, dead: list[int]) -> RecoveryEvent:
-    detected, sched, d = st.now(), st.sched, self.plan.num_stages
-    # A worker that died around this failure but is not yet silent long enough (the runtime
-    # already knows: a stopped thread, a dead actor) is recovered now too, not planned around.
-    dead = sorted(set(dead) | {s for s in range(d) if not self.runtime.alive(s)})
-    failed_at = st.injector.failed_at("token", dead, self.runtime, detected)
-    self.epoch += 1
-    for s in range(d):
-      self.runtime.worker(s).set_epoch(self.epoch)
-    view = FailureView(tuple(dead), d, {m: mb.step for m, mb in sched.in_flight.items()})
-    self.strategy.forget(view)
-    for s in dead:
-      w = self.runtime.replace(s)
-      w.set_epoch(self.epoch)
-      self.controller.watch(s, w.worker_id)
-      st.watchdog.replaced(s)
-    st.watchdog.clear()   # every in-flight microbatch is resumed or requeued below
-    plan = self.strategy.plan(view)
-    resync = set(plan.resync)
-    st.injector.on_recovery()   # injected: a failure while this recovery loads caches
-    resumed, requeue, handled, load_errors = [], {}, {}, []
-    while True:
-      requeue.update(plan.requeue)
-      handled.update({mb: plan.handled_by[mb] for mb in plan.requeue})
-      failed = self._load_caches(st, plan.resume, load_errors)
-      for r in plan.resume:
-        if r.mb_id not in failed:
-          resumed.append(r)
-          handled[r.mb_id] = r.by
-      if not failed:
-        break
-      exclude = view.exclude | {plan.handled_by[m] for m in failed}
-      view = dataclasses.replace(view, completed={m: view.completed[m] for m in failed},
-                                 exclude=exclude)
-      plan = self.strategy.plan(view)
-    lost_requests = sum(int((~mb.done[:len(mb.requests)]).sum())
-                        for mb in sched.in_flight.values())
-    lost_microbatches, recomputed = len(sched.in_flight), 0
-    for mb_id, mode in requeue.items():
-      mb = sched.in_flight[mb_id]
-      st.slot_free_at[mb.slot] = time.perf_counter()
-      recomputed += sched.requeue(mb, mode)
-      self.free_everywhere(mb_id)
-    for r in resumed:
-      recomputed += sched.rewind(sched.in_flight[r.mb_id], r.step)
-    for s in sorted(resync):   # the replicas a dead holder kept are rebuilt by their owner
-      self.runtime.worker(s).resync()
-    for r in resumed:
-      self.send_decode(st, sched.in_flight[r.mb_id], time.perf_counter())
-    event = RecoveryEvent(
-        stage=dead[0], strategy=self.serve_cfg.recovery, failed_at=failed_at,
-        detected_at=detected, recovered_at=0.0, lost_microbatches=lost_microbatches,
-        lost_requests=lost_requests, recomputed_tokens=recomputed,
-        restored_microbatches=len(resumed), stages=tuple(dead),
-        handled_by=dict(collections.Counter(handled.values())), load_errors=load_errors)
-    self.prompt_path.after_token_recovery(self, st, dead, event)
-    event.recovered_at = st.now()
-    return event
-
-  def _load_caches(self, st: ServeState, resumes, errors: list) -> set[int]:
-    """Loads every resumed microbatch's caches into the replaced workers and waits for them;
-    returns the microbatches whose load failed (or did not finish in time)."""
-    waiting = {}
-    for r in resumes:
-      for s, source in r.sources.items():
-        self.runtime.worker(s).load_cache(r.mb_id, source, self.epoch)
-        waiting[(s, r.mb_id)] = r
-    failed = set()
-    deadline = time.perf_counter() + self.serve_cfg.step_timeout_s
-    while waiting and time.perf_counter() < deadline:
-      for (s, mb), r in list(waiting.items()):   # a holder or a replacement died meanwhile
-        src = r.sources[s]
-        if not self.runtime.alive(s) or (isinstance(src, api.ReplicaSource) and
-                                         not self.runtime.alive(src.holder)):
-          del waiting[(s, mb)]
-          failed.add(mb)
-      for ev in api.drain(self.runtime.events, 0.05):
-        if isinstance(ev, api.CacheLoaded):
-          r = waiting.pop((ev.stage, ev.mb_id), None)
-          if r is not None and ev.error is not None:
-            failed.add(ev.mb_id)
-            errors.append(f"microbatch {ev.mb_id} on stage {ev.stage}: {ev.error}")
-        elif not isinstance(ev, (api.StepResult, api.StepError)):
-          self._on_event(st, ev)   # heartbeats, acks, snapshots keep flowing
-    failed |= {mb for _, mb in waiting}
-    return failed
 
   # ---- steps ----
   def prefill_inputs(self, mb: Microbatch):
@@ -567,13 +437,14 @@ class PipelineEngine:
   def send_decode(self, st: ServeState, mb: Microbatch, ready_at: float) -> None:
     """The next decode step of `mb`: each live row's latest token at its next position."""
     positions = st.sched.advance(mb)
-    x = np.array([g[-1] if g and not mb.done[i] else self.cfg.pad_token_id
-                  for i, g in enumerate(mb.generated)] +
-                 [self.cfg.pad_token_id] * (mb.batch - len(mb.generated)), np.int32)
+    rows, pad = len(mb.requests), self.cfg.pad_token_id
+    last = [mb.last(i) for i in range(rows)]
+    x = np.array([pad if t is None or mb.done[i] else t for i, t in enumerate(last)] +
+                 [pad] * (mb.batch - rows), np.int32)
     live = int((~mb.done).sum())
     # Sampling belongs to the last stage's step: the next step is ready when that one ended.
     st.watchdog.expect(mb.mb_id)
-    final = all(len(mb.generated[i]) + 1 >= r.max_new_tokens
+    final = all(mb.count(i) + 1 >= r.max_new_tokens
                 for i, r in enumerate(mb.requests) if not mb.done[i])
     self.runtime.worker(0).submit(api.Step("decode", mb.mb_id, mb.step, x, positions, live,
                                            int(positions.max()), ready_at, self.epoch,
@@ -583,46 +454,3 @@ class PipelineEngine:
 def make_engine(cfg: ModelConfig, params, serve: ServeConfig, **kw) -> PipelineEngine:
   """The engine `serve` asks for (one class: the prompt path follows the config)."""
   return PipelineEngine(cfg, params, serve, **kw)
-
-
-def _check_limits(cfg: ModelConfig, serve: ServeConfig) -> None:
-  """The serve config against the model: what no prompt path can serve."""
-  if serve.max_len > cfg.max_positions:
-    raise ValueError(f"max_len {serve.max_len} exceeds the model's {cfg.max_positions} "
-                     "positions")
-  if serve.top_k > cfg.vocab_size:
-    raise ValueError(f"top_k {serve.top_k} exceeds the model's vocabulary of "
-                     f"{cfg.vocab_size} tokens")
-  if serve.eos_token_id is not None and serve.eos_token_id >= cfg.vocab_size:
-    raise ValueError(f"eos_token_id {serve.eos_token_id} is outside the model's vocabulary "
-                     f"[0, {cfg.vocab_size})")
-
-
-def _host_link(cost_model):
-  """The modeled device<->host link: the cost model's hardware's, else PCIe 4."""
-  hw = getattr(cost_model, "hardware", None)
-  return getattr(hw, "host_link", None) or cm.LINKS["pcie4"]
-
-
-def choose_swapping(engine: PipelineEngine, serve: ServeConfig, cost_model, swap_link,
-                    layer_scale: float, devices) -> kv_budget.SwapChoice:
-  """Swapping on/off and the microbatch size from the ServeConfig's budget (kv/budget.py)."""
-  budget = serve.device_kv_budget_bytes
-  if serve.device_kv_budget_fraction is not None:
-    stats = devices[0].memory_stats() if hasattr(devices[0], "memory_stats") else None
-    limit = (stats or {}).get("bytes_limit")
-    if not limit:
-      raise kv_budget.KVBudgetError(
-          f"device_kv_budget_fraction needs a device that reports its memory (a GPU); "
-          f"{devices[0].platform} does not: give device_kv_budget_bytes instead")
-    budget = int(serve.device_kv_budget_fraction * limit)
-  engine.kv_budget_bytes = budget   # the workers keep their swap-in staging within it
-  layers = [stop - start for start, stop in engine.plan.ranges]
-  cost = cost_model if serve.swapping == "auto" and budget is not None else None
-  if serve.swapping == "auto" and budget is not None and cost is None:
-    # Real pacing without a cost model: judge the swap on this machine's measured roofline.
-    cost = cm.roofline(engine.cfg, cm.measure_cpu())
-    swap_link, layer_scale = cost.hardware.host_link, 1.0
-  return kv_budget.choose(serve.swapping, engine.cfg, layers, serve.max_len, budget,
-                          engine.plan.num_stages, serve.microbatch_size, cost, swap_link,
-                          serve.swap_context, layer_scale)

@@ -146,8 +146,9 @@ def run_experiment(c, out_dir: str, log=print, overwrite: bool = False,
   with make_engine(cfg, params, sc, cost_model=cost, devices=devices,
                    time_scale=c.cost.time_scale) as engine:
     if sc.prompt_stages or sc.token_stages:
-      log(f"disaggregated: {engine.Dp} prompt stages {list(engine.prompt_plan.ranges)} -> "
-          f"{engine.Dt} token stages {list(engine.plan.ranges)}, {engine.host_slots} host slots")
+      path = engine.prompt_path
+      log(f"disaggregated: {path.Dp} prompt stages {list(path.prompt_plan.ranges)} -> "
+          f"{path.Dt} token stages {list(engine.plan.ranges)}, {path.host_slots} host slots")
     log(f"pipeline: {engine.plan.num_stages} stages {list(engine.plan.ranges)} x tensor "
         f"{engine.plan.tensor}, microbatch {getattr(engine, 'microbatch_size', sc.microbatch_size)}"
         f", {sc.mode} mode, {sc.pacing}")
@@ -203,7 +204,7 @@ def run_experiment(c, out_dir: str, log=print, overwrite: bool = False,
             log(f"  failure of stage {ev.stage} at {ev.failed_at:.2f} s: detected after "
                 f"{ev.detection_s:.2f} s, recovered ({ev.strategy}) after {ev.recovery_s:.2f} s, "
                 f"{ev.lost_requests} requests in flight, {ev.recomputed_tokens} tokens to redo")
-          for line in getattr(engine.runtime, "report", lambda _: [])(res):   # Ray: killed pids
+          for line in engine.runtime.report(res):   # Ray: killed pids
             log(f"  {line}")
           for why in res.rejected.values():
             log(f"  rejected: {why}")
