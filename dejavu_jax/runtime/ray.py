@@ -72,7 +72,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from dejavu_jax.runtime.api import (Heartbeat, ReplicaSource, Step, StepResult, WorkerOptions,
                                     WorkerStats, recovery_lines)
 from dejavu_jax.runtime.ray_actor import CONCURRENCY_GROUPS, TRANSPORTS, ActorSpec, StageActor
-from dejavu_jax.runtime.ray_session import (_actor_env, _pool_put, _pool_take,  # noqa: F401
+from dejavu_jax.runtime.ray_session import (actor_env, pool_put, pool_take,  # noqa: F401
                                             init_ray)
 
 PLACEMENTS = {"pack": "PACK", "spread": "STRICT_SPREAD"}
@@ -221,7 +221,7 @@ class RayRuntime:
 
   def _options(self, bundle: int | None) -> dict:
     opts = dict(num_cpus=0, num_gpus=self.gpus or 0, max_restarts=0, max_task_retries=0,
-                runtime_env={"env_vars": _actor_env(self.tensor, self.gpus)})
+                runtime_env={"env_vars": actor_env(self.tensor, self.gpus)})
     if bundle is not None:
       opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
           self._pg, placement_group_bundle_index=bundle)
@@ -230,7 +230,7 @@ class RayRuntime:
   def _create(self, s: int, checkpoint: str | None):
     spec = self._spec(s, checkpoint)
     params = self._param_refs[s] if checkpoint is None else None
-    pooled = _pool_take(self._pool_key) if self.placement == "pack" else None
+    pooled = pool_take(self._pool_key) if self.placement == "pack" else None
     if pooled is not None:   # a started process of an earlier pipeline, reset to no stage
       return pooled, pooled.configure.remote(spec, params), spec.worker_id
     actor = self._actor_cls.options(**self._options(s)).remote(spec, params)
@@ -239,7 +239,7 @@ class RayRuntime:
   def _spare(self):
     """A started actor with no stage yet (JAX up), configured when a worker must be replaced:
     the spare machine of the paper. Spares sit outside the placement group."""
-    return _pool_take(self._pool_key) or self._actor_cls.options(**self._options(None)).remote()
+    return pool_take(self._pool_key) or self._actor_cls.options(**self._options(None)).remote()
 
   def _broadcast_peers(self) -> None:
     with self._lock:
@@ -339,7 +339,7 @@ class RayRuntime:
     for actor, ref in resets.items():
       try:
         ray.get(ref, timeout=15)
-        _pool_put(self._pool_key, actor)
+        pool_put(self._pool_key, actor)
       except Exception:  # pylint: disable=broad-except
         try:
           ray.kill(actor, no_restart=True)

@@ -52,6 +52,10 @@ the outcome, and every serve's summary says which was chosen and why (`swapping`
 `swapping_reason`, `microbatch_size`). Swapping itself is the workers' cache placement policy;
 the engine only marks a decode step `final` so workers do not prefetch a microbatch that is
 about to leave.
+
+Beside it: admission.py (request checks), sizing.py (model limits, KV budget), recovery.py (the
+plan's execution), result.py (what a serve returns). What stays here (a little over 400 lines)
+is the loop with the event handlers and step submissions it calls, which share `ServeState`.
 """
 
 from __future__ import annotations
