@@ -70,7 +70,7 @@ def _run(cfg, params, layerwise, args):
   disagg_rt.PromptWorker._prefill_fn = timed_prefill_fn
   try:
     with DisaggregatedEngine(cfg, params, serve) as eng:
-      eng.prompt_runtime.tracer = tracer
+      eng.prompt_path.runtime.tracer = tracer
       res = eng.serve(reqs)
   finally:
     disagg_rt.PromptWorker._prefill_fn = original

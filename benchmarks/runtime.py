@@ -92,7 +92,7 @@ def _tpot(res) -> float:
 
 
 def _transports(runs: int) -> dict:
-  env = {"env_vars": ray_rt._actor_env(1, 0)}  # pylint: disable=protected-access
+  env = {"env_vars": ray_rt.actor_env(1, 0)}
   out = {}
   for name in TRANSPORTS:
     cls = ray.remote(num_cpus=0, runtime_env=env)(_Bench)

@@ -677,16 +677,6 @@ class ServeConfig:
     """Every field by its flat name."""
     return {name: getattr(getattr(self, group), name) for name, group in _FIELD_GROUP.items()}
 
-  # TEMPORARY (engine transition): serving/, runtime/ and fault/ still read flat names
-  # (`sc.heartbeat_timeout_s`); once they read `sc.fault.heartbeat_timeout_s` (rewrite them with
-  # `serve_field_paths()`), delete this method.
-  def __getattr__(self, name):
-    group = _FIELD_GROUP.get(name)
-    value = self.__dict__.get(group) if group is not None else None
-    if value is None:   # also while unpickling, before the groups are set
-      raise AttributeError(f"ServeConfig has no attribute {name!r}")
-    return getattr(value, name)
-
 
 def _is_int(x) -> bool:
   return isinstance(x, numbers.Integral) and not isinstance(x, bool)

@@ -12,6 +12,7 @@ from dejavu_jax.costmodel import TableCostModel
 from dejavu_jax.fault.controller import FailureSpec
 from dejavu_jax.pipeline.fake import fake_generate
 from dejavu_jax.serving.disagg_engine import DisaggregatedEngine, DisaggregationError
+from dejavu_jax.serving.engine import PipelineEngine
 from dejavu_jax.workload import Request
 
 CFG = tiny_config("opt", num_layers=6, max_positions=128)
@@ -56,7 +57,7 @@ def _settle(eng):
     if not any(s.inbox or s.cache_mb_ids for s in st):
       break
     time.sleep(0.01)
-  return eng.worker_stats(), eng.prompt_worker_stats()
+  return eng.worker_stats(), eng.prompt_path.worker_stats()
 
 
 @pytest.mark.timeout(120)
@@ -73,7 +74,7 @@ def test_tokens_identical_any_split(dp, dt):
       # Every microbatch left: no token worker holds a cache or a host slot.
       assert all(s.cache_mb_ids == [] for s in tok)
       assert all(eng.runtime.worker(s).slots.held() == [] for s in range(dt))
-      assert eng.slots_free() == [eng.host_slots] * dt
+      assert eng.slots_free() == [eng.prompt_path.host_slots] * dt
   assert any(len(t) < r.max_new_tokens for r, t in zip(mixed, _reference(mixed, eos).values()))
 
 
@@ -84,15 +85,16 @@ def test_one_host_slot_blocks_prompts_without_loss_or_deadlock():
   reqs = _mixed(14, seed=1)
   held = []
   with DisaggregatedEngine(CFG, None, _config(2, 2, host_slots=1)) as eng:
-    orig = eng._inject_prompts   # pylint: disable=protected-access
+    path = eng.prompt_path
+    orig = path.inject
 
-    def spy(sched):
-      orig(sched)
-      held.append(len(eng._prompt))   # pylint: disable=protected-access
-    eng._inject_prompts = spy   # pylint: disable=protected-access
+    def spy(engine, st):
+      orig(engine, st)
+      held.append(len(st.path.phases))
+    path.inject = spy
     res = eng.serve(reqs)
     assert res.tokens() == _reference(reqs)
-    assert max(held) == 1 and eng.host_slots == 1
+    assert max(held) == 1 and eng.prompt_path.host_slots == 1
     _settle(eng)
     assert eng.slots_free() == [1, 1]
 
@@ -116,12 +118,12 @@ def _failure_run(failure, recovery="replica"):
   sc = _config(2, 2, pacing="paced", recovery=recovery)
   with DisaggregatedEngine(CFG, None, sc, cost_model=cost) as eng:
     tok_ids = [w.worker_id for w in (eng.runtime.worker(s) for s in range(2))]
-    pro_ids = [w.worker_id for w in (eng.prompt_runtime.worker(s) for s in range(2))]
+    pro_ids = [w.worker_id for w in (eng.prompt_path.runtime.worker(s) for s in range(2))]
     eng.generate([[5, 6, 7, 8]] * 3, 3)   # compiled before the measured run
     res = eng.serve(reqs, failures=[failure])
     tok, _ = _settle(eng)
     after = ([eng.runtime.worker(s).worker_id for s in range(2)],
-             [eng.prompt_runtime.worker(s).worker_id for s in range(2)])
+             [eng.prompt_path.runtime.worker(s).worker_id for s in range(2)])
   return reqs, res, tok, (tok_ids, pro_ids), after
 
 
@@ -181,3 +183,12 @@ def test_real_model_tokens_identical():
   with DisaggregatedEngine(cfg, params, serve) as eng:
     res = eng.serve(reqs)
   assert res.tokens() == greedy_references(cfg, params, reqs, max_len=32)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kw,field", [(dict(runtime="ray"), "runtime"),
+                                      (dict(swapping="on"), "swapping")])
+def test_disaggregation_refuses_what_it_cannot_run_by_name(kw, field):
+  with pytest.raises(ValueError, match=field):
+    PipelineEngine(CFG, None, ServeConfig(program="fake", max_len=64, prompt_stages=1,
+                                          token_stages=1, **kw))

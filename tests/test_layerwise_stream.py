@@ -65,8 +65,8 @@ def _serve(layerwise):
   reqs = _requests()
   log = _Log()
   with DisaggregatedEngine(CFG, None, serve) as eng:
-    assert eng.prompt_runtime.layerwise is layerwise
-    eng.prompt_runtime.tracer = log
+    assert eng.prompt_path.runtime.layerwise is layerwise
+    eng.prompt_path.runtime.tracer = log
     res = eng.serve(reqs)
     held = [eng.runtime.worker(d).slots.held() for d in range(3)]
   assert res.error is None

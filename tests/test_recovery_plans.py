@@ -153,3 +153,25 @@ def test_adjacent_double_failure_each_strategy_alone(recovery):
     assert set(ev.handled_by) == {"restart"}
   else:
     assert set(ev.handled_by) <= {"snapshot", "restart"} and ev.handled_by.get("snapshot", 0) >= 1
+
+
+@pytest.mark.timeout(180)
+def test_replica_one_step_ahead_of_the_pipeline_is_used():
+  """The pattern an outside campaign found (D=3, microbatches of one request): stage 2 crashes
+  after 5 steps, stage 1 after 10. After the first recovery stage 1 re-sends its replicas to the
+  new stage 2 as blocks at the last step it ran, which can be one step ahead of what the
+  pipeline completed; when stage 1 then dies, that replica ("holds steps k..k") is used, not
+  refused: every recovery is the replica's and the tokens are identical."""
+  cost = TableCostModel(CFG, prompt=0.006, token=0.003)
+  serve = ServeConfig(num_stages=3, microbatch_size=1, max_len=64, heartbeat_s=0.03,
+                      heartbeat_timeout_s=0.3, recovery="replica", program="fake",
+                      pacing="paced", progress_timeout_s=30.0)
+  reqs = [Request(i, 0.0, (3 + i, 7, 11 + i), 40) for i in range(3)]
+  with PipelineEngine(CFG, None, serve, cost_model=cost) as eng:
+    eng.warmup()
+    res = eng.serve(reqs, failures=[FailureSpec(stage=2, after_steps=5),
+                                    FailureSpec(stage=1, after_steps=10)])
+  assert res.tokens() == _reference(reqs)
+  assert [ev.stages for ev in res.recoveries] == [(2,), (1,)], res.recoveries
+  for ev in res.recoveries:
+    assert set(ev.handled_by) == {"replica"} and ev.load_errors == [], ev

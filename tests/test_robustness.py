@@ -208,7 +208,7 @@ def test_bounded_queue_under_tenfold_overload():
     eng.warmup()
     tracemalloc.start()
     try:
-      res = eng.serve(reqs, progress=lambda *_: depths.append(len(eng._sched.pending)))  # pylint: disable=protected-access
+      res = eng.serve(reqs, progress=lambda *_: depths.append(len(eng._state.sched.pending)))  # pylint: disable=protected-access
       _, peak = tracemalloc.get_traced_memory()
     finally:
       tracemalloc.stop()

@@ -86,10 +86,12 @@ def test_replace_flat_or_group():
     sc.replace(recovry="snapshot")
 
 
-def test_temporary_flat_reads_and_pickling():
+def test_fields_are_read_through_their_group_and_pickling():
   sc = C.ServeConfig(heartbeat_timeout_s=4.0, ray_placement="spread")
-  assert sc.heartbeat_timeout_s == sc.fault.heartbeat_timeout_s == 4.0
-  assert sc.ray_placement == "spread"
+  assert sc.fault.heartbeat_timeout_s == 4.0
+  assert sc.cluster.ray_placement == "spread"
+  with pytest.raises(AttributeError):   # one access path: the group's
+    sc.heartbeat_timeout_s  # pylint: disable=pointless-statement
   with pytest.raises(AttributeError):
     sc.no_such_field  # pylint: disable=pointless-statement
   assert pickle.loads(pickle.dumps(sc)) == sc

@@ -89,7 +89,7 @@ def test_tokens_identical_with_swapping(stages, mode, eos):
     res = eng.serve(reqs)
     stats = eng.worker_stats()
     events = [eng.runtime.worker(s).swap_events for s in range(stages)]
-    swaps = [eng.runtime.worker(s).swap_stats() for s in range(stages)]
+    swaps = [eng.runtime.worker(s).stats().swap for s in range(stages)]
   assert res.tokens() == _reference(reqs, eos)
   if eos is not None:
     assert any(len(v) < r.max_new_tokens for r, v in zip(reqs, res.tokens().values()))

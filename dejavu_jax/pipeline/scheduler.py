@@ -15,7 +15,9 @@ Modes:
 
 The scheduler is the single source of what each request has generated (`RequestState`): the
 engine records sampled tokens here, recovery rewinds or requeues here, and the metrics records
-are derived from it at the end. Recovery operations:
+are derived from it at the end. A microbatch keeps no tokens of its own: its rows' tokens are
+their states' tokens past what they held when it was formed (a continuation's earlier tokens
+are in its prompt). Recovery operations:
   rewind(mb, r)          the microbatch resumes after step r (its caches were restored as of r):
                          tokens of its live rows after step r are dropped (to be generated again)
   requeue(mb, mode)      its unfinished requests go back to the front of the queue, "restart"
@@ -54,12 +56,26 @@ class Microbatch:
   batch: int                     # B, rows of the microbatch's cache
   positions: np.ndarray          # [B] next write position per row (= tokens in cache)
   done: np.ndarray               # [B] bool; empty rows are done from the start
-  generated: list                # per request row: the tokens generated in this microbatch
+  states: list                   # per request row: its RequestState
+  base: list                     # per request row: its tokens before this microbatch
   step: int = 0                  # completed steps (prefill = 1)
 
   @property
   def complete(self) -> bool:
     return bool(self.done.all())
+
+  def count(self, row: int) -> int:
+    """Tokens row `row` generated in this microbatch."""
+    return len(self.states[row].tokens) - self.base[row]
+
+  def last(self, row: int) -> int | None:
+    """Row `row`'s latest token in this microbatch, or None."""
+    return self.states[row].tokens[-1] if self.count(row) else None
+
+  @property
+  def generated(self) -> list[list[int]]:
+    """Per request row, the tokens generated in this microbatch (a copy)."""
+    return [st.tokens[b:] for st, b in zip(self.states, self.base)]
 
   @property
   def prompt_bucket_len(self) -> int:
@@ -114,7 +130,9 @@ class Scheduler:
     positions[:len(take)] = [len(r.prompt) for r in take]
     done = np.ones(b, bool)
     done[:len(take)] = False
-    mb = Microbatch(self._next_mb, slot, take, b, positions, done, [[] for _ in take])
+    states = [self.states[r.request_id] for r in take]
+    mb = Microbatch(self._next_mb, slot, take, b, positions, done, states,
+                    [len(st.tokens) for st in states])
     self._next_mb += 1
     self.in_flight[mb.mb_id] = mb
     self.injected_order.extend(r.request_id for r in take)
@@ -129,16 +147,13 @@ class Scheduler:
       if mb.done[i]:
         continue
       tok = int(tokens[i])
-      mb.generated[i].append(tok)
-      state = self.states.get(req.request_id)
-      if state is not None:
-        state.tokens.append(tok)
-        state.token_times.append(t)
-      if len(mb.generated[i]) >= req.max_new_tokens or tok == eos_token_id:
+      state = mb.states[i]
+      state.tokens.append(tok)
+      state.token_times.append(t)
+      if mb.count(i) >= req.max_new_tokens or tok == eos_token_id:
         mb.done[i] = True
         finished.append(i)
-        if state is not None:
-          state.finish = t
+        state.finish = t
     mb.step += 1
     return finished
 
@@ -162,12 +177,11 @@ class Scheduler:
                        f"{mb.step} steps")
     dropped = 0
     for i, req in enumerate(mb.requests):
-      state = self.states[req.request_id]
+      state = mb.states[i]
       if state.done:
         continue   # already returned to the client; its later cache entries are never read
-      extra = len(mb.generated[i]) - (step + 1)
+      extra = mb.count(i) - (step + 1)
       if extra > 0:
-        del mb.generated[i][step + 1:]
         del state.tokens[len(state.tokens) - extra:]
         del state.token_times[len(state.token_times) - extra:]
         state.recomputed += extra

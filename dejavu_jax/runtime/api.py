@@ -10,15 +10,33 @@ Messages in (`Worker` methods; none blocks on the worker's progress):
   submit(Step)                run one prefill or decode step of a microbatch (FIFO per worker)
   set_epoch(e)                steps of an older epoch still queued are dropped (out of band: it
                               overtakes queued steps)
-  load_cache(mb, source)      install a microbatch's cache from a `CacheSource`; replies
+  load_cache(mb, source, e)   install a microbatch's cache from a `CacheSource`; replies
                               `CacheLoaded`
-  export_replica(...)         (replica holder) send a replica it holds to another worker
+  export_replica(stage, mb, step, to, e)
+                              (replica holder) send a replica it holds to worker `to`, as part
+                              of the recovery of epoch e
   free(mb)                    the microbatch left the pipeline (FIFO: after its queued steps)
-  resync()                    re-send the replicas of every cache held to the successor (after
-                              the successor was replaced)
-  stats()                     a `WorkerStats` (the one call that answers directly)
+  resync()                    re-send the replicas of every cache held to the ring successor
+                              (`ring_holder`; after the successor was replaced)
+  reserve_slot(mb) -> bool    (token worker of a disaggregated deployment) reserve a host slot
+                              for a prompt cache streamed in; False when none is free
+  load_prompt(mb, e, ...)     (token worker) install the prompt cache landed in its host slot,
+                              in inbox order; frees the slot (`SlotFreed`) and replies
+                              `CacheLoaded`
+  stats()                     a `WorkerStats`, swap counters included (the one call that
+                              answers directly)
+Runtime calls beside the workers: start, worker, alive, died_at, notified_dead (deaths the
+runtime was told of without waiting for silence: a failed actor), vouches_alive (the runtime
+knows for certain the worker lives: a thread of this process; a silent worker it vouches for is
+starved, not dead), kill, stall, arm, disarm, replace, counters (runtime-level counters for the
+serve summary), report (lines for experiment logs), close.
 Events out (one channel, `Runtime.events`): `StepResult`, `StepError`, `Heartbeat`, `Ack`,
-`CacheLoaded`, `SnapshotSaved`, `Progress`.
+`CacheLoaded`, `SnapshotSaved`, `Progress`; with disaggregation also `PromptLanded`,
+`SlotFreed` and the prompt runtime's events wrapped in `FromPrompt`.
+
+Replication is a ring: stage s's replica lives on `ring_holder(s, D)`. The runtimes route
+replication writes by it and the recovery strategies (fault/strategies.py) plan by it; it is
+declared here, the lowest module both may import.
 """
 
 from __future__ import annotations
@@ -42,6 +60,11 @@ class Step:
   epoch: int = 0              # recovery epoch; steps of an older epoch are dropped
   final: bool = False         # a hint: every live row reaches its token limit at this step (a
                               # swapping worker does not prefetch the microbatch after it)
+
+
+def ring_holder(stage: int, num_stages: int) -> int:
+  """The stage whose worker keeps the replica of `stage`'s caches (its ring successor)."""
+  return (stage + 1) % num_stages
 
 
 # ---- cache sources (what `load_cache` restores from; plain data, so any runtime can ship them)
@@ -123,6 +146,29 @@ class SnapshotSaved:
 
 
 @dataclasses.dataclass
+class PromptLanded:
+  """Token stage `stage` holds microbatch `mb_id`'s complete prompt cache in a host slot."""
+  stage: int
+  mb_id: int
+  worker_id: int
+
+
+@dataclasses.dataclass
+class SlotFreed:
+  """Token stage `stage`'s worker freed `mb_id`'s host slot (the prompt path's flow control)."""
+  stage: int
+  mb_id: int
+  worker_id: int
+
+
+@dataclasses.dataclass
+class FromPrompt:
+  """An event of the prompt runtime (its `stage` numbers the prompt pipeline's stages), carried
+  on the token runtime's channel so the engine waits on one queue."""
+  event: object
+
+
+@dataclasses.dataclass
 class WorkerStats:
   stage: int
   worker_id: int
@@ -135,6 +181,9 @@ class WorkerStats:
   inbox: int                  # messages queued
   kv_device_bytes: int = 0    # the KV cache buffers alone (what the device KV budget bounds)
   kv_peak_device_bytes: int = 0   # the most KV cache bytes held at once so far
+  snapshot_errors: int = 0    # snapshot saves that failed (runtime/snapshot.py logs why)
+  swap: dict = dataclasses.field(default_factory=dict)   # swapping counters (runtime/swapping.py
+                                                         # `Swapping.stats`); {} without swapping
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,9 +201,12 @@ class Worker(Protocol):
   def submit(self, step: Step) -> None: ...
   def set_epoch(self, epoch: int) -> None: ...
   def load_cache(self, mb_id: int, source, epoch: int) -> None: ...
-  def export_replica(self, stage: int, mb_id: int, step: int, to: int) -> None: ...
+  def export_replica(self, stage: int, mb_id: int, step: int, to: int, epoch: int) -> None: ...
   def free(self, mb_id: int) -> None: ...
   def resync(self) -> None: ...
+  def reserve_slot(self, mb_id: int) -> bool: ...
+  def load_prompt(self, mb_id: int, epoch: int, start_at: float = 0.0,
+                  load_s: float = 0.0) -> None: ...
   def stats(self) -> WorkerStats: ...
 
 
@@ -172,7 +224,23 @@ class Runtime(Protocol):
   def died_at(self, stage: int) -> float | None: ...
   def replace(self, stage: int) -> Worker: ...
   def alive(self, stage: int) -> bool: ...
+  def notified_dead(self) -> list[int]: ...
+  def vouches_alive(self, stage: int) -> bool: ...
+  def counters(self) -> dict: ...
+  def report(self, result=None) -> list[str]: ...
   def close(self) -> None: ...
+
+
+def recovery_lines(result) -> list[str]:
+  """Each recovery of a `ServeResult` as one line (stages, timeline, who handled what)."""
+  lines = []
+  for ev in getattr(result, "recoveries", ()):
+    after = [t for r in result.records for t in r.token_times if t > ev.recovered_at]
+    first = f", first token {min(after):.3f} s" if after else ""
+    lines.append(f"stage(s) {list(ev.stages)}: killed {ev.failed_at:.3f} s, detected "
+                 f"{ev.detected_at:.3f} s, replaced and resumed {ev.recovered_at:.3f} s{first} "
+                 f"({ev.handled_by})")
+  return lines
 
 
 def drain(events: queue.Queue, first_timeout: float) -> Sequence:

@@ -24,8 +24,9 @@ Two worker sets over disjoint devices of the mesh, each a `LocalRuntime` of its 
   `CacheLoaded`. With replication the installed cache is sent to the successor as a block, as
   after any install (`LocalWorker._install`).
 
-Events of the prompt runtime reach the engine wrapped in `FromPrompt` on the token runtime's one
-event channel, so the engine waits on one queue and stage numbers never collide.
+Events of the prompt runtime reach the engine wrapped in `api.FromPrompt` on the token runtime's
+one event channel, so the engine waits on one queue and stage numbers never collide; the token
+workers' `PromptLanded` and `SlotFreed` are declared in api.py too.
 """
 
 from __future__ import annotations
@@ -38,32 +39,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from dejavu_jax.kv.cache import init_cache_for
-from dejavu_jax.runtime.local import LocalRuntime, LocalWorker, PeerDead, _Free
+from dejavu_jax.runtime.api import FromPrompt, PromptLanded, SlotFreed
+from dejavu_jax.runtime.local import LocalRuntime, LocalWorker, PeerDead
 from dejavu_jax.stream.packing import to_host
 from dejavu_jax.stream.route import owners, stream_out
 from dejavu_jax.stream.slots import HostSlots
-
-
-@dataclasses.dataclass
-class FromPrompt:
-  """An event of the prompt runtime (its `stage` numbers the prompt pipeline's stages)."""
-  event: object
-
-
-@dataclasses.dataclass
-class PromptLanded:
-  """Token stage `stage` holds microbatch `mb_id`'s complete prompt cache in a host slot."""
-  stage: int
-  mb_id: int
-  worker_id: int
-
-
-@dataclasses.dataclass
-class SlotFreed:
-  """Token stage `stage`'s worker freed `mb_id`'s host slot."""
-  stage: int
-  mb_id: int
-  worker_id: int
 
 
 @dataclasses.dataclass
@@ -190,8 +170,9 @@ class TokenWorker(LocalWorker):
         self._free_slot(msg.mb_id)
       return
     super()._handle(msg)
-    if isinstance(msg, _Free):
-      self._free_slot(msg.mb_id)
+
+  def _on_free(self, mb_id: int) -> None:
+    self._free_slot(mb_id)
 
   def _free_slot(self, mb_id: int) -> None:
     if self.slots.release(mb_id) and self.alive:

@@ -40,6 +40,10 @@ The threads and queues, and what each blocks on:
    the link is free, and the step starts no earlier than it ends.
 
 Any exception in a step becomes a `StepError` naming the stage: nothing is swallowed.
+
+Why one module of this size: a worker's step, its paced clock, its swapping hand-offs and its
+inbox messages run on the one worker thread walked through above; split apart, the order of
+what that thread does (and what each other thread may touch) would no longer read in one place.
 """
 
 from __future__ import annotations
@@ -61,7 +65,7 @@ from dejavu_jax.kv.store import AllOnDevice, CacheStore, device_bytes
 from dejavu_jax.runtime.swapping import Swapping
 from dejavu_jax.runtime.api import (Ack, CacheLoaded, Heartbeat, Progress, ReplicaSource,
                                     SnapshotSaved, SnapshotSource, Step, StepError, StepResult,
-                                    WorkerOptions, WorkerStats)
+                                    WorkerOptions, WorkerStats, recovery_lines, ring_holder)
 
 # (stage_index, kind, layers, batch, tokens) -> modeled seconds of the step.
 PaceFn = Callable[[int, str, int, int, int], float]
@@ -167,7 +171,7 @@ class LocalWorker:
     else:
       raise TypeError(f"unknown cache source {source!r}")
 
-  def export_replica(self, stage: int, mb_id: int, step: int, to: int, epoch: int = 0) -> None:
+  def export_replica(self, stage: int, mb_id: int, step: int, to: int, epoch: int) -> None:
     self._inbox.put(_Export(stage, mb_id, step, to, epoch))
 
   def free(self, mb_id: int) -> None:
@@ -176,8 +180,18 @@ class LocalWorker:
   def resync(self) -> None:
     self._inbox.put(_Resync())
 
+  def reserve_slot(self, mb_id: int) -> bool:
+    raise NotImplementedError(f"stage {self.stage}'s worker has no host slots: prompt slots "
+                              "belong to the token workers of a disaggregated deployment")
+
+  def load_prompt(self, mb_id: int, epoch: int, start_at: float = 0.0,
+                  load_s: float = 0.0) -> None:
+    raise NotImplementedError(f"stage {self.stage}'s worker has no host slots: prompt loads "
+                              "belong to the token workers of a disaggregated deployment")
+
   def stats(self) -> WorkerStats:
     held = self._params
+    swap = getattr(self._store.policy, "stats", None)   # the swapping policy's counters
     return WorkerStats(
         stage=self.stage, worker_id=self.worker_id, alive=self.alive,
         steps_done=self._steps_done, busy_s=self._busy_s, overruns=self._overruns,
@@ -185,12 +199,9 @@ class LocalWorker:
         self._store.live_device_bytes(),
         cache_mb_ids=self._store.mb_ids(), inbox=self._inbox.qsize(),
         kv_device_bytes=self._store.live_device_bytes(),
-        kv_peak_device_bytes=self._store.peak_device_bytes())
-
-  def swap_stats(self) -> dict:
-    """The swapping policy's counters (kv/swapping.py `Swapping.stats`); {} without swapping."""
-    stats = getattr(self._store.policy, "stats", None)
-    return stats() if stats else {}
+        kv_peak_device_bytes=self._store.peak_device_bytes(),
+        snapshot_errors=self._snap.errors if self._snap is not None else 0,
+        swap=swap() if swap else {})
 
   @property
   def swap_events(self) -> list:
@@ -289,6 +300,7 @@ class LocalWorker:
       self._swapped_out_at.pop(msg.mb_id, None)
       self._mb_rows.pop(msg.mb_id, None)
       self._finished.discard(msg.mb_id)
+      self._on_free(msg.mb_id)
     elif isinstance(msg, _Export):
       self._export(msg)
     elif isinstance(msg, _Load):
@@ -305,6 +317,10 @@ class LocalWorker:
         for mb, cache in caches.items():
           if mb in self._last_step:
             self._tap.send_block(mb, self._last_step[mb], cache)
+
+  def _on_free(self, mb_id: int) -> None:
+    """A subclass's hook on the worker thread when a microbatch leaves (a token worker frees its
+    host slot: runtime/disagg.py)."""
 
   def _after_compute(self, msg: Step, cache) -> None:
     """A subclass's hook on the worker thread after a step computed, before its output is handed
@@ -495,6 +511,21 @@ class LocalRuntime:
   def alive(self, stage: int) -> bool:
     return self._workers[stage].alive
 
+  def vouches_alive(self, stage: int) -> bool:
+    """A thread of this process that has not stopped lives: its silence is starvation."""
+    return self._workers[stage].alive
+
+  def notified_dead(self) -> list[int]:
+    """None: a crashed thread says nothing; heartbeat silence detects it (as in the paper)."""
+    return []
+
+  def counters(self) -> dict:
+    return {"dropped_events": 0}   # events travel in-process: none is ever lost
+
+  def report(self, result=None) -> list[str]:
+    """Each recovery's timeline (api.recovery_lines), for experiment logs."""
+    return recovery_lines(result)
+
   def kill(self, stage: int) -> None:
     self._workers[stage].kill()
 
@@ -544,7 +575,7 @@ class LocalRuntime:
         raise ConnectionError(f"injected transport failure: stage {write.stage} -> successor, "
                               f"microbatch {write.mb_id} step {write.step}")
       with self._lock:
-        target = self._workers[(sender.stage + 1) % self.num_stages]
+        target = self._workers[ring_holder(sender.stage, self.num_stages)]
       return target.receive_replica(write)
     return send
 

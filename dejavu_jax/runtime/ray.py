@@ -46,12 +46,16 @@ and controller do not change. The processes, threads and what waits on what:
    replacements are placed by Ray outside the group). A session this runtime starts has no
    dashboard, keeps Ray's token authentication and listens on 127.0.0.1 only: every Ray server
    (GCS, raylet, workers, agents) and the actors' transfer servers (`init_ray`, ray_session.py).
+
+This module is a little over 400 lines because the driver's handle, the runtime's life cycle
+and its one event thread share the lock and the dead-stage tables above; they are one unit.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import os
 import queue
 import signal
@@ -66,9 +70,9 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from dejavu_jax.runtime.api import (Heartbeat, ReplicaSource, Step, StepResult, WorkerOptions,
-                                    WorkerStats)
+                                    WorkerStats, recovery_lines)
 from dejavu_jax.runtime.ray_actor import CONCURRENCY_GROUPS, TRANSPORTS, ActorSpec, StageActor
-from dejavu_jax.runtime.ray_session import (_actor_env, _pool_put, _pool_take,  # noqa: F401
+from dejavu_jax.runtime.ray_session import (actor_env, pool_put, pool_take,  # noqa: F401
                                             init_ray)
 
 PLACEMENTS = {"pack": "PACK", "spread": "STRICT_SPREAD"}
@@ -96,7 +100,7 @@ class RayWorker:
     else:
       self.actor.load_cache.remote(mb_id, source, epoch)
 
-  def export_replica(self, stage: int, mb_id: int, step: int, to: int, epoch: int = 0) -> None:
+  def export_replica(self, stage: int, mb_id: int, step: int, to: int, epoch: int) -> None:
     self.actor.export_replica.remote(stage, mb_id, step, to, epoch)
 
   def free(self, mb_id: int) -> None:
@@ -104,6 +108,15 @@ class RayWorker:
 
   def resync(self) -> None:
     self.actor.resync.remote()
+
+  def reserve_slot(self, mb_id: int) -> bool:
+    raise NotImplementedError("prompt-token disaggregation (host slots) runs on the local "
+                              "runtime only")
+
+  def load_prompt(self, mb_id: int, epoch: int, start_at: float = 0.0,
+                  load_s: float = 0.0) -> None:
+    raise NotImplementedError("prompt-token disaggregation (prompt cache loads) runs on the "
+                              "local runtime only")
 
   def stats(self) -> WorkerStats:
     if self._rt.alive(self.stage) or self._rt.worker(self.stage) is not self:
@@ -150,6 +163,7 @@ class RayRuntime:
     self.options = WorkerOptions()
     self.kills: list[dict] = []          # one record per SIGKILL (stage, pid, when, how)
     self._reported = 0
+    self.dropped_events = 0
     self._owns_ray = init_ray(address)
     self._params = params
     self._param_refs: dict[int, object] = {}
@@ -207,7 +221,7 @@ class RayRuntime:
 
   def _options(self, bundle: int | None) -> dict:
     opts = dict(num_cpus=0, num_gpus=self.gpus or 0, max_restarts=0, max_task_retries=0,
-                runtime_env={"env_vars": _actor_env(self.tensor, self.gpus)})
+                runtime_env={"env_vars": actor_env(self.tensor, self.gpus)})
     if bundle is not None:
       opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
           self._pg, placement_group_bundle_index=bundle)
@@ -216,7 +230,7 @@ class RayRuntime:
   def _create(self, s: int, checkpoint: str | None):
     spec = self._spec(s, checkpoint)
     params = self._param_refs[s] if checkpoint is None else None
-    pooled = _pool_take(self._pool_key) if self.placement == "pack" else None
+    pooled = pool_take(self._pool_key) if self.placement == "pack" else None
     if pooled is not None:   # a started process of an earlier pipeline, reset to no stage
       return pooled, pooled.configure.remote(spec, params), spec.worker_id
     actor = self._actor_cls.options(**self._options(s)).remote(spec, params)
@@ -225,7 +239,7 @@ class RayRuntime:
   def _spare(self):
     """A started actor with no stage yet (JAX up), configured when a worker must be replaced:
     the spare machine of the paper. Spares sit outside the placement group."""
-    return _pool_take(self._pool_key) or self._actor_cls.options(**self._options(None)).remote()
+    return pool_take(self._pool_key) or self._actor_cls.options(**self._options(None)).remote()
 
   def _broadcast_peers(self) -> None:
     with self._lock:
@@ -325,7 +339,7 @@ class RayRuntime:
     for actor, ref in resets.items():
       try:
         ray.get(ref, timeout=15)
-        _pool_put(self._pool_key, actor)
+        pool_put(self._pool_key, actor)
       except Exception:  # pylint: disable=broad-except
         try:
           ray.kill(actor, no_restart=True)
@@ -345,13 +359,16 @@ class RayRuntime:
     kills, self._reported = self.kills[self._reported:], len(self.kills)
     lines = [f"stage {k['stage']}: pid {k['pid']} (worker {k['worker_id']}) killed by "
              f"{k['how']}" for k in kills]
-    for ev in getattr(result, "recoveries", ()):
-      after = [t for r in result.records for t in r.token_times if t > ev.recovered_at]
-      first = f", first token {min(after):.3f} s" if after else ""
-      lines.append(f"stage(s) {list(ev.stages)}: killed {ev.failed_at:.3f} s, detected "
-                   f"{ev.detected_at:.3f} s, replaced and resumed {ev.recovered_at:.3f} s{first} "
-                   f"({ev.handled_by})")
-    return lines
+    return lines + recovery_lines(result)
+
+  def counters(self) -> dict:
+    """Event batches lost to a failed poll that was not an actor's death (logged each time)."""
+    return {"dropped_events": self.dropped_events}
+
+  def vouches_alive(self, stage: int) -> bool:
+    """Never: a silent actor may sit on a lost host; heartbeat silence decides."""
+    del stage
+    return False
 
   # ---- the event channel ----
   def _poll_loop(self) -> None:
@@ -384,7 +401,10 @@ class RayRuntime:
                                    "how": "SIGKILL by the actor itself (armed failure)"})
               self._notified.setdefault(s, now)
           continue
-        except Exception:  # pylint: disable=broad-except
+        except Exception as e:  # pylint: disable=broad-except
+          self.dropped_events += 1   # the actor lives, but this batch of its events is lost
+          logging.warning("ray runtime: a poll of stage %d failed (%s: %s); its events are "
+                          "lost", s, type(e).__name__, e)
           continue
         for ev in evs:
           self.events.put(self._stamp(ev))

@@ -38,7 +38,7 @@ import numpy as np
 import ray
 
 from dejavu_jax.runtime.replication import ReplicaWrite
-from dejavu_jax.runtime.api import Step, StepError, StepResult, WorkerOptions
+from dejavu_jax.runtime.api import Step, StepError, StepResult, WorkerOptions, ring_holder
 from dejavu_jax.runtime.local import LocalWorker, PeerDead
 
 
@@ -102,9 +102,6 @@ class ObjectStoreTransport:
 
   def send_replica(self, peer, write: ReplicaWrite, token: str) -> int:
     return ray.get(peer.receive_replica.remote(write, token), timeout=self.timeout_s)
-
-  def unpack(self, payload):
-    return payload
 
 
 class JaxTransferTransport:
@@ -211,8 +208,8 @@ class _ActorRuntime:
       if fault is not None and fault(write):
         raise ConnectionError(f"injected transport failure: stage {write.stage} -> successor, "
                               f"microbatch {write.mb_id} step {write.step}")
-      return self.transport.send_replica(self._peer((sender.stage + 1) % self.num_stages), write,
-                                         self.token)
+      holder = self._peer(ring_holder(sender.stage, self.num_stages))
+      return self.transport.send_replica(holder, write, self.token)
     return send
 
 
@@ -304,7 +301,7 @@ class StageActor:
   def load_cache(self, mb_id: int, source, epoch: int) -> None:
     self.worker.load_cache(mb_id, source, epoch)
 
-  def export_replica(self, stage: int, mb_id: int, step: int, to: int, epoch: int = 0) -> None:
+  def export_replica(self, stage: int, mb_id: int, step: int, to: int, epoch: int) -> None:
     self.worker.export_replica(stage, mb_id, step, to, epoch)
 
   def deliver(self, msg, token: str) -> None:

@@ -62,7 +62,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, loopback: 
   return True
 
 
-def _actor_env(tensor: int, gpus: float) -> dict:
+def actor_env(tensor: int, gpus: float) -> dict:
   import dejavu_jax  # pylint: disable=g-import-not-at-top
   root = os.path.dirname(os.path.dirname(os.path.abspath(dejavu_jax.__file__)))
   env = {"PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p),
@@ -91,14 +91,14 @@ def _session() -> tuple:
   return ctx.get_job_id(), ctx.get_node_id()
 
 
-def _pool_take(key):
+def pool_take(key):
   if _POOL["job"] != _session():
     _POOL.update(job=_session(), actors={})
   free = _POOL["actors"].get(key)
   return free.pop() if free else None
 
 
-def _pool_put(key, actor) -> None:
+def pool_put(key, actor) -> None:
   if _POOL["job"] != _session():
     _POOL.update(job=_session(), actors={})
   _POOL["actors"].setdefault(key, []).append(actor)

@@ -213,10 +213,6 @@ class ReplicationTap:
       self._gen.pop(mb_id, None)
       self._broken.discard(mb_id)
 
-  def last_step(self, mb_id: int) -> int | None:
-    with self._lock:
-      return self._last.get(mb_id)
-
   def close(self) -> None:
     # Failed transfers were already counted and resent: they are not errors of the run.
     self.streamer.close(wait=False, raise_on_error=False)

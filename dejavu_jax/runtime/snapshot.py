@@ -9,8 +9,10 @@ thread; orbax's own async mode is off: its extra threads raced on the temporary 
 several workers snapshot at once) under
 `directory/stage_{s}/worker_{w}/{id}` (a replacement worker never writes where a dead one may have
 left a half-written checkpoint); when the checkpoint is complete it emits `SnapshotSaved` with its
-path and the step of every microbatch it holds. While a save is still running, newer snapshots are skipped
-(counted), so a slow disk costs staleness, never a growing queue or a stalled step.
+path and the step of every microbatch it holds. While a save is still running, newer snapshots
+are skipped (counted), so a slow disk costs staleness, never a growing queue or a stalled step.
+A save that fails is counted in `errors` (the worker's `WorkerStats.snapshot_errors`, the serve
+summary's `snapshot_errors`) and logged once per kind of error.
 
 A replacement worker restores snapshot `id` from that path (`restore`), for every microbatch the
 recovery plan resumes from it. Orbax keeps each worker's last `keep` complete snapshots.
@@ -18,6 +20,7 @@ recovery plan resumes from it. Orbax keeps each worker's last `keep` complete sn
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import threading
@@ -30,6 +33,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from dejavu_jax.kv.cache import KVCache
+
+_LOGGED: set[str] = set()   # kinds of save error already logged in this process
 
 
 def worker_dir(directory: str, stage: int, worker_id: int) -> str:
@@ -57,7 +62,7 @@ class Snapshotter:
     self._steps = 0
     self._busy = threading.Event()
     self._jobs: queue.Queue = queue.Queue()
-    self.saved = self.skipped = 0
+    self.saved = self.skipped = self.errors = 0
     self.save_s: list[float] = []          # wall time of each save, off the critical path
     self._thread = threading.Thread(target=self._run, daemon=True, name=f"snapshot-{stage}")
     self._thread.start()
@@ -101,10 +106,16 @@ class Snapshotter:
         self.saved += 1
         if not self._dead.is_set():
           self._emit(self.path, sid, {int(mb): int(v["step"]) for mb, v in tree.items()})
-      except Exception:  # pylint: disable=broad-except
+      except Exception as e:  # pylint: disable=broad-except
         # A failed snapshot is one that never completes: recovery uses an older one or falls
-        # back; the worker keeps serving.
-        self.skipped += 1
+        # back; the worker keeps serving. Counted (the serve summary's `snapshot_errors`) and
+        # logged once per kind of error, so a broken directory does not flood the log.
+        self.errors += 1
+        kind = type(e).__name__
+        if kind not in _LOGGED:
+          _LOGGED.add(kind)
+          logging.warning("snapshot %d of stage %d under %s failed (%s: %s); further %s errors "
+                          "are counted, not logged", sid, self.stage, self.path, kind, e, kind)
       finally:
         self._busy.clear()
 

@@ -25,7 +25,7 @@ def default_host_slots(prompt_stages: int, token_stages: int) -> int:
 
 def check_split(cfg: ModelConfig, serve: ServeConfig, num_devices: int) -> tuple[int, int, int]:
   """(Dp, Dt, host_slots) of `serve`, or a DisaggregationError naming what is impossible."""
-  dp, dt = serve.prompt_stages, serve.token_stages
+  dp, dt = serve.disagg.prompt_stages, serve.disagg.token_stages
   for name, v in (("prompt_stages", dp), ("token_stages", dt)):
     if not isinstance(v, int) or isinstance(v, bool) or v < 1:
       raise DisaggregationError(f"{name} must be an integer >= 1 for a disaggregated engine, "
@@ -34,17 +34,17 @@ def check_split(cfg: ModelConfig, serve: ServeConfig, num_devices: int) -> tuple
     if v > cfg.num_layers:
       raise DisaggregationError(f"{name} = {v} exceeds the model's {cfg.num_layers} layers: "
                                 "every stage needs at least one layer")
-  need = (dp + dt) * serve.tensor
+  need = (dp + dt) * serve.topology.tensor
   if need > num_devices:
-    raise DisaggregationError(f"prompt_stages {dp} + token_stages {dt} at tensor {serve.tensor} "
+    raise DisaggregationError(f"prompt_stages {dp} + token_stages {dt} at tensor {serve.topology.tensor} "
                               f"need {need} devices, but only {num_devices} are available")
-  if serve.stage_ranges is not None:
+  if serve.topology.stage_ranges is not None:
     raise DisaggregationError("stage_ranges is not supported with disaggregation: both "
                               "pipelines use the balanced split of the layers")
-  if serve.stream_link is not None and serve.stream_link not in cm.LINKS:
-    raise DisaggregationError(f"unknown stream_link {serve.stream_link!r}; known: "
+  if serve.disagg.stream_link is not None and serve.disagg.stream_link not in cm.LINKS:
+    raise DisaggregationError(f"unknown stream_link {serve.disagg.stream_link!r}; known: "
                               f"{', '.join(cm.LINKS)}")
-  slots = default_host_slots(dp, dt) if serve.host_slots is None else serve.host_slots
+  slots = default_host_slots(dp, dt) if serve.disagg.host_slots is None else serve.disagg.host_slots
   if not isinstance(slots, int) or isinstance(slots, bool) or slots < 1:
     raise DisaggregationError(f"host_slots must be an integer >= 1, got {slots!r}")
   return dp, dt, slots

@@ -6,7 +6,7 @@ renders chosen columns for the index page, and `plot_lines` / `plot_bars` draw e
 system on one chart (no pyplot state), and the serve runner's latency-vs-rate and failure-timeline
 charts.
 
-What a reviewer needs to read a chart (issue 21): every legend entry visible (each line its own
+What a reviewer needs to read a chart: every legend entry visible (each line its own
 marker and dash; coinciding timeline curves drawn a point apart), failures marked and labelled,
 a failure-free baseline drawn first wherever failures are, validity warnings printed on the
 figure, bars on a linear axis with their values and the legend clear of them.

@@ -98,7 +98,7 @@ def _failure_cell(f: FailureSpec) -> list:
 
 
 def _run_warnings(res, failures, summary: dict) -> list[str]:
-  """Why a run's numbers are not what they claim to be (issue 15, 21): written into the summary
+  """Why a run's numbers are not what they claim to be: written into the summary
   row, comparison.md and the timeline plot, not only printed."""
   out = []
   if summary.get("paced_overruns"):
@@ -194,8 +194,9 @@ def run_experiment(c, out_dir: str, log=print, overwrite: bool = False,
   with make_engine(cfg, params, sc, cost_model=cost, devices=devices,
                    time_scale=c.cost.time_scale) as engine:
     if sc.disagg.prompt_stages or sc.disagg.token_stages:
-      log(f"disaggregated: {engine.Dp} prompt stages {list(engine.prompt_plan.ranges)} -> "
-          f"{engine.Dt} token stages {list(engine.plan.ranges)}, {engine.host_slots} host slots")
+      path = engine.prompt_path
+      log(f"disaggregated: {path.Dp} prompt stages {list(path.prompt_plan.ranges)} -> "
+          f"{path.Dt} token stages {list(engine.plan.ranges)}, {path.host_slots} host slots")
     log(f"pipeline: {engine.plan.num_stages} stages {list(engine.plan.ranges)} x tensor "
         f"{engine.plan.tensor}, microbatch {getattr(engine, 'microbatch_size', sc.topology.microbatch_size)}"
         f", {sc.topology.mode} mode, {sc.timing.pacing}")
@@ -245,7 +246,7 @@ def run_experiment(c, out_dir: str, log=print, overwrite: bool = False,
                 f"{sum(r.done for r in res.records)} requests served are written to {out_dir}")
             raise failed
           log(run_line(summary, tag, res))
-          for line in getattr(engine.runtime, "report", lambda _: [])(res):   # Ray: killed pids
+          for line in engine.runtime.report(res):   # the recovery timeline (Ray: killed pids)
             log(f"  {line}")
           for why in res.rejected.values():
             log(f"  rejected: {why}")
@@ -305,7 +306,7 @@ def warm(engine, workloads, recomputes: bool, log=print, bars: bool = True) -> N
   of their prompts and, when a recovery recomputes, those of prompt + generated tokens. Each
   bucket is a dummy request served before the clock starts (a compile mid-run skews latencies
   and can starve heartbeats)."""
-  max_len = engine.serve_cfg.max_len
+  max_len = engine.serve_cfg.topology.max_len
   if not hasattr(engine, "generate"):
     bar = runrecord.progress_bar(0, "compile (prompt buckets)", bars, unit="bucket")
     engine.warmup(progress=bar)

@@ -97,13 +97,13 @@ def serve_once(cfg: ModelConfig, params, reqs, *, stages: int, max_len: int, bud
                       swap_link=link) as eng:
     prompt = len(reqs[0].prompt)
     eng.generate([[5] * prompt] * eng.microbatch_size, 3)   # compile outside the measurement
-    stats0 = [w.swap_stats() for w in (eng.runtime.worker(s) for s in range(stages))]
+    stats0 = [w.stats().swap for w in (eng.runtime.worker(s) for s in range(stages))]
     busy0 = [st.busy_s for st in eng.worker_stats()]
     t0 = time.perf_counter()
     res = eng.serve(reqs)
     wall = time.perf_counter() - t0
     stats = eng.worker_stats()
-    swap = [w.swap_stats() for w in (eng.runtime.worker(s) for s in range(stages))]
+    swap = [w.stats().swap for w in (eng.runtime.worker(s) for s in range(stages))]
   busy = sum(st.busy_s for st in stats) - sum(busy0)
   blocked = sum(s.get("blocked_s", 0) - s0.get("blocked_s", 0) for s, s0 in zip(swap, stats0))
   commit = sum(s.get("commit_s", 0) - s0.get("commit_s", 0) for s, s0 in zip(swap, stats0))
