@@ -32,6 +32,11 @@ def get_config():
   c.model_depths = (2,)
   c.model_microbatch_sizes = (2,)
   c.model_strategies = ("restart", "replica", "snapshot")
+  # SmolLM2-135M (packaged GGUF weights, real compute: seconds per scenario on this CPU).
+  c.smollm2_injections = 3
+  c.smollm2_strategies = ("replica", "snapshot")
+  c.smollm2_prompt_step_s = 0.06
+  c.smollm2_token_step_s = 0.04
   # Ray actors (a crash is a SIGKILL of the actor process); Ray takes seconds to start.
   c.ray_injections = 2
   c.ray_depths = (2,)

@@ -11,5 +11,6 @@ def get_config():
   c.strategies = ("replica,snapshot,reprefill", "snapshot", "restart")
   c.model_depths = (2,)
   c.ray_injections = 0
+  c.smollm2_injections = 0
   c.min_judged = 1
   return c

@@ -50,7 +50,7 @@ def test_report_counts_untriggered_apart_and_can_fail():
 def test_scenarios_cover_the_space_and_are_timed_for_their_strategy():
   c = campaign.get_config()
   c.injections = 600
-  c.ray_injections = 0
+  c.ray_injections = c.smollm2_injections = 0
   scen = draw_scenarios(c, np.random.default_rng(1))
   assert {s.pattern for s in scen} >= {"single", "adjacent", "close", "during_recovery",
                                         "during_recovery_holder"}
@@ -76,9 +76,9 @@ def test_scenarios_cover_the_space_and_are_timed_for_their_strategy():
       assert s.strategy in c.model_strategies and s.mechanism in c.model_mechanisms
   for strategy in c.strategies:
     assert sum(s.targeted for s in scen if s.strategy == strategy) >= 40, strategy
-  c.injections, c.ray_injections = 0, 3
-  ray = draw_scenarios(c, np.random.default_rng(2))
-  assert [s.runtime for s in ray] == ["ray"] * 3 and all(s.program == "fake" for s in ray)
+  c.injections, c.ray_injections, c.smollm2_injections = 0, 3, 2
+  few = draw_scenarios(c, np.random.default_rng(2))
+  assert [(s.runtime, s.program) for s in few] == [("ray", "fake")] * 3 + [("local", "smollm2")] * 2
 
 
 def test_real_model_greedy_outputs_vary():

@@ -2,8 +2,9 @@
 reports what happened rather than what was configured.
 
 Each scenario draws
-  program     the fake stage program (`pipeline/fake.py`) or a real tiny transformer with random
-              weights scaled so its greedy outputs vary (`real_model_params`);
+  program     the fake stage program (`pipeline/fake.py`), a real tiny transformer with random
+              weights scaled so its greedy outputs vary (`real_model_params`), or, on a few
+              scenarios, SmolLM2-135M (the packaged GGUF weights);
   mechanism   colocated, colocated with microbatch swapping, or prompt-token disaggregated
               (failures on the prompt side or the token side; `FailureSpec.stage` numbers the
               prompt stages first);
@@ -59,7 +60,7 @@ _DESIGNED = {"replica": ("single", "close")}
 
 @dataclasses.dataclass
 class Scenario:
-  program: str          # "fake" | "model"
+  program: str          # "fake" | "model" (tiny random) | "smollm2" (SmolLM2-135M's weights)
   mechanism: str        # "colocated" | "swapping" | "disagg"
   runtime: str          # "local" | "ray"
   depth: int            # colocated stages, or token stages when disaggregated
@@ -94,9 +95,12 @@ def _spec(kind, c, stage, **trigger):
                      **trigger)
 
 
-def _draw_one(c, rng, runtime="local") -> Scenario:
-  program = "model" if rng.random() < c.model_fraction else "fake"
-  if runtime == "ray":
+def _draw_one(c, rng, runtime="local", program=None) -> Scenario:
+  program = program or ("model" if rng.random() < c.model_fraction else "fake")
+  if program == "smollm2":   # a few scenarios: real compute of a 30-layer model is slow here
+    mechanism, d, b = "colocated", 2, 2
+    strategy = _pick(rng, tuple(c.smollm2_strategies))
+  elif runtime == "ray":
     program, mechanism = "fake", "colocated"
     d, b, strategy = _pick(rng, tuple(c.ray_depths)), 2, _pick(rng, tuple(c.ray_strategies))
   elif program == "model":
@@ -150,6 +154,7 @@ def _draw_one(c, rng, runtime="local") -> Scenario:
 def draw_scenarios(c, rng: np.random.Generator) -> list[Scenario]:
   out = [_draw_one(c, rng) for _ in range(c.injections)]
   out += [_draw_one(c, rng, "ray") for _ in range(c.get("ray_injections", 0))]
+  out += [_draw_one(c, rng, program="smollm2") for _ in range(c.get("smollm2_injections", 0))]
   return out
 
 
@@ -176,7 +181,8 @@ def _workload(c, rng: np.random.Generator, cfg, slow: bool) -> list[Request]:
 def _serve_config(c, sc: Scenario) -> ServeConfig:
   shape = (dict(prompt_stages=sc.prompt_depth, token_stages=sc.depth)
            if sc.mechanism == "disagg" else dict(num_stages=sc.depth))
-  return ServeConfig(microbatch_size=sc.microbatch, max_len=c.max_len, program=sc.program,
+  return ServeConfig(microbatch_size=sc.microbatch, max_len=c.max_len,
+                     program="fake" if sc.program == "fake" else "model",
                      pacing="paced", recovery=sc.strategy, heartbeat_s=c.heartbeat_s,
                      heartbeat_timeout_s=(c.ray_heartbeat_timeout_s if sc.runtime == "ray"
                                           else c.heartbeat_timeout_s),
@@ -231,20 +237,24 @@ def _oracle(sc: Scenario, cfg, params, reqs) -> dict:
   if sc.program == "fake":
     return {r.request_id: fake_generate(cfg, [r.prompt], r.max_new_tokens)[0] for r in reqs}
   from dejavu_jax.models.generate import generate  # pylint: disable=g-import-not-at-top
-  return {r.request_id: generate(cfg, params, [r.prompt], r.max_new_tokens)[0] for r in reqs}
+  # The engine serves without a stop token (ServeConfig.eos_token_id None); so does the oracle.
+  return {r.request_id: generate(cfg, params, [r.prompt], r.max_new_tokens, eos_token_id=-1)[0]
+          for r in reqs}
 
 
 def _cost(c, cfg, sc: Scenario):
   prompt, token = ((c.slow_prompt_step_s, c.slow_token_step_s) if sc.slow else
                    (c.prompt_step_s, c.token_step_s))
+  if sc.program == "smollm2":   # its real steps take longer: the pacing sets a floor only
+    prompt, token = c.smollm2_prompt_step_s, c.smollm2_token_step_s
   return TableCostModel(cfg, prompt=prompt * sc.depth / cfg.num_layers,
                         token=token * sc.depth / cfg.num_layers)
 
 
 def run_campaign(c, log=print) -> dict:
   """Runs every scenario of config `c` (see configs/campaign.py); returns the report."""
-  cfg = tiny_config("opt", num_layers=c.num_layers, max_positions=c.max_len)
-  params = None
+  tiny = tiny_config("opt", num_layers=c.num_layers, max_positions=c.max_len)
+  models = {"fake": (tiny, None)}   # program -> (ModelConfig, params), loaded when first needed
   rng = np.random.default_rng(c.seed)
   scenarios = draw_scenarios(c, rng)
   groups = collections.defaultdict(list)
@@ -256,15 +266,19 @@ def run_campaign(c, log=print) -> dict:
   try:
     for key, group in sorted(groups.items()):
       first = group[0]
-      if first.program == "model" and params is None:
-        params = real_model_params(cfg, c.model_seed, c.model_scale)
+      if first.program not in models:
+        if first.program == "model":
+          models["model"] = (tiny, real_model_params(tiny, c.model_seed, c.model_scale))
+        else:
+          from dejavu_jax.models import gguf  # pylint: disable=g-import-not-at-top
+          models["smollm2"] = gguf.load_smollm2("float32")[:2]
+      cfg, params = models[first.program]
       if first.runtime == "ray" and not ray_up:
         from dejavu_jax.runtime.ray import init_ray  # pylint: disable=g-import-not-at-top
         init_ray(num_cpus=c.ray_num_cpus)
         ray_up = True
       try:
-        eng = make_engine(cfg, params if first.program == "model" else None,
-                          _serve_config(c, first), cost_model=_cost(c, cfg, first))
+        eng = make_engine(cfg, params, _serve_config(c, first), cost_model=_cost(c, cfg, first))
       except Exception as e:  # pylint: disable=broad-except
         for sc in group:   # an engine that cannot be built fails every scenario of its group
           records.append(_run_one_failed(sc, f"{type(e).__name__}: {e}"))
