@@ -37,6 +37,8 @@ def get_config():
   c.smollm2_strategies = ("replica", "snapshot")
   c.smollm2_prompt_step_s = 0.06
   c.smollm2_token_step_s = 0.04
+  c.smollm2_heartbeat_timeout_s = 2.0
+  c.smollm2_progress_timeout_s = 5.0
   # Ray actors (a crash is a SIGKILL of the actor process); Ray takes seconds to start.
   c.ray_injections = 2
   c.ray_depths = (2,)

@@ -181,13 +181,15 @@ def _workload(c, rng: np.random.Generator, cfg, slow: bool) -> list[Request]:
 def _serve_config(c, sc: Scenario) -> ServeConfig:
   shape = (dict(prompt_stages=sc.prompt_depth, token_stages=sc.depth)
            if sc.mechanism == "disagg" else dict(num_stages=sc.depth))
+  # Ray actors and SmolLM2's real steps can hold a worker silent for longer than the fake
+  # program's timeouts (a compile, a loaded machine): a death declared then is spurious.
+  slow = {"ray": "ray_", "smollm2": "smollm2_"}.get(
+      sc.runtime if sc.runtime == "ray" else sc.program, "")
   return ServeConfig(microbatch_size=sc.microbatch, max_len=c.max_len,
                      program="fake" if sc.program == "fake" else "model",
                      pacing="paced", recovery=sc.strategy, heartbeat_s=c.heartbeat_s,
-                     heartbeat_timeout_s=(c.ray_heartbeat_timeout_s if sc.runtime == "ray"
-                                          else c.heartbeat_timeout_s),
-                     progress_timeout_s=(c.ray_progress_timeout_s if sc.runtime == "ray"
-                                         else c.progress_timeout_s),
+                     heartbeat_timeout_s=c[slow + "heartbeat_timeout_s"],
+                     progress_timeout_s=c[slow + "progress_timeout_s"],
                      snapshot_every=c.snapshot_every, step_timeout_s=c.deadline_s,
                      swapping="on" if sc.mechanism == "swapping" else "off",
                      runtime=sc.runtime, **shape)
