@@ -59,6 +59,7 @@ def get_config():
   # microbatch has a replicated, acknowledged step by then).
   c.min_step, c.max_step = 2, 24
   c.replica_steps_per_stage = 3
+  c.prompt_max_step = 2        # disaggregated prompt-side failures: after 1..2 prefills
   # Snapshot-first strategies: right after the pipeline's n-th complete snapshot, n in this
   # range (the 1st may be of the previous run's microbatches), paced slowly enough that a
   # microbatch outlives an orbax save.

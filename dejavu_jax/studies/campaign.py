@@ -126,6 +126,10 @@ def _draw_one(c, rng, runtime="local", program=None) -> Scenario:
     at = int(rng.integers(c.snapshot_rounds[0], c.snapshot_rounds[1] + 1))
     first = _spec(kind, c, lo + s, after_snapshots=at)
     later = _spec("crash", c, lo + nxt, after_snapshots=at + 1)
+  elif side == "prompt":   # a prompt worker steps once per microbatch's prefill: a few per run
+    at = int(rng.integers(1, c.prompt_max_step + 1))
+    first = _spec(kind, c, lo + s, after_steps=at)
+    later = _spec("crash", c, lo + nxt, after_steps=at + 1)
   else:
     least = c.min_step
     if own == "replica":   # after every in-flight microbatch's step was replicated and acked
@@ -230,7 +234,9 @@ def _run_one(eng, sc: Scenario, reqs, ref) -> dict:
       recomputed_tokens=sum(ev.recomputed_tokens for ev in events),
       handled_by=dict(handled), load_errors=sum(len(ev.load_errors) for ev in events),
       wall_s=round(time.perf_counter() - start, 2))
-  rec["triggered"] = bool(events)
+  # Untriggered: the run ended before any failure fired. A run that failed with no recovery
+  # event is not one of them (it is judged, and fails).
+  rec["triggered"] = bool(events) or rec["error"] is not None
   rec["handled_own"] = handled.get(sc.own, 0) > 0
   return rec
 
