@@ -352,7 +352,7 @@ def report(c, records: list, wall: float) -> dict:
         "handled_own": sum(r["handled_own"] for r in judged),
         "rate": None if rate is None else round(rate, 3),
         # A strategy with fewer than `min_judged` judged scenarios is too rare to judge.
-        "met": len(judged) < c.min_judged or rate >= c.handled_target}
+        "met": len(judged) < max(c.min_judged, 1) or rate >= c.handled_target}
   by = {}
   for dim in ("strategy", "program", "mechanism", "runtime", "side", "pattern", "kind", "depth"):
     vals = collections.defaultdict(list)
