@@ -91,6 +91,12 @@ def main(argv):
   for k, v in result.items():
     print(f"{k:>24}: {v:.4f}" if isinstance(v, float) else f"{k:>24}: {v}")
   result["wall_s"] = round(time.perf_counter() - t0, 1)
+  # Which figures are measured on this machine and which are modelled (a cost model, the
+  # simulator, or a paced run, which sleeps to the cost model's step times and so agrees
+  # with the simulator by construction).
+  result["kind"] = {**{k: "measured" for k in ("real_tok_s_d1", "real_tok_s_d2",
+                                                "real_d2_over_d1", "wall_s")},
+                    **{k: "modelled" for k in result if k.startswith("paced_vs_formula")}}
   print(json.dumps(result))
 
 

@@ -58,11 +58,14 @@ def main():
   print(f"simulate_colocated, {args.requests} requests: {sim_s:.3f} s", flush=True)
   cpu_s = median_time(cm.measure_cpu, args.runs)
   print(f"measure_cpu: {cpu_s:.3f} s", flush=True)
+  # The simulator's own wall time is measured (what it simulates is not reported here).
+  kind = {k: "measured" for k in ("sim_paper_scale_s", "sim_within_target", "measure_cpu_s",
+                                  "measure_cpu_within_target")}
   print(json.dumps(dict(
       runs=args.runs, requests=args.requests,
       sim_paper_scale_s=sim_s, sim_target_s=SIM_TARGET_S, sim_within_target=sim_s < SIM_TARGET_S,
       measure_cpu_s=cpu_s, measure_cpu_target_s=MEASURE_CPU_TARGET_S,
-      measure_cpu_within_target=cpu_s < MEASURE_CPU_TARGET_S)))
+      measure_cpu_within_target=cpu_s < MEASURE_CPU_TARGET_S, kind=kind)))
 
 
 if __name__ == "__main__":

@@ -125,6 +125,13 @@ def main() -> None:
   out["targets"] = {"batch_ratio": 2, "paced_throughput_gain": 1.6,
                     "swap_overhead_per_step": 0.05}
   out["wall_s"] = time.perf_counter() - t0
+  # Which figures are measured on this machine and which are modelled (a cost model, the
+  # simulator, or a paced run, which sleeps to the cost model's step times and so agrees
+  # with the simulator by construction).
+  modelled = ("modeled_batches", "batch_ratio", "paced_throughput_gain", "sim_throughput_gain",
+              "paced_within_budget")
+  out["kind"] = {k: "modelled" if k in modelled else "measured"
+                 for k in out if k not in ("targets", "real_model")}
   print(json.dumps(out))
 
 

@@ -92,12 +92,22 @@ def test_plan_report_smoke():
   text, summary = planner.plan_report(get_model_config("opt_13b", dtype="float16"), 2,
                                       "a100_80gb", planner.Workload(1000, 50, 8),
                                       batch_sizes=(8,))
-  assert "Recommended:" in text and "why:" in text
-  assert summary["best"]["throughput_rps"] > 0
+  best = summary["best"]
+  # The recommendation is the fastest candidate, and the text names it with its throughput.
+  assert best["throughput_rps"] >= max(summary["best_disaggregated"]["throughput_rps"],
+                                       summary["plain_baseline"]["throughput_rps"])
+  assert best["throughput_rps"] == pytest.approx(best["batch"] / best["inverse_throughput"],
+                                                rel=1e-6)
+  (rec,) = [ln for ln in text.splitlines() if ln.startswith("Recommended:")]
+  assert f"({best['throughput_rps']:.3f} req/s" in rec
+  # Here m > 2: no Y/t makes disaggregation pay, and the report says why.
+  a = summary["analytical"]
+  assert a["m"] > 2 and not a["helps"] and a["threshold"] == math.inf
+  assert "disaggregation does not pay" in text
 
 
 def test_why_explains_the_recommendation_and_the_paper_comparison_is_shown():
-  """Issue 21: the explanation spoke of the split (Dp=1, Dt=3) while recommending colocated
+  """The explanation once spoke of the split (Dp=1, Dt=3) while recommending colocated
   replicas, and the split was never simulated. Now the why names the recommended system, and the
   split is simulated beside the same machines without data-parallel replicas."""
   text, summary = planner.plan_report(get_model_config("opt_66b", dtype="float16"), 4,

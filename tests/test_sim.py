@@ -198,4 +198,8 @@ def test_paper_scale_run():
   cost = cm.roofline(get_model_config("opt_66b", dtype="float16"), "a100_80gb", gpus_per_machine=2)
   reqs = make_requests(0.5, 1000, prompt_len=1000, seed=0)
   res = simulate_colocated(cost, reqs, 4, batch_size=8)
-  assert res.summary["num_requests"] == 1000
+  s = res.summary
+  assert s["num_requests"] == s["completed"] == 1000 and s["num_unfinished"] == 0
+  # Served no faster than requests arrive, and not before the last one arrived.
+  span = max(r.arrival for r in reqs) - min(r.arrival for r in reqs)
+  assert s["duration"] >= span and s["request_throughput"] <= 1000 / span

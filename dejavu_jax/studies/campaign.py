@@ -1,17 +1,40 @@
-"""A randomized failure campaign against the public serving API, with an oracle per run.
+"""A randomized failure campaign against the public serving API, with an oracle per run, that
+reports what happened rather than what was configured.
 
-Each scenario draws a pipeline depth, a microbatch size, a recovery strategy (or chain), a failure
-kind (crash or stall), a pattern (one stage; two adjacent stages at once or a few steps apart; a
-first failure and a second one during its recovery, which may be the holder of the replica being
-read) and the stages (stage 0 and the last stage included), injects it through the runtime at a
-random step of the worker, and serves a small open-loop workload on the fake stage program
-(`pipeline/fake.py`, paced so the pipeline behaves as a slow one). Oracle: every request
-completes, and its tokens equal `fake_generate` (exact for every strategy: the fake model has no
-near-ties, so `reprefill` is exact too). A scenario that raises or does not finish within its
-deadline is a hang.
+Each scenario draws
+  program     the fake stage program (`pipeline/fake.py`), a real tiny transformer with random
+              weights scaled so its greedy outputs vary (`real_model_params`), or, on a few
+              scenarios, SmolLM2-135M (the packaged GGUF weights);
+  mechanism   colocated, colocated with microbatch swapping, or prompt-token disaggregated
+              (failures on the prompt side or the token side; `FailureSpec.stage` numbers the
+              prompt stages first);
+  runtime     local threads, or Ray actors (a crash is a real SIGKILL; full config only);
+and a pipeline depth, a microbatch size, a recovery strategy (or chain), a failure kind (crash or
+stall) and a pattern (one stage; two adjacent stages at once or a little apart; a first failure
+and a second one during its recovery).
 
-Engines are built once per (depth, microbatch, strategy) and reused across that group's
-scenarios (replaced workers and all), which is also what a long-running server sees.
+Failures are timed so that the configured strategy can do its job: a failure fired 5 ms into a
+run, before any orbax save has finished, is handled by the `restart` every chain ends in, and a
+campaign timed like that says "snapshot: 100% identical" about runs in which no snapshot was ever
+read. So `snapshot` failures fire right after the pipeline's 2nd or 3rd complete snapshot
+(`FailureSpec.after_snapshots`) under a slower pacing (a microbatch lives longer than a save
+takes), and `replica` failures fire after enough steps that every in-flight microbatch has an
+acknowledged replica. Such scenarios are `targeted`: for each configured strategy, the share of
+its targeted scenarios that fired and lost work in which its first strategy really handled
+microbatches (`RecoveryEvent.handled_by`) must reach `c.handled_target`. Patterns a strategy is
+not designed to survive (adjacent failures or a replica holder dying for `replica`;
+disaggregated snapshot runs, which refuse snapshot-timed failures) are run and reported, but not
+targeted.
+
+Oracle: every request completes, and its tokens equal `fake_generate` (fake program; exact for
+every strategy) or the single-device greedy run (real model). `reprefill` recomputes keys and
+values in another summation order, so real-model scenarios draw only from the exact strategies
+(`c.model_strategies`). A run whose failures never fired (it ended first) is counted apart as
+untriggered, never as identical. `report["ok"]` is False (and the script exits non-zero) when a
+target is missed, a run did not complete, or a completed run differs from the oracle.
+
+Engines are built once per group (program, mechanism, runtime, shape, strategy) and reused for
+the group's scenarios (replaced workers and all), which is also what a long-running server sees.
 """
 
 from __future__ import annotations
@@ -26,139 +49,346 @@ from dejavu_jax.config import ServeConfig, tiny_config
 from dejavu_jax.costmodel import TableCostModel
 from dejavu_jax.fault.inject import FailureSpec
 from dejavu_jax.pipeline.fake import fake_generate
-from dejavu_jax.serving.engine import PipelineEngine
+from dejavu_jax.serving.disagg_engine import make_engine
 from dejavu_jax.workload import Request
 
 PATTERNS = ("single", "adjacent", "close", "during_recovery")
+# Patterns in which the first strategy of the chain can handle the failure by design: a replica
+# lives on the successor, so it is gone when both die, or when the holder dies mid-restore.
+_DESIGNED = {"replica": ("single", "close")}
 
 
 @dataclasses.dataclass
 class Scenario:
-  depth: int
+  program: str          # "fake" | "model" (tiny random) | "smollm2" (SmolLM2-135M's weights)
+  mechanism: str        # "colocated" | "swapping" | "disagg"
+  runtime: str          # "local" | "ray"
+  depth: int            # colocated stages, or token stages when disaggregated
+  prompt_depth: int     # prompt stages (disaggregated), else 0
   microbatch: int
   strategy: str
   kind: str
   pattern: str
+  side: str             # "prompt" | "token" (the first failure's side; "token" when colocated)
+  targeted: bool
   failures: tuple
+
+  @property
+  def own(self) -> str:
+    return self.strategy.split(",")[0]
+
+  @property
+  def slow(self) -> bool:
+    return any(f.after_snapshots is not None for f in self.failures)
+
+  def group(self) -> tuple:
+    return (self.program, self.mechanism, self.runtime, self.depth, self.prompt_depth,
+            self.microbatch, self.strategy, self.slow)
+
+
+def _pick(rng, values):
+  return values[int(rng.integers(0, len(values)))]
+
+
+def _spec(kind, c, stage, **trigger):
+  return FailureSpec(stage=stage, kind=kind, stall_s=c.stall_s if kind == "stall" else 0.0,
+                     **trigger)
+
+
+def _draw_one(c, rng, runtime="local", program=None) -> Scenario:
+  program = program or ("model" if rng.random() < c.model_fraction else "fake")
+  if program == "smollm2":   # a few scenarios: real compute of a 30-layer model is slow here
+    mechanism, d, b = "colocated", 2, 2
+    strategy = _pick(rng, tuple(c.smollm2_strategies))
+  elif runtime == "ray":
+    program, mechanism = "fake", "colocated"
+    d, b, strategy = _pick(rng, tuple(c.ray_depths)), 2, _pick(rng, tuple(c.ray_strategies))
+  elif program == "model":
+    mechanism = _pick(rng, tuple(c.model_mechanisms))
+    d, b = _pick(rng, tuple(c.model_depths)), _pick(rng, tuple(c.model_microbatch_sizes))
+    strategy = _pick(rng, tuple(c.model_strategies))
+  else:
+    mechanism = str(rng.choice(c.mechanisms, p=c.mechanism_p))
+    d = _pick(rng, tuple(c.disagg_depths if mechanism == "disagg" else c.depths))
+    b = _pick(rng, tuple(c.microbatch_sizes if mechanism == "colocated"
+                         else c.other_microbatch_sizes))
+    strategy = _pick(rng, tuple(c.strategies))
+  dp = _pick(rng, tuple(c.prompt_depths)) if mechanism == "disagg" else 0
+  kind = _pick(rng, tuple(c.kinds))
+  pattern = _pick(rng, PATTERNS)
+  side = "prompt" if dp and rng.random() < c.prompt_side_p else "token"
+  n, lo = (dp, 0) if side == "prompt" else (d, dp)   # the side's stages are lo .. lo + n - 1
+  s = int(rng.integers(0, n))
+  nxt = (s + 1) % n
+  own = strategy.split(",")[0]
+  by_snapshot = own == "snapshot" and mechanism != "disagg"
+  if by_snapshot:
+    at = int(rng.integers(c.snapshot_rounds[0], c.snapshot_rounds[1] + 1))
+    first = _spec(kind, c, lo + s, after_snapshots=at)
+    later = _spec("crash", c, lo + nxt, after_snapshots=at + 1)
+  elif side == "prompt":   # a prompt worker steps once per microbatch's prefill: a few per run
+    at = int(rng.integers(1, c.prompt_max_step + 1))
+    first = _spec(kind, c, lo + s, after_steps=at)
+    later = _spec("crash", c, lo + nxt, after_steps=at + 1)
+  else:
+    least = c.min_step
+    if own == "replica":   # after every in-flight microbatch's step was replicated and acked
+      least = max(least, c.replica_steps_per_stage * d)
+    at = int(rng.integers(least, max(least, c.max_step) + 1))
+    first = _spec(kind, c, lo + s, after_steps=at)
+    later = _spec("crash", c, lo + nxt, after_steps=at + int(rng.integers(1, 6)))
+  if pattern == "single" or n == 1:
+    pattern, fs = "single", (first,)
+  elif pattern == "adjacent":
+    fs = (first, dataclasses.replace(first, stage=lo + nxt))
+  elif pattern == "close":
+    fs = (first, later)
+  else:   # the successor (the replica's holder) or another stage dies mid-recovery
+    other = nxt if rng.random() < 0.5 else int(rng.integers(0, n))
+    fs = (first, _spec("crash", c, lo + other, during_recovery=True))
+    if other == nxt:
+      pattern = "during_recovery_holder"
+  designed = _DESIGNED.get(own, PATTERNS + ("during_recovery_holder",))
+  targeted = (side == "token" and pattern in designed and
+              (own != "snapshot" or by_snapshot))
+  return Scenario(program, mechanism, runtime, d, dp, b, strategy, kind, pattern, side, targeted,
+                  fs)
 
 
 def draw_scenarios(c, rng: np.random.Generator) -> list[Scenario]:
-  out = []
-  for _ in range(c.injections):
-    d = int(rng.choice(c.depths))
-    b = int(rng.choice(c.microbatch_sizes))
-    strategy = str(rng.choice(c.strategies))
-    kind = str(rng.choice(c.kinds))
-    pattern = str(rng.choice(PATTERNS))
-    s = int(rng.integers(0, d))
-    at = int(rng.integers(c.min_step, c.max_step + 1))
-    first = FailureSpec(stage=s, after_steps=at, kind=kind, stall_s=c.stall_s if kind == "stall"
-                        else 0.0)
-    nxt = (s + 1) % d
-    if pattern == "single" or d == 1:
-      fs = (first,)
-    elif pattern == "adjacent":
-      fs = (first, dataclasses.replace(first, stage=nxt))
-    elif pattern == "close":
-      fs = (first, FailureSpec(stage=nxt, after_steps=at + int(rng.integers(1, 6))))
-    else:   # the successor (the replica's holder) or another stage dies mid-recovery
-      other = nxt if rng.random() < 0.5 else int(rng.integers(0, d))
-      fs = (first, FailureSpec(stage=other, during_recovery=True))
-    out.append(Scenario(d, b, strategy, kind, pattern, fs))
+  out = [_draw_one(c, rng) for _ in range(c.injections)]
+  out += [_draw_one(c, rng, "ray") for _ in range(c.get("ray_injections", 0))]
+  out += [_draw_one(c, rng, program="smollm2") for _ in range(c.get("smollm2_injections", 0))]
   return out
 
 
-def _workload(c, rng: np.random.Generator, cfg) -> list[Request]:
+def real_model_params(cfg, seed: int, scale: float):
+  """Random weights whose greedy outputs vary: at flax's default init a tiny OPT's logits are
+  nearly flat and greedy decoding repeats one token ("15 15 15 ..."), which cannot tell a
+  resumed cache from a wrong one. Scaling every matrix sharpens the logits."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from dejavu_jax.models.decoder import init_params  # pylint: disable=g-import-not-at-top
+  params = init_params(cfg, jax.random.key(seed))
+  return jax.tree.map(lambda a: a * scale if a.ndim >= 2 else a, params)
+
+
+def _workload(c, rng: np.random.Generator, cfg, slow: bool) -> list[Request]:
   reqs = []
+  lo, hi = (c.slow_min_new, c.slow_max_new) if slow else (c.min_new, c.max_new)
   for i in range(c.requests):
     n = int(rng.integers(2, c.max_prompt + 1))
     prompt = tuple(int(t) for t in rng.integers(3, cfg.vocab_size, n))
-    reqs.append(Request(i, c.arrival_gap_s * i, prompt, int(rng.integers(c.min_new, c.max_new + 1))))
+    reqs.append(Request(i, c.arrival_gap_s * i, prompt, int(rng.integers(lo, hi + 1))))
   return reqs
 
 
+def _serve_config(c, sc: Scenario) -> ServeConfig:
+  shape = (dict(prompt_stages=sc.prompt_depth, token_stages=sc.depth)
+           if sc.mechanism == "disagg" else dict(num_stages=sc.depth))
+  # Ray actors and SmolLM2's real steps can hold a worker silent for longer than the fake
+  # program's timeouts (a compile, a loaded machine): a death declared then is spurious.
+  slow = {"ray": "ray_", "smollm2": "smollm2_"}.get(
+      sc.cluster.runtime if sc.cluster.runtime == "ray" else sc.topology.program, "")
+  return ServeConfig(microbatch_size=sc.microbatch, max_len=c.max_len,
+                     program="fake" if sc.topology.program == "fake" else "model",
+                     pacing="paced", recovery=sc.strategy, heartbeat_s=c.heartbeat_s,
+                     heartbeat_timeout_s=c[slow + "heartbeat_timeout_s"],
+                     progress_timeout_s=c[slow + "progress_timeout_s"],
+                     snapshot_every=c.snapshot_every, step_timeout_s=c.deadline_s,
+                     swapping="on" if sc.mechanism == "swapping" else "off",
+                     runtime=sc.cluster.runtime, **shape)
+
+
+def _run_one(eng, sc: Scenario, reqs, ref) -> dict:
+  """Serves one scenario; returns its record (what fired, who handled what, the verdict)."""
+  rec = {"program": sc.topology.program, "mechanism": sc.mechanism, "runtime": sc.cluster.runtime,
+         "depth": sc.depth, "prompt_depth": sc.prompt_depth, "microbatch": sc.microbatch,
+         "strategy": sc.strategy, "kind": sc.kind, "pattern": sc.pattern, "side": sc.side,
+         "targeted": sc.targeted, "failures": [f.describe() for f in sc.failures],
+         "specified": len(sc.failures), "error": None, "hang": False}
+  start = time.perf_counter()
+  try:
+    res = eng.serve(reqs, failures=sc.failures, raise_on_error=False)
+  except Exception as e:  # pylint: disable=broad-except
+    res = getattr(e, "result", None)
+    rec["error"] = f"{type(e).__name__}: {e}"
+    rec["hang"] = isinstance(e, TimeoutError)
+  if res is not None and res.error is not None:
+    rec["error"] = rec["error"] or res.error
+    rec["hang"] = rec["hang"] or "TimeoutError" in res.error
+  events = res.recoveries if res is not None else []
+  toks = res.tokens() if res is not None else {}
+  handled = collections.Counter()
+  for ev in events:
+    handled.update(ev.handled_by)
+  deaths = sum(len(ev.stages) for ev in events)
+  rec.update(
+      completed=rec["error"] is None and all(
+          len(toks.get(r.request_id, ())) == len(ref[r.request_id]) for r in reqs),
+      identical=rec["error"] is None and toks == ref,
+      recoveries=len(events),
+      # A spec fired if a stage died for it; deaths beyond the specs (the progress watchdog
+      # killing a stage starved by a stalled one) are reported, not counted as fired.
+      fired=min(len(sc.failures), deaths), extra_deaths=max(0, deaths - len(sc.failures)),
+      lost_microbatches=sum(ev.lost_microbatches for ev in events),
+      recomputed_tokens=sum(ev.recomputed_tokens for ev in events),
+      handled_by=dict(handled), load_errors=sum(len(ev.load_errors) for ev in events),
+      wall_s=round(time.perf_counter() - start, 2))
+  # Untriggered: the run ended before any failure fired. A run that failed with no recovery
+  # event is not one of them (it is judged, and fails).
+  rec["triggered"] = bool(events) or rec["error"] is not None
+  rec["handled_own"] = handled.get(sc.own, 0) > 0
+  return rec
+
+
+def _oracle(sc: Scenario, cfg, params, reqs) -> dict:
+  if sc.topology.program == "fake":
+    return {r.request_id: fake_generate(cfg, [r.prompt], r.max_new_tokens)[0] for r in reqs}
+  from dejavu_jax.models.generate import generate  # pylint: disable=g-import-not-at-top
+  # The engine serves without a stop token (ServeConfig.eos_token_id None); so does the oracle.
+  return {r.request_id: generate(cfg, params, [r.prompt], r.max_new_tokens, eos_token_id=-1)[0]
+          for r in reqs}
+
+
+def _cost(c, cfg, sc: Scenario):
+  prompt, token = ((c.slow_prompt_step_s, c.slow_token_step_s) if sc.slow else
+                   (c.prompt_step_s, c.token_step_s))
+  if sc.topology.program == "smollm2":   # its real steps take longer: the pacing sets a floor only
+    prompt, token = c.smollm2_prompt_step_s, c.smollm2_token_step_s
+  return TableCostModel(cfg, prompt=prompt * sc.depth / cfg.num_layers,
+                        token=token * sc.depth / cfg.num_layers)
+
+
 def run_campaign(c, log=print) -> dict:
-  """Runs every scenario of config `c` (see configs/campaign_tiny.py); returns the report."""
-  cfg = tiny_config("opt", num_layers=c.num_layers, max_positions=c.max_len)
+  """Runs every scenario of config `c` (see configs/campaign.py); returns the report."""
+  tiny = tiny_config("opt", num_layers=c.num_layers, max_positions=c.max_len)
+  models = {"fake": (tiny, None)}   # program -> (ModelConfig, params), loaded when first needed
   rng = np.random.default_rng(c.seed)
   scenarios = draw_scenarios(c, rng)
   groups = collections.defaultdict(list)
   for sc in scenarios:
-    groups[(sc.depth, sc.microbatch, sc.strategy)].append(sc)
-  by = {k: collections.Counter() for k in ("strategy", "pattern", "kind", "depth")}
-  totals = collections.Counter()
-  examples = []
+    groups[sc.group()].append(sc)
+  records = []
   t0 = time.perf_counter()
-  for (d, b, strategy), group in sorted(groups.items()):
-    cost = TableCostModel(cfg, prompt=c.prompt_step_s * d / cfg.num_layers,
-                          token=c.token_step_s * d / cfg.num_layers)
-    serve = ServeConfig(num_stages=d, microbatch_size=b, max_len=c.max_len, program="fake",
-                        pacing="paced", recovery=strategy, heartbeat_s=c.heartbeat_s,
-                        heartbeat_timeout_s=c.heartbeat_timeout_s,
-                        progress_timeout_s=c.progress_timeout_s, snapshot_every=c.snapshot_every,
-                        step_timeout_s=c.deadline_s)
-    with PipelineEngine(cfg, None, serve, cost_model=cost) as eng:
-      eng.warmup()
-      for sc in group:
-        reqs = _workload(c, rng, cfg)
-        ref = {r.request_id: fake_generate(cfg, [r.prompt], r.max_new_tokens)[0] for r in reqs}
-        start = time.perf_counter()
-        ok_done = ok_same = hang = False
-        error = None
-        try:
-          res = eng.serve(reqs, failures=sc.failures)
-          toks = res.tokens()
-          ok_done = all(len(toks.get(r.request_id, ())) == r.max_new_tokens for r in reqs)
-          ok_same = toks == ref
-          totals["recoveries"] += len(res.recoveries)
-          totals["untriggered"] += not res.recoveries   # the run ended before the failure
-          totals["recomputed_tokens"] += sum(ev.recomputed_tokens for ev in res.recoveries)
-        except Exception as e:  # pylint: disable=broad-except
-          hang = isinstance(e, TimeoutError)
-          error = f"{type(e).__name__}: {e}"
-        totals["runs"] += 1
-        totals["failures_injected"] += len(sc.failures)
-        totals["completed"] += ok_done
-        totals["identical"] += ok_same
-        totals["hangs"] += hang
-        for key, val in (("strategy", strategy), ("pattern", sc.pattern), ("kind", sc.kind),
-                         ("depth", str(d))):
-          by[key][f"{val}:runs"] += 1
-          by[key][f"{val}:completed"] += ok_done
-          by[key][f"{val}:identical"] += ok_same
-        if not (ok_done and ok_same) and len(examples) < 10:
-          examples.append({"depth": d, "microbatch": b, "strategy": strategy,
-                           "failures": [f.describe() for f in sc.failures],
-                           "error": error, "completed": ok_done, "identical": ok_same})
-        if c.verbose:
-          log(f"  D={d} B={b} {strategy:28s} {sc.pattern:16s} "
-              f"{'; '.join(f.describe() for f in sc.failures):60s} "
-              f"{'ok' if ok_done and ok_same else 'FAIL'} {time.perf_counter() - start:.2f} s")
-      log(f"group D={d} B={b} {strategy}: {len(group)} scenarios, "
-          f"{totals['runs']}/{len(scenarios)} done, {time.perf_counter() - t0:.0f} s")
-  n = max(totals["runs"], 1)
+  ray_up = False
+  try:
+    for key, group in sorted(groups.items()):
+      first = group[0]
+      if first.program not in models:
+        if first.program == "model":
+          models["model"] = (tiny, real_model_params(tiny, c.model_seed, c.model_scale))
+        else:
+          from dejavu_jax.models import gguf  # pylint: disable=g-import-not-at-top
+          models["smollm2"] = gguf.load_smollm2("float32")[:2]
+      cfg, params = models[first.program]
+      if first.runtime == "ray" and not ray_up:
+        from dejavu_jax.runtime.ray import init_ray  # pylint: disable=g-import-not-at-top
+        init_ray(num_cpus=c.ray_num_cpus)
+        ray_up = True
+      try:
+        eng = make_engine(cfg, params, _serve_config(c, first), cost_model=_cost(c, cfg, first))
+      except Exception as e:  # pylint: disable=broad-except
+        for sc in group:   # an engine that cannot be built fails every scenario of its group
+          records.append(_run_one_failed(sc, f"{type(e).__name__}: {e}"))
+        log(f"group {key}: engine failed: {e}")
+        continue
+      with eng:
+        eng.warmup()
+        for sc in group:
+          reqs = _workload(c, rng, cfg, sc.slow)
+          rec = _run_one(eng, sc, reqs, _oracle(sc, cfg, params, reqs))
+          records.append(rec)
+          if c.verbose:
+            log(f"  {sc.topology.program} {sc.mechanism} {sc.cluster.runtime} D={sc.depth}/{sc.prompt_depth} "
+                f"B={sc.microbatch} {sc.strategy:26s} {sc.pattern:22s} "
+                f"{'; '.join(rec['failures']):60s} handled {rec['handled_by']} "
+                f"{'ok' if rec['identical'] else 'FAIL'} {rec['wall_s']:.2f} s")
+      log(f"group {key}: {len(group)} scenarios, {len(records)}/{len(scenarios)} done, "
+          f"{time.perf_counter() - t0:.0f} s")
+  finally:
+    if ray_up:
+      import ray  # pylint: disable=g-import-not-at-top
+      ray.shutdown()
+  return report(c, records, time.perf_counter() - t0)
 
-  def table(counter):
-    out = {}
-    for key, v in counter.items():
-      name, field = key.rsplit(":", 1)
-      out.setdefault(name, {})[field] = v
-    return out
 
+def _run_one_failed(sc: Scenario, error: str) -> dict:
+  return {"program": sc.topology.program, "mechanism": sc.mechanism, "runtime": sc.cluster.runtime,
+          "depth": sc.depth, "prompt_depth": sc.prompt_depth, "microbatch": sc.microbatch,
+          "strategy": sc.strategy, "kind": sc.kind, "pattern": sc.pattern, "side": sc.side,
+          "targeted": sc.targeted, "failures": [f.describe() for f in sc.failures],
+          "specified": len(sc.failures), "error": error, "hang": False, "completed": False,
+          "identical": False, "recoveries": 0, "fired": 0, "extra_deaths": 0,
+          "lost_microbatches": 0, "recomputed_tokens": 0, "handled_by": {}, "load_errors": 0,
+          "wall_s": 0.0, "triggered": False, "handled_own": False}
+
+
+def _tally(recs) -> dict:
+  """Counts over records: triggered runs are judged; untriggered ones are only counted."""
+  trig = [r for r in recs if r["triggered"]]
+  handled = collections.Counter()
+  for r in recs:
+    handled.update(r["handled_by"])
+  return {"runs": len(recs), "triggered": len(trig), "untriggered": len(recs) - len(trig),
+          "completed": sum(r["completed"] for r in trig),
+          "identical": sum(r["identical"] for r in trig),
+          "failures_specified": sum(r["specified"] for r in recs),
+          "failures_fired": sum(r["fired"] for r in recs),
+          "handled_by": dict(sorted(handled.items()))}
+
+
+def report(c, records: list, wall: float) -> dict:
+  """The campaign's verdict from its per-scenario records (also kept in the report)."""
+  trig = [r for r in records if r["triggered"]]
+  untrig = [r for r in records if not r["triggered"]]
+  targets = {}
+  for strategy in sorted({r["strategy"] for r in records}):
+    mine = [r for r in records if r["strategy"] == strategy]
+    judged = [r for r in mine if r["targeted"] and r["triggered"] and r["lost_microbatches"]]
+    rate = sum(r["handled_own"] for r in judged) / len(judged) if judged else None
+    targets[strategy] = {
+        "own": strategy.split(",")[0], "runs": len(mine),
+        "targeted": sum(r["targeted"] for r in mine), "judged": len(judged),
+        "handled_own": sum(r["handled_own"] for r in judged),
+        "rate": None if rate is None else round(rate, 3),
+        # A strategy with fewer than `min_judged` judged scenarios is too rare to judge.
+        "met": len(judged) < max(c.min_judged, 1) or rate >= c.handled_target}
+  by = {}
+  for dim in ("strategy", "program", "mechanism", "runtime", "side", "pattern", "kind", "depth"):
+    vals = collections.defaultdict(list)
+    for r in records:
+      vals[str(r[dim])].append(r)
+    by[dim] = {k: _tally(v) for k, v in sorted(vals.items())}
+  bad = [r for r in records if r["triggered"] and not (r["completed"] and r["identical"])]
+  bad += [r for r in untrig if not (r["completed"] and r["identical"])]
+  ok = not bad and all(t["met"] for t in targets.values())
+  total = _tally(records)
   return {
-      "injections": totals["runs"],
-      "failures_injected": totals["failures_injected"],
-      "completed_fraction": totals["completed"] / n,
-      "identical_fraction": totals["identical"] / n,
-      "hangs": totals["hangs"],
-      "recoveries": totals["recoveries"],
-      "untriggered": totals["untriggered"],
-      "recomputed_tokens": totals["recomputed_tokens"],
-      "by_strategy": table(by["strategy"]),
-      "by_pattern": table(by["pattern"]),
-      "by_kind": table(by["kind"]),
-      "by_depth": table(by["depth"]),
-      "failed_examples": examples,
-      "wall_s": round(time.perf_counter() - t0, 1),
+      "ok": ok,
+      "injections": len(records),
+      "triggered": total["triggered"],
+      "untriggered": total["untriggered"],
+      "failures_specified": total["failures_specified"],
+      "failures_fired": total["failures_fired"],
+      "extra_stage_deaths": sum(r["extra_deaths"] for r in records),
+      "completed": total["completed"],
+      "identical": total["identical"],
+      "identical_fraction": round(total["identical"] / max(len(trig), 1), 4),
+      "untriggered_identical": sum(r["identical"] for r in untrig),
+      "not_ok_runs": len(bad),
+      "hangs": sum(r["hang"] for r in records),
+      "recoveries": sum(r["recoveries"] for r in records),
+      "recomputed_tokens": sum(r["recomputed_tokens"] for r in records),
+      "handled_by": {s: v["handled_by"] for s, v in by["strategy"].items()},
+      "targets": targets,
+      "handled_target": c.handled_target,
+      **{f"by_{dim}": v for dim, v in by.items() if dim != "strategy"},
+      "by_strategy": by["strategy"],
+      "failed_examples": [{k: r[k] for k in ("program", "mechanism", "runtime", "depth",
+                                             "prompt_depth", "microbatch", "strategy",
+                                             "failures", "error", "completed", "identical",
+                                             "handled_by")} for r in bad[:10]],
+      "wall_s": round(wall, 1),
       "seed": c.seed,
+      "scenarios": records,   # the JSON file keeps them; the printed line leaves them out
   }
