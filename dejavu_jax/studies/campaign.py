@@ -188,20 +188,20 @@ def _serve_config(c, sc: Scenario) -> ServeConfig:
   # Ray actors and SmolLM2's real steps can hold a worker silent for longer than the fake
   # program's timeouts (a compile, a loaded machine): a death declared then is spurious.
   slow = {"ray": "ray_", "smollm2": "smollm2_"}.get(
-      sc.cluster.runtime if sc.cluster.runtime == "ray" else sc.topology.program, "")
+      sc.runtime if sc.runtime == "ray" else sc.program, "")
   return ServeConfig(microbatch_size=sc.microbatch, max_len=c.max_len,
-                     program="fake" if sc.topology.program == "fake" else "model",
+                     program="fake" if sc.program == "fake" else "model",
                      pacing="paced", recovery=sc.strategy, heartbeat_s=c.heartbeat_s,
                      heartbeat_timeout_s=c[slow + "heartbeat_timeout_s"],
                      progress_timeout_s=c[slow + "progress_timeout_s"],
                      snapshot_every=c.snapshot_every, step_timeout_s=c.deadline_s,
                      swapping="on" if sc.mechanism == "swapping" else "off",
-                     runtime=sc.cluster.runtime, **shape)
+                     runtime=sc.runtime, **shape)
 
 
 def _run_one(eng, sc: Scenario, reqs, ref) -> dict:
   """Serves one scenario; returns its record (what fired, who handled what, the verdict)."""
-  rec = {"program": sc.topology.program, "mechanism": sc.mechanism, "runtime": sc.cluster.runtime,
+  rec = {"program": sc.program, "mechanism": sc.mechanism, "runtime": sc.runtime,
          "depth": sc.depth, "prompt_depth": sc.prompt_depth, "microbatch": sc.microbatch,
          "strategy": sc.strategy, "kind": sc.kind, "pattern": sc.pattern, "side": sc.side,
          "targeted": sc.targeted, "failures": [f.describe() for f in sc.failures],
@@ -242,7 +242,7 @@ def _run_one(eng, sc: Scenario, reqs, ref) -> dict:
 
 
 def _oracle(sc: Scenario, cfg, params, reqs) -> dict:
-  if sc.topology.program == "fake":
+  if sc.program == "fake":
     return {r.request_id: fake_generate(cfg, [r.prompt], r.max_new_tokens)[0] for r in reqs}
   from dejavu_jax.models.generate import generate  # pylint: disable=g-import-not-at-top
   # The engine serves without a stop token (ServeConfig.eos_token_id None); so does the oracle.
@@ -253,7 +253,7 @@ def _oracle(sc: Scenario, cfg, params, reqs) -> dict:
 def _cost(c, cfg, sc: Scenario):
   prompt, token = ((c.slow_prompt_step_s, c.slow_token_step_s) if sc.slow else
                    (c.prompt_step_s, c.token_step_s))
-  if sc.topology.program == "smollm2":   # its real steps take longer: the pacing sets a floor only
+  if sc.program == "smollm2":   # its real steps take longer: the pacing sets a floor only
     prompt, token = c.smollm2_prompt_step_s, c.smollm2_token_step_s
   return TableCostModel(cfg, prompt=prompt * sc.depth / cfg.num_layers,
                         token=token * sc.depth / cfg.num_layers)
@@ -299,7 +299,7 @@ def run_campaign(c, log=print) -> dict:
           rec = _run_one(eng, sc, reqs, _oracle(sc, cfg, params, reqs))
           records.append(rec)
           if c.verbose:
-            log(f"  {sc.topology.program} {sc.mechanism} {sc.cluster.runtime} D={sc.depth}/{sc.prompt_depth} "
+            log(f"  {sc.program} {sc.mechanism} {sc.runtime} D={sc.depth}/{sc.prompt_depth} "
                 f"B={sc.microbatch} {sc.strategy:26s} {sc.pattern:22s} "
                 f"{'; '.join(rec['failures']):60s} handled {rec['handled_by']} "
                 f"{'ok' if rec['identical'] else 'FAIL'} {rec['wall_s']:.2f} s")
@@ -313,7 +313,7 @@ def run_campaign(c, log=print) -> dict:
 
 
 def _run_one_failed(sc: Scenario, error: str) -> dict:
-  return {"program": sc.topology.program, "mechanism": sc.mechanism, "runtime": sc.cluster.runtime,
+  return {"program": sc.program, "mechanism": sc.mechanism, "runtime": sc.runtime,
           "depth": sc.depth, "prompt_depth": sc.prompt_depth, "microbatch": sc.microbatch,
           "strategy": sc.strategy, "kind": sc.kind, "pattern": sc.pattern, "side": sc.side,
           "targeted": sc.targeted, "failures": [f.describe() for f in sc.failures],
