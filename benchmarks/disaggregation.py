@@ -59,7 +59,7 @@ def measure(sc: dx.Scenario, system: tuple, num_microbatches: int, log=print) ->
   plan_res = (dx.sim.simulate_colocated(cost, plan_reqs, system[1], batch_size=sc.batch)
               if system[0] == "colocated" else
               dx.sim.simulate_disaggregated(cost, plan_reqs, system[1], system[2],
-                                            batch_size=sc.batch, host_slots=sc.disagg.host_slots,
+                                            batch_size=sc.batch, host_slots=sc.host_slots,
                                             stream_link=dx.stream_link(sc),
                                             host_link=cost.hardware.host_link))
   plan_inv = dx.mb_inverse_throughput([r.finish for r in plan_res.records], sc.batch, period,

@@ -180,13 +180,13 @@ def make_requests(sc: Scenario, rate: float) -> list[wl.Request]:
   n = max(sc.min_requests, round(rate * sc.span_s))
   reqs = wl.make_workload(wl.WorkloadConfig(
       rate=rate, num_requests=n, prompt_len=PROMPT_LEN, output_len=OUTPUT_SPEC,
-      vocab_size=CFG.vocab_size, seed=sc.sampling.seed, min_output=MIN_OUT, max_output=MAX_OUT))
-  return wl.group_paper_mode(reqs, sc.batch) if sc.topology.mode == "paper" else reqs
+      vocab_size=CFG.vocab_size, seed=sc.seed, min_output=MIN_OUT, max_output=MAX_OUT))
+  return wl.group_paper_mode(reqs, sc.batch) if sc.mode == "paper" else reqs
 
 
 def make_engine(params, sc: Scenario, cost: TableCostModel) -> PipelineEngine:
   serve = ServeConfig(num_stages=sc.stages, microbatch_size=sc.batch, max_len=MAX_LEN,
-                      pacing="paced", mode=sc.topology.mode,
+                      pacing="paced", mode=sc.mode,
                       swapping="off" if sc.swap_ms is None else "on")
   eng = PipelineEngine(CFG, params, serve, cost_model=cost, swap_link=swap_link(sc))
   eng.generate([[5] * PROMPT_LEN] * sc.batch, 3)  # compile prefill and decode outside the runs
@@ -209,8 +209,8 @@ def run_scenario(eng: PipelineEngine, sc: Scenario, cost: TableCostModel) -> dic
     raise RuntimeError(f"the engine rejected requests: {served.rejected}")
   simulated = sim.simulate_colocated(
       cost, sim.from_serving(reqs), sc.stages, batch_size=sc.batch,
-      microbatching="paper" if sc.topology.mode == "paper" else "greedy",
-      live_rows_only=sc.topology.mode == "mixed", swap_link=swap_link(sc))
+      microbatching="paper" if sc.mode == "paper" else "greedy",
+      live_rows_only=sc.mode == "mixed", swap_link=swap_link(sc))
   eng_s = metrics.summarize(served.records)     # first arrival to last finish, as the sim
   sim_s = metrics.summarize(simulated.records)
   by_id = {r.rid: r for r in simulated.records}
@@ -219,7 +219,7 @@ def run_scenario(eng: PipelineEngine, sc: Scenario, cost: TableCostModel) -> dic
   keys = ("request_throughput", "output_throughput", "norm_latency_p50_s_per_tok",
           "norm_latency_p99_s_per_tok", "median_ttft_ms", "median_tpot_ms", "duration")
   return {
-      "stages": sc.stages, "batch": sc.batch, "load": sc.load, "mode": sc.topology.mode,
+      "stages": sc.stages, "batch": sc.batch, "load": sc.load, "mode": sc.mode,
       "swap_ms": sc.swap_ms,
       "rate": rate, "num_requests": len(reqs),
       "engine": {k: eng_s[k] for k in keys}, "sim": {k: sim_s[k] for k in keys},
@@ -272,7 +272,7 @@ def run_grid(scenarios: list[Scenario], params=None, log=print) -> dict:
   rows, engines = [], {}
   try:
     for sc in scenarios:
-      key = (sc.stages, sc.batch, sc.topology.mode, sc.swap_ms, sc.stretch)
+      key = (sc.stages, sc.batch, sc.mode, sc.swap_ms, sc.stretch)
       cost = cost_model(sc.stages, sc.stretch)
       if key not in engines:
         for old in engines.values():  # one engine's worker threads alive at a time

@@ -217,7 +217,7 @@ def test_swap_in_reads_v(monkeypatch, corrupt):
   with PipelineEngine(CFG, None, serve) as eng:
     assert eng.swap_choice.swapping
     res = eng.serve(reqs)
-    swap_ins = sum(eng.runtime.worker(s).swap_stats()["swap_ins"] for s in range(3))
+    swap_ins = sum(eng.runtime.worker(s).stats().swap["swap_ins"] for s in range(3))
   assert swap_ins > 0
   _check(res, reqs, corrupt, reads)
 

@@ -153,7 +153,12 @@ class TokenWorker(LocalWorker):
       end = max(start_at, self._link_free_at) + load_s
       self._link_free_at = end
       self._loaded_at[mb_id] = end
-    fut = self._loader.submit(lambda: self._program.place_cache(self.slots.read(mb_id)))
+    try:
+      fut = self._loader.submit(lambda: self._program.place_cache(self.slots.read(mb_id)))
+    except RuntimeError:
+      if self.alive:
+        raise
+      return   # killed meanwhile (its loader is shut down): the message is lost, as to any dead peer
     self._inbox.put(_LoadPrompt(mb_id, fut, epoch))
 
   # ---- worker thread ----

@@ -84,11 +84,11 @@ def cost_model(sc: Scenario) -> cm.CostModel:
 
 
 def stream_link(sc: Scenario) -> cm.Link | None:
-  if sc.disagg.stream_link is None:
+  if sc.stream_link is None:
     return None
-  if sc.disagg.stream_link == "default":
+  if sc.stream_link == "default":
     return planner_lib.default_stream_link(sc.hardware)
-  return cm.LINKS[sc.disagg.stream_link]
+  return cm.LINKS[sc.stream_link]
 
 
 def fake_config(sc: Scenario):
@@ -96,12 +96,12 @@ def fake_config(sc: Scenario):
   # One KV head of 4 dims: the fake program reads one entry per position, and a small cache
   # keeps its real step time far below the modeled one.
   return tiny_config("opt", num_layers=cost_model(sc).model.num_layers, hidden_size=4,
-                     num_heads=1, ffn_dim=8, max_positions=sc.topology.max_len())
+                     num_heads=1, ffn_dim=8, max_positions=sc.max_len())
 
 
 def workload(sc: Scenario) -> planner_lib.Workload:
   return planner_lib.Workload(sc.prompt_len, max(2, round(sc.output_mean)), sc.batch,
-                              "per_microbatch", sc.sampling.seed)
+                              "per_microbatch", sc.seed)
 
 
 def make_requests(sc: Scenario, num_microbatches: int, rate: float | None = None) -> list[Request]:
@@ -110,8 +110,8 @@ def make_requests(sc: Scenario, num_microbatches: int, rate: float | None = None
   n = num_microbatches * sc.batch
   lens = [r.output_len for r in planner_lib.saturated_workload(workload(sc), sc.batch,
                                                                 num_microbatches)]
-  arrivals = np.zeros(n) if rate is None else poisson_arrivals(rate, n, sc.sampling.seed)
-  rng = np.random.default_rng(sc.sampling.seed + 7)
+  arrivals = np.zeros(n) if rate is None else poisson_arrivals(rate, n, sc.seed)
+  rng = np.random.default_rng(sc.seed + 7)
   vocab = fake_config(sc).vocab_size
   return [Request(i, float(arrivals[i]),
                   tuple(int(t) for t in rng.integers(3, vocab, sc.real_prompt_len)), int(lens[i]))
@@ -144,7 +144,7 @@ def systems(sc: Scenario) -> list[tuple]:
 def make_engine(sc: Scenario, system: tuple):
   cfg = fake_config(sc)
   paced = PaperScaleCost(cost_model(sc), sc.real_prompt_len, sc.prompt_len)
-  common = dict(microbatch_size=sc.batch, max_len=sc.topology.max_len(), mode="paper", pacing="paced",
+  common = dict(microbatch_size=sc.batch, max_len=sc.max_len(), mode="paper", pacing="paced",
                 program="fake")
   if system[0] == "colocated":
     eng = PipelineEngine(cfg, None, ServeConfig(num_stages=system[1], **common),
@@ -152,7 +152,7 @@ def make_engine(sc: Scenario, system: tuple):
   else:
     link = stream_link(sc)
     eng = DisaggregatedEngine(cfg, None, ServeConfig(
-        prompt_stages=system[1], token_stages=system[2], host_slots=sc.disagg.host_slots,
+        prompt_stages=system[1], token_stages=system[2], host_slots=sc.host_slots,
         stream_link=link.name if link is not None and link.name in cm.LINKS else None,
         **common), cost_model=paced, time_scale=sc.time_scale)
   eng.generate([[5] * sc.real_prompt_len] * sc.batch, 3)   # compile outside the measured runs
@@ -169,7 +169,7 @@ def simulate(sc: Scenario, system: tuple, requests: Sequence[Request]) -> sim.Si
     return sim.simulate_colocated(cost, recs, system[1], batch_size=sc.batch,
                                   microbatching="paper")
   return sim.simulate_disaggregated(cost, recs, system[1], system[2], batch_size=sc.batch,
-                                    host_slots=sc.disagg.host_slots, stream_link=stream_link(sc),
+                                    host_slots=sc.host_slots, stream_link=stream_link(sc),
                                     host_link=cost.hardware.host_link, microbatching="paper")
 
 
@@ -198,7 +198,7 @@ def planner_inverse_throughput(sc: Scenario, system: tuple, num_microbatches: in
     res = sim.simulate_colocated(cost, reqs, system[1], batch_size=sc.batch)
   else:
     res = sim.simulate_disaggregated(cost, reqs, system[1], system[2], batch_size=sc.batch,
-                                     host_slots=sc.disagg.host_slots, stream_link=stream_link(sc),
+                                     host_slots=sc.host_slots, stream_link=stream_link(sc),
                                      host_link=cost.hardware.host_link)
   return res.inverse_throughput(warmup=2 * period, cooldown=2 * period, period=period)
 
