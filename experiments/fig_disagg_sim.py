@@ -16,7 +16,6 @@ from dejavu_jax import costmodel as cm
 from dejavu_jax import planner, sim
 from dejavu_jax.studies import reporting
 from dejavu_jax.config import get_model_config
-from dejavu_jax import metrics
 from dejavu_jax.studies import runrecord
 from dejavu_jax.studies import splits
 

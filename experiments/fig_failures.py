@@ -14,7 +14,6 @@ from dejavu_jax import costmodel as cm
 from dejavu_jax import sim
 from dejavu_jax.studies import reporting
 from dejavu_jax.config import get_model_config
-from dejavu_jax import metrics
 from dejavu_jax.studies import runrecord
 
 

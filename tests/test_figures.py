@@ -3,7 +3,6 @@ every system a plot compares is in its data, and the index shows every plot, tab
 
 import importlib.util
 import json
-import os
 
 import pytest
 

@@ -1,6 +1,5 @@
 """The simulator recovers through the engine's strategy objects, with the engine's semantics."""
 
-import dataclasses
 import math
 
 import pytest
@@ -9,7 +8,7 @@ from dejavu_jax import costmodel as cm
 from dejavu_jax import sim
 from dejavu_jax.config import get_model_config
 from dejavu_jax.fault import strategies as fault_strategies
-from dejavu_jax.runtime.api import Ack, ReplicaSource
+from dejavu_jax.runtime.api import Ack
 from dejavu_jax.sim import Failure, RecoveryConfig, saturated_requests, simulate_colocated
 from dejavu_jax.sim.failures import plan_recovery
 
@@ -39,38 +38,13 @@ def test_strategy_names_come_from_the_engines_registry():
   assert RecoveryConfig(strategy="replica,snapshot,reprefill").strategy
 
 
-def test_plan_adapter_reads_both_plan_shapes():
+def test_the_sim_reads_the_engines_chain_plan():
   view = fault_strategies.FailureView((1,), 4, {7: 5, 8: 0})
-  # Today's Chain.plan: [(strategy index, RecoveryPlan)].
   chain = fault_strategies.get_strategy("replica,reprefill")
   chain.observe(Ack(2, 1, 7, 3, 0))
   resumes, requeue = plan_recovery(chain, view)
   assert [(m, s, b) for m, s, _, b in resumes] == [(7, 3, "replica")]
   assert requeue == {8: ("continue", "reprefill")}
-
-  # The target shape: one RecoveryPlan naming the strategy of each microbatch.
-  @dataclasses.dataclass
-  class Resume:
-    mb_id: int
-    step: int
-    sources: dict
-    by: str
-
-  @dataclasses.dataclass
-  class Plan:
-    resume: list
-    requeue: dict
-    handled_by: dict
-    resync: tuple = ()
-
-  class NewChain:
-    def plan(self, v):
-      return Plan([Resume(7, 3, {1: ReplicaSource(2, 3)}, "replica")], {8: "restart"},
-                  {7: "replica", 8: "restart"})
-
-  resumes, requeue = plan_recovery(NewChain(), view)
-  assert [(m, s, b) for m, s, _, b in resumes] == [(7, 3, "replica")]
-  assert requeue == {8: ("restart", "restart")}
 
 
 def test_restart_requeues_only_the_lost_requests():

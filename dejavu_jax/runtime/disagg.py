@@ -74,7 +74,6 @@ class PromptWorker(LocalWorker):
     rt = self._rt
     if not rt.layerwise:
       return self._program.prefill
-    size = int(np.shape(msg.positions)[1])   # the prompt bucket
     lengths = []   # the step's row lengths, final after the first group
 
     pack = lambda a, b: [r for _, r in owners((a, b), rt.token_splits)]  # noqa: E731

@@ -55,25 +55,11 @@ def make_strategy(spec: str, snapshot_every: int):
 
 
 def plan_recovery(strategy, view) -> tuple[list[tuple], dict]:
-  """A chain's plan for `view` as ([(mb_id, step, sources, by)], {mb_id: (mode, by)}).
-
-  Accepts both plan shapes of `Chain.plan`: a list of (strategy index, RecoveryPlan) and one
-  RecoveryPlan whose `handled_by` names the strategy of each microbatch (and whose `Resume`s
-  carry `by`): fault/strategies.py is moving from the first to the second.
-  """
-  out = strategy.plan(view)
-  resumes, requeue = [], {}
-  if isinstance(out, list):
-    for index, plan in out:
-      by = strategy.strategies[index].name
-      resumes += [(r.mb_id, r.step, dict(r.sources), by) for r in plan.resume]
-      requeue.update({mb: (mode, by) for mb, mode in plan.requeue.items()})
-    return resumes, requeue
-  handled = dict(getattr(out, "handled_by", {}) or {})
-  for r in out.resume:
-    resumes.append((r.mb_id, r.step, dict(r.sources),
-                    getattr(r, "by", None) or handled.get(r.mb_id, "?")))
-  requeue = {mb: (mode, handled.get(mb, "?")) for mb, mode in out.requeue.items()}
+  """A chain's plan for `view` as ([(mb_id, step, sources, by)], {mb_id: (mode, by)}): the
+  engine's `Chain.plan`, each microbatch tagged with the strategy that handled it."""
+  plan = strategy.plan(view)
+  resumes = [(r.mb_id, r.step, dict(r.sources), r.by) for r in plan.resume]
+  requeue = {mb: (mode, plan.handled_by[mb]) for mb, mode in plan.requeue.items()}
   return resumes, requeue
 
 
