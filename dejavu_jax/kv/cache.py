@@ -81,3 +81,21 @@ def write_kv(k_all: jax.Array, v_all: jax.Array, layer: int, k_new: jax.Array,
   k_all = k_all.at[layer, rows, pos].set(k_new.astype(k_all.dtype), mode="drop")
   v_all = v_all.at[layer, rows, pos].set(v_new.astype(v_all.dtype), mode="drop")
   return k_all, v_all
+
+
+def write_kv_layers(k_all: jax.Array, v_all: jax.Array, k_new: jax.Array, v_new: jax.Array,
+                    positions: jax.Array):
+  """Writes new keys/values of every layer at once (one scatter per cache, in place when the
+  cache is donated), where `write_kv` writes one layer.
+
+  Args:
+    k_all, v_all: [L, B, S, H, K] stacked caches.
+    k_new, v_new: [L, B, T, H, K].
+    positions: [B, T] int32; a negative position marks padding and is not written.
+  """
+  s = k_all.shape[2]
+  pos = jnp.where(positions < 0, s, positions)
+  rows = jnp.arange(k_all.shape[1])[:, None]
+  k_all = k_all.at[:, rows, pos].set(k_new.astype(k_all.dtype), mode="drop")
+  v_all = v_all.at[:, rows, pos].set(v_new.astype(v_all.dtype), mode="drop")
+  return k_all, v_all
