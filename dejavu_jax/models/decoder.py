@@ -87,8 +87,11 @@ class DecoderStage(nn.Module):
         h, k, v = layer(h, k_all, v_all, i, positions, context)
         new_k.append(k)
         new_v.append(v)
-      k_all, v_all = write_kv_layers(k_all, v_all, jnp.stack(new_k), jnp.stack(new_v),
-                                     positions)
+      # The barrier makes the write wait for the last layer's attention, the last reader of the
+      # old cache; without it XLA may schedule the write first and so copies the whole cache to
+      # keep the update in place (two copies per cache and step, measured in the compiled HLO).
+      new_k, new_v, h = jax.lax.optimization_barrier((jnp.stack(new_k), jnp.stack(new_v), h))
+      k_all, v_all = write_kv_layers(k_all, v_all, new_k, new_v, positions)
     new_len = jnp.maximum(cache.lengths, jnp.max(positions, axis=1) + 1).astype(jnp.int32)
     cache = KVCache(k=k_all, v=v_all, lengths=new_len)
     if last:
