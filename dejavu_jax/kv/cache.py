@@ -81,3 +81,29 @@ def write_kv(k_all: jax.Array, v_all: jax.Array, layer: int, k_new: jax.Array,
   k_all = k_all.at[layer, rows, pos].set(k_new.astype(k_all.dtype), mode="drop")
   v_all = v_all.at[layer, rows, pos].set(v_new.astype(v_all.dtype), mode="drop")
   return k_all, v_all
+
+
+def write_kv_layers(k_all: jax.Array, v_all: jax.Array, k_new: jax.Array, v_new: jax.Array,
+                    positions: jax.Array):
+  """Writes one new token's keys/values of every layer at once, where `write_kv` writes one
+  layer: per row, one `dynamic_update_slice` of [L, 1, 1, H, K] (XLA updates those in place in a
+  donated cache; a scatter made XLA:CPU copy the whole cache first).
+
+  Args:
+    k_all, v_all: [L, B, S, H, K] stacked caches.
+    k_new, v_new: [L, B, 1, H, K].
+    positions: [B, 1] int32; a negative position marks a row that writes nothing.
+  """
+  for b in range(k_all.shape[1]):
+    p = positions[b, 0]
+    at = (0, b, jnp.maximum(p, 0), 0, 0)
+    for name in ("k", "v"):
+      cache, new = (k_all, k_new) if name == "k" else (v_all, v_new)
+      upd = new[:, b:b + 1].astype(cache.dtype)                                # [L, 1, 1, H, K]
+      old = jax.lax.dynamic_slice(cache, at, upd.shape)
+      cache = jax.lax.dynamic_update_slice(cache, jnp.where(p >= 0, upd, old), at)
+      if name == "k":
+        k_all = cache
+      else:
+        v_all = cache
+  return k_all, v_all

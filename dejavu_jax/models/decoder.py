@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from dejavu_jax.config import ModelConfig
-from dejavu_jax.kv.cache import KVCache
+from dejavu_jax.kv.cache import KVCache, write_kv_layers
 from dejavu_jax.models.layers import DecoderLayer, _norm
 from dejavu_jax.models import families
 
@@ -58,9 +58,13 @@ class DecoderStage(nn.Module):
     self.layers = [DecoderLayer(cfg, name=f"layers_{i}") for i in range(self.start, self.stop)]
 
   def __call__(self, cache: KVCache, x: jax.Array, positions: jax.Array,
-               logits: bool = True, select: jax.Array | None = None):
+               logits: bool = True, select: jax.Array | None = None,
+               context: int | None = None):
     """See the module docstring. `select` [B]: the last stage keeps only token select[b] of each
-    row before the LM head (a prefill needs just the last prompt token's logits)."""
+    row before the LM head (a prefill needs just the last prompt token's logits). `context`
+    (static): attention reads only the first `context` cache positions, which must exceed every
+    position of `positions`, and every layer's new entries are written in one update after the
+    last layer (the decode path: its cost follows the context, not the cache length)."""
     cfg, fam = self.cfg, families.get(self.cfg.family)
     first, last = self.start == 0, self.stop == cfg.num_layers
     if first:
@@ -74,8 +78,20 @@ class DecoderStage(nn.Module):
     else:
       h = x
     k_all, v_all = cache.k, cache.v
-    for i, layer in enumerate(self.layers):
-      h, k_all, v_all = layer(h, k_all, v_all, i, positions)
+    if context is None:
+      for i, layer in enumerate(self.layers):
+        h, k_all, v_all = layer(h, k_all, v_all, i, positions)
+    else:
+      new_k, new_v = [], []
+      for i, layer in enumerate(self.layers):
+        h, k, v = layer(h, k_all, v_all, i, positions, context)
+        new_k.append(k)
+        new_v.append(v)
+      # The barrier makes the write wait for the last layer's attention, the last reader of the
+      # old cache; without it XLA may schedule the write first and so copies the whole cache to
+      # keep the update in place (two copies per cache and step, measured in the compiled HLO).
+      new_k, new_v, h = jax.lax.optimization_barrier((jnp.stack(new_k), jnp.stack(new_v), h))
+      k_all, v_all = write_kv_layers(k_all, v_all, new_k, new_v, positions)
     new_len = jnp.maximum(cache.lengths, jnp.max(positions, axis=1) + 1).astype(jnp.int32)
     cache = KVCache(k=k_all, v=v_all, lengths=new_len)
     if last:
@@ -94,10 +110,10 @@ class DecoderStage(nn.Module):
 
 
 def stage_apply(cfg: ModelConfig, start: int, stop: int, params, cache: KVCache, x,
-                positions, logits: bool = True, select=None):
+                positions, logits: bool = True, select=None, context: int | None = None):
   """Runs the stage [start, stop) of `cfg`; see the module docstring. Not jitted (callers are)."""
   return DecoderStage(cfg, start, stop).apply({"params": params}, cache, x, positions, logits,
-                                              select)
+                                              select, context)
 
 
 def stage_param_names(cfg: ModelConfig, start: int, stop: int) -> list[str]:

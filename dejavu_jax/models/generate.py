@@ -29,9 +29,12 @@ def step_functions(cfg: ModelConfig, start: int = 0, stop: int | None = None):
     overwritten or masked). x: tokens [B, T] (first stage) or hidden [B, T, D]; positions [B, T],
     -1 marks padding. out: logits [B, V] of each row's last prompt token on the last stage, else
     hidden [B, T, D].
-  decode(params, cache, x, positions) -> (cache, out)
+  decode(params, cache, x, positions, context=None) -> (cache, out)
     x: tokens [B] (first stage) or hidden [B, 1, D]; positions [B] (a row's current length;
     -1 for a row that must not write). out: logits [B, V] (last stage) or hidden [B, 1, D].
+    context (static; None: the cache length): attention reads the first `context` positions
+    only; it must exceed every row's position (`decode_context` picks a bucket), so a step's cost
+    follows the context rather than the allocated cache length.
   """
   stop = cfg.num_layers if stop is None else stop
   check_layer_range(cfg, start, stop)
@@ -43,12 +46,13 @@ def step_functions(cfg: ModelConfig, start: int = 0, stop: int | None = None):
     cache, out = stage_apply(cfg, start, stop, params, cache, x, positions, select=select)
     return cache, (out[:, 0] if last else out)
 
-  def decode(params, cache: KVCache, x, positions):
+  def decode(params, cache: KVCache, x, positions, context: int | None = None):
     if positions.ndim == 1:
       positions = positions[:, None]
     if start == 0 and x.ndim == 1:
       x = x[:, None]
-    cache, out = stage_apply(cfg, start, stop, params, cache, x, positions)
+    context = cache.max_len if context is None else min(context, cache.max_len)
+    cache, out = stage_apply(cfg, start, stop, params, cache, x, positions, context=context)
     return cache, (out[:, 0] if last else out)
 
   return prefill, decode
@@ -69,22 +73,30 @@ def jit(fn, **kw):
   return jax.jit(fn, **kw)
 
 
+def decode_context(positions, max_len: int) -> int:
+  """The attention context of a decode step at `positions` (host ints, [B]): the bucket of the
+  longest row after the step, so decode compiles once per bucket (as prefill does)."""
+  return bucket_length(int(np.max(positions)) + 1, max_len)
+
+
 @functools.lru_cache(maxsize=None)
 def make_steps(cfg: ModelConfig, start: int = 0, stop: int | None = None):
   """Jitted `step_functions` (see there) for one device. The cache argument of both is donated:
   the caller must not read the cache it passed in again (copy it first if a background thread
-  still needs it)."""
+  still needs it). decode's `context` is static (one compile per value)."""
   prefill, decode = step_functions(cfg, start, stop)
-  return jit(prefill, donate_argnums=(1,)), jit(decode, donate_argnums=(1,))
+  return (jit(prefill, donate_argnums=(1,)),
+          jit(decode, donate_argnums=(1,), static_argnames=("context",)))
 
 
 @functools.lru_cache(maxsize=None)
 def make_decode_n(cfg: ModelConfig, num_steps: int, sampling: SamplingConfig | None = None):
   """A jitted loop of `num_steps` whole-model decode steps that feeds each sampled token back.
 
-  decode_n(params, cache, tokens, positions, key) -> (cache, new_tokens)
+  decode_n(params, cache, tokens, positions, key, context=None) -> (cache, new_tokens)
     tokens: [B] each row's latest token, not yet in the cache; positions: [B] its position;
-    key: a PRNG key (unused when greedy).
+    key: a PRNG key (unused when greedy); context (static): as `step_functions`' decode, for
+    every step of the loop (it must exceed the last step's positions).
     new_tokens: [B, num_steps] the tokens sampled after it (greedy by default). The cache
     argument is donated. Every row runs all steps (no EOS stop): a caller that needs early stops
     or per-row lengths steps with `make_steps` instead.
@@ -95,18 +107,18 @@ def make_decode_n(cfg: ModelConfig, num_steps: int, sampling: SamplingConfig | N
   sampling = GREEDY if sampling is None else sampling
   _, decode = step_functions(cfg)
 
-  def decode_n(params, cache: KVCache, tokens, positions, key):
+  def decode_n(params, cache: KVCache, tokens, positions, key, context: int | None = None):
     def step(carry, _):
       cache, tok, pos, key = carry
       key, sub = jax.random.split(key)
-      cache, logits = decode(params, cache, tok, pos)                          # [B, V]
+      cache, logits = decode(params, cache, tok, pos, context)                 # [B, V]
       nxt = sample(logits, sub, sampling.temperature, sampling.top_k, sampling.top_p)
       return (cache, nxt, pos + 1, key), nxt
     (cache, _, _, _), new = jax.lax.scan(step, (cache, tokens, positions, key), None,
                                          length=num_steps)
     return cache, new.T                                                         # [B, steps]
 
-  return jit(decode_n, donate_argnums=(1,))
+  return jit(decode_n, donate_argnums=(1,), static_argnames=("context",))
 
 
 @functools.partial(jax.jit, static_argnames=("temperature", "top_k", "top_p"))
@@ -226,6 +238,7 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], max_new
     done |= np.array([len(o) >= max_new_tokens for o in out])
     if done.all():
       break
-    cache, logits = decode(params, cache, jnp.asarray(nxt), jnp.asarray(np.where(done, -1, pos)))
+    cache, logits = decode(params, cache, jnp.asarray(nxt), jnp.asarray(np.where(done, -1, pos)),
+                           context=decode_context(pos, max_len))
     pos = pos + 1
   return out

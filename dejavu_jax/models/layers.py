@@ -118,8 +118,16 @@ class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, k_all, v_all, layer: int, positions):
-    """x [B, T, D]; k_all, v_all [L, B, S, Hkv, K] (this stage's caches); layer indexes L."""
+  def __call__(self, x, k_all, v_all, layer: int, positions, context: int | None = None):
+    """x [B, T, D]; k_all, v_all [L, B, S, Hkv, K] (this stage's caches); layer indexes L.
+
+    Returns (out, k_all, v_all) with this layer's new entries written, or, with `context` (a
+    decode step: static, > every position of the step), (out, k, v): the new entries [B, T, Hkv,
+    K] for the caller to write for all layers at once, attention having read only the first
+    `context` positions. Why: writing each layer into the stacked cache and then reading that
+    layer back made XLA:CPU copy the whole cache once per layer, so a decode step cost grew with
+    the allocated length S rather than with the context; one write after the last layer is in
+    place (the cache is donated) and the reads are slices of the old cache."""
     cfg, fam = self.cfg, families.get(self.cfg.family)
     b, t, _ = x.shape
     h, hkv, kd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -129,12 +137,20 @@ class Attention(nn.Module):
     if fam.positions == "rope":
       q = positions_lib.rope(q, positions, cfg.rope_theta, cfg.rope_scaling)
       k = positions_lib.rope(k, positions, cfg.rope_theta, cfg.rope_scaling)
-    k_all, v_all = write_kv(k_all, v_all, layer, k, v, positions)
     slopes = positions_lib.alibi_slopes(h) if fam.positions == "alibi" else None
     scale = kd**-0.5 if cfg.attn_scale is None else cfg.attn_scale
-    out = attend(q, k_all[layer], v_all[layer], positions, scale, fam.scale_queries, slopes)
+    if context is None:
+      k_all, v_all = write_kv(k_all, v_all, layer, k, v, positions)
+      k_seen, v_seen = k_all[layer], v_all[layer]                              # [B, S, Hkv, K]
+    else:
+      k_seen, v_seen = write_kv(k_all[layer:layer + 1, :, :context],
+                                v_all[layer:layer + 1, :, :context], 0, k, v, positions)
+      k_seen, v_seen = k_seen[0], v_seen[0]                                    # [B, C, Hkv, K]
+    out = attend(q, k_seen, v_seen, positions, scale, fam.scale_queries, slopes)
     out = _dense(cfg, cfg.hidden_size, "out_proj")(out.reshape(b, t, h * kd))
-    return out, k_all, v_all
+    if context is None:
+      return out, k_all, v_all
+    return out, k, v
 
 
 class MLP(nn.Module):
@@ -156,16 +172,17 @@ class DecoderLayer(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, k_all, v_all, layer: int, positions):
+  def __call__(self, x, k_all, v_all, layer: int, positions, context: int | None = None):
+    """(x, k_all, v_all), or (x, k, v) with `context` (see `Attention`)."""
     cfg = self.cfg
     attn_norm, mlp_norm = _norm(cfg, "attn_norm"), _norm(cfg, "mlp_norm")
     attn, mlp = Attention(cfg, name="attn"), MLP(cfg, name="mlp")
     if cfg.pre_layer_norm:
-      h, k_all, v_all = attn(attn_norm(x), k_all, v_all, layer, positions)
+      h, k_all, v_all = attn(attn_norm(x), k_all, v_all, layer, positions, context)
       x = x + h
       x = x + mlp(mlp_norm(x))
     else:
-      h, k_all, v_all = attn(x, k_all, v_all, layer, positions)
+      h, k_all, v_all = attn(x, k_all, v_all, layer, positions, context)
       x = attn_norm(x + h)
       x = mlp_norm(x + mlp(x))
     return x, k_all, v_all

@@ -14,6 +14,7 @@ boundaries would, so the tokens are the whole-stage prefill's.
 
 from __future__ import annotations
 
+import functools
 import threading
 
 import jax
@@ -23,7 +24,7 @@ import numpy as np
 from dejavu_jax.config import ModelConfig
 from dejavu_jax.kv.cache import KVCache, init_cache_for
 from dejavu_jax.models.decoder import stage_params
-from dejavu_jax.models.generate import jit, step_functions
+from dejavu_jax.models.generate import decode_context, jit, step_functions
 from dejavu_jax.pipeline import plan as plan_lib
 from dejavu_jax.stream import packing
 
@@ -93,7 +94,8 @@ class StageProgram(StageSlot):
     prefill, decode = step_functions(cfg, self.start, self.stop)
     out = (self._cache_sharding, rep)
     self._prefill = jit(prefill, donate_argnums=(1,), out_shardings=out)
-    self._decode = jit(decode, donate_argnums=(1,), out_shardings=out)
+    self._decode = jit(decode, donate_argnums=(1,), out_shardings=out,
+                       static_argnames=("context",))
     self._groups: dict[tuple[int, int], object] = {}   # (a, b) -> jitted group prefill
 
   def place_params(self, params):
@@ -118,8 +120,11 @@ class StageProgram(StageSlot):
     return self._run(self._prefill, params, cache, x, positions)
 
   def decode(self, params, cache: KVCache, x, positions):
-    """See `step_functions`; `cache` is donated."""
-    return self._run(self._decode, params, cache, x, positions)
+    """See `step_functions`; `cache` is donated. Attention reads the bucketed context of the
+    step's longest row (`decode_context`: one compile per bucket)."""
+    context = decode_context(np.asarray(positions), cache.max_len)
+    return self._run(functools.partial(self._decode, context=context), params, cache, x,
+                     positions)
 
   def _prefill_group(self, params, cache, x, positions, a, b, ranges):
     # The packets are gathered inside the group's program: a separate gather program still
