@@ -1,6 +1,6 @@
 """Does the planner's split pay, and do the planner and the simulator predict the paced runs?
 
-Scenario (`serving/disagg_experiment.py`): OPT-66B on 4 machines of 2 x A100-80GB (roofline cost
+Scenario (`studies/disagg_experiment.py`): OPT-66B on 4 machines of 2 x A100-80GB (roofline cost
 model), prompts of 1000 tokens, one LMSys-fitted output length per microbatch (mean 214.5, all
 rows share it), microbatch 8, the prompt -> token stream over the paper's 40 Gbps inter-VM link,
 the overlapped host-to-device load over PCIe 4. The planner's split (analytical: Dp + Dt = 4)

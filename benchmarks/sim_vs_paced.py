@@ -189,7 +189,9 @@ def make_engine(params, sc: Scenario, cost: TableCostModel) -> PipelineEngine:
                       pacing="paced", mode=sc.mode,
                       swapping="off" if sc.swap_ms is None else "on")
   eng = PipelineEngine(CFG, params, serve, cost_model=cost, swap_link=swap_link(sc))
-  eng.generate([[5] * PROMPT_LEN] * sc.batch, 3)  # compile prefill and decode outside the runs
+  # Compile the prefill and the decode at every context the runs reach (decode compiles once
+  # per context bucket) outside the runs.
+  eng.generate([[5] * PROMPT_LEN] * sc.batch, MAX_OUT)
   return eng
 
 

@@ -463,7 +463,7 @@ class AdmissionConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MemoryConfig:
-  """Microbatch swapping and the device KV budget (kv/swapping.py, kv/budget.py)."""
+  """Microbatch swapping and the device KV budget (runtime/swapping.py, kv/budget.py)."""
 
   swapping: str = _field("off", "microbatch swapping: 'off' (D device cache buffers per worker) "
                                 "| 'on' (every cache in host memory, 2 device buffers) | 'auto' "

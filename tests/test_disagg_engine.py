@@ -108,7 +108,7 @@ def test_paced_slow_and_fast_prompt_side(dp, dt, prompt, token):
   cost = TableCostModel(CFG, prompt=prompt, token=token)
   with DisaggregatedEngine(CFG, None, _config(dp, dt, pacing="paced"), cost_model=cost) as eng:
     res = eng.serve(reqs)
-    steps = sum(st.steps_done for st in eng.worker_stats() + eng.prompt_worker_stats())
+    steps = sum(st.steps_done for st in eng.worker_stats() + eng.prompt_path.worker_stats())
   assert res.tokens() == _reference(reqs)
   # A paced run reports its overruns, each one a step that ran: at most every step overran.
   assert res.error is None and 0 <= res.summary["paced_overruns"] <= steps

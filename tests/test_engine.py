@@ -81,7 +81,7 @@ def test_warmup_leaves_nothing_to_compile_while_serving(params):
     eng.generate([[5] * 40, [6] * 3, [7] * 20], 5)
     assert sizes == [(p._prefill._cache_size(), p._decode._cache_size())  # pylint: disable=protected-access
                      for p in eng.programs]
-    assert sizes[0] == (3, 1)   # buckets 16, 32, 64 and one decode step
+    assert sizes[0] == (3, 3)   # prompt buckets 16, 32, 64; decode at contexts 16, 32, 64
 
 
 def test_bad_engine_config(params):

@@ -1,4 +1,4 @@
-"""Microbatch swapping in the engine (kv/swapping.py, kv/budget.py) on the fake stage program.
+"""Microbatch swapping in the engine (runtime/swapping.py, kv/budget.py) on the fake stage program.
 
 Oracle: every request's tokens equal `fake_generate` (the fake model's plain one-sequence run),
 with swapping on at D = 2..4, paper and mixed modes, EOS, and a failure recovered from a replica

@@ -1,7 +1,7 @@
 """The device KV budget: which microbatch size fits, and whether swapping should be on.
 
 One worker's device holds its stage's cache buffers: D of them without swapping (one per
-microbatch in flight), 2 with swapping (kv/swapping.py). Given a budget in bytes per worker, the
+microbatch in flight), 2 with swapping (runtime/swapping.py). Given a budget in bytes per worker, the
 microbatch size is the largest whose buffers fit on every stage (`batch_for_budget`); swapping
 frees D - 2 buffers, so its batch is about D/2 times larger. Whether that pays is a cost-model
 question (`choose`): the next microbatch's swap-in (its whole context, over the device<->host

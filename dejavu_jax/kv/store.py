@@ -18,7 +18,7 @@ Policy interface (`Placement`), called by the store:
   install(mb_id, cache)       a cache that arrived from elsewhere (a replica, a snapshot, another
                               pipeline), already placed by the worker
   release(mb_id)              the microbatch left this worker; its buffer is reused
-Optional (a policy that moves caches off the device, kv/swapping.py's `Swapping`):
+Optional (a policy that moves caches off the device, runtime/swapping.py's `Swapping`):
   commit(mb_id, kind, positions, cache) -> Packed | None   after the step: write back what it
                               wrote (the gathered decode delta is returned for the replica)
   prefetch(mb_id, current), predict_next(current, exclude)       start loading the next microbatch

@@ -27,7 +27,7 @@ The threads and queues, and what each blocks on:
    `replace` starts a new worker for the stage with fresh threads and empty state.
 
 8. With microbatch swapping (`LocalRuntime(swapping=True)`), the worker's `CacheStore` uses the
-   `kv/swapping.py` policy, which adds two threads per worker: a swap-out streamer (each step's
+   `runtime/swapping.py` policy, which adds two threads per worker: a swap-out streamer (each step's
    written KV into the microbatch's host log) and a prefetch thread (host log -> the free device
    buffer). Before a step the worker thread waits for the microbatch's swap-in (`get`), then
    names the microbatch it expects next: the first decode `Step` queued in its own inbox (peeked
@@ -477,7 +477,7 @@ class LocalRuntime:
     pace: paced mode's step durations, or None.
     heartbeat_s: heartbeat period.
     swapping: each worker keeps every cache in host logs and two device buffers
-      (kv/swapping.py) instead of `depth` device buffers.
+      (runtime/swapping.py) instead of `depth` device buffers.
   """
 
   def __init__(self, programs, params_for: Callable[[int], Any], depth: int,

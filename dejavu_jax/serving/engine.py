@@ -212,16 +212,17 @@ class PipelineEngine:
     return admission.validate(self.cfg, self.serve_cfg.topology.max_len, request)
 
   def warmup(self, progress: Callable[[int, int], None] | None = None) -> None:
-    """Compiles every stage's prefill for every prompt bucket that fits `max_len`, and the decode
-    step, by serving one dummy request per bucket. Call it before a measured or failure-injected
-    run: a compile in the middle of serving skews latencies."""
+    """Compiles every stage's prefill for every prompt bucket that fits `max_len`, and its decode
+    step for every context bucket, by serving one dummy request of two tokens per bucket (the
+    decode right after a bucket's first length reads that bucket's context). Call it before a
+    measured or failure-injected run: a compile in the middle of serving skews latencies."""
     limit = self.serve_cfg.topology.max_len - 1   # one new token must fit after the prompt
     n, lengths = 1, []
     while n <= limit:
       lengths.append(n)
       n = bucket_length(n, self.serve_cfg.topology.max_len) + 1   # the first length of the next bucket
     for i, n in enumerate(lengths):   # one microbatch per bucket, padded to its longest row
-      self.generate([[self.cfg.pad_token_id] * n], 2 if n == 1 else 1)   # n == 1: + decode
+      self.generate([[self.cfg.pad_token_id] * n], 2 if n + 2 <= limit + 1 else 1)
       if progress:
         progress(i + 1, len(lengths))
 

@@ -316,15 +316,21 @@ def warm(engine, workloads, recomputes: bool, log=print, bars: bool = True) -> N
   lo = min(len(r.prompt) for r in reqs)
   hi = max(len(r.prompt) + (r.max_new_tokens if recomputes else 0) for r in reqs)
   buckets = sorted({bucket_length(n, max_len) for n in range(lo, min(hi, max_len - 1) + 1)})
-  log(f"compiling {len(buckets)} prompt bucket(s) {buckets} and the decode step (cached on disk "
-      "for the next run)")
+  log(f"compiling {len(buckets)} prompt bucket(s) {buckets} and the decode step at the contexts "
+      "they reach (cached on disk for the next run)")
   bar = runrecord.progress_bar(len(buckets), "compile (prompt buckets)", bars, unit="bucket")
+  pad = engine.cfg.pad_token_id
   for i, b in enumerate(buckets):
-    new = 2 if i == 0 else 1   # the first also compiles the decode step
-    n = min(b, max_len - new)  # the longest prompt of the bucket that leaves room for them
-    engine.generate([[engine.cfg.pad_token_id] * n], new)
+    n = min(b, max_len - 2)   # the longest prompt of the bucket that leaves room for two tokens
+    engine.generate([[pad] * n], 2)   # its prefill, and the decode at its context
     bar(i + 1, len(buckets))
   bar.close()
+  # Decode compiles once per context bucket: the contexts generated tokens reach beyond the
+  # longest prompt bucket are swept by one dummy request.
+  top = min(max(len(r.prompt) + r.max_new_tokens for r in reqs), max_len)
+  n = min(buckets[-1], max_len - 2)
+  if top > bucket_length(n + 1, max_len):
+    engine.generate([[pad] * n], top - n)
 
 
 def _curve_label(name: str, seed: int, rate: float, many_rates: bool, warned: bool) -> str:
