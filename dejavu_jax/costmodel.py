@@ -11,6 +11,9 @@ Three sources sit behind the interface:
   * `TableCostModel`: per-layer times given by the user (scalars, or a grid that is interpolated).
 
 All times are in seconds and all sizes in bytes. Every model is bound to one `ModelConfig`.
+
+Why one module over 400 lines: the roofline, table and calibrated models, the hardware and
+link tables and the byte helpers are one vocabulary of modelled time shared by every layer.
 """
 
 from __future__ import annotations

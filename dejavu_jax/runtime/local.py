@@ -44,6 +44,9 @@ Any exception in a step becomes a `StepError` naming the stage: nothing is swall
 Why one module of this size: a worker's step, its paced clock, its swapping hand-offs and its
 inbox messages run on the one worker thread walked through above; split apart, the order of
 what that thread does (and what each other thread may touch) would no longer read in one place.
+
+Why one module over 400 lines: the worker thread, its message handlers and the runtime that
+spawns, links and replaces workers share one walk through the threads and queues (above).
 """
 
 from __future__ import annotations

@@ -49,6 +49,9 @@ and controller do not change. The processes, threads and what waits on what:
 
 This module is a little over 400 lines because the driver's handle, the runtime's life cycle
 and its one event thread share the lock and the dead-stage tables above; they are one unit.
+
+Why one module over 400 lines: the driver side of the Ray runtime (placement, spares, the event
+poll, kills and reports) is one walk through its actors (above).
 """
 
 from __future__ import annotations

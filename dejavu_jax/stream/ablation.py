@@ -41,10 +41,6 @@ def overlaps_prompt(mode: str) -> bool:
   return check_mode(mode) in ("layerwise", "background")
 
 
-def overlaps_tokens(mode: str) -> bool:
-  return check_mode(mode) == "background"
-
-
 # ---- the two synchronous transports the ablation compares ----
 def stream_naive(cache: KVCache, start: int, size: int, log: HostKVLog, *,
                  layer_base: int = 0) -> None:

@@ -52,10 +52,6 @@ class HostSlots:
   def num_slots(self) -> int:
     return len(self._logs)
 
-  def free_count(self) -> int:
-    with self._lock:
-      return len(self._free)
-
   def held(self) -> list[int]:
     with self._lock:
       return sorted(self._held)

@@ -189,19 +189,5 @@ def mb_inverse_throughput(finishes: Sequence[float], batch: int, warmup: int,
   return (t[warmup + span] - t[warmup]) / span
 
 
-def planner_inverse_throughput(sc: Scenario, system: tuple, num_microbatches: int) -> float:
-  """The planner search's saturated estimate (seconds per microbatch) for `system`."""
-  cost, wl = cost_model(sc), workload(sc)
-  reqs = planner_lib.saturated_workload(wl, sc.batch, num_microbatches)
-  period = system[1] if system[0] == "colocated" else max(system[1], system[2])
-  if system[0] == "colocated":
-    res = sim.simulate_colocated(cost, reqs, system[1], batch_size=sc.batch)
-  else:
-    res = sim.simulate_disaggregated(cost, reqs, system[1], system[2], batch_size=sc.batch,
-                                     host_slots=sc.host_slots, stream_link=stream_link(sc),
-                                     host_link=cost.hardware.host_link)
-  return res.inverse_throughput(warmup=2 * period, cooldown=2 * period, period=period)
-
-
 def rel(a: float, b: float) -> float:
   return abs(a - b) / abs(b) if b else (0.0 if a == b else math.inf)

@@ -17,7 +17,11 @@ table of one line per run; the full per-run summaries are in summary.txt. Only t
 the workload can reach are compiled (`warm`).
 
 When serving fails (`EngineError`), everything already served is still written (the requests
-file of the failed rate, and a summary with "error") before the error is raised again."""
+file of the failed rate, and a summary with "error") before the error is raised again.
+
+Why one module over 400 lines: the serve experiment (build, warm, the strategy x seed x rate
+runs with a failure-free baseline, validity warnings, tables and plots) is one pipeline.
+"""
 
 from __future__ import annotations
 
