@@ -188,9 +188,7 @@ def test_real_model_tokens_identical():
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("kw,field", [(dict(runtime="ray"), "runtime"),
-                                      (dict(swapping="on"), "swapping")])
-def test_disaggregation_refuses_what_it_cannot_run_by_name(kw, field):
-  with pytest.raises(ValueError, match=field):
+def test_disaggregation_refuses_swapping_by_name():
+  with pytest.raises(ValueError, match="swapping"):
     PipelineEngine(CFG, None, ServeConfig(program="fake", max_len=64, prompt_stages=1,
-                                          token_stages=1, **kw))
+                                          token_stages=1, swapping="on"))

@@ -57,26 +57,24 @@ def in_process(serve) -> bool:
 
 
 def make(serve, spec: RuntimeSpec):
-  """The runtime `serve.cluster.runtime` names, over `spec`'s workers (not started).
-
-  Raises NotImplementedError naming the feature a runtime does not have yet (Ray runs neither
-  disaggregation's worker sets nor swapping)."""
+  """The runtime `serve.cluster.runtime` names, over `spec`'s workers (not started): on Ray,
+  every role (a pipeline, disaggregation's token and prompt worker sets) with or without
+  swapping, each worker an actor process."""
   kind = serve.cluster.runtime
   if kind not in RUNTIMES:
     raise ValueError(f"unknown runtime {kind!r}; expected one of {RUNTIMES}")
   if spec.role not in ROLES:
     raise ValueError(f"unknown worker role {spec.role!r}; expected one of {ROLES}")
   if kind == "ray":
-    if spec.role != "pipeline":
-      raise NotImplementedError("prompt-token disaggregation runs on the local runtime only")
-    if spec.swapping:
-      raise NotImplementedError("microbatch swapping runs on the local runtime only (the Ray "
-                                "workers keep their caches on device)")
     from dejavu_jax.runtime.ray import RayRuntime  # pylint: disable=g-import-not-at-top
+    cl = serve.cluster
     return RayRuntime(
-        spec.cfg, spec.ranges, serve.topology.tensor, serve.topology.program, spec.params, spec.depth,
-        spec.microbatch_size, spec.max_len, spec.pace, spec.heartbeat_s, spec.checkpoint,
-        serve.cluster.ray_address, serve.cluster.ray_placement, serve.cluster.ray_transport, serve.cluster.ray_gpus_per_stage)
+        spec.cfg, spec.ranges, serve.topology.tensor, serve.topology.program, spec.params,
+        spec.depth, spec.microbatch_size, spec.max_len, spec.pace, spec.heartbeat_s,
+        spec.checkpoint, cl.ray_address, cl.ray_placement, cl.ray_transport,
+        cl.ray_gpus_per_stage, role=spec.role, swapping=spec.swapping,
+        kv_budget_bytes=spec.kv_budget_bytes, host_slots=spec.host_slots,
+        token_runtime=spec.token_runtime, layerwise=spec.layerwise)
   if spec.role == "pipeline":
     from dejavu_jax.runtime.local import LocalRuntime  # pylint: disable=g-import-not-at-top
     return LocalRuntime(spec.programs, spec.params_for, spec.depth, spec.microbatch_size,

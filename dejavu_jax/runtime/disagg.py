@@ -53,8 +53,9 @@ class _LoadPrompt:
   epoch: int
 
 
-class _Tagged:
-  """The prompt runtime's event channel: wraps each event and puts it on the shared queue."""
+class TaggedEvents:
+  """The prompt runtime's event channel: wraps each event and puts it on the shared queue (the
+  Ray runtime's prompt actors use it too)."""
 
   def __init__(self, target):
     self._target = target
@@ -66,8 +67,9 @@ class _Tagged:
 class PromptWorker(LocalWorker):
   """A prompt pipeline stage that streams each prefill's KV to the token stages."""
 
-  def __init__(self, runtime: "PromptRuntime", program, params, options):
-    super().__init__(runtime, program, params, options)
+  def __init__(self, runtime: "PromptRuntime", program, params, options,
+               worker_id: int | None = None):
+    super().__init__(runtime, program, params, options, worker_id)
     self._sender = concurrent.futures.ThreadPoolExecutor(1, f"send-prompt-{self.stage}")
 
   def _prefill_fn(self, msg):
@@ -122,8 +124,9 @@ class PromptWorker(LocalWorker):
 class TokenWorker(LocalWorker):
   """A token pipeline stage with bounded host slots for the prompt caches streamed to it."""
 
-  def __init__(self, runtime: "TokenRuntime", program, params, options):
-    super().__init__(runtime, program, params, options)
+  def __init__(self, runtime: "TokenRuntime", program, params, options,
+               worker_id: int | None = None):
+    super().__init__(runtime, program, params, options, worker_id)
     shape = jax.eval_shape(lambda: init_cache_for(program.cfg, program.num_layers,
                                                   runtime.microbatch_size, runtime.max_len))
     _, b, s, h, k = shape.k.shape
@@ -203,7 +206,7 @@ class PromptRuntime(LocalRuntime):
     self.worker_class = PromptWorker
     self.splits, self.token_splits = tuple(splits), tuple(token_runtime.splits)
     self.token_runtime = token_runtime
-    self.events = _Tagged(token_runtime.events)
+    self.events = TaggedEvents(token_runtime.events)
     self.layerwise, self.layer_group = bool(layerwise), int(layer_group)
     # Test hook: (event, prompt stage, mb_id, global layers[, token stage]) for "dispatched"
     # (worker thread, a layer group's gathers dispatched), "landed" (sender thread, a packet

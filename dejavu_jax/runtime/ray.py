@@ -74,6 +74,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from dejavu_jax.runtime.api import (Heartbeat, ReplicaSource, Step, StepResult, WorkerOptions,
                                     WorkerStats, recovery_lines)
+from dejavu_jax.runtime.disagg import TaggedEvents
 from dejavu_jax.runtime.ray_actor import CONCURRENCY_GROUPS, TRANSPORTS, ActorSpec, StageActor
 from dejavu_jax.runtime.ray_session import (actor_env, pool_put, pool_take,  # noqa: F401
                                             init_ray)
@@ -112,14 +113,49 @@ class RayWorker:
   def resync(self) -> None:
     self.actor.resync.remote()
 
+  def _token_role(self, what: str) -> None:
+    if self._rt.role != "token":
+      raise NotImplementedError(f"stage {self.stage}'s worker has no host slots: {what} belong "
+                                "to the token workers of a disaggregated deployment")
+
   def reserve_slot(self, mb_id: int) -> bool:
-    raise NotImplementedError("prompt-token disaggregation (host slots) runs on the local "
-                              "runtime only")
+    """Answered by the actor before this returns, so the reservation is in place before the
+    prompt actors stream anything for `mb_id`. A dead actor's slot is granted: the prompt it
+    was for is redone after that token worker's recovery, as any prompt waiting there."""
+    self._token_role("prompt slots")
+    try:
+      return ray.get(self.actor.reserve_slot.remote(mb_id, self._rt.token),
+                     timeout=self._rt.rpc_timeout_s)
+    except ray.exceptions.RayError:
+      if self._rt.alive(self.stage) and self._rt.worker(self.stage) is self:
+        raise
+      return True
 
   def load_prompt(self, mb_id: int, epoch: int, start_at: float = 0.0,
                   load_s: float = 0.0) -> None:
-    raise NotImplementedError("prompt-token disaggregation (prompt cache loads) runs on the "
-                              "local runtime only")
+    """Queued in the actor's inbox before this returns: the first decode step reaches a token
+    stage s > 0 from stage s - 1's actor (another caller, no ordering with this one), and must
+    find the load ahead of it, as in the local runtime's one inbox."""
+    self._token_role("prompt loads")
+    try:
+      ray.get(self.actor.load_prompt.remote(mb_id, epoch, start_at, load_s, self._rt.token),
+              timeout=self._rt.rpc_timeout_s)
+    except ray.exceptions.RayActorError:
+      pass   # lost, as any message to a dead peer; the token side's recovery redoes it
+
+  def slots_held(self) -> list[int]:
+    """(Token role) the microbatches holding a host slot in the actor now."""
+    return ray.get(self.actor.slots_held.remote(), timeout=30)
+
+  def landed_log(self) -> list[tuple]:
+    """(Token role) every prompt packet landed here: (mb_id, global layers, (prompt stage,
+    prompt actor pid))."""
+    return ray.get(self.actor.landed_log.remote(), timeout=30)
+
+  @property
+  def swap_events(self) -> list:
+    """The swapping policy's event log inside the actor (runtime/swapping.py)."""
+    return ray.get(self.actor.swap_events.remote(), timeout=30)
 
   def stats(self) -> WorkerStats:
     if self._rt.alive(self.stage) or self._rt.worker(self.stage) is not self:
@@ -147,7 +183,10 @@ class RayRuntime:
                microbatch_size: int, max_len: int, pace=None, heartbeat_s: float = 1.0,
                checkpoint: str | None = None, address: str | None = None,
                placement: str = "pack", transport: str = "object_store",
-               gpus_per_stage: float = 0.0, rpc_timeout_s: float = 30.0, spares: int = 1):
+               gpus_per_stage: float = 0.0, rpc_timeout_s: float = 30.0, spares: int = 1,
+               role: str = "pipeline", swapping: bool = False,
+               kv_budget_bytes: int | None = None, host_slots: int = 0,
+               token_runtime: "RayRuntime | None" = None, layerwise: bool = True):
     if placement not in PLACEMENTS:
       raise ValueError(f"unknown ray placement {placement!r}; expected one of {list(PLACEMENTS)}")
     if transport not in TRANSPORTS:
@@ -161,8 +200,20 @@ class RayRuntime:
     self.pace, self.heartbeat_s, self.checkpoint = pace, heartbeat_s, checkpoint
     self.placement, self.transport, self.gpus = placement, transport, gpus_per_stage
     self.rpc_timeout_s, self.num_spares = rpc_timeout_s, spares
+    self.role, self.swapping, self.kv_budget_bytes = role, swapping, kv_budget_bytes
+    self.host_slots, self.layerwise = host_slots, layerwise
     self._spares: list = []
     self.events: queue.Queue = queue.Queue()
+    # Disaggregation: a prompt runtime's events travel on its token runtime's channel (wrapped,
+    # as the local runtime's), and its actors stream into the token runtime's actors, whose
+    # handles it is told of at start and whenever a token actor is replaced (`_dependents`).
+    self._token_rt = token_runtime
+    self._dependents: list[RayRuntime] = []
+    if role == "prompt":
+      if token_runtime is None:
+        raise ValueError("a prompt runtime needs the token runtime its streams land in")
+      self.events = TaggedEvents(token_runtime.events)
+      token_runtime._dependents.append(self)  # pylint: disable=protected-access
     self.options = WorkerOptions()
     self.kills: list[dict] = []          # one record per SIGKILL (stage, pid, when, how)
     self._reported = 0
@@ -220,7 +271,10 @@ class RayRuntime:
                      microbatch_size=self.microbatch_size, max_len=self.max_len,
                      heartbeat_s=self.heartbeat_s, options=self.options,
                      transport=self.transport, checkpoint=checkpoint, pace=self.pace,
-                     rpc_timeout_s=self.rpc_timeout_s, token=self.token)
+                     rpc_timeout_s=self.rpc_timeout_s, token=self.token, role=self.role,
+                     swapping=self.swapping, kv_budget_bytes=self.kv_budget_bytes,
+                     host_slots=self.host_slots, layerwise=self.layerwise,
+                     token_splits=self._token_rt.ranges if self._token_rt else ())
 
   def _options(self, bundle: int | None) -> dict:
     opts = dict(num_cpus=0, num_gpus=self.gpus or 0, max_restarts=0, max_task_retries=0,
@@ -244,12 +298,28 @@ class RayRuntime:
     the spare machine of the paper. Spares sit outside the placement group."""
     return pool_take(self._pool_key) or self._actor_cls.options(**self._options(None)).remote()
 
-  def _broadcast_peers(self) -> None:
+  def _live_peers(self) -> dict:
     with self._lock:
-      peers = {s: w.actor for s, w in enumerate(self._workers)
-               if w is not None and s not in self._dead}
+      return {s: w.actor for s, w in enumerate(self._workers)
+              if w is not None and s not in self._dead}
+
+  def _broadcast_peers(self) -> None:
+    peers = self._live_peers()
     for a in peers.values():
       a.set_peers.remote(peers)
+    for dep in self._dependents:   # a token runtime: its prompt runtimes' streams follow it
+      dep.set_token_peers(peers, self.token)
+    if self._token_rt is not None:   # a prompt runtime: its (new) actors learn the token actors
+      self.set_token_peers(self._token_rt._live_peers(), self._token_rt.token)  # pylint: disable=protected-access
+
+  def set_token_peers(self, peers: dict, token: str) -> None:
+    """(Prompt role) tells every live prompt actor the token actors its streams land in, and
+    waits until they know (a prefill streams only to the actors named here)."""
+    refs = [a.set_token_peers.remote(peers, token) for a in self._live_peers().values()]
+    try:
+      ray.get(refs, timeout=self.rpc_timeout_s)
+    except ray.exceptions.RayActorError:
+      pass   # a prompt actor died meanwhile: its replacement is told when it starts
 
   def worker(self, stage: int) -> RayWorker:
     return self._workers[stage]

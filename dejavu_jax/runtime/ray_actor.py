@@ -24,6 +24,7 @@ driver's `kill` SIGKILLs it from outside; nothing is reported either way.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import datetime
 import itertools
@@ -65,6 +66,13 @@ class ActorSpec:
   pace: object = None
   rpc_timeout_s: float = 30.0
   token: str = ""                # the pipeline's id: peer messages of another pipeline are void
+  role: str = "pipeline"         # "pipeline" | disaggregation's "token" and "prompt" workers
+  swapping: bool = False         # the worker's caches under the swapping policy (swapping.py)
+  kv_budget_bytes: int | None = None   # swapping: the device KV budget (staging headroom)
+  host_slots: int = 0            # token role: host slots for prompt caches streamed in
+  token_splits: tuple = ()       # prompt role: the token pipeline's layer ranges
+  layerwise: bool = True         # prompt role: stream each layer group as it is computed
+  layer_group: int = 1
 
 
 class _Outbox(queue.Queue):
@@ -187,7 +195,32 @@ class _ActorRuntime:
     self.peers: dict[int, object] = {}     # stage -> actor handle (set by the driver)
     self.link_fault = None
     self.token = spec.token
-    self.swapping = False    # microbatch swapping (runtime/local.py) is a LocalRuntime feature
+    self.swapping, self.kv_budget_bytes = spec.swapping, spec.kv_budget_bytes
+    # Disaggregation (runtime/disagg.py's workers read these): a token worker's host slots; a
+    # prompt worker's splits, layer groups and the token actors its streams land in.
+    self.host_slots = spec.host_slots
+    self.splits, self.token_splits = tuple(spec.ranges), tuple(spec.token_splits)
+    self.layerwise, self.layer_group = spec.layerwise, spec.layer_group
+    self.token_peers: dict[int, object] = {}   # token stage -> actor handle (set by the driver)
+    self.token_peer_token = ""                 # the token pipeline's id
+    self.sender = (spec.stage, os.getpid())
+
+  def trace(self, event: str, stage: int, mb_id: int, layers, token_stage=None) -> None:
+    """The local prompt runtime's test hook; here the token actors log what landed instead."""
+
+  def deliver(self, token_stage: int, mb_id: int, packet, lengths) -> None:
+    """A prompt layer group's KV (host numpy) into the owning token actor's host slot, actor to
+    actor: the payload rides in the call (large arrays through this node's object store, put
+    by this process), and returns once it is written there. Any failure of the token actor
+    is `PeerDead` (the engine redoes the prompt after the token side's recovery)."""
+    peer = self.token_peers.get(token_stage)
+    if peer is None:
+      raise PeerDead(f"token stage {token_stage} has no live actor")
+    try:
+      ray.get(peer.put_layer.remote(mb_id, packet, lengths, self.token_peer_token, self.sender),
+              timeout=self.transport.timeout_s)
+    except (ray.exceptions.RayError, TimeoutError) as e:
+      raise PeerDead(f"token stage {token_stage}: {type(e).__name__}: {e}") from e
 
   def _peer(self, stage: int):
     peer = self.peers.get(stage)
@@ -213,10 +246,22 @@ class _ActorRuntime:
     return send
 
 
-class _ProcessWorker(LocalWorker):
+class _SelfKill:
   def kill(self) -> None:
     """An armed crash: the whole process dies at once, as a machine failure would."""
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _ProcessWorker(_SelfKill, LocalWorker):
+  pass
+
+
+def _worker_class(role: str):
+  if role == "pipeline":
+    return _ProcessWorker
+  from dejavu_jax.runtime import disagg  # pylint: disable=g-import-not-at-top
+  base = {"token": disagg.TokenWorker, "prompt": disagg.PromptWorker}[role]
+  return type(f"_Process{base.__name__}", (_SelfKill, base), {})
 
 
 def _build_program(spec: ActorSpec):
@@ -242,6 +287,9 @@ class StageActor:
     from dejavu_jax.pipeline import fake, stage  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
     jax.devices()   # a spare (spec None) has its JAX runtime up before it is needed
     self.spec = self.rt = self.worker = None
+    # Token role: (mb_id, global layers, (prompt stage, pid) that sent them) per packet landed
+    # in a host slot, in arrival order (tests read it: layer by layer, from the prompt actors).
+    self.landed: collections.deque = collections.deque(maxlen=100_000)
     if spec is not None:
       self.configure(spec, params)
 
@@ -260,8 +308,9 @@ class StageActor:
       params = restore_params(spec.checkpoint, like=param_shapes(spec.cfg, start, stop))
     transport = TRANSPORTS[spec.transport](jax.devices()[0], spec.rpc_timeout_s)
     self.rt = _ActorRuntime(spec, transport)
-    self.worker = _ProcessWorker(self.rt, program, params, spec.options,
-                                 worker_id=spec.worker_id)
+    self.worker = _worker_class(spec.role)(self.rt, program, params, spec.options,
+                                           worker_id=spec.worker_id)
+    self.landed.clear()
     self.worker.start()
     return self.info()
 
@@ -326,6 +375,46 @@ class StageActor:
   def set_link_fault(self, fails) -> None:
     self.rt.link_fault = fails
 
+  def load_prompt(self, mb_id: int, epoch: int, start_at: float, load_s: float,
+                  token: str) -> None:
+    """(Token role) queued in the inbox now, so before any step the driver sends after it."""
+    if self._mine(token):
+      self.worker.load_prompt(mb_id, epoch, start_at, load_s)
+
+  # ---- disaggregation's flow control and prompt streams ("slots": never behind the inbox) ----
+  @ray.method(concurrency_group="slots")
+  def reserve_slot(self, mb_id: int, token: str) -> bool:
+    if not self._mine(token):
+      raise PeerDead(f"token stage actor {os.getpid()} is not in this pipeline any more")
+    return self.worker.reserve_slot(mb_id)
+
+  @ray.method(concurrency_group="slots")
+  def set_token_peers(self, peers: dict, token: str) -> None:
+    """(Prompt role) the token pipeline's live actors, and its id."""
+    if self.rt is not None:
+      self.rt.token_peers, self.rt.token_peer_token = dict(peers), token
+
+  @ray.method(concurrency_group="slots")
+  def put_layer(self, mb_id: int, packet, lengths, token: str, sender: tuple) -> None:
+    """(Token role) a prompt actor's packet of global layers lands in `mb_id`'s host slot
+    (dropped when the microbatch holds none: it was requeued meanwhile)."""
+    if not self._mine(token):
+      raise PeerDead(f"token stage actor {os.getpid()} is not in this pipeline any more")
+    self.worker.receive_prompt(mb_id, packet, lengths)
+    self.landed.append((mb_id, tuple(packet.layers), tuple(sender)))
+
+  @ray.method(concurrency_group="slots")
+  def slots_held(self) -> list:
+    return self.worker.slots.held()
+
+  @ray.method(concurrency_group="slots")
+  def landed_log(self) -> list:
+    return list(self.landed)
+
+  @ray.method(concurrency_group="io")
+  def swap_events(self) -> list:
+    return self.worker.swap_events
+
   # ---- out of band ("io" group: never queued behind the messages above) ----
   @ray.method(concurrency_group="io")
   def receive_replica(self, write: ReplicaWrite, token: str) -> int:
@@ -370,5 +459,6 @@ class StageActor:
 
 
 # The default group runs the Worker messages one at a time in arrival order (a worker's inbox is
-# FIFO); "io" lands replicas and answers stats meanwhile; "control" long-polls and dies.
-CONCURRENCY_GROUPS = {"io": 2, "control": 2}
+# FIFO); "io" lands replicas and answers stats meanwhile; "control" long-polls and dies; "slots"
+# reserves host slots and lands prompt streams (disaggregation) beside both.
+CONCURRENCY_GROUPS = {"io": 2, "control": 2, "slots": 2}

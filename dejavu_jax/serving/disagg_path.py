@@ -76,11 +76,12 @@ class DisaggregatedPath:
 
   # ---- construction ----
   def layout(self, cfg, serve, devices, in_process):
-    if not in_process:
-      raise ValueError(f"runtime={serve.cluster.runtime!r} is not supported with prompt_stages/"
-                       "token_stages: disaggregation runs on the local runtime only")
-    self.Dp, self.Dt, self.host_slots = check_split(cfg, serve, len(devices))
     t = serve.topology.tensor
+    self._in_process = in_process
+    # Out of process (Ray) every worker actor brings its own devices; the driver needs none.
+    n = len(devices) if in_process else max(len(devices), (serve.disagg.prompt_stages or 0) * t +
+                                             (serve.disagg.token_stages or 0) * t)
+    self.Dp, self.Dt, self.host_slots = check_split(cfg, serve, n)
     self.prompt_plan = plan_stages(cfg, self.Dp, None, t, num_devices=self.Dp * t)
     self._prompt_devices = devices[:self.Dp * t]
     plan = plan_stages(cfg, self.Dt, None, t, num_devices=self.Dt * t)
@@ -94,9 +95,11 @@ class DisaggregatedPath:
       raise ValueError(f"swapping={engine.serve_cfg.memory.swapping!r} chose swapping, which is not "
                        "supported with prompt_stages/token_stages; use swapping='off'")
     sc, cfg = engine.serve_cfg, engine.cfg
-    mesh = make_mesh(self.prompt_plan, self._prompt_devices)
-    self.programs = [engine.program_class(cfg, self.prompt_plan, mesh, s)
-                     for s in range(self.Dp)]
+    self.programs = []   # Ray: each prompt actor builds its own stage program
+    if self._in_process:
+      mesh = make_mesh(self.prompt_plan, self._prompt_devices)
+      self.programs = [engine.program_class(cfg, self.prompt_plan, mesh, s)
+                       for s in range(self.Dp)]
     self._pace = self._host_link = None
     self._cost, self._scale = cost_model, time_scale
     if sc.timing.pacing == "paced":
@@ -112,6 +115,7 @@ class DisaggregatedPath:
         cfg=engine.cfg, ranges=plan.ranges, depth=self.Dp,
         microbatch_size=engine.microbatch_size, max_len=sc.topology.max_len, heartbeat_s=sc.fault.heartbeat_s,
         programs=self.programs, params_for=lambda s: engine.stage_params(plan.ranges[s]),
+        params=engine.params, checkpoint=engine.params_checkpoint,
         pace=self._pace, role="prompt", token_runtime=engine.runtime,
         layerwise=sc.disagg.layerwise_stream))
 
@@ -304,7 +308,9 @@ class DisaggregatedPath:
     event.recomputed_tokens += recomputed
 
   def detect_and_recover(self, engine, st) -> RecoveryEvent | None:
-    dead = self.controller.dead_stages(self.runtime.vouches_alive)
+    # Heartbeat silence, or the runtime's word that a worker died (Ray's actor-death notice).
+    dead = sorted(set(self.controller.dead_stages(self.runtime.vouches_alive)) |
+                  set(self.runtime.notified_dead()))
     return self._recover(engine, st, dead) if dead else None
 
   def _recover(self, engine, st, dead: list[int]) -> RecoveryEvent:

@@ -138,9 +138,6 @@ class PipelineEngine:
     # The device KV budget decides the microbatch size, and "auto" whether swapping is on.
     self.swap_choice = choose_swapping(self, serve, cost_model, swap_link, layer_scale, devices)
     self.microbatch_size = self.swap_choice.batch
-    if self.swap_choice.swapping and not in_process:
-      raise ValueError("swapping='on' runs on the local runtime only (the Ray workers keep "
-                       "their caches on device); use runtime='local' or swapping='off'")
     self._pace = None
     if serve.timing.pacing == "paced":
       if cost_model is None:

@@ -244,22 +244,22 @@ def validate(c, num_devices: int | None = None) -> None:
            f"disaggregation needs prompt_stages >= 1 (with token_stages {dt!r}), got {dp!r}")
     _check(isinstance(dt, int) and dt >= 1, "token_stages",
            f"disaggregation needs token_stages >= 1 (with prompt_stages {dp!r}), got {dt!r}")
-    _check(sc.cluster.runtime == "local", "runtime",
-           "disaggregation runs on the local runtime")
     _check(sc.memory.swapping == "off", "swapping",
            "swapping and disaggregation are not combined; use one of them")
     _check(not c.get("share_devices"), "share_devices",
            "the prompt and token pipelines need disjoint devices")
-    if num_devices is not None:
+    if num_devices is not None and sc.cluster.runtime == "local":   # Ray: actors bring theirs
       _check((dp + dt) * t <= num_devices, "token_stages",
              f"{dp} prompt + {dt} token stages x tensor {t} need {(dp + dt) * t} devices; this "
              f"process has {num_devices}")
     d = dp + dt   # failures number the prompt stages first, then the token stages
-  elif sc.cluster.runtime == "ray":
+  if sc.cluster.runtime == "ray":
     # Every stage actor brings its own device(s); the driver needs the ray package only.
     import importlib.util  # pylint: disable=g-import-not-at-top
     _check(importlib.util.find_spec("ray") is not None, "runtime",
            "runtime='ray' needs the ray extra: pip install -e '.[ray]'")
+  elif dp or dt:
+    pass   # checked above
   elif num_devices is not None and c.get("share_devices"):
     _check(t <= num_devices, "tensor", f"tensor {t} needs {t} devices; this process has "
            f"{num_devices}")
