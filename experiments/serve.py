@@ -63,6 +63,9 @@ def main(c):
     return 0
   summaries = runner.run_experiment(c, _OUT.value, log=print, overwrite=_OVERWRITE.value)
   print(f"\nwrote {len(summaries)} run(s) to {os.path.abspath(_OUT.value)}")
+  if any(s.get("identical") is False for s in summaries):   # check_tokens
+    print("error: a run's tokens differ from the single-device greedy run", file=sys.stderr)
+    return 1
   return 0
 
 

@@ -430,7 +430,8 @@ class RayRuntime:
     """The processes killed since the last report (pid, how), and with a `ServeResult` each
     recovery's timeline, for experiment logs."""
     kills, self._reported = self.kills[self._reported:], len(self.kills)
-    lines = [f"stage {k['stage']}: pid {k['pid']} (worker {k['worker_id']}) killed by "
+    side = "" if self.role == "pipeline" else f"{self.role} "   # disaggregation's two sides
+    lines = [f"{side}stage {k['stage']}: pid {k['pid']} (worker {k['worker_id']}) killed by "
              f"{k['how']}" for k in kills]
     return lines + recovery_lines(result)
 

@@ -93,6 +93,10 @@ class ReportingFields:
                            "(recovery restart): every strategy's row is read against it")
   slo_tpot_ms: float | None = _f(None, "goodput objective on time per output token (ms); None = "
                                        "no objective", float)
+  check_tokens: bool = _f(False, "greedy runs: compare every run's tokens with the plain "
+                                 "single-device greedy run of the same requests (the fake "
+                                 "program's fake_generate, or the model's generate); logged, "
+                                 "'identical' in each row, exit code 1 when one differs")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,6 +272,9 @@ def validate(c, num_devices: int | None = None) -> None:
            f"{d} stages x tensor {t} need {d * t} devices; this process has {num_devices} "
            "(set share_devices=True to lay every stage on the same device(s), e.g. one GPU; "
            "WORKSPACE.md 'GPU')")
+  if c.get("check_tokens"):
+    _check(sc.sampling.temperature == 0.0, "check_tokens",
+           f"compares greedy tokens: needs temperature 0, got {sc.sampling.temperature}")
   max_len = _int(c, "max_len", 2) if "max_len" in c else None   # the text job derives it
   if max_positions is not None and max_len is not None:
     _check(max_len <= max_positions, "max_len",

@@ -190,7 +190,7 @@ def run_experiment(c, out_dir: str, log=print, overwrite: bool = False,
       rate=float(rate), num_requests=c.num_requests, prompt_len=c.prompt_len,
       output_len=c.output_len, vocab_size=cfg.vocab_size, seed=seed, max_output=c.max_output))
       for seed in seeds for rate in c.rates}
-  summaries, texts, timelines, recoveries, fired = [], [], {}, [], {}
+  summaries, texts, timelines, recoveries, fired, refs = [], [], {}, [], {}, {}
   t_build = time.perf_counter()
   # share_devices: every stage on the same `tensor` devices (e.g. a whole pipeline on one GPU).
   devices = (jax.devices()[:sc.topology.tensor] * sc.topology.num_stages
@@ -249,9 +249,18 @@ def run_experiment(c, out_dir: str, log=print, overwrite: bool = False,
             log(f"  serving failed [{tag}]: {res.error}; the "
                 f"{sum(r.done for r in res.records)} requests served are written to {out_dir}")
             raise failed
+          if c.get("check_tokens"):
+            ref = oracle(cfg, params, sc, requests, refs, (seed, float(rate)))
+            summary["identical"] = res.tokens() == ref
           log(run_line(summary, tag, res))
-          for line in engine.runtime.report(res):   # the recovery timeline (Ray: killed pids)
+          # The recovery timeline (Ray: the killed pids, the prompt side's too).
+          for line in engine.runtime.report(res) + [
+              x for rt in engine.prompt_path.runtimes() for x in rt.report()]:
             log(f"  {line}")
+          if "identical" in summary:
+            same = sum(res.tokens().get(r.request_id) == ref[r.request_id] for r in requests)
+            log(f"  completions {'identical to' if summary['identical'] else 'DIFFERENT from'} "
+                f"the single-device greedy run ({same}/{len(requests)} identical)")
           for why in res.rejected.values():
             log(f"  rejected: {why}")
           for w in warnings:
@@ -296,6 +305,30 @@ def run_experiment(c, out_dir: str, log=print, overwrite: bool = False,
 
 
 BASELINE = "failure-free"
+
+
+def oracle(cfg, params, sc, requests, cache: dict, key) -> dict:
+  """request_id -> the plain single-device greedy tokens of `requests` (`check_tokens`): the
+  fake program's `fake_generate`, or one batched `generate` of the model (cut at each request's
+  max_new_tokens and after its EOS, as the engine stops a row); computed once per workload."""
+  if key in cache:
+    return cache[key]
+  eos = sc.sampling.eos_token_id
+  if sc.topology.program == "fake":
+    from dejavu_jax.pipeline.fake import fake_generate  # pylint: disable=g-import-not-at-top
+    ref = {r.request_id: fake_generate(cfg, [r.prompt], r.max_new_tokens, eos)[0]
+           for r in requests}
+  else:
+    from dejavu_jax.models.generate import generate  # pylint: disable=g-import-not-at-top
+    outs = generate(cfg, params, [r.prompt for r in requests],
+                    max(r.max_new_tokens for r in requests), eos_token_id=-1,
+                    max_len=sc.topology.max_len)
+    ref = {}
+    for r, o in zip(requests, outs):
+      o = list(o[:r.max_new_tokens])
+      ref[r.request_id] = o[:o.index(eos) + 1] if eos is not None and eos in o else o
+  cache[key] = ref
+  return ref
 
 
 def _recomputes(strategy: str) -> bool:
