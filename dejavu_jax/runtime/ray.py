@@ -228,6 +228,7 @@ class RayRuntime:
     self._lock = threading.Lock()
     self._closed = threading.Event()
     self._pg = None
+    self._bound: set = set()   # actors living in the placement group's bundles (never pooled)
     self._poller: threading.Thread | None = None
     self._actor_cls = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(StageActor)
     self.token = uuid.uuid4().hex
@@ -290,7 +291,13 @@ class RayRuntime:
     pooled = pool_take(self._pool_key) if self.placement == "pack" else None
     if pooled is not None:   # a started process of an earlier pipeline, reset to no stage
       return pooled, pooled.configure.remote(spec, params), spec.worker_id
-    actor = self._actor_cls.options(**self._options(s)).remote(spec, params)
+    # "spread" binds each stage to its own bundle (its node); "pack" only reserves the bundles
+    # (the check that the cluster has room) and leaves the actor unbound: Ray destroys a bound
+    # actor with its placement group at `close`, and an unbound one can be pooled.
+    bound = self.placement != "pack"
+    actor = self._actor_cls.options(**self._options(s if bound else None)).remote(spec, params)
+    if bound:
+      self._bound.add(actor)
     return actor, actor.info.remote(), spec.worker_id
 
   def _spare(self):
@@ -408,7 +415,13 @@ class RayRuntime:
     # this Ray session: a process start costs seconds here. Anything that does not reset dies.
     live = [w.actor for s, w in enumerate(self._workers)
             if w is not None and s not in self._dead] + self._spares
-    resets = {a: a.reset.remote() for a in live}
+    resets = {a: a.reset.remote() for a in live if a not in self._bound}
+    for actor in live:
+      if actor in self._bound:   # it dies with the placement group below
+        try:
+          ray.kill(actor, no_restart=True)
+        except Exception:  # pylint: disable=broad-except
+          pass
     for actor, ref in resets.items():
       try:
         ray.get(ref, timeout=15)
