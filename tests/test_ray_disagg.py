@@ -146,8 +146,11 @@ def test_swapping_sigkill_recovered_from_replica(ray_session):
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_serve_experiment_disaggregated_on_ray(ray_session, tmp_path):
+  """The config's run (failure-free baseline, then a SIGKILL on each side), on the fake program
+  here (the config's tiny model compiles for a minute per actor on a loaded machine)."""
   lines = []
   c = serve_ray_disagg_tiny.get_config()
+  c.program = "fake"
   summaries = runner.run_experiment(c, str(tmp_path), log=lambda *a: lines.append(" ".join(
       str(x) for x in a)))
   text = "\n".join(lines)
@@ -155,5 +158,7 @@ def test_serve_experiment_disaggregated_on_ray(ray_session, tmp_path):
   assert s["completed"] == c.num_requests and s["failures"] == 2, text
   assert all(x["identical"] for x in summaries), text
   assert "prompt stage 0: pid" in text and "token stage 1: pid" in text, text
+  assert "prompt stage(s) [0]: killed" in text and "token stage(s) [1]: killed" in text, text
   assert "redo prompts" in text and "replica" in text, text
+  assert not any(x["warnings"] for x in summaries), text
   assert np.sum(["identical to the single-device greedy run" in x for x in lines]) == 2, text

@@ -36,6 +36,7 @@ class RecoveryEvent:
   stages: tuple = ()                # every stage that died in this failure
   handled_by: dict = dataclasses.field(default_factory=dict)   # strategy -> microbatches
   load_errors: list = dataclasses.field(default_factory=list)  # why a planned restore fell back
+  side: str = ""                    # disaggregation: "prompt" or "token" (whose stages died)
 
   @property
   def detection_s(self) -> float:

@@ -237,7 +237,8 @@ def recovery_lines(result) -> list[str]:
   for ev in getattr(result, "recoveries", ()):
     after = [t for r in result.records for t in r.token_times if t > ev.recovered_at]
     first = f", first token {min(after):.3f} s" if after else ""
-    lines.append(f"stage(s) {list(ev.stages)}: killed {ev.failed_at:.3f} s, detected "
+    side = f"{ev.side} " if getattr(ev, "side", "") else ""
+    lines.append(f"{side}stage(s) {list(ev.stages)}: killed {ev.failed_at:.3f} s, detected "
                  f"{ev.detected_at:.3f} s, replaced and resumed {ev.recovered_at:.3f} s{first} "
                  f"({ev.handled_by})")
   return lines

@@ -436,8 +436,9 @@ class RayRuntime:
         remove_placement_group(self._pg)
       except Exception:  # pylint: disable=broad-except
         pass
-    if self._owns_ray:
-      ray.shutdown()
+    # A session this runtime started stays up until the process exits (Ray's exit hook shuts
+    # it down): the next pipeline of this process (`set_recovery`, a strategy comparison)
+    # configures the pooled actors instead of starting a session and its processes again.
 
   def report(self, result=None) -> list[str]:
     """The processes killed since the last report (pid, how), and with a `ServeResult` each

@@ -295,6 +295,7 @@ class DisaggregatedPath:
     """Token workers `dead` were replaced with every slot free: the prompts waiting in their
     host slots (every prompt-phase microbatch held one there) are redone."""
     ps, lost = st.path, set(dead)
+    event.side = "token"
     for held in ps.holders.values():
       held -= lost
     ps.holders = {m: h for m, h in ps.holders.items() if h}
@@ -335,7 +336,7 @@ class DisaggregatedPath:
         stage=dead[0], strategy=self.redo.name, failed_at=failed_at, detected_at=detected,
         recovered_at=st.now(), lost_microbatches=len(lost), lost_requests=lost_requests,
         recomputed_tokens=recomputed, restored_microbatches=0, stages=tuple(dead),
-        handled_by=handled)
+        handled_by=handled, side="prompt")
 
   def abandon(self, engine, st) -> None:
     try:

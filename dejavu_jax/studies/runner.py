@@ -110,6 +110,8 @@ def _run_warnings(res, failures, summary: dict) -> list[str]:
                "compute did not fit, so this is NOT a paced result (raise cost.time_scale, or "
                "use fewer stages per core)")
   for ev in res.recoveries:
+    if ev.side == "prompt" and ev.lost_microbatches:
+      continue   # a prompt worker's failure only ever loses prompts: redoing them is its recovery
     if ev.lost_requests == 0 or (ev.restored_microbatches == 0 and ev.recomputed_tokens == 0):
       out.append(f"the failure of stage {ev.stage} at {ev.failed_at:.2f} s hit no generated work "
                  "in flight (nothing in flight, or only prompts not yet past their first token): "
