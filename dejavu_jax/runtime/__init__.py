@@ -1,7 +1,7 @@
 """Runtimes: the `Worker`/`Runtime` message boundary (api.py), the one factory that picks an
 implementation from the config (`make`), the implementations (local.py: threads over the devices
-of one process; ray*.py: Ray actor processes; disagg.py: the prompt and token worker sets of
-disaggregation), and the worker-side services that run beside a worker's steps: the replication
+of one process; ray*.py: Ray actor processes, any role, swapping or not; disagg.py: the prompt
+and token worker sets of disaggregation), and the worker-side services that run beside a worker's steps: the replication
 tap and replica store (replication.py), the snapshotter (snapshot.py) and the swapping
 cache-placement policy (swapping.py).
 

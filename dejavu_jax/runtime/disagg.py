@@ -1,4 +1,5 @@
-"""Prompt and token workers of a disaggregated deployment, as threads of one process.
+"""Prompt and token workers of a disaggregated deployment, as threads of one process (the Ray
+runtime runs the same worker classes inside its actors, runtime/ray.py item 10).
 
 Two worker sets over disjoint devices of the mesh, each a `LocalRuntime` of its own depth:
 

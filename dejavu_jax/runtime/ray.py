@@ -1,4 +1,4 @@
-"""RayRuntime: the pipeline's workers as Ray actor processes; a failure is a real SIGKILL.
+"""RayRuntime: a worker set's workers as Ray actor processes; a failure is a real SIGKILL.
 
 Same `Runtime`/`Worker` interfaces as `runtime/local.py`, so the engine, scheduler, strategies
 and controller do not change. The processes, threads and what waits on what:
@@ -37,21 +37,36 @@ and controller do not change. The processes, threads and what waits on what:
 7. `close` resets the live actors (worker stopped, params, caches and replicas dropped) into a
    per-session pool that the next pipeline of the session configures instead of starting
    processes (seconds each here). Peer messages carry the pipeline's token, so a late message
-   of a closed pipeline is void in a pooled actor. Every actor shares a persistent XLA
-   compilation cache (`DEJAVU_RAY_COMPILE_CACHE`, "" to disable), so a replacement does not
-   compile its steps again in the middle of a recovery.
+   of a closed pipeline is void in a pooled actor. A session this runtime started lives until
+   the process exits, so the pool outlives the engine (`set_recovery`). Every actor shares a
+   persistent XLA compilation cache (`DEJAVU_RAY_COMPILE_CACHE`, "" to disable), so a
+   replacement does not compile its steps again in the middle of a recovery.
 8. Multi-host: `address` joins a running cluster (`ray start --head` / `ray start
-   --address=...`); `placement` "pack" puts the stages where they fit, "spread" one per node
-   (a STRICT_SPREAD placement group; its stages never come from the pool; spares and
-   replacements are placed by Ray outside the group). A session this runtime starts has no
-   dashboard, keeps Ray's token authentication and listens on 127.0.0.1 only: every Ray server
-   (GCS, raylet, workers, agents) and the actors' transfer servers (`init_ray`, ray_session.py).
-
-This module is a little over 400 lines because the driver's handle, the runtime's life cycle
-and its one event thread share the lock and the dead-stage tables above; they are one unit.
+   --address=...`); `placement` "pack" reserves a bundle per stage (the check that the cluster
+   has room) and lets Ray place the actors, unbound, so they can be pooled; "spread" one per
+   node (a STRICT_SPREAD placement group whose bundles the stages are bound to: they die with
+   it at `close` and never come from the pool; spares and replacements are placed by Ray
+   outside the group). A session this runtime starts has no dashboard, keeps Ray's token
+   authentication and listens on 127.0.0.1 only: every Ray server (GCS, raylet, workers,
+   agents) and the actors' transfer servers (`init_ray`, ray_session.py).
+9. Swapping (`swapping=True`): each actor's worker runs `runtime/swapping.py`'s policy in its
+   own process (host logs, two device buffers, the prefetch and swap-out threads), as the local
+   runtime's does; replication taps and snapshots read its host logs there.
+10. Disaggregation (`role`): a token runtime's actors run `runtime/disagg.py`'s `TokenWorker`
+    (bounded `HostSlots` in the actor's memory), a prompt runtime's its `PromptWorker`. A prompt
+    actor's sender thread puts each layer group's KV straight into the owning token actor
+    (`put_layer`, the "slots" group, so never behind queued steps: the packet rides in the call,
+    through the prompt node's object store when large), never through the driver; the driver
+    tells the prompt actors the token actors' handles at start and after every replacement on
+    either side (`_dependents`). `reserve_slot` and `load_prompt` wait for the token actor's
+    answer: a reservation is in place before the prompt streams, and a load is in the inbox
+    before the first decode step reaches a token stage s > 0 from actor s - 1 (no ordering
+    between two callers). The prompt runtime's events travel on the token runtime's channel,
+    wrapped (`FromPrompt`), as on the local runtime.
 
 Why one module over 400 lines: the driver side of the Ray runtime (placement, spares, the event
-poll, kills and reports) is one walk through its actors (above).
+poll, kills and reports, for every role) is one walk through its actors (above); the driver's
+handle, the life cycle and the event thread share the lock and the dead-stage tables.
 """
 
 from __future__ import annotations

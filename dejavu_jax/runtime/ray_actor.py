@@ -1,11 +1,14 @@
-"""The inside of one Ray actor process: one stage's `LocalWorker`, its transports, its outbox.
+"""The inside of one Ray actor process: one stage's `LocalWorker` (or, with disaggregation, its
+`TokenWorker` / `PromptWorker`, runtime/disagg.py), its transports, its outbox.
 
 `runtime/ray.py` (the driver side) creates one `StageActor` per stage. The actor process imports
 JAX itself (its own devices: one CPU device here, `num_gpus` GPUs on a GPU cluster), places its
 stage's params, and runs the very `LocalWorker` the threads runtime runs (same step logic,
 `CacheStore`, `ReplicationTap`, `Snapshotter`, heartbeat thread), against `_ActorRuntime`: the
 runtime a worker sees, whose channels are Ray calls to the neighbouring actors instead of
-in-process queues. So the two runtimes share every line of a worker's behaviour.
+in-process queues. So the two runtimes share every line of a worker's behaviour, swapping and disaggregation's
+host slots and layer-wise prompt streams included: `_ActorRuntime.deliver` is the prompt
+side's channel into a token actor's host slot (`StageActor.put_layer`, actor to actor).
 
 Transports (`TRANSPORTS`), chosen per pipeline; both carry activations (stage s -> s + 1) and
 replication writes (stage s -> its successor), actor to actor, never through the driver:
@@ -17,6 +20,10 @@ replication writes (stage s -> its successor), actor to actor, never through the
                  pulls. A pull of an id nobody offers hangs, so every pull runs under a
                  watchdog (`TransportTimeout`). Offers a dead receiver never pulls stay on the
                  sender's server until the sender dies.
+
+Why one module over 400 lines: it is the whole inside of an actor process, and its parts (the
+actor's methods by concurrency group, the runtime its worker sees, the transports those call)
+are one unit.
 
 A crash is the process dying: an armed failure (`arm`) SIGKILLs the actor's own pid, and the
 driver's `kill` SIGKILLs it from outside; nothing is reported either way.

@@ -1,7 +1,8 @@
 """`DisaggregatedPath` (DéjàVu's prompt-token disaggregation): a Dp-stage prompt pipeline of its
 own, on devices disjoint from the Dt-stage token pipeline's (runtime/disagg.py: the first
-Dp x tensor devices run the prompt stages, the next Dt x tensor the token stages); their events
-arrive on one channel. A microbatch's life:
+Dp x tensor devices run the prompt stages, the next Dt x tensor the token stages; on Ray each
+worker is an actor process with its own devices, runtime/ray.py); their events arrive on one
+channel. A microbatch's life:
 
   1. formed from the queue (FIFO, paper or mixed mode, the baseline's `Scheduler`) when the prompt
      pipeline has fewer than Dp microbatches and every token worker has a free host slot; a slot
@@ -20,8 +21,8 @@ arrive on one channel. A microbatch's life:
 
 Failures (`FailureSpec.stage` numbers the prompt stages 0..Dp-1, then the token stages
 Dp..Dp+Dt-1). A prompt worker's death (heartbeat silence on the prompt side, which the runtime
-does not vouch for) replaces it and redoes, by the `RedoPrompts` strategy, every prompt whose
-cache had not completely landed or whose first token had not come (the prompt epoch changes: a
+does not vouch for, or the runtime's death notice: Ray) replaces it and redoes, by the
+`RedoPrompts` strategy, every prompt whose cache had not completely landed or whose first token had not come (the prompt epoch changes: a
 prefill still in the prompt pipeline reports nothing); nothing on the token side is touched. A
 token worker's death is the engine's recovery by the configured chain; then the microbatches
 still waiting in host slots (every token worker held one for each) are redone by `RedoPrompts`,
