@@ -23,6 +23,7 @@ def get_config():
   c.output_len = "fixed:24"
   c.fail_stages = (0, 2)          # prompt stage 0, token stage 1
   c.fail_after_steps = (2, 20)
+  c.fail_times = ()
   c.heartbeat_s = 0.1
   c.heartbeat_timeout_s = 2.0     # Ray reports each death first; heartbeats are the backstop
   c.check_tokens = True

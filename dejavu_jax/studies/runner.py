@@ -256,8 +256,8 @@ def run_experiment(c, out_dir: str, log=print, overwrite: bool = False,
             summary["identical"] = res.tokens() == ref
           log(run_line(summary, tag, res))
           # The recovery timeline (Ray: the killed pids, the prompt side's too).
-          for line in engine.runtime.report(res) + [
-              x for rt in engine.prompt_path.runtimes() for x in rt.report()]:
+          for line in [x for rt in engine.prompt_path.runtimes() for x in rt.report()] + \
+              engine.runtime.report(res):
             log(f"  {line}")
           if "identical" in summary:
             same = sum(res.tokens().get(r.request_id) == ref[r.request_id] for r in requests)
