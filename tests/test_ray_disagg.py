@@ -151,6 +151,7 @@ def test_serve_experiment_disaggregated_on_ray(ray_session, tmp_path):
   lines = []
   c = serve_ray_disagg_tiny.get_config()
   c.program = "fake"
+  c.heartbeat_timeout_s = 30.0   # Ray's death notice detects each kill; no false deaths under load
   summaries = runner.run_experiment(c, str(tmp_path), log=lambda *a: lines.append(" ".join(
       str(x) for x in a)))
   text = "\n".join(lines)
