@@ -186,6 +186,7 @@ class OnlineLoop:
     self.ttft_s: list[float] = []
     self.tpot_s: list[float] = []
     self.tokens_out = 0
+    self.token_log: collections.deque = collections.deque(maxlen=4096)   # (perf_counter, n)
     self.started_at = time.perf_counter()
     engine.prompt_path.check_failures(engine, failures)
     self.st = engine.begin_serve(failures, {})
@@ -355,6 +356,7 @@ class OnlineLoop:
           log.error("request %d: tokens after a recovery differ from those already streamed",
                     h.request_id)
         self.tokens_out += len(toks) - n
+        self.token_log.append((time.perf_counter(), len(toks) - n))
         h._emit(toks[n:])   # pylint: disable=protected-access
       if state.done:
         self._finished(h, state)
