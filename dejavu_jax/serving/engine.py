@@ -14,6 +14,9 @@ into host slots of the token workers. Everything below about the token pipeline 
 
 `serve` runs an open-loop workload: requests are admitted when their arrival time comes, whether
 or not the pipeline is busy. Its per-serve state lives in one `ServeState`, created per serve.
+The loop itself (`run_loop`) takes its requests from a source: `serve` replays a list
+(`ReplaySource`); `start()` runs the same loop on a thread fed by `submit()` until `stop()`
+(online mode, serving/online.py).
 
 Bad requests (a NaN, infinite or negative arrival, a prompt that is not a sequence of integer
 token ids inside the vocabulary, max_new_tokens not an integer >= 1, prompt + new tokens longer
@@ -54,8 +57,10 @@ the engine only marks a decode step `final` so workers do not prefetch a microba
 about to leave.
 
 Beside it: admission.py (request checks), sizing.py (model limits, KV budget), recovery.py (the
-plan's execution), result.py (what a serve returns). What stays here (a little over 400 lines)
-is the loop with the event handlers and step submissions it calls, which share `ServeState`.
+plan's execution), result.py (what a serve returns), online.py (the request sources, online
+mode). What stays here (a little over 500 lines: the loop is one piece, split into its begin,
+run and finish for the two sources) is the loop with the event handlers and step submissions it
+calls, which share `ServeState`.
 """
 
 from __future__ import annotations
