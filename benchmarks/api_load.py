@@ -10,7 +10,11 @@ Prints ONE JSON line (all figures measured, medians over --repeats runs):
   rel_diff_* (client - engine) / engine;
   inproc_*   the same workload submitted in-process (`engine.submit`, timed from the handles);
   server_overhead_*   what HTTP + JSON + SSE + the tokenizer add: client minus in-process, per
-             output token (TPOT) and on the first token (TTFT).
+             output token (TPOT) and on the first token (TTFT), across two runs (noisy on a
+             loaded machine);
+  server_delay_*_token_ms   the same cost within ONE run: from the engine handing a request's
+             first (last) token to its handle until the client holds the chunk carrying it
+             (the server runs in this process, so both clocks are one perf_counter).
 
   python benchmarks/api_load.py                      # the real SmolLM2, 2 stages
   python benchmarks/api_load.py --rate 4 --num_requests 24 --repeats 3
@@ -74,14 +78,19 @@ async def http_run(url, model, jobs, max_time_s):
     stream = await client.chat.completions.create(
         model=model, messages=msgs, max_tokens=n, stream=True,
         stream_options={"include_usage": True})
+    last = None
     async for ch in stream:
       rid = ch.id
       if ch.usage is not None:
         tokens = ch.usage.completion_tokens
       if first is None and ch.choices and ch.choices[0].delta.content:
         first = time.perf_counter() - t0
+      if ch.choices and ch.choices[0].finish_reason is not None:
+        last = time.perf_counter()   # the chunk after the last token's
     end = time.perf_counter() - t0
-    return rid, _Rec(sent, len(ids), first if first is not None else end, end, tokens)
+    rec = _Rec(sent, len(ids), first if first is not None else end, end, tokens)
+    rec.first_abs, rec.last_abs = t0 + rec.first_token, last
+    return rid, rec
 
   tasks = [asyncio.create_task(one(*j)) for j in jobs]
   done, pending = await asyncio.wait(tasks, timeout=max_time_s)
@@ -143,6 +152,14 @@ def main():
   backend = launch.build_backend(c)
   print(f"model loaded, engine warm in {time.perf_counter() - t:.1f} s", file=sys.stderr)
   srv = launch.ServerThread(app_lib.create_app(backend)).start()
+  handles = {}   # request id -> handle: when the engine handed out each token
+  submit = backend.online.submit
+
+  def keep(*a, **kw):
+    h = submit(*a, **kw)
+    handles[h.request_id] = h
+    return h
+  backend.online.submit = keep
   jobs = plan(args, backend.tokenizer, read_prompts(args.prompts))
   runs = []
   try:
@@ -160,6 +177,15 @@ def main():
         row[f"rel_diff_{k}"] = (client[k] - engine[k]) / engine[k] if engine[k] else None
       row["server_overhead_tpot_ms"] = client["mean_tpot_ms"] - inproc["mean_tpot_ms"]
       row["server_overhead_ttft_ms"] = client["mean_ttft_ms"] - inproc["mean_ttft_ms"]
+      first_d, last_d = [], []
+      for rid, rec in got:
+        h = handles.get(int(rid.rsplit("-", 1)[1]))
+        if h is not None and h.token_times:
+          first_d.append(1e3 * (rec.first_abs - h.token_times[0]))
+          if rec.last_abs is not None:
+            last_d.append(1e3 * (rec.last_abs - h.token_times[-1]))
+      row["server_delay_first_token_ms"] = float(np.median(first_d)) if first_d else None
+      row["server_delay_last_token_ms"] = float(np.median(last_d)) if last_d else None
       runs.append(row)
       print(f"run {rep + 1}/{args.repeats}: {json.dumps(row)}", file=sys.stderr)
   finally:

@@ -52,12 +52,12 @@ class Backend:
 
   def counts(self) -> dict:
     """Queue depth, requests in flight, microbatches in flight (read on the loop thread)."""
-    def read(engine, st):
-      sched = st.sched
-      running = sum(int((~mb.done[:len(mb.requests)]).sum()) for mb in sched.in_flight.values())
-      return {"pending": len(sched.pending), "running": running,
-              "in_flight_microbatches": len(sched.in_flight)}
-    return self.online.call(read, timeout=10)
+    return self.online.call(lambda engine, st: _counts(st), timeout=10)
+
+  def metrics_text(self) -> str:
+    """The /metrics page, written on the loop thread (its counters move under it otherwise)."""
+    loop = self.online
+    return loop.call(lambda engine, st: prometheus_text(loop, _counts(st)), timeout=10)
 
   def summary(self, request_ids) -> dict:
     """The engine's summary (metrics.summarize) over the finished requests `request_ids`."""
@@ -67,6 +67,13 @@ class Backend:
       recs = [record(s) for rid, s in st.sched.states.items() if rid in ids and s.done]
       return metrics_lib.summarize(recs) if recs else {"num_requests": 0}
     return self.online.call(read, timeout=10)
+
+
+def _counts(st) -> dict:
+  sched = st.sched
+  running = sum(int((~mb.done[:len(mb.requests)]).sum()) for mb in sched.in_flight.values())
+  return {"pending": len(sched.pending), "running": running,
+          "in_flight_microbatches": len(sched.in_flight)}
 
 
 def _request_id(rid: str) -> int:
@@ -117,9 +124,8 @@ def create_app(backend: Backend, api_key: str | None = None):
   @app.get("/metrics")
   async def metrics(request: Request):
     _auth(request)
-    loop = _running()
-    counts = await asyncio.to_thread(backend.counts)
-    return PlainTextResponse(prometheus_text(loop, counts),
+    _running()
+    return PlainTextResponse(await asyncio.to_thread(backend.metrics_text),
                              media_type="text/plain; version=0.0.4")
 
   @app.post("/admin/kill")
