@@ -78,6 +78,19 @@ def test_kill_mid_stream_changes_no_token(eng, caplog):
 
 
 @pytest.mark.timeout(120)
+def test_failure_given_at_start_is_recovered(eng):
+  """A failure from the config (engine.start(failures)): stage 0 dies after 12 of its steps."""
+  from dejavu_jax.fault.inject import FailureSpec  # pylint: disable=g-import-not-at-top
+  eng.start([FailureSpec(stage=0, after_steps=12)])
+  hs = [eng.submit(_prompt(i), 30) for i in range(3)]
+  out = [list(h) for h in hs]
+  res = eng.stop()
+  assert [len(r.stages) for r in res.recoveries] == [1] and res.recoveries[0].stages == (0,)
+  for i, toks in enumerate(out):
+    assert toks == fake_generate(CFG, [_prompt(i)], 30)[0], i
+
+
+@pytest.mark.timeout(120)
 def test_cancel_frees_the_slot_and_others_finish(eng):
   eng.start()
   long = eng.submit(_prompt(0), 55)
