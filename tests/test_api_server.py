@@ -202,7 +202,13 @@ def test_api_key(server):
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_stream_survives_a_sigkill_on_ray():
-  pytest.importorskip("ray")
+  ray = pytest.importorskip("ray")
+  from tests.ray_util import checked_shutdown  # pylint: disable=g-import-not-at-top
+  with checked_shutdown(ray.shutdown):   # and no Ray process left behind
+    _kill_on_ray()
+
+
+def _kill_on_ray():
   backend = launch.build_backend(_config(runtime="ray", max_pending=8))
   srv = launch.ServerThread(app_lib.create_app(backend)).start()
   try:
