@@ -180,6 +180,8 @@ def create_app(backend: Backend, api_key: str | None = None):
         raise protocol.ApiError(429, f"the server is at capacity ({handle.reason}); retry later",
                                 None, "queue_full", "rate_limit_error",
                                 {"Retry-After": str(backend.retry_after_s)})
+      if "not serving" in (handle.reason or ""):
+        raise protocol.ApiError(503, handle.reason, None, "engine_down", "server_error")
       raise protocol.ApiError(400, handle.reason or "rejected", job.echo_param, "invalid_value")
     if handle.status == "error":
       raise protocol.ApiError(503, f"the engine stopped: {handle.reason}", None, "engine_down",

@@ -19,6 +19,9 @@ log = logging.getLogger("dejavu_jax.server")
 def validate(c, num_devices: int | None = None) -> None:
   """Raises `runconfig.ConfigError` naming the first bad field of a server config."""
   runconfig.validate(c, num_devices=num_devices)
+  if len(runconfig.strategies_of(c.recovery)) != 1:
+    raise runconfig.ConfigError("recovery", f"a server runs one strategy (or one chain such as "
+                                f"'replica,snapshot,reprefill'), not a comparison: {c.recovery!r}")
   port = c.port
   if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
     raise runconfig.ConfigError("port", f"must be an integer in 0..65535, got {port!r}")
