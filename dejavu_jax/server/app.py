@@ -25,6 +25,7 @@ import math
 import time
 
 from dejavu_jax import metrics as metrics_lib
+from dejavu_jax.serving.online import FINAL
 from dejavu_jax.serving.result import record
 from dejavu_jax.server import protocol
 from dejavu_jax.server.prom import prometheus_text
@@ -167,12 +168,14 @@ def create_app(backend: Backend, api_key: str | None = None):
     handle = loop.submit(job.prompt_ids, job.max_tokens)
     handle.subscribe(lambda k, v: aloop.call_soon_threadsafe(events.put_nowait, (k, v)))
     # Until the engine admitted it: a queue-full rejection is still an HTTP status.
-    pending_tokens = []
+    pending_tokens, ended = [], []
     while True:
       k, v = await events.get()
       if k == "tokens":
         pending_tokens.extend(v)
         continue
+      if v in FINAL:   # it may end before the response starts (a short one, a loaded host)
+        ended.append(v)
       if v != "queued":
         break
     if handle.status == "rejected":
@@ -194,6 +197,8 @@ def create_app(backend: Backend, api_key: str | None = None):
         out = ("tokens", list(pending_tokens))
         pending_tokens.clear()
         return out
+      if ended:
+        return ("status", ended[0])
       return await events.get()
 
     if not job.stream:
@@ -230,7 +235,7 @@ def create_app(backend: Backend, api_key: str | None = None):
             if delta:
               yield protocol.sse(protocol.chunk(job, rid, created, delta))
             continue
-          if v in ("finished", "cancelled", "rejected", "error"):
+          if v in FINAL:
             break
         if handle.status != "finished":
           # The engine stopped under this stream: an error event, as OpenAI servers send.
