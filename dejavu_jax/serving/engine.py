@@ -14,6 +14,9 @@ into host slots of the token workers. Everything below about the token pipeline 
 
 `serve` runs an open-loop workload: requests are admitted when their arrival time comes, whether
 or not the pipeline is busy. Its per-serve state lives in one `ServeState`, created per serve.
+The loop itself (`run_loop`) takes its requests from a source: `serve` replays a list
+(`ReplaySource`); `start()` runs the same loop on a thread fed by `submit()` until `stop()`
+(online mode, serving/online.py).
 
 Bad requests (a NaN, infinite or negative arrival, a prompt that is not a sequence of integer
 token ids inside the vocabulary, max_new_tokens not an integer >= 1, prompt + new tokens longer
@@ -54,8 +57,10 @@ the engine only marks a decode step `final` so workers do not prefetch a microba
 about to leave.
 
 Beside it: admission.py (request checks), sizing.py (model limits, KV budget), recovery.py (the
-plan's execution), result.py (what a serve returns). What stays here (a little over 400 lines)
-is the loop with the event handlers and step submissions it calls, which share `ServeState`.
+plan's execution), result.py (what a serve returns), online.py (the request sources, online
+mode). What stays here (a little over 500 lines: the loop is one piece, split into its begin,
+run and finish for the two sources) is the loop with the event handlers and step submissions it
+calls, which share `ServeState`.
 """
 
 from __future__ import annotations
@@ -84,6 +89,7 @@ from dejavu_jax.pipeline.stage import StageProgram
 from dejavu_jax.runtime import api
 from dejavu_jax.serving import admission
 from dejavu_jax.serving import recovery as recovery_lib
+from dejavu_jax.serving.online import OnlineLoop, ReplaySource, RequestHandle
 from dejavu_jax.serving.pacing import make_pace_fn
 from dejavu_jax.serving.sizing import check_limits, choose_swapping, host_link
 from dejavu_jax.serving.prompt_path import make_prompt_path
@@ -106,6 +112,9 @@ class ServeState:
   queue_full: int = 0
   max_depth: int = 0
   path: object = None              # the prompt path's own per-serve state
+  stats0: dict = dataclasses.field(default_factory=dict)      # worker stats when it began
+  counters0: dict = dataclasses.field(default_factory=dict)   # runtime counters when it began
+  listener: Callable | None = None  # online mode: told of each microbatch's new tokens
 
   def now(self) -> float:
     return time.perf_counter() - self.t0
@@ -151,6 +160,7 @@ class PipelineEngine:
     self._key = jax.random.key(serve.sampling.seed)
     self._next_mb_id = 0   # microbatch ids stay unique across serve() calls
     self._state: ServeState | None = None
+    self.online = None     # the running online loop (serving/online.py), if any
     self._start()
 
   def _start(self) -> None:
@@ -183,6 +193,8 @@ class PipelineEngine:
     return self.params
 
   def close(self) -> None:
+    if self.online is not None:
+      self.online.stop(drain=False, timeout=60)
     self.prompt_path.close()
     self.runtime.close()
 
@@ -243,6 +255,25 @@ class PipelineEngine:
     """Free host slots per token stage, as the engine accounts them (disaggregation)."""
     return self.prompt_path.slots_free(self._state)
 
+  # ---- online mode (serving/online.py) ----
+  def start(self, failures: Sequence[FailureSpec] = ()) -> OnlineLoop:
+    """Starts serving online: the engine loop on a background thread, fed by `submit`."""
+    if self.online is not None:
+      raise RuntimeError("the engine is already serving online")
+    self.online = OnlineLoop(self, failures)
+    return self.online
+
+  def submit(self, prompt_ids: Sequence[int], max_new_tokens: int) -> RequestHandle:
+    """Submits a request to the running online loop (thread-safe); its `RequestHandle`."""
+    if self.online is None:
+      raise RuntimeError("the engine is not serving online; call engine.start() first")
+    return self.online.submit(prompt_ids, max_new_tokens)
+
+  def stop(self, drain: bool = True, timeout: float | None = None) -> ServeResult | None:
+    """Stops the online loop (module doc of serving/online.py); the online run's result."""
+    loop = self.online
+    return None if loop is None else loop.stop(drain, timeout)
+
   # ---- serving ----
   def serve(self, requests: Sequence[Request],
             progress: Callable[[int, int], None] | None = None,
@@ -252,57 +283,72 @@ class PipelineEngine:
     `failures` say (a disaggregated deployment numbers its prompt stages first). On a failure
     to serve (module doc), raises an `EngineError` carrying the partial result, or returns it
     when `raise_on_error` (default: the ServeConfig's) is False."""
-    sc, path = self.serve_cfg, self.prompt_path
-    raise_on_error = sc.admission.raise_on_error if raise_on_error is None else raise_on_error
-    path.check_failures(self, failures)
+    if self.online is not None:
+      raise RuntimeError("the engine is serving online (engine.start()); stop() it before serve()")
     rejected: dict[int, str] = {}
+    self.prompt_path.check_failures(self, failures)
     requests = admission.admissible(self.validate, requests, rejected)
+    st = self.begin_serve(failures, rejected)
+    error, cause = self.run_loop(st, ReplaySource(requests), progress)
+    return self.finish_serve(st, error, cause, raise_on_error)
+
+  def begin_serve(self, failures: Sequence[FailureSpec], rejected: dict) -> ServeState:
+    """A new serve's state (its scheduler, clock, injector, watchdog), installed as current."""
+    sc, path = self.serve_cfg, self.prompt_path
     sched = Scheduler(path.scheduler_depth(self), self.microbatch_size, sc.topology.mode,
                       first_mb_id=self._next_mb_id)
-    stats0 = {st.worker_id: st for st in self.worker_stats() + path.worker_stats()}
-    counters0 = self.runtime.counters()
     t0 = time.perf_counter()
     now = lambda: time.perf_counter() - t0  # noqa: E731
     st = self._state = ServeState(
         sched, t0, Injector(failures, path.locate(self), now, t0),
         ProgressWatchdog(self.plan.num_stages, sc.fault.progress_timeout_s), rejected,
         last_progress=t0)
+    st.stats0 = {w.worker_id: w for w in self.worker_stats() + path.worker_stats()}
+    st.counters0 = self.runtime.counters()
     st.injector.watch_snapshots(self.plan.num_stages)
     st.path = path.begin(self, st)
-    nxt, finished = 0, 0
-    error = cause = None
+    return st
+
+  def run_loop(self, st: ServeState, source, progress=None):
+    """The one engine loop, shared by replay (`serve`) and online mode (serving/online.py):
+    admits what `source` says has arrived, injects microbatches, handles events, detects and
+    recovers failures, until the source is exhausted and nothing is left in flight. Returns
+    (error text, exception) of a failure to serve, or (None, None)."""
+    sc, path, sched = self.serve_cfg, self.prompt_path, st.sched
+    finished, error, cause = 0, None, None
     try:
-      while nxt < len(requests) or not sched.idle or path.busy(st):
+      while source.more() or not sched.idle or path.busy(st):
         st.injector.fire_due()
         for ev in api.drain(self.runtime.events, 0.0):   # heartbeats first, then judge silence
           finished += self.on_event(st, ev)
         self._detect_and_recover(st)
-        while nxt < len(requests) and requests[nxt].arrival <= now():
-          req = requests[nxt]
-          nxt += 1
+        source.service(self, st)
+        for req in source.arrived(st.now()):
           if sc.admission.max_pending is not None and len(sched.pending) >= sc.admission.max_pending:
             path.inject(self, st)   # a free slot empties the queue first
             if len(sched.pending) >= sc.admission.max_pending:
-              rejected[req.request_id] = (f"request {req.request_id}: queue full: "
-                                          f"{len(sched.pending)} pending")
+              reason = (f"request {req.request_id}: queue full: "
+                        f"{len(sched.pending)} pending")
+              st.rejected[req.request_id] = reason
               st.queue_full += 1
+              source.rejected(req, reason)
               continue
           sched.admit(req)
+          source.admitted(req)
           st.max_depth = max(st.max_depth, len(sched.pending))
         path.inject(self, st)
         if not sched.in_flight and not path.busy(st):
-          if nxt < len(requests):
-            time.sleep(max(0.0, min(requests[nxt].arrival - now(), 0.05)))
+          if source.more():
+            source.idle_wait(st.now())
           continue
-        wait = 0.05 if nxt >= len(requests) else max(0.0,
-                                                     min(requests[nxt].arrival - now(), 0.05))
+        wait = source.wait(st.now())
         due = st.injector.next_time()
         if due is not None:   # a timed failure fires on time, not after the wait
-          wait = max(0.0, min(wait, due - now()))
+          wait = max(0.0, min(wait, due - st.now()))
         for ev in api.drain(self.runtime.events, wait):
           finished += self.on_event(st, ev)
         if progress:
-          progress(finished, len(requests))
+          progress(finished, source.total)
         if time.perf_counter() - st.last_progress > sc.fault.step_timeout_s:
           raise TimeoutError(f"no pipeline step finished in {sc.fault.step_timeout_s} s; worker "
                              f"heartbeats: {self.controller.silence()} s ago"
@@ -315,17 +361,25 @@ class PipelineEngine:
       self._next_mb_id = sched.next_mb_id
       for rt in [self.runtime] + path.runtimes():
         rt.disarm()   # an injected failure that did not fire must not outlive the run
-    wall = now()
-    recs = [record(sched.states[i]) for i in sorted(sched.states)]
+    return error, cause
+
+  def finish_serve(self, st: ServeState, error, cause, raise_on_error: bool | None = None,
+                   exclude: frozenset = frozenset()) -> ServeResult:
+    """The serve's result: every admitted request's record (but `exclude`'s), the summary, this
+    serve's share of the workers' counters; raises an `EngineError` on `error` when asked."""
+    sc, path, sched = self.serve_cfg, self.prompt_path, st.sched
+    raise_on_error = sc.admission.raise_on_error if raise_on_error is None else raise_on_error
+    wall = st.now()
+    recs = [record(sched.states[i]) for i in sorted(sched.states) if i not in exclude]
     summary = metrics_lib.summarize(recs, duration=wall)
-    summary.update(rejected=len(rejected), rejected_queue_full=st.queue_full,
+    summary.update(rejected=len(st.rejected), rejected_queue_full=st.queue_full,
                    max_queue_depth=st.max_depth, microbatch_size=self.microbatch_size,
                    swapping=self.swap_choice.swapping, swapping_reason=self.swap_choice.reason,
                    **path.summary(self))
     counters = self.runtime.counters()
-    summary.update({k: v - counters0.get(k, 0) for k, v in counters.items()})
-    return finish_serve(recs, rejected, summary, wall, self.worker_stats() + path.worker_stats(),
-                        stats0, sc.timing.pacing == "paced", st.recoveries, error, cause,
+    summary.update({k: v - st.counters0.get(k, 0) for k, v in counters.items()})
+    return finish_serve(recs, st.rejected, summary, wall, self.worker_stats() + path.worker_stats(),
+                        st.stats0, sc.timing.pacing == "paced", st.recoveries, error, cause,
                         raise_on_error)
 
   def _abandon(self, st: ServeState) -> None:
@@ -383,6 +437,8 @@ class PipelineEngine:
     mb, sched = st.sched.in_flight[res.mb_id], st.sched
     toks = self.sample(mb, res.logits)
     finished = sched.on_tokens(mb, toks, self.serve_cfg.sampling.eos_token_id, res.done_at - st.t0)
+    if st.listener is not None:
+      st.listener(mb)
     if mb.complete:
       st.slot_free_at[mb.slot] = res.done_at
       sched.release(mb)

@@ -108,11 +108,27 @@ class TextFields:
   text_gap_s: float = _f(0.05, "seconds between text prompts (open loop)")
 
 
+@dataclasses.dataclass(frozen=True)
+class ServerFields:
+  """The OpenAI-compatible server (configs/api_server.py, experiments/api_server.py)."""
+  gguf: str = _f("", "a llama .gguf file; '' = the packaged SmolLM2-135M-Instruct")
+  model_id: str = _f("smollm2-135m-instruct", "the model name clients ask for (GET /v1/models)")
+  host: str = _f("127.0.0.1", "address to bind (loopback by default; 0.0.0.0 exposes the server)")
+  port: int = _f(8000, "TCP port (0: any free port)")
+  api_key: str = _f("", "clients must send 'Authorization: Bearer <key>'; '' = no key "
+                        "(the environment variable DEJAVU_API_KEY, when set, is the default)")
+  default_max_tokens: int = _f(256, "a chat request without max_tokens gets at most this many "
+                                    "(and never past the context)")
+  retry_after_s: int = _f(1, "Retry-After (seconds) of a 429 when the queue is full")
+  warmup: bool = _f(True, "compile every prompt and context bucket before serving (no compile "
+                          "stalls a client; ~1-2 min on 2 CPU cores)")
+
+
 # Experiment groups: name -> declaration; "cost" is a nested entry (`--config.cost.kind=table`).
 EXPERIMENT_GROUPS: dict[str, type] = {
     "model": ModelFields, "numerics": NumericsFields, "cost": CostFields,
     "workload": WorkloadFields, "failures": FailureFields, "reporting": ReportingFields,
-    "text": TextFields,
+    "text": TextFields, "server": ServerFields,
 }
 _NESTED = ("cost",)
 
@@ -230,7 +246,7 @@ def validate(c, num_devices: int | None = None) -> None:
   if c.get("checkpoint"):
     _check(os.path.isdir(c.checkpoint), "checkpoint", f"no such directory {c.checkpoint!r}")
     max_positions = None
-  elif not c.get("text_prompts"):
+  elif "model" in c and not c.get("text_prompts"):   # a preset (the text job, the server: GGUF)
     try:
       cfg = get_model_config(c.model, dtype=c.dtype, **dict(c.model_overrides or {}))
     except (KeyError, ValueError, TypeError) as e:
@@ -293,7 +309,7 @@ def validate(c, num_devices: int | None = None) -> None:
     else:
       _check(os.path.isfile(c.cost.table), "cost.table", f"no such file {c.cost.table!r}")
     _check(c.cost.time_scale > 0, "cost.time_scale", f"must be > 0, got {c.cost.time_scale}")
-  if not c.get("text_prompts"):
+  if "rates" in c and not c.get("text_prompts"):   # an open-loop workload of its own
     rates = tuple(c.rates)
     _check(len(rates) > 0 and all(isinstance(r, (int, float)) and r > 0 for r in rates), "rates",
            f"must be a non-empty tuple of rates > 0 (req/s), got {rates!r}")
