@@ -1,15 +1,15 @@
 import os, time, sys
 os.environ["XLA_FLAGS"]="--xla_force_host_platform_device_count=8"
-import numpy as np
-from configs import fig_failures as cf
-from experiments import fig_failures as ff
+from dejavu_jax import sim
 from dejavu_jax.studies import failstudy
-c = cf.get_config()
-sc = ff.scenarios(c)[2]
-rp = failstudy.Replay(chunk=10, time_scale=float(sys.argv[1]) if len(sys.argv)>1 else 1.0)
-rep = failstudy.Replayer(sc, rp)
-for strat in ["replica", "replica", "restart"]:
-  out = rep.run(strat, (), [(1, 25)])
-  e = out["engine_records"][0]; s = out["sim_records"][0]
-  print(strat, "engine", e.first_token, e.finish, "sim", s.first_token, s.finish, out["engine_recoveries"], out["sim_recoveries"][0]["downtime_s"], out["sim_recoveries"][0].get("resumed_at"), "overruns", out["overruns"], out["spare_wait_s"])
+t=time.perf_counter()
+sc = failstudy.Scenario("reduced", "opt_66b", "a100_80gb", 2, num_stages=4, microbatch_size=1, prompt_len=500,
+      output_len=400, arrivals=failstudy.arrivals("zero", 4, 1.0), failures=(sim.Failure(10.0, 1),),
+      recovery=sim.RecoveryConfig(snapshot_every=50, restart_scope="job"))
+rep = failstudy.Replayer(sc, failstudy.Replay(chunk=100, time_scale=1/15), log=print)
+print("init", time.perf_counter()-t)
+for st in [None, "restart", "reprefill", "replica", "snapshot"]:
+  t=time.perf_counter()
+  out = rep.run(st, [(1, 10.0)] if st else [])
+  print(st, "run", time.perf_counter()-t, "serve wall", out["wall_s"])
 rep.close()

@@ -1,9 +1,11 @@
 """The paper's failure figures (DéjàVu's fault-tolerance section), in the paper's setting.
 
 1. Cumulative latency over time and total runtime of OPT-66B on 4 stages of 2 x A100-80GB
-   (tensor 2 per stage), microbatch 1, prompt 500, 1000 new tokens, deterministic arrivals (one
-   request per failure-free microbatch completion, `load` = 1): failure-free vs restart (the
-   whole job: the baseline) vs reprefill vs replica (DéjàVu) vs snapshot,
+   (tensor 2 per stage), microbatch 1, prompt 500, 1000 new tokens, deterministic arrivals (the
+   job's requests submitted at t = 0, so the total runtime is the job's, and every lost step
+   shows in it; "fixed" spaces them at `load` x the failure-free capacity instead):
+   failure-free vs restart (the whole job: the baseline) vs reprefill vs replica (DéjàVu) vs
+   snapshot,
    - "one": stage `fail_stage` fails after its worker's 1200th step (prompt steps counted, as the
      engine's `FailureSpec.after_steps`: with 4 microbatches in flight, ~300 tokens into each);
    - "series": three failures at 600, 1200 and 1800 s (stages 1, 2, 3).
@@ -36,11 +38,11 @@ def get_config(arg=None):
   c.microbatch_size = 1
   c.prompt_len = 500
   c.output_len = 1000
-  c.arrivals = "fixed"                # "fixed" (deterministic) | "poisson" | "zero" (all at 0)
-  c.load = 1.0                        # rate = load x the failure-free capacity ...
+  c.arrivals = "zero"                 # "zero" (all at 0) | "fixed" (1 / rate apart) | "poisson"
+  c.load = 1.0                        # fixed/poisson: rate = load x the failure-free capacity ...
   c.rate = placeholder(float)         # ... unless a rate (req/s) is given
   c.num_requests = 16                 # the single-failure run
-  c.series_num_requests = 150         # the three-failure run (past 1800 s); None: num_requests
+  c.series_num_requests = 150         # the three-failure run (~1950 s); None: num_requests
   c.seed = 0
   c.strategies = ("restart", "reprefill", "replica", "snapshot")
   c.snapshot_every = 50               # steps of a worker between snapshots
@@ -70,14 +72,14 @@ def get_config(arg=None):
   # seconds per modelled second; a scenario not listed is simulated only.
   c.paced = ml_collections.ConfigDict()
   c.paced.scenarios = ("one", "series", "single")
-  # ~26 ms of wall time per paced step (a fake step computes in ~2 ms here, 4 stages on 2 cores),
-  # 4 to 17 s per run.
+  # ~50 ms of wall time per paced step (a fake step computes in ~2 ms here, 4 stages sharing
+  # 2 cores with replication or snapshot writes beside them), 5 to 17 s per run.
   c.paced.one_chunk = 100
-  c.paced.one_time_scale = 1 / 50
-  c.paced.series_chunk = 250
-  c.paced.series_time_scale = 1 / 125
+  c.paced.one_time_scale = 1 / 25
+  c.paced.series_chunk = 500
+  c.paced.series_time_scale = 1 / 120
   c.paced.single_chunk = 10
-  c.paced.single_time_scale = 2.0
+  c.paced.single_time_scale = 3.0
   c.paced.real_prompt_len = 16
   c.paced.heartbeat_s = 0.01          # the engine's own detection, wall seconds
   c.paced.heartbeat_timeout_s = 0.04
