@@ -345,17 +345,29 @@ class Replayer:
 
   def _snapshot_period(self) -> None:
     """Measures the engine's snapshot write here and sets the replay's snapshot period: the
-    scenario's (in paced steps), or longer where a write would outlast a quarter of it (a worker
-    skips snapshots while one is written, and back-to-back orbax writes would take the cores
-    the paced steps need). The replay's simulator gets the same period and write time."""
+    scenario's (in paced steps), or longer where writes would take the cores the paced steps
+    need (a worker skips snapshots while one is written, so they would run back to back). The
+    replay's simulator gets the same period and write time."""
     layers = max(split_layers(self.cfg.num_layers, self.sc.num_stages))
+    in_flight = min(self.sc.num_stages, math.ceil(len(self.sc.arrivals) /
+                                                  self.sc.microbatch_size))
     self._snap_link = measure_snapshot_link(self.cfg, layers, self.sc.microbatch_size,
-                                            self.max_len, self.sc.num_stages)
+                                            self.max_len, in_flight)
     base_layers = max(split_layers(self.base.model.num_layers, self.sc.num_stages))
     step_wall = self.rp.time_scale * self.cost.token_time(
         base_layers, self.sc.microbatch_size, self.rp.real_prompt_len + self.n_paced // 2)
+    write = self._snap_link.latency / step_wall          # paced steps one write lasts
+    # Writes of several microbatches' caches take the cores the paced steps need: at most a
+    # quarter of the period (one cache: half).
     every = max(1, round(self.sc.recovery.snapshot_every / self.rp.chunk),
-                math.ceil(4 * self._snap_link.latency / step_wall))
+                math.ceil((4 if in_flight > 1 else 2) * write))
+    # A failure placed by step count right after a snapshot point races that snapshot's write
+    # (its real duration varies by tens of percent here; the simulator knows its median): the
+    # period is lengthened until the failure lands at least 1.5 writes after a point.
+    steps = [max(1, round(f.after_steps / self.rp.chunk)) for f in self.sc.failures
+             if f.after_steps is not None]
+    while len(steps) == 1 and every < steps[0] and steps[0] % every < 1.5 * write:
+      every += 1
     self.eng.serve_cfg = self.eng.serve_cfg.replace(snapshot_every=every)
     self.log(f"[{self.sc.name}] snapshot write measured {self._snap_link.latency * 1e3:.0f} ms "
              f"(wall): the replay snapshots every {every} paced steps "
