@@ -116,7 +116,7 @@ def _replay(c, sc, sim_runs, rows, comparisons, out_dir, log) -> None:
   rep = failstudy.Replayer(sc, rp, log)
   log(f"[{sc.name}] paced engine ready in {time.perf_counter() - t0:.1f} s (chunk {rp.chunk}, "
       f"time scale {rp.time_scale:.4g})")
-  engine_runs, sim_runs_replay, base_e, base_s = {}, {}, None, None
+  engine_runs, sim_runs_replay, base_e, base_s, fired = {}, {}, None, None, set()
   try:
     for strategy in (None, *c.strategies):
       name = strategy or FAILURE_FREE
@@ -129,6 +129,7 @@ def _replay(c, sc, sim_runs, rows, comparisons, out_dir, log) -> None:
             fail_times.append((f.stage, rec["time"] if f.after_steps is not None else f.time))
       t1 = time.perf_counter()
       out = rep.run(strategy, fail_times, fail_steps)
+      fired |= {round(r["time"], 1) for r in out["sim_recoveries"]}
       e_row = failstudy.run_row(sc.name, name, out["engine_records"], out["engine_recoveries"],
                                 PACED, base_e)
       s_row = failstudy.run_row(sc.name, name, out["sim_records"], out["sim_recoveries"],
@@ -169,8 +170,8 @@ def _replay(c, sc, sim_runs, rows, comparisons, out_dir, log) -> None:
   if sc.name != "single":
     _plot_timeline(sc, engine_runs | sim_runs_replay,
                    os.path.join(out_dir, f"timeline_{sc.name}_paced.png"),
-                   f"paced engine vs simulator [modelled]: {sc.model}, {sc.num_stages} stages, "
-                   f"{rp.chunk} tokens per paced step")
+                   f"[modelled] paced engine vs simulator, {rp.chunk} tokens per paced step",
+                   failure_times=sorted(fired))
 
 
 def _names(value) -> tuple[str, ...]:
