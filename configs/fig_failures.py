@@ -101,11 +101,11 @@ def get_config(arg=None):
   elif arg == "tiny":
     c.model = "opt_1.3b"
     c.num_requests = 8
-    c.series_num_requests = None
+    c.series_num_requests = 64
     c.output_len = 60
     c.prompt_len = 64
     c.fail_after_steps = 60
-    c.series_times = (1.0, 2.0, 3.0)
+    c.series_times = (0.3, 0.9, 1.5)
     c.snapshot_every = 10
     c.replacement_start_s = 0.2
     c.heartbeat_s = 0.1
