@@ -31,6 +31,10 @@ A failure placed by step count at paper scale is replayed at the time it fired i
 strategy's paper-scale run. The engine's `restart` restarts the lost requests on a replaced
 stage; the paper-scale figure restarts the whole job (every stage reloads its weights, in
 parallel): with balanced stages both cost the same time.
+
+Why one module over 400 lines: the scenario, its paper-scale simulation and its paced replay
+(chunked cost, paced spares, the measured snapshot write, the replay's simulator) must agree
+on every constant, so they live together.
 """
 
 from __future__ import annotations
@@ -106,8 +110,8 @@ def capacity_interval(cost: cm.CostModel, num_stages: int, batch: int, prompt_le
 
 
 def arrivals(kind: str, num_requests: int, rate: float, seed: int = 0) -> tuple:
-  """"fixed": one request every 1 / rate seconds from t = 0 (deterministic, as the paper's
-  failure runs); "poisson": an open-loop Poisson client; "zero": all at t = 0."""
+  """"zero": all at t = 0 (a job); "fixed": one request every 1 / rate seconds from t = 0;
+  "poisson": an open-loop Poisson client."""
   if num_requests < 1:
     raise ValueError(f"num_requests must be >= 1, got {num_requests}")
   if kind == "zero":
@@ -299,8 +303,14 @@ class Replayer:
     self.cfg = fake_config(sc.model, self.max_len)
     self.base = sc.cost()
     self.cost = ChunkedCost(self.base, rp.real_prompt_len, sc.prompt_len, rp.chunk)
-    layers = split_layers(self.base.model.num_layers, sc.num_stages)
-    self.weight_s = max(sc.recovery.weight_time(self.base.model, n) for n in layers)
+    self.weight_s = max(sc.recovery.weight_time(self.base.model, layers)
+                        for layers in split_layers(self.base.model.num_layers, sc.num_stages))
+    shortest = rp.time_scale * (sc.recovery.timeout_s - sc.recovery.heartbeat_s +
+                                sc.recovery.replacement_start_s + self.weight_s)
+    if rp.heartbeat_timeout_s >= shortest:
+      log(f"[{sc.name}] warning: the engine's own detection ({rp.heartbeat_timeout_s} s of wall "
+          f"time) outlasts the shortest modelled recovery ({shortest:.3f} s of wall time): "
+          "the paced recoveries will be longer than the simulator's")
     serve = ServeConfig(num_stages=sc.num_stages, microbatch_size=sc.microbatch_size,
                         max_len=self.max_len, mode="paper", pacing="paced", program="fake",
                         recovery="restart", heartbeat_s=rp.heartbeat_s,
