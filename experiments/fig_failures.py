@@ -77,6 +77,17 @@ def scenarios(c) -> list[failstudy.Scenario]:
   return out
 
 
+def describe(sc) -> str:
+  """The scenario in a few words (the headline's and the index's setting)."""
+  fails = ", ".join(f"stage {f.stage} after step {f.after_steps}" if f.after_steps is not None
+                    else f"{f.time:g} s" for f in sc.failures) or "at the midpoint"
+  job = (f"a job of {len(sc.arrivals)}" if not any(sc.arrivals) else
+         f"{len(sc.arrivals)} requests")
+  return (f"{sc.model}, {sc.num_stages} stages of {sc.gpus_per_machine} x {sc.hardware}, "
+          f"microbatch {sc.microbatch_size}, {sc.prompt_len}+{sc.output_len}, {job}, "
+          f"failures: {fails}")
+
+
 def _simulate(sc, strategies, rows, runs, log) -> dict:
   """Every system at paper scale; returns the scenario (its failures placed) and
   {system: SimResult}."""
@@ -85,14 +96,17 @@ def _simulate(sc, strategies, rows, runs, log) -> dict:
     r0 = free.records[0]
     t = r0.first_token + (r0.finish - r0.first_token) / 2
     sc = dataclasses.replace(sc, failures=(sim.Failure(t, sc.num_stages - 1),))
+  setting = describe(sc)
   base = failstudy.run_row(sc.name, FAILURE_FREE, free.records, [], "sim", None)
+  base["setting"] = setting
   rows.append(base)
   runs[FAILURE_FREE] = free
   for strategy in strategies:
     t0 = time.perf_counter()
     res = failstudy.simulate(sc, strategy)
     runs[strategy] = res
-    rows.append(failstudy.run_row(sc.name, strategy, res.records, res.recoveries, "sim", base))
+    rows.append(failstudy.run_row(sc.name, strategy, res.records, res.recoveries, "sim", base)
+                | {"setting": setting})
     log(f"[modelled] {sc.name} {strategy} simulated in {time.perf_counter() - t0:.1f} s")
   return sc, runs
 
@@ -245,13 +259,15 @@ def headline(rows) -> str:
                      if k != FAILURE_FREE and base and x is not None)
 
   parts = []
+  setting = {r["scenario"]: r.get("setting") for r in rows if r.get("setting")}
   for scenario, what in (("one", "one failure"), ("series", "three failures")):
     if pick(scenario, "total_runtime_s"):
-      parts.append(f"{what}: total runtime vs failure-free {ratios(scenario, 'total_runtime_s')}"
+      parts.append(f"{what} ({setting.get(scenario, '')}): total runtime vs failure-free "
+                   f"{ratios(scenario, 'total_runtime_s')}"
                    f"; cumulative latency {ratios(scenario, 'cumulative_latency_s')}")
   lat = pick("single", "mean_e2el_s")
   if lat:
-    parts.append("one request's end-to-end latency: " + ", ".join(
+    parts.append(f"one request's end-to-end latency ({setting.get('single', '')}): " + ", ".join(
         f"{k} {x:.2f} s" for k, x in lat.items()))
   paced = {(r["scenario"], r["system"]): r["total_runtime_s"] for r in rows
            if r["source"] == PACED}
