@@ -50,7 +50,8 @@ FIGURES = (
     Figure("streaming", "experiments.fig_streaming",
            "Streaming ablation: naive / buffered / layer-by-layer / background, per prompt length"),
     Figure("failures", "experiments.fig_failures",
-           "Failures: cumulative latency over time per recovery strategy; one request's latency"),
+           "Failures (paper's setting): total runtime and cumulative latency over time per "
+           "recovery strategy, one request's latency; simulator and paced engine [modelled]"),
     Figure("planner", "experiments.fig_planner",
            "Planner table and simulated makespan vs the baseline, with and without DP replicas"),
     Figure("disagg_sim", "experiments.fig_disagg_sim",
