@@ -556,9 +556,16 @@ class TimingConfig:
   pacing: str = _field("real", "'real' (steps last what they last) | 'paced' (each stage step "
                                "computes for real but lasts the cost model's duration; "
                                "serving/pacing.py)")
+  links_table: str | None = _field(None, "a measured link table (benchmarks/transport.py's "
+                                         "links.json): paced runs model the prompt -> token "
+                                         "stream and host -> device loads over its calibrated "
+                                         "links (costmodel.calibrate_links) instead of the "
+                                         "presets; the summary records which table", str)
 
   def __post_init__(self):
     _check_choice(self, "pacing", ("real", "paced"))
+    if self.links_table is not None and not isinstance(self.links_table, str):
+      _fail("links_table", f"must be None or a path, got {self.links_table!r}")
 
 
 # group attribute of ServeConfig -> its class, in the order help lists them.

@@ -246,10 +246,11 @@ class RayRuntime:
 
   def _broadcast_peers(self) -> None:
     with self._lock:
-      peers = {s: w.actor for s, w in enumerate(self._workers)
-               if w is not None and s not in self._dead}
+      live = {s: w for s, w in enumerate(self._workers) if w is not None and s not in self._dead}
+    peers = {s: w.actor for s, w in live.items()}
+    nodes = {s: w.node_id for s, w in live.items()}   # the shm transport's same-node check
     for a in peers.values():
-      a.set_peers.remote(peers)
+      a.set_peers.remote(peers, nodes)
 
   def worker(self, stage: int) -> RayWorker:
     return self._workers[stage]

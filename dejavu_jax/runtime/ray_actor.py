@@ -11,7 +11,11 @@ Transports (`TRANSPORTS`), chosen per pipeline; both carry activations (stage s 
 replication writes (stage s -> its successor), actor to actor, never through the driver:
   object_store   the payload (numpy) rides in the Ray call itself: small arguments inline,
                  large ones through the node's shared-memory object store (zero-copy reads on
-                 one node); the default (measured faster here: benchmarks/runtime.py).
+                 one node).
+  shm            the default: replica writes to an actor on the same node go through a
+                 shared-memory segment the sender reuses (`SharedMemoryTransport`: one copy in,
+                 the replica log's write out; measured fastest here, benchmarks/transport.py);
+                 activations and anything to another node as object_store.
   jax_transfer   `jax.experimental.transfer`: the sender offers device buffers on its transfer
                  server (`await_pull`) and sends only a ticket in the Ray call; the receiver
                  pulls. A pull of an id nobody offers hangs, so every pull runs under a
@@ -27,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import itertools
+import mmap
 import os
 import queue
 import random
@@ -171,7 +176,105 @@ def _pull_takes_timeout(conn) -> bool:
   return "timeout" in (type(conn).pull.__doc__ or "")
 
 
-TRANSPORTS = {"object_store": ObjectStoreTransport, "jax_transfer": JaxTransferTransport}
+class SharedMemoryTransport(ObjectStoreTransport):
+  """Replica writes to an actor on this node through a shared-memory segment (module doc).
+
+  The sender keeps one segment per receiving actor (a file in /dev/shm, grown when a write does
+  not fit) and reuses it: a write is one copy into pages already mapped, then a Ray call that
+  carries only the write's header; the receiver maps the segment once (and unlinks its name at
+  once, so a SIGKILL of either side leaves nothing in /dev/shm beyond the sender's window
+  before the first landing) and lands the data straight from the mapping into its replica log.
+  Sends to one receiver are serialized by a lock and each waits for the landing, so the segment
+  is never rewritten under a reader. Activations and writes to another node go as object_store.
+  """
+  name = "shm"
+  DIR = "/dev/shm"
+
+  def __init__(self, device=None, timeout_s: float = 30.0):
+    super().__init__(device, timeout_s)
+    self.node = ray.get_runtime_context().get_node_id()
+    self._segs: dict[str, tuple] = {}     # receiver actor id -> (lock, [mmap, path, size])
+    self._lock = threading.Lock()
+    self._names = itertools.count()
+
+  def send_replica(self, peer, write: ReplicaWrite, token: str, node: str | None = None) -> int:
+    data = write.packed.data
+    if node != self.node or data is None:
+      return super().send_replica(peer, write, token)
+    data = np.asarray(data)
+    key = peer._actor_id.hex()  # pylint: disable=protected-access
+    with self._lock:
+      lock, seg = self._segs.setdefault(key, (threading.Lock(), [None, None, 0]))
+    with lock:
+      if seg[2] < data.nbytes:
+        self._close(seg)
+        path = os.path.join(self.DIR, f"dejavu_{os.getpid()}_{next(self._names)}")
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        try:
+          size = max(data.nbytes, 1 << 20)
+          os.ftruncate(fd, size)
+          seg[:] = [mmap.mmap(fd, size), path, size]
+        finally:
+          os.close(fd)
+      np.copyto(np.ndarray(data.shape, data.dtype, buffer=seg[0]), data)
+      bare = dataclasses.replace(write, packed=write.packed.replace(data=None))
+      ticket = (seg[1], seg[2], data.shape, str(data.dtype))
+      return ray.get(peer.receive_replica_shm.remote(bare, ticket, token), timeout=self.timeout_s)
+
+  @staticmethod
+  def _close(seg: list) -> None:
+    if seg[0] is not None:
+      seg[0].close()
+      try:
+        os.unlink(seg[1])   # the receiver unlinks it on its first landing; not if none came
+      except FileNotFoundError:
+        pass
+    seg[:] = [None, None, 0]
+
+  def close(self) -> None:
+    with self._lock:
+      for _, seg in self._segs.values():
+        self._close(seg)
+      self._segs.clear()
+
+
+class _ShmReader:
+  """The receiving side's mappings of its senders' segments (by name: a sender's new segment
+  replaces its old one, which is unmapped)."""
+
+  def __init__(self):
+    self._maps: dict[str, mmap.mmap] = {}
+    self._lock = threading.Lock()
+
+  def view(self, ticket) -> np.ndarray:
+    path, size, shape, dtype = ticket
+    with self._lock:
+      m = self._maps.get(path)
+      if m is None:
+        fd = os.open(path, os.O_RDWR)
+        try:
+          m = mmap.mmap(fd, size)
+        finally:
+          os.close(fd)
+        os.unlink(path)   # mapped by both sides now: nothing outlives the two processes
+        prefix = path.rsplit("_", 1)[0] + "_"
+        for old in [p for p in self._maps if p.startswith(prefix)]:
+          self._maps.pop(old).close()
+        self._maps[path] = m
+    return np.ndarray(shape, np.dtype(dtype), buffer=m)
+
+  def close(self) -> None:
+    with self._lock:
+      for m in self._maps.values():
+        try:
+          m.close()
+        except BufferError:   # a view still exported: the mapping goes with the process
+          pass
+      self._maps.clear()
+
+
+TRANSPORTS = {"object_store": ObjectStoreTransport, "jax_transfer": JaxTransferTransport,
+              "shm": SharedMemoryTransport}
 
 
 class _ActorRuntime:
@@ -185,6 +288,7 @@ class _ActorRuntime:
     self.events = _Outbox()
     self.transport = transport
     self.peers: dict[int, object] = {}     # stage -> actor handle (set by the driver)
+    self.peer_nodes: dict[int, str] = {}   # stage -> its actor's Ray node id
     self.link_fault = None
     self.token = spec.token
     self.swapping = False    # microbatch swapping (runtime/local.py) is a LocalRuntime feature
@@ -208,8 +312,11 @@ class _ActorRuntime:
       if fault is not None and fault(write):
         raise ConnectionError(f"injected transport failure: stage {write.stage} -> successor, "
                               f"microbatch {write.mb_id} step {write.step}")
-      holder = self._peer(ring_holder(sender.stage, self.num_stages))
-      return self.transport.send_replica(holder, write, self.token)
+      to = ring_holder(sender.stage, self.num_stages)
+      if isinstance(self.transport, SharedMemoryTransport):
+        return self.transport.send_replica(self._peer(to), write, self.token,
+                                           self.peer_nodes.get(to))
+      return self.transport.send_replica(self._peer(to), write, self.token)
     return send
 
 
@@ -242,6 +349,7 @@ class StageActor:
     from dejavu_jax.pipeline import fake, stage  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
     jax.devices()   # a spare (spec None) has its JAX runtime up before it is needed
     self.spec = self.rt = self.worker = None
+    self._shm = _ShmReader()
     if spec is not None:
       self.configure(spec, params)
 
@@ -271,8 +379,9 @@ class StageActor:
             "transport": self.rt.transport.address() if self.rt else None}
 
   # ---- the Worker messages (default concurrency group: one thread, arrival order) ----
-  def set_peers(self, peers: dict) -> None:
+  def set_peers(self, peers: dict, nodes: dict | None = None) -> None:
     self.rt.peers = dict(peers)
+    self.rt.peer_nodes = dict(nodes or {})
 
   def _mine(self, token: str) -> bool:
     """A message for this actor's current pipeline (not a late one for a pipeline it served
@@ -283,6 +392,9 @@ class StageActor:
     """Stops the worker and drops its state: the process goes back to the spare pool."""
     if self.worker is not None:
       self.worker.stop(timeout=5.0)
+    if self.rt is not None and hasattr(self.rt.transport, "close"):
+      self.rt.transport.close()
+    self._shm.close()
     self.spec = self.rt = self.worker = None
     return True
 
@@ -338,6 +450,14 @@ class StageActor:
     if not self._mine(token):
       raise PeerDead(f"stage {write.stage}'s successor is not in this pipeline any more")
     (data,) = self.rt.transport.pull(ticket)
+    return self.worker.receive_replica(
+        dataclasses.replace(write, packed=write.packed.replace(data=data)))
+
+  @ray.method(concurrency_group="io")
+  def receive_replica_shm(self, write: ReplicaWrite, ticket, token: str) -> int:
+    if not self._mine(token):
+      raise PeerDead(f"stage {write.stage}'s successor is not in this pipeline any more")
+    data = self._shm.view(ticket)   # the log's write is the one copy out of the segment
     return self.worker.receive_replica(
         dataclasses.replace(write, packed=write.packed.replace(data=data)))
 
