@@ -40,13 +40,17 @@ def main() -> None:
     out["driver_ip"] = ray.util.get_node_ip_address()
     out["stage_ips"] = [rt.worker(s).ip for s in range(2)]
     out["stage_nodes"] = [rt.worker(s).node_id for s in range(2)]
+    # Ray places the spread group's bundles on either node: the stage on the other host is the
+    # one killed (the driver's remote path: the actor SIGKILLs itself).
+    remote = [s for s in range(2) if rt.worker(s).ip != out["driver_ip"]]
+    out["remote_stage"] = remote[0] if remote else None
     eng.serve(reqs[:3])   # every program traced before the measured run
-    res = eng.serve(reqs, failures=[FailureSpec(args.kill_at, stage=1)])
+    res = eng.serve(reqs, failures=[FailureSpec(args.kill_at, stage=out["remote_stage"] or 0)])
     out["error"] = res.error
     out["tokens_identical"] = res.tokens() == ref
     out["handled_by"] = [ev.handled_by for ev in res.recoveries]
     out["kills"] = [{k: v for k, v in kill.items() if k != "at"} for kill in rt.kills]
-    out["replacement_ip"] = rt.worker(1).ip
+    out["replacement_ip"] = rt.worker(out["remote_stage"] or 0).ip
   print(json.dumps(out), flush=True)
 
 
