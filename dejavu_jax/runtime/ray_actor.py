@@ -22,6 +22,16 @@ replication writes (stage s -> its successor), actor to actor, never through the
                  watchdog (`TransportTimeout`). Offers a dead receiver never pulls stay on the
                  sender's server until the sender dies.
 
+Warm spares: a spare actor `prepare`s every stage of its pipeline (programs built, weights
+placed) and replays on zeros each step signature the live stages note (`StepLog`: kind, input
+shape, positions, cache size; the live actor pushes each new one to the spares, and all of them
+to a spare it has not told yet), so the steps are traced and compiled before it takes a stage;
+`configure` then only swaps in the stage's warm program and weights.
+
+Why one module over 400 lines: the actor is one process's whole face (every Worker message,
+the transports' receiving ends, the warm spare's preparation); its helpers live beside it
+(ray_shm.py, ray_warm.py).
+
 A crash is the process dying: an armed failure (`arm`) SIGKILLs the actor's own pid, and the
 driver's `kill` SIGKILLs it from outside; nothing is reported either way.
 """
@@ -31,7 +41,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import itertools
-import mmap
 import os
 import queue
 import random
@@ -45,6 +54,8 @@ import ray
 from dejavu_jax.runtime.replication import ReplicaWrite
 from dejavu_jax.runtime.api import Step, StepError, StepResult, WorkerOptions, ring_holder
 from dejavu_jax.runtime.local import LocalWorker, PeerDead
+from dejavu_jax.runtime.ray_shm import SharedMemoryTransport, ShmReader
+from dejavu_jax.runtime.ray_warm import StepLog, replay
 
 
 class TransportTimeout(TimeoutError):
@@ -176,103 +187,6 @@ def _pull_takes_timeout(conn) -> bool:
   return "timeout" in (type(conn).pull.__doc__ or "")
 
 
-class SharedMemoryTransport(ObjectStoreTransport):
-  """Replica writes to an actor on this node through a shared-memory segment (module doc).
-
-  The sender keeps one segment per receiving actor (a file in /dev/shm, grown when a write does
-  not fit) and reuses it: a write is one copy into pages already mapped, then a Ray call that
-  carries only the write's header; the receiver maps the segment once (and unlinks its name at
-  once, so a SIGKILL of either side leaves nothing in /dev/shm beyond the sender's window
-  before the first landing) and lands the data straight from the mapping into its replica log.
-  Sends to one receiver are serialized by a lock and each waits for the landing, so the segment
-  is never rewritten under a reader. Activations and writes to another node go as object_store.
-  """
-  name = "shm"
-  DIR = "/dev/shm"
-
-  def __init__(self, device=None, timeout_s: float = 30.0):
-    super().__init__(device, timeout_s)
-    self.node = ray.get_runtime_context().get_node_id()
-    self._segs: dict[str, tuple] = {}     # receiver actor id -> (lock, [mmap, path, size])
-    self._lock = threading.Lock()
-    self._names = itertools.count()
-
-  def send_replica(self, peer, write: ReplicaWrite, token: str, node: str | None = None) -> int:
-    data = write.packed.data
-    if node != self.node or data is None:
-      return super().send_replica(peer, write, token)
-    data = np.asarray(data)
-    key = peer._actor_id.hex()  # pylint: disable=protected-access
-    with self._lock:
-      lock, seg = self._segs.setdefault(key, (threading.Lock(), [None, None, 0]))
-    with lock:
-      if seg[2] < data.nbytes:
-        self._close(seg)
-        path = os.path.join(self.DIR, f"dejavu_{os.getpid()}_{next(self._names)}")
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
-        try:
-          size = max(data.nbytes, 1 << 20)
-          os.ftruncate(fd, size)
-          seg[:] = [mmap.mmap(fd, size), path, size]
-        finally:
-          os.close(fd)
-      np.copyto(np.ndarray(data.shape, data.dtype, buffer=seg[0]), data)
-      bare = dataclasses.replace(write, packed=write.packed.replace(data=None))
-      ticket = (seg[1], seg[2], data.shape, str(data.dtype))
-      return ray.get(peer.receive_replica_shm.remote(bare, ticket, token), timeout=self.timeout_s)
-
-  @staticmethod
-  def _close(seg: list) -> None:
-    if seg[0] is not None:
-      seg[0].close()
-      try:
-        os.unlink(seg[1])   # the receiver unlinks it on its first landing; not if none came
-      except FileNotFoundError:
-        pass
-    seg[:] = [None, None, 0]
-
-  def close(self) -> None:
-    with self._lock:
-      for _, seg in self._segs.values():
-        self._close(seg)
-      self._segs.clear()
-
-
-class _ShmReader:
-  """The receiving side's mappings of its senders' segments (by name: a sender's new segment
-  replaces its old one, which is unmapped)."""
-
-  def __init__(self):
-    self._maps: dict[str, mmap.mmap] = {}
-    self._lock = threading.Lock()
-
-  def view(self, ticket) -> np.ndarray:
-    path, size, shape, dtype = ticket
-    with self._lock:
-      m = self._maps.get(path)
-      if m is None:
-        fd = os.open(path, os.O_RDWR)
-        try:
-          m = mmap.mmap(fd, size)
-        finally:
-          os.close(fd)
-        os.unlink(path)   # mapped by both sides now: nothing outlives the two processes
-        prefix = path.rsplit("_", 1)[0] + "_"
-        for old in [p for p in self._maps if p.startswith(prefix)]:
-          self._maps.pop(old).close()
-        self._maps[path] = m
-    return np.ndarray(shape, np.dtype(dtype), buffer=m)
-
-  def close(self) -> None:
-    with self._lock:
-      for m in self._maps.values():
-        try:
-          m.close()
-        except BufferError:   # a view still exported: the mapping goes with the process
-          pass
-      self._maps.clear()
-
-
 TRANSPORTS = {"object_store": ObjectStoreTransport, "jax_transfer": JaxTransferTransport,
               "shm": SharedMemoryTransport}
 
@@ -349,7 +263,14 @@ class StageActor:
     from dejavu_jax.pipeline import fake, stage  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
     jax.devices()   # a spare (spec None) has its JAX runtime up before it is needed
     self.spec = self.rt = self.worker = None
-    self._shm = _ShmReader()
+    self._shm = ShmReader()
+    # A spare's warm stages: stage -> (program, placed params), for the pipeline `_warm_token`;
+    # step signatures that came before their stage was warm wait in `_warm_pending`.
+    self._warm: dict[int, tuple] = {}
+    self._warm_token = None
+    self._warm_pending: list[tuple] = []
+    self.spares: list = []
+    self._pushed: set = set()
     if spec is not None:
       self.configure(spec, params)
 
@@ -359,8 +280,15 @@ class StageActor:
     if self.worker is not None:
       raise RuntimeError(f"this actor already serves stage {self.spec.stage}")
     self.spec = spec
-    program = _build_program(spec)
-    if spec.checkpoint and spec.program != "fake":
+    warm = self._warm.pop(spec.stage, None) if self._warm_token == spec.token else None
+    self._warm, self._warm_pending = {}, []   # a stage taken: the other warm stages go
+    if warm is not None:   # weights placed and steps traced while it waited
+      program, params = warm
+    else:
+      program = _build_program(spec)
+      if isinstance(params, list):   # a spare's weights by reference: fetched only when cold
+        params = ray.get(params[0]) if params[0] is not None else None
+    if warm is None and spec.checkpoint and spec.program != "fake":
       # Only this stage's weights are read (a partial orbax restore).
       from dejavu_jax.models.checkpoint import restore_params  # pylint: disable=g-import-not-at-top
       from dejavu_jax.models.decoder import param_shapes  # pylint: disable=g-import-not-at-top
@@ -368,6 +296,8 @@ class StageActor:
       params = restore_params(spec.checkpoint, like=param_shapes(spec.cfg, start, stop))
     transport = TRANSPORTS[spec.transport](jax.devices()[0], spec.rpc_timeout_s)
     self.rt = _ActorRuntime(spec, transport)
+    self._pushed = set()
+    program = StepLog(program, self._push_calls)
     self.worker = _ProcessWorker(self.rt, program, params, spec.options,
                                  worker_id=spec.worker_id)
     self.worker.start()
@@ -379,9 +309,61 @@ class StageActor:
             "transport": self.rt.transport.address() if self.rt else None}
 
   # ---- the Worker messages (default concurrency group: one thread, arrival order) ----
-  def set_peers(self, peers: dict, nodes: dict | None = None) -> None:
+  def set_peers(self, peers: dict, nodes: dict | None = None, spares: list | None = None) -> None:
     self.rt.peers = dict(peers)
     self.rt.peer_nodes = dict(nodes or {})
+    self.spares = list(spares or [])
+    self._push_calls(None)   # a new spare hears every signature noted so far
+
+  def _push_calls(self, calls) -> None:
+    """Hands step signatures to the spares: `calls` (new ones) to every spare, and all noted so
+    far to a spare that has heard none."""
+    if self.worker is None:
+      return
+    log = self.worker._program  # pylint: disable=protected-access
+    for sp in self.spares:
+      key = sp._actor_id.hex()  # pylint: disable=protected-access
+      if key not in self._pushed:
+        self._pushed.add(key)
+        sp.warm_calls.remote(self.spec.token, self.spec.stage, list(log.calls))
+      elif calls:
+        sp.warm_calls.remote(self.spec.token, self.spec.stage, calls)
+
+  def prepare(self, token: str, specs: dict, params: dict) -> bool:
+    """Makes this spare warm for every stage of pipeline `token` (module doc): each stage's
+    program built and its weights placed (from `params[s]`, an object ref in a list, or the
+    spec's checkpoint), so that taking a stage loads only its state."""
+    if self.worker is not None:
+      raise RuntimeError(f"this actor already serves stage {self.spec.stage}")
+    self._warm, self._warm_token = {}, token
+    for s, spec in specs.items():
+      program = _build_program(spec)
+      if spec.checkpoint and spec.program != "fake":
+        from dejavu_jax.models.checkpoint import restore_params  # pylint: disable=g-import-not-at-top
+        from dejavu_jax.models.decoder import param_shapes  # pylint: disable=g-import-not-at-top
+        host = restore_params(spec.checkpoint, like=param_shapes(spec.cfg, *spec.ranges[s]))
+      else:
+        host = ray.get(params[s][0]) if params.get(s) else None
+      self._warm[s] = (program, program.place_params(host))
+    pending, self._warm_pending = self._warm_pending, []
+    for t, s, call in pending:
+      self.warm_calls(t, s, [call])
+    return True
+
+  def warm_calls(self, token: str, stage: int, calls: list) -> None:
+    """Traces and compiles step signatures a live stage noted, on this spare's warm copy."""
+    if token != self._warm_token or self.worker is not None:
+      if self.worker is None and self._warm_token is None:
+        self._warm_pending += [(token, stage, c) for c in calls]
+      return
+    got = self._warm.get(stage)
+    if got is None:
+      return
+    for call in calls:
+      try:
+        replay(got[0], got[1], call)
+      except Exception:  # pylint: disable=broad-except
+        pass   # a signature that does not replay is only traced later, when it runs
 
   def _mine(self, token: str) -> bool:
     """A message for this actor's current pipeline (not a late one for a pipeline it served
@@ -396,6 +378,7 @@ class StageActor:
       self.rt.transport.close()
     self._shm.close()
     self.spec = self.rt = self.worker = None
+    self._warm, self._warm_token, self._warm_pending, self.spares = {}, None, [], []
     return True
 
   def submit(self, step: Step, token: str) -> None:
