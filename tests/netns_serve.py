@@ -50,7 +50,9 @@ def main() -> None:
     out["tokens_identical"] = res.tokens() == ref
     out["handled_by"] = [ev.handled_by for ev in res.recoveries]
     out["kills"] = [{k: v for k, v in kill.items() if k != "at"} for kill in rt.kills]
-    out["replacement_ip"] = rt.worker(out["remote_stage"] or 0).ip
+    w = rt.worker(out["remote_stage"] or 0)
+    out["replacement_ip"] = w.ip
+    out["replacement_warm"] = ray.get(w.actor.info.remote(), timeout=60)["warm"]
   print(json.dumps(out), flush=True)
 
 

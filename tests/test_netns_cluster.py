@@ -155,6 +155,7 @@ def test_two_namespace_hosts_spread_pipeline_remote_kill():
     assert kill["stage"] == out["remote_stage"] == out["stage_ips"].index(nss.ips[1])
     assert kill["how"] == "SIGKILL by the actor itself (another host)"
     assert out["handled_by"] == [{"replica": 2}]
+    assert out["replacement_warm"], "the spare took the stage with its warm program and weights"
     with pytest.raises(ProcessLookupError):   # the killed actor's process is gone
       os.kill(kill["pid"], 0)
     for ns, ip in zip(nss.names, nss.ips):

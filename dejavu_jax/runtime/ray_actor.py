@@ -282,6 +282,7 @@ class StageActor:
     self.spec = spec
     warm = self._warm.pop(spec.stage, None) if self._warm_token == spec.token else None
     self._warm, self._warm_pending = {}, []   # a stage taken: the other warm stages go
+    self.took_warm = warm is not None
     if warm is not None:   # weights placed and steps traced while it waited
       program, params = warm
     else:
@@ -306,7 +307,9 @@ class StageActor:
   def info(self) -> dict:
     return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
             "ip": ray.util.get_node_ip_address(),
-            "transport": self.rt.transport.address() if self.rt else None}
+            "transport": self.rt.transport.address() if self.rt else None,
+            "warm": getattr(self, "took_warm", False),
+            "warm_calls": {s: len(c) for s, c in getattr(self, "_replayed", {}).items()}}
 
   # ---- the Worker messages (default concurrency group: one thread, arrival order) ----
   def set_peers(self, peers: dict, nodes: dict | None = None, spares: list | None = None) -> None:
@@ -335,7 +338,7 @@ class StageActor:
     spec's checkpoint), so that taking a stage loads only its state."""
     if self.worker is not None:
       raise RuntimeError(f"this actor already serves stage {self.spec.stage}")
-    self._warm, self._warm_token = {}, token
+    self._warm, self._warm_token, self._replayed = {}, token, {}
     for s, spec in specs.items():
       program = _build_program(spec)
       if spec.checkpoint and spec.program != "fake":
@@ -362,6 +365,7 @@ class StageActor:
     for call in calls:
       try:
         replay(got[0], got[1], call)
+        self._replayed.setdefault(stage, []).append(call[0])
       except Exception:  # pylint: disable=broad-except
         pass   # a signature that does not replay is only traced later, when it runs
 
