@@ -8,6 +8,8 @@ import threading
 
 import numpy as np
 
+from dejavu_jax.models.generate import decode_context
+
 
 class StepLog:
   """A stage program that notes each distinct step signature it runs (kind, input shape and
@@ -36,7 +38,7 @@ class StepLog:
     pos = np.asarray(positions)
     # A decode compiles per context bucket (models/generate.decode_context), a prefill per
     # shape: the signature keeps what picks the program.
-    context = int(pos.max()) if kind == "decode" else None
+    context = decode_context(pos, cache.max_len) if kind == "decode" else None
     key = (kind, tuple(x.shape), str(x.dtype), pos.shape, context, cache.batch, cache.max_len)
     with self._lock:
       if key in self._seen:
