@@ -10,6 +10,9 @@ Three sources sit behind the interface:
     step times measured on the machine at hand.
   * `TableCostModel`: per-layer times given by the user (scalars, or a grid that is interpolated).
 
+Links (`Link`: latency + bytes / bandwidth) are presets, or `calibrate_links` of a table measured
+by benchmarks/transport.py (one link per path: prompt KV, replica delta, swap-in, weights).
+
 All times are in seconds and all sizes in bytes. Every model is bound to one `ModelConfig`.
 
 Why one module over 400 lines: the roofline, table and calibrated models, the hardware and
