@@ -20,6 +20,9 @@
    "kill" stops a thread), `detection_s_*` (kill -> detected) and `resumed_s_*` (kill ->
    replacement running, caches restored, steps resubmitted).
 4. `tokens_identical`: every Ray run's tokens equal the local runtime's.
+5. `transport_memcpy_fraction`: a 100 MB block between two actors on this node over the Ray
+   runtime's default transport (shm), landed in a buffer the receiver owns, over an in-process
+   memcpy of it (`memcpy_GBps`); `..._by_transport` also for the object store.
 The last stdout line is one JSON object.
 """
 
@@ -91,10 +94,33 @@ def _tpot(res) -> float:
   return statistics.median(gaps)
 
 
+def _memcpy_fraction(runs: int) -> dict:
+  """A 100 MB block from one actor to another on this node, landed by the receiver in its own
+  buffer (benchmarks/transport.py's `Peer`), over an in-process memcpy of the same block, per
+  transport: `transport_memcpy_fraction` is the runtime's default transport's."""
+  from benchmarks.transport import Peer  # pylint: disable=g-import-not-at-top
+  env = {"env_vars": ray_rt.actor_env(1, 0)}
+  cls = ray.remote(num_cpus=0, runtime_env=env)(Peer)
+  n = 100 * 2**20
+  solo = cls.remote(None)
+  memcpy = n / statistics.median(ray.get(solo.memcpy.remote(n, runs)))
+  ray.kill(solo)
+  out = {"memcpy_GBps": memcpy / 1e9}
+  for name in ("shm", "object_store"):
+    a, b = cls.remote(name), cls.remote(name)
+    node = ray.get(b.node.remote())
+    ray.get(b.prepare.remote(n))
+    gbps = n / statistics.median(ray.get(a.send.remote(b, node, n, runs)))
+    out[name] = gbps / memcpy
+    for h in (a, b):
+      ray.kill(h)
+  return out
+
+
 def _transports(runs: int) -> dict:
   env = {"env_vars": ray_rt.actor_env(1, 0)}
   out = {}
-  for name in TRANSPORTS:
+  for name in ("object_store", "jax_transfer"):   # shm: _memcpy_fraction
     cls = ray.remote(num_cpus=0, runtime_env=env)(_Bench)
     a, b = cls.remote(name), cls.remote(name)
     ray.get([a.ping.remote(), b.ping.remote()])
@@ -158,6 +184,7 @@ def main(_):
     for eng in engines.values():
       eng.close()
   transports = _transports(_RUNS.value)
+  fraction = _memcpy_fraction(max(_RUNS.value, 3))
   med = lambda xs: statistics.median(xs) if xs else None  # noqa: E731
   out = {
       "model": "opt_125m", "stages": 2, "batch": 8, "runs": _RUNS.value,
@@ -173,6 +200,11 @@ def main(_):
       "detection_s_ray": med(det["ray"]), "detection_s_local": med(det["local"]),
       "resumed_s_ray": med(resumed["ray"]), "resumed_s_local": med(resumed["local"]),
       "tokens_identical": bool(identical),
+      "transport_memcpy_fraction": fraction[ServeConfig().cluster.ray_transport],
+      "transport_memcpy_fraction_by_transport": {k: v for k, v in fraction.items()
+                                                 if k != "memcpy_GBps"},
+      "memcpy_GBps": fraction["memcpy_GBps"],
+      "load_avg": list(os.getloadavg()),
   }
   # Real compute and real transports on this machine: every figure is measured.
   out["kind"] = {k: "measured" for k in out if k not in ("model", "stages", "batch", "runs")}

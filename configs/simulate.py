@@ -41,6 +41,9 @@ def get_config():
   c.replacement_start_s = 5.0
   c.weight_load_s = ml_collections.config_dict.placeholder(float)
   c.restart_scope = "stage"
+  # A measured link table (benchmarks/transport.py): its calibrated links replace the presets
+  # (prompt -> token stream, host -> device, replica, weight load) for the paths it has.
+  c.links_table = ml_collections.config_dict.placeholder(str)
   # Planner table rows: "model:hardware:machines".
   c.planner_rows = ("opt_13b:v100_16gb:4", "opt_30b:a100_80gb:2", "opt_66b:a100_80gb:4",
                     "opt_66b:v100_16gb:8", "bloom_176b:a100_80gb:4")

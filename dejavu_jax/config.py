@@ -533,15 +533,17 @@ class ClusterConfig:
                                          "for a local session on 127.0.0.1", str)
   ray_placement: str = _field("pack", "'pack' (stages where they fit) | 'spread' (one stage "
                                       "per node)")
-  ray_transport: str = _field("object_store", "activations and replicas between actors: "
-                                              "'object_store' | 'jax_transfer' "
-                                              "(jax.experimental.transfer under a watchdog)")
+  ray_transport: str = _field("shm", "activations and replicas between actors: 'shm' "
+                                     "(replica writes to an actor on the same node through "
+                                     "shared memory, the rest as object_store) | "
+                                     "'object_store' | 'jax_transfer' "
+                                     "(jax.experimental.transfer under a watchdog)")
   ray_gpus_per_stage: float = _field(0.0, "GPUs per stage actor (0: CPU, one device per actor)")
 
   def __post_init__(self):
     _check_choice(self, "runtime", ("local", "ray"))
     _check_choice(self, "ray_placement", ("pack", "spread"))
-    _check_choice(self, "ray_transport", ("object_store", "jax_transfer"))
+    _check_choice(self, "ray_transport", ("shm", "object_store", "jax_transfer"))
     v = self.ray_gpus_per_stage
     if not _is_real(v) or not 0 <= v < math.inf:
       _fail("ray_gpus_per_stage", f"must be a number >= 0, got {v!r}")
@@ -556,9 +558,16 @@ class TimingConfig:
   pacing: str = _field("real", "'real' (steps last what they last) | 'paced' (each stage step "
                                "computes for real but lasts the cost model's duration; "
                                "serving/pacing.py)")
+  links_table: str | None = _field(None, "a measured link table (benchmarks/transport.py's "
+                                         "links.json): paced runs model the prompt -> token "
+                                         "stream and host -> device loads over its calibrated "
+                                         "links (costmodel.calibrate_links) instead of the "
+                                         "presets; the summary records which table", str)
 
   def __post_init__(self):
     _check_choice(self, "pacing", ("real", "paced"))
+    if self.links_table is not None and not isinstance(self.links_table, str):
+      _fail("links_table", f"must be None or a path, got {self.links_table!r}")
 
 
 # group attribute of ServeConfig -> its class, in the order help lists them.

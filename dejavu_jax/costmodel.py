@@ -10,6 +10,9 @@ Three sources sit behind the interface:
     step times measured on the machine at hand.
   * `TableCostModel`: per-layer times given by the user (scalars, or a grid that is interpolated).
 
+Links (`Link`: latency + bytes / bandwidth) are presets, or `calibrate_links` of a table measured
+by benchmarks/transport.py (one link per path: prompt KV, replica delta, swap-in, weights).
+
 All times are in seconds and all sizes in bytes. Every model is bound to one `ModelConfig`.
 
 Why one module over 400 lines: the roofline, table and calibrated models, the hardware and
@@ -21,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from typing import Iterable, Mapping, Protocol, Sequence
 
@@ -477,3 +481,122 @@ def streamed_prompt_time(compute: float, layers: int, per_layer_transfer: float)
   c = compute / layers
   x = per_layer_transfer
   return c + x + (layers - 1) * max(c, x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Links calibrated from a measured table (benchmarks/transport.py).
+
+# The paths bytes take in DéjàVu, each a `Link` once calibrated: a prompt layer's KV from a
+# prompt worker to a token worker, a step's KV delta to the replica holder, a cache from host
+# memory onto the device (swapping, host slots), a stage's weights onto a replacement.
+LINK_PATHS = ("prompt_kv", "replica_delta", "swap_in", "weights")
+# Transports measured as a reference only (one process): never chosen for a path by default.
+REFERENCE_TRANSPORTS = ("memcpy",)
+
+
+class LinkTableError(ValueError):
+  """A link table that cannot be calibrated (missing rows, one size only, bad numbers)."""
+
+
+def load_link_table(path: str) -> dict:
+  """A link table written by benchmarks/transport.py (JSON with a "rows" list)."""
+  try:
+    with open(path) as f:
+      table = json.load(f)
+  except OSError as e:
+    raise LinkTableError(f"cannot read link table {path!r}: {e}") from None
+  except json.JSONDecodeError as e:
+    raise LinkTableError(f"link table {path!r} is not JSON: {e}") from None
+  if not isinstance(table, Mapping) or not isinstance(table.get("rows"), list):
+    raise LinkTableError(f"link table {path!r} has no 'rows' list")
+  return dict(table)
+
+
+def link_table_record(path: str) -> dict:
+  """Which table a run used, for its summary / run.json: the path and its content's sha256."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  with open(path, "rb") as f:
+    digest = hashlib.sha256(f.read()).hexdigest()
+  return {"path": os.path.abspath(path), "sha256": digest}
+
+
+def fit_link(name: str, points: Sequence[tuple[float, float]]) -> Link:
+  """latency + bytes / bandwidth through measured `(bytes, seconds)` points (least squares,
+  latency >= 0). Needs two distinct sizes; two points are fitted exactly."""
+  from scipy.optimize import nnls  # pylint: disable=g-import-not-at-top
+  sizes = sorted({float(b) for b, _ in points})
+  if len(sizes) < 2:
+    raise LinkTableError(f"link {name!r}: needs measurements at two sizes or more, got "
+                         f"{sizes or 'none'}")
+  for b, t in points:
+    if not (b > 0 and t > 0 and math.isfinite(t)):
+      raise LinkTableError(f"link {name!r}: bad measurement ({b} bytes, {t} s)")
+  x = np.array([[1.0, float(b)] for b, _ in points])
+  y = np.array([float(t) for _, t in points])
+  scale = x.max(axis=0)
+  (latency, per_byte), _ = nnls(x / scale, y)
+  latency, per_byte = latency / scale[0], per_byte / scale[1]
+  if per_byte <= 0:
+    raise LinkTableError(f"link {name!r}: time does not grow with size ({points}); no bandwidth "
+                         "can be fitted")
+  return Link(name, 1.0 / per_byte, float(latency))
+
+
+def calibrate_links(table: Mapping, gpu_table: Mapping | None = None,
+                    transports: Mapping[str, str] | None = None) -> dict[str, Link]:
+  """One `Link` per path of `LINK_PATHS` from a measured table (benchmarks/transport.py).
+
+  Args:
+    table: {"rows": [{"path", "transport", "bytes", "seconds"}, ...]}: the median time of one
+      message of `bytes` on `path` over `transport`.
+    gpu_table: the same, measured on a GPU machine: its rows replace `table`'s for every path it
+      has (host<->device copies and weight loads are the GPU's there).
+    transports: path -> the transport to calibrate it from; default: the one fastest at the
+      path's largest measured size (reference transports such as in-process memcpy only when
+      nothing else was measured).
+  Returns {path: Link(f"{path}:{transport}", bandwidth, latency)} for every path with rows.
+  """
+  rows: dict[str, list] = {}
+  for source in (table, gpu_table):
+    if source is None:
+      continue
+    got: dict[str, list] = {}
+    for r in source.get("rows", ()):
+      for key in ("path", "transport", "bytes", "seconds"):
+        if key not in r:
+          raise LinkTableError(f"link table row {r!r} has no {key!r}")
+      if r["path"] not in LINK_PATHS:
+        raise LinkTableError(f"unknown link path {r['path']!r}; expected one of {LINK_PATHS}")
+      got.setdefault(r["path"], []).append(r)
+    rows.update(got)   # a GPU table's path replaces the CPU table's
+  if not rows:
+    raise LinkTableError("the link table has no rows")
+  transports = dict(transports or {})
+  unknown = set(transports) - set(LINK_PATHS)
+  if unknown:
+    raise LinkTableError(f"unknown link path(s) {sorted(unknown)}; expected {LINK_PATHS}")
+  out = {}
+  for path, rs in rows.items():
+    by_t: dict[str, list] = {}
+    for r in rs:
+      by_t.setdefault(r["transport"], []).append((float(r["bytes"]), float(r["seconds"])))
+    chosen = transports.get(path)
+    if chosen is None:
+      real = [t for t in by_t if t not in REFERENCE_TRANSPORTS] or list(by_t)
+      top = max(b for t in real for b, _ in by_t[t])
+      at_top = {t: min(s for b, s in by_t[t] if b == top) for t in real
+                if any(b == top for b, _ in by_t[t])}
+      chosen = min(at_top, key=at_top.get)
+    elif chosen not in by_t:
+      raise LinkTableError(f"path {path!r} has no measurements over transport {chosen!r}; "
+                           f"measured: {sorted(by_t)}")
+    out[path] = fit_link(f"{path}:{chosen}", by_t[chosen])
+  missing = set(transports) - set(out)
+  if missing:
+    raise LinkTableError(f"the link table has no rows for path(s) {sorted(missing)}")
+  return out
+
+
+def calibrated_links(path: str | None) -> dict[str, Link]:
+  """`calibrate_links` of the table at `path` ({} for None)."""
+  return calibrate_links(load_link_table(path)) if path else {}

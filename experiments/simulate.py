@@ -31,11 +31,20 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "replace the results in a non
 def recovery_config(c, strategy: str) -> sim.RecoveryConfig:
   """The config's recovery parameters (heartbeat, timeout, replacement, weight load, restart
   scope) for one strategy; configs without them get the paper's 1 s / 3 s / 5 s."""
+  links = {k: v for k, v in (("replica_link", _links(c).get("replica_delta")),
+                             ("weight_link", _links(c).get("weights"))) if v is not None}
   return sim.RecoveryConfig(
       strategy=strategy, snapshot_every=c.snapshot_every,
       heartbeat_s=c.get("heartbeat_s", 1.0), timeout_s=c.get("heartbeat_timeout_s", 3.0),
       replacement_start_s=c.get("replacement_start_s", 5.0),
-      weight_load_s=c.get("weight_load_s", None), restart_scope=c.get("restart_scope", "stage"))
+      weight_load_s=c.get("weight_load_s", None), restart_scope=c.get("restart_scope", "stage"),
+      **links)
+
+
+def _links(c) -> dict:
+  """The calibrated links of `c.links_table` (benchmarks/transport.py), {} without one: they
+  replace the presets for the paths the table has."""
+  return cm.calibrated_links(c.get("links_table", None))
 
 
 def _requests(c, rate, n):
@@ -49,9 +58,11 @@ def _run(c, cost, system, reqs, **kw):
   if system == "baseline":
     return sim.simulate_colocated(cost, reqs, c.machines, c.batch_size,
                                   stage_link=cm.LINKS["inter_vm_40gbps"], **kw)
+  links = _links(c)
   return sim.simulate_disaggregated(
       cost, reqs, c.prompt_stages, c.token_stages, c.batch_size,
-      stream_link=planner.default_stream_link(c.hardware), host_link=cost.hardware.host_link,
+      stream_link=links.get("prompt_kv", planner.default_stream_link(c.hardware)),
+      host_link=links.get("swap_in", cost.hardware.host_link),
       stage_link=cm.LINKS["inter_vm_40gbps"], **kw)
 
 
@@ -73,7 +84,9 @@ def check_split(c, log=print) -> str | None:
 def run(c, out_dir, log=print, overwrite=True):
   """Runs the three parts; returns the list of result rows written."""
   runrecord.prepare_output_dir(out_dir, overwrite)
-  runrecord.write_run_info(out_dir, runrecord.run_info(c))
+  table = c.get("links_table", None)
+  runrecord.write_run_info(out_dir, runrecord.run_info(
+      c, links_table=cm.link_table_record(table) if table else None))
   split_problem = check_split(c, log)
   model = get_model_config(c.model, dtype=c.dtype)
   cost = cm.roofline(model, c.hardware, gpus_per_machine=c.gpus_per_machine)

@@ -16,9 +16,10 @@ and controller do not change. The processes, threads and what waits on what:
    order; the "io" group lands replicas from the predecessor (so a landing never waits behind
    queued steps); the "control" group answers the driver's long poll and `die`.
 3. Activations go from actor s to actor s + 1 and replication writes to the successor directly,
-   through the pipeline's transport (object store by default, or `jax.experimental.transfer`
-   under a watchdog; ray_actor.py). The driver never relays data; it only sends a stage-0 step
-   and receives the last stage's logits.
+   through the pipeline's transport (by default `shm`: replica writes to an actor on the same
+   node through a reused shared-memory segment, everything else in the Ray call / object store;
+   or `jax.experimental.transfer` under a watchdog; ray_actor.py). The driver never relays
+   data; it only sends a stage-0 step and receives the last stage's logits.
 4. Events: one driver thread (`_poll_loop`) keeps one `poll` call outstanding per live actor
    (each returns the actor's queued events as soon as there are any, or after a short timeout)
    and puts what comes back into `events`, the engine's one channel. Heartbeats are stamped with
@@ -30,10 +31,13 @@ and controller do not change. The processes, threads and what waits on what:
    merges into its detection). A stall is caught by the engine's progress watchdog.
 6. `replace` configures a spare (an actor process started beside the pipeline, JAX already up:
    the paper's spare machine; `spares` of them, one by default, and a new one starts at once)
-   or starts a new actor, and waits until it runs: it loads its stage's weights only (from the
-   orbax checkpoint when the engine has one, else the copy put in the object store once at
-   start), then every actor gets the new peer table; the engine then restores caches by its
-   strategy and asks the predecessor to `resync` the replica the dead actor held.
+   or starts a new actor, and waits until it runs. A spare is kept warm (`_warm_spare`): it
+   builds every stage's program and places every stage's weights (from the orbax checkpoint
+   when the engine has one, else the copy put in the object store once at start) while it
+   waits, and the live stages hand it each new step signature they run, which it traces and
+   compiles at once; so taking a stage only loads state. Then every actor gets the new peer
+   table; the engine restores caches by its strategy and asks the predecessor to `resync` the
+   replica the dead actor held.
 7. `close` resets the live actors (worker stopped, params, caches and replicas dropped) into a
    per-session pool that the next pipeline of the session configures instead of starting
    processes (seconds each here). Peer messages carry the pipeline's token, so a late message
@@ -197,7 +201,7 @@ class RayRuntime:
   def __init__(self, cfg, ranges, tensor: int, program: str, params, depth: int,
                microbatch_size: int, max_len: int, pace=None, heartbeat_s: float = 1.0,
                checkpoint: str | None = None, address: str | None = None,
-               placement: str = "pack", transport: str = "object_store",
+               placement: str = "pack", transport: str = "shm",
                gpus_per_stage: float = 0.0, rpc_timeout_s: float = 30.0, spares: int = 1,
                role: str = "pipeline", swapping: bool = False,
                kv_budget_bytes: int | None = None, host_slots: int = 0,
@@ -274,7 +278,7 @@ class RayRuntime:
         self._param_refs[s] = None
     self._params = None   # each stage's subset lives in the object store from here on
     pending = [self._create(s, checkpoint=None) for s in range(self.num_stages)]
-    self._spares = [self._spare() for _ in range(self.num_spares)]
+    self._spares = [self._warm_spare() for _ in range(self.num_spares)]
     for s, (actor, ref, wid) in enumerate(pending):
       self._workers[s] = RayWorker(self, s, wid, actor, ray.get(ref))
     self._broadcast_peers()
@@ -320,15 +324,29 @@ class RayRuntime:
     the spare machine of the paper. Spares sit outside the placement group."""
     return pool_take(self._pool_key) or self._actor_cls.options(**self._options(None)).remote()
 
-  def _live_peers(self) -> dict:
+  def _live_workers(self) -> dict:
     with self._lock:
-      return {s: w.actor for s, w in enumerate(self._workers)
-              if w is not None and s not in self._dead}
+      return {s: w for s, w in enumerate(self._workers) if w is not None and s not in self._dead}
+
+  def _live_peers(self) -> dict:
+    return {s: w.actor for s, w in self._live_workers().items()}
+
+  def _warm_spare(self):
+    """A spare made warm for every stage of this pipeline (runtime/ray_actor.py `prepare`): the
+    stages' programs built and weights placed now, their steps traced as the live stages note
+    them, so a replacement only loads state."""
+    actor = self._spare()
+    specs = {s: self._spec(s, self.checkpoint) for s in range(self.num_stages)}
+    refs = {s: [r] for s, r in self._param_refs.items() if r is not None}
+    actor.prepare.remote(self.token, specs, refs)
+    return actor
 
   def _broadcast_peers(self) -> None:
-    peers = self._live_peers()
+    live = self._live_workers()
+    peers = {s: w.actor for s, w in live.items()}
+    nodes = {s: w.node_id for s, w in live.items()}   # the shm transport's same-node check
     for a in peers.values():
-      a.set_peers.remote(peers)
+      a.set_peers.remote(peers, nodes, list(self._spares))
     for dep in self._dependents:   # a token runtime: its prompt runtimes' streams follow it
       dep.set_token_peers(peers, self.token)
     if self._token_rt is not None:   # a prompt runtime: its (new) actors learn the token actors
@@ -407,8 +425,8 @@ class RayRuntime:
       actor = self._spares.pop(0)
       spec = self._spec(stage, self.checkpoint)
       ref, wid = actor.configure.remote(
-          spec, self._param_refs[stage] if not self.checkpoint else None), spec.worker_id
-      self._spares.append(self._spare())
+          spec, [self._param_refs[stage]] if not self.checkpoint else None), spec.worker_id
+      self._spares.append(self._warm_spare())
     else:
       actor, ref, wid = self._create(stage, checkpoint=self.checkpoint)
     info = ray.get(ref, timeout=300)

@@ -14,16 +14,27 @@ Transports (`TRANSPORTS`), chosen per pipeline; both carry activations (stage s 
 replication writes (stage s -> its successor), actor to actor, never through the driver:
   object_store   the payload (numpy) rides in the Ray call itself: small arguments inline,
                  large ones through the node's shared-memory object store (zero-copy reads on
-                 one node); the default (measured faster here: benchmarks/runtime.py).
+                 one node).
+  shm            the default: replica writes to an actor on the same node go through a
+                 shared-memory segment the sender reuses (`SharedMemoryTransport`: one copy in,
+                 the replica log's write out; measured fastest here, benchmarks/transport.py);
+                 activations and anything to another node as object_store.
   jax_transfer   `jax.experimental.transfer`: the sender offers device buffers on its transfer
                  server (`await_pull`) and sends only a ticket in the Ray call; the receiver
                  pulls. A pull of an id nobody offers hangs, so every pull runs under a
                  watchdog (`TransportTimeout`). Offers a dead receiver never pulls stay on the
                  sender's server until the sender dies.
 
+Warm spares: a spare actor `prepare`s every stage of its pipeline (programs built, weights
+placed) and replays on zeros each step signature the live stages note (`StepLog`: kind, input
+shape, positions, cache size; the live actor pushes each new one to the spares, and all of them
+to a spare it has not told yet), so the steps are traced and compiled before it takes a stage;
+`configure` then only swaps in the stage's warm program and weights.
+
 Why one module over 400 lines: it is the whole inside of an actor process, and its parts (the
-actor's methods by concurrency group, the runtime its worker sees, the transports those call)
-are one unit.
+actor's methods by concurrency group, the runtime its worker sees in each role, the transports'
+receiving ends, the warm spare's preparation) are one unit; its helpers live beside it
+(ray_shm.py, ray_warm.py).
 
 A crash is the process dying: an armed failure (`arm`) SIGKILLs the actor's own pid, and the
 driver's `kill` SIGKILLs it from outside; nothing is reported either way.
@@ -48,6 +59,8 @@ import ray
 from dejavu_jax.runtime.replication import ReplicaWrite
 from dejavu_jax.runtime.api import Step, StepError, StepResult, WorkerOptions, ring_holder
 from dejavu_jax.runtime.local import LocalWorker, PeerDead
+from dejavu_jax.runtime.ray_shm import SharedMemoryTransport, ShmReader
+from dejavu_jax.runtime.ray_warm import StepLog, replay
 
 
 class TransportTimeout(TimeoutError):
@@ -186,7 +199,8 @@ def _pull_takes_timeout(conn) -> bool:
   return "timeout" in (type(conn).pull.__doc__ or "")
 
 
-TRANSPORTS = {"object_store": ObjectStoreTransport, "jax_transfer": JaxTransferTransport}
+TRANSPORTS = {"object_store": ObjectStoreTransport, "jax_transfer": JaxTransferTransport,
+              "shm": SharedMemoryTransport}
 
 
 class _ActorRuntime:
@@ -200,6 +214,7 @@ class _ActorRuntime:
     self.events = _Outbox()
     self.transport = transport
     self.peers: dict[int, object] = {}     # stage -> actor handle (set by the driver)
+    self.peer_nodes: dict[int, str] = {}   # stage -> its actor's Ray node id
     self.link_fault = None
     self.token = spec.token
     self.swapping, self.kv_budget_bytes = spec.swapping, spec.kv_budget_bytes
@@ -248,8 +263,11 @@ class _ActorRuntime:
       if fault is not None and fault(write):
         raise ConnectionError(f"injected transport failure: stage {write.stage} -> successor, "
                               f"microbatch {write.mb_id} step {write.step}")
-      holder = self._peer(ring_holder(sender.stage, self.num_stages))
-      return self.transport.send_replica(holder, write, self.token)
+      to = ring_holder(sender.stage, self.num_stages)
+      if isinstance(self.transport, SharedMemoryTransport):
+        return self.transport.send_replica(self._peer(to), write, self.token,
+                                           self.peer_nodes.get(to))
+      return self.transport.send_replica(self._peer(to), write, self.token)
     return send
 
 
@@ -297,6 +315,14 @@ class StageActor:
     # Token role: (mb_id, global layers, (prompt stage, pid) that sent them) per packet landed
     # in a host slot, in arrival order (tests read it: layer by layer, from the prompt actors).
     self.landed: collections.deque = collections.deque(maxlen=100_000)
+    self._shm = ShmReader()
+    # A spare's warm stages: stage -> (program, placed params), for the pipeline `_warm_token`;
+    # step signatures that came before their stage was warm wait in `_warm_pending`.
+    self._warm: dict[int, tuple] = {}
+    self._warm_token = None
+    self._warm_pending: list[tuple] = []
+    self.spares: list = []
+    self._pushed: set = set()
     if spec is not None:
       self.configure(spec, params)
 
@@ -306,8 +332,16 @@ class StageActor:
     if self.worker is not None:
       raise RuntimeError(f"this actor already serves stage {self.spec.stage}")
     self.spec = spec
-    program = _build_program(spec)
-    if spec.checkpoint and spec.program != "fake":
+    warm = self._warm.pop(spec.stage, None) if self._warm_token == spec.token else None
+    self._warm, self._warm_pending = {}, []   # a stage taken: the other warm stages go
+    self.took_warm = warm is not None
+    if warm is not None:   # weights placed and steps traced while it waited
+      program, params = warm
+    else:
+      program = _build_program(spec)
+      if isinstance(params, list):   # a spare's weights by reference: fetched only when cold
+        params = ray.get(params[0]) if params[0] is not None else None
+    if warm is None and spec.checkpoint and spec.program != "fake":
       # Only this stage's weights are read (a partial orbax restore).
       from dejavu_jax.models.checkpoint import restore_params  # pylint: disable=g-import-not-at-top
       from dejavu_jax.models.decoder import param_shapes  # pylint: disable=g-import-not-at-top
@@ -315,6 +349,8 @@ class StageActor:
       params = restore_params(spec.checkpoint, like=param_shapes(spec.cfg, start, stop))
     transport = TRANSPORTS[spec.transport](jax.devices()[0], spec.rpc_timeout_s)
     self.rt = _ActorRuntime(spec, transport)
+    self._pushed = set()
+    program = StepLog(program, self._push_calls)
     self.worker = _worker_class(spec.role)(self.rt, program, params, spec.options,
                                            worker_id=spec.worker_id)
     self.landed.clear()
@@ -324,11 +360,67 @@ class StageActor:
   def info(self) -> dict:
     return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
             "ip": ray.util.get_node_ip_address(),
-            "transport": self.rt.transport.address() if self.rt else None}
+            "transport": self.rt.transport.address() if self.rt else None,
+            "warm": getattr(self, "took_warm", False),
+            "warm_calls": {s: len(c) for s, c in getattr(self, "_replayed", {}).items()}}
 
   # ---- the Worker messages (default concurrency group: one thread, arrival order) ----
-  def set_peers(self, peers: dict) -> None:
+  def set_peers(self, peers: dict, nodes: dict | None = None, spares: list | None = None) -> None:
     self.rt.peers = dict(peers)
+    self.rt.peer_nodes = dict(nodes or {})
+    self.spares = list(spares or [])
+    self._push_calls(None)   # a new spare hears every signature noted so far
+
+  def _push_calls(self, calls) -> None:
+    """Hands step signatures to the spares: `calls` (new ones) to every spare, and all noted so
+    far to a spare that has heard none."""
+    if self.worker is None:
+      return
+    log = self.worker._program  # pylint: disable=protected-access
+    for sp in self.spares:
+      key = sp._actor_id.hex()  # pylint: disable=protected-access
+      if key not in self._pushed:
+        self._pushed.add(key)
+        sp.warm_calls.remote(self.spec.token, self.spec.stage, list(log.calls))
+      elif calls:
+        sp.warm_calls.remote(self.spec.token, self.spec.stage, calls)
+
+  def prepare(self, token: str, specs: dict, params: dict) -> bool:
+    """Makes this spare warm for every stage of pipeline `token` (module doc): each stage's
+    program built and its weights placed (from `params[s]`, an object ref in a list, or the
+    spec's checkpoint), so that taking a stage loads only its state."""
+    if self.worker is not None:
+      raise RuntimeError(f"this actor already serves stage {self.spec.stage}")
+    self._warm, self._warm_token, self._replayed = {}, token, {}
+    for s, spec in specs.items():
+      program = _build_program(spec)
+      if spec.checkpoint and spec.program != "fake":
+        from dejavu_jax.models.checkpoint import restore_params  # pylint: disable=g-import-not-at-top
+        from dejavu_jax.models.decoder import param_shapes  # pylint: disable=g-import-not-at-top
+        host = restore_params(spec.checkpoint, like=param_shapes(spec.cfg, *spec.ranges[s]))
+      else:
+        host = ray.get(params[s][0]) if params.get(s) else None
+      self._warm[s] = (program, program.place_params(host))
+    pending, self._warm_pending = self._warm_pending, []
+    for t, s, call in pending:
+      self.warm_calls(t, s, [call])
+    return True
+
+  def warm_calls(self, token: str, stage: int, calls: list) -> None:
+    """Traces and compiles step signatures a live stage noted, on this spare's warm copy."""
+    if token != self._warm_token or self.worker is not None:
+      if self.worker is None and self._warm_token is None:
+        self._warm_pending += [(token, stage, c) for c in calls]
+      return
+    got = self._warm.get(stage)
+    if got is None:
+      return
+    for call in calls:
+      try:
+        replay(got[0], got[1], call)
+        self._replayed.setdefault(stage, []).append(call[0])
+      except Exception:  # pylint: disable=broad-except
+        pass   # a signature that does not replay is only traced later, when it runs
 
   def _mine(self, token: str) -> bool:
     """A message for this actor's current pipeline (not a late one for a pipeline it served
@@ -339,7 +431,11 @@ class StageActor:
     """Stops the worker and drops its state: the process goes back to the spare pool."""
     if self.worker is not None:
       self.worker.stop(timeout=5.0)
+    if self.rt is not None and hasattr(self.rt.transport, "close"):
+      self.rt.transport.close()
+    self._shm.close()
     self.spec = self.rt = self.worker = None
+    self._warm, self._warm_token, self._warm_pending, self.spares = {}, None, [], []
     return True
 
   def submit(self, step: Step, token: str) -> None:
@@ -434,6 +530,14 @@ class StageActor:
     if not self._mine(token):
       raise PeerDead(f"stage {write.stage}'s successor is not in this pipeline any more")
     (data,) = self.rt.transport.pull(ticket)
+    return self.worker.receive_replica(
+        dataclasses.replace(write, packed=write.packed.replace(data=data)))
+
+  @ray.method(concurrency_group="io")
+  def receive_replica_shm(self, write: ReplicaWrite, ticket, token: str) -> int:
+    if not self._mine(token):
+      raise PeerDead(f"stage {write.stage}'s successor is not in this pipeline any more")
+    data = self._shm.view(ticket)   # the log's write is the one copy out of the segment
     return self.worker.receive_replica(
         dataclasses.replace(write, packed=write.packed.replace(data=data)))
 

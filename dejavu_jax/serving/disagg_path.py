@@ -106,8 +106,10 @@ class DisaggregatedPath:
     if sc.timing.pacing == "paced":
       scale = cost_model.model.num_layers / cfg.num_layers
       link = cm.LINKS[sc.disagg.stream_link] if sc.disagg.stream_link else None
+      link = engine.links.get("prompt_kv", link)   # a measured table wins over the preset
       self._pace = prompt_pace_fn(cost_model, self.Dp, time_scale, scale, link)
-      self._host_link = getattr(getattr(cost_model, "hardware", None), "host_link", None)
+      self._host_link = engine.links.get(
+          "swap_in", getattr(getattr(cost_model, "hardware", None), "host_link", None))
 
   def make_runtime(self, engine) -> None:
     sc, plan = engine.serve_cfg, self.prompt_plan

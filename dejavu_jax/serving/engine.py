@@ -72,6 +72,7 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
+from dejavu_jax import costmodel as cm
 from dejavu_jax import metrics as metrics_lib
 from dejavu_jax import runtime as runtime_lib
 from dejavu_jax.config import ModelConfig, ServeConfig
@@ -143,7 +144,11 @@ class PipelineEngine:
         check_params_checkpoint(params_checkpoint, param_shapes(cfg, start, stop))
     self.mesh = make_mesh(self.plan, token_devices) if in_process else None
     layer_scale = (cost_model.model.num_layers / cfg.num_layers) if cost_model is not None else 1
-    swap_link = swap_link or host_link(cost_model)
+    # A measured link table (benchmarks/transport.py) replaces the preset links it has.
+    self.links = cm.calibrated_links(serve.timing.links_table)
+    self.links_record = (cm.link_table_record(serve.timing.links_table)
+                         if serve.timing.links_table else None)
+    swap_link = swap_link or self.links.get("swap_in") or host_link(cost_model)
     # The device KV budget decides the microbatch size, and "auto" whether swapping is on.
     self.swap_choice = choose_swapping(self, serve, cost_model, swap_link, layer_scale, devices)
     self.microbatch_size = self.swap_choice.batch
@@ -376,6 +381,8 @@ class PipelineEngine:
                    max_queue_depth=st.max_depth, microbatch_size=self.microbatch_size,
                    swapping=self.swap_choice.swapping, swapping_reason=self.swap_choice.reason,
                    **path.summary(self))
+    if self.links_record is not None:
+      summary["links_table"] = self.links_record
     counters = self.runtime.counters()
     summary.update({k: v - st.counters0.get(k, 0) for k, v in counters.items()})
     return finish_serve(recs, st.rejected, summary, wall, self.worker_stats() + path.worker_stats(),
