@@ -83,6 +83,7 @@ from dejavu_jax.pipeline.scheduler import Microbatch, Scheduler
 from dejavu_jax.pipeline.stage import StageProgram
 from dejavu_jax.runtime import api
 from dejavu_jax.serving import admission
+from dejavu_jax.serving import cache_oracle
 from dejavu_jax.serving import recovery as recovery_lib
 from dejavu_jax.serving.pacing import make_pace_fn
 from dejavu_jax.serving.sizing import check_limits, choose_swapping, host_link
@@ -106,6 +107,7 @@ class ServeState:
   queue_full: int = 0
   max_depth: int = 0
   path: object = None              # the prompt path's own per-serve state
+  cache_probes: list = dataclasses.field(default_factory=list)   # cache_oracle.ProbeRecord
 
   def now(self) -> float:
     return time.perf_counter() - self.t0
@@ -169,7 +171,8 @@ class PipelineEngine:
         kv_budget_bytes=self.kv_budget_bytes, role=self.prompt_path.token_role,
         host_slots=self.prompt_path.host_slots))
     self.prompt_path.make_runtime(self)
-    self.runtime.start(self.strategy.options())
+    self.runtime.start(dataclasses.replace(self.strategy.options(),
+                                           cache_probe=sc.fault.cache_probe))
     self.prompt_path.start(self)
     self._started = True
     for s in range(self.plan.num_stages):
@@ -329,7 +332,7 @@ class PipelineEngine:
     summary.update({k: v - counters0.get(k, 0) for k, v in counters.items()})
     return finish_serve(recs, rejected, summary, wall, self.worker_stats() + path.worker_stats(),
                         stats0, sc.timing.pacing == "paced", st.recoveries, error, cause,
-                        raise_on_error)
+                        raise_on_error, st.cache_probes)
 
   def _abandon(self, st: ServeState) -> None:
     """After a failed serve: the steps still queued or running are void (a new epoch) and their
@@ -362,6 +365,8 @@ class PipelineEngine:
     elif isinstance(ev, api.SnapshotSaved):
       self.strategy.observe(ev)
       st.injector.on_snapshot(ev.stage)
+    elif isinstance(ev, api.CacheProbe):
+      st.cache_probes.extend(cache_oracle.records(ev, st.sched.rows_of.get(ev.mb_id, ())))
     elif isinstance(ev, api.StepResult):
       if ev.epoch == self.epoch and ev.mb_id in st.sched.in_flight:
         st.last_progress = time.perf_counter()
