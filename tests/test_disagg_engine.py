@@ -114,10 +114,10 @@ def test_paced_slow_and_fast_prompt_side(dp, dt, prompt, token):
   assert res.error is None and 0 <= res.summary["paced_overruns"] <= steps
 
 
-def _failure_run(failure, recovery="replica"):
+def _failure_run(failure, recovery="replica", **kw):
   reqs = [Request(i, 0.0, (3 + i, 7, 11 + i, 5), 40) for i in range(12)]
   cost = TableCostModel(CFG, prompt=0.01, token=0.002)
-  sc = _config(2, 2, pacing="paced", recovery=recovery)
+  sc = _config(2, 2, pacing="paced", recovery=recovery, **kw)
   with DisaggregatedEngine(CFG, None, sc, cost_model=cost) as eng:
     tok_ids = [w.worker_id for w in (eng.runtime.worker(s) for s in range(2))]
     pro_ids = [w.worker_id for w in (eng.prompt_path.runtime.worker(s) for s in range(2))]
@@ -139,6 +139,22 @@ def test_prompt_worker_failure_redoes_its_prompts_only():
   assert ev.detection_s > 0
   assert after[0] == before[0]                          # token workers untouched
   assert after[1][0] == before[1][0] and after[1][1] != before[1][1]
+  assert all(s.cache_mb_ids == [] for s in tok)
+
+
+@pytest.mark.timeout(120)
+def test_stalled_prompt_worker_is_replaced():
+  """Prompt stage 0 stalls (alive, heartbeating) after its 2nd prefill: the prompt side's
+  progress watchdog kills and replaces it, its prompts are redone (before, nothing caught it and
+  every prompt waited out the stall)."""
+  reqs, res, tok, before, after = _failure_run(
+      FailureSpec(after_steps=2, stage=0, kind="stall", stall_s=30.0), progress_timeout_s=1.0)
+  assert res.tokens() == _reference(reqs)
+  (ev,) = res.recoveries
+  assert ev.strategy == "redo prompts" and ev.stages == (0,) and ev.lost_microbatches >= 1
+  assert after[0] == before[0]                          # token workers untouched
+  assert after[1][0] != before[1][0] and after[1][1] == before[1][1]
+  assert res.wall_s < 20                                # not the stall's 30 s
   assert all(s.cache_mb_ids == [] for s in tok)
 
 
