@@ -142,6 +142,26 @@ def test_prompt_worker_failure_redoes_its_prompts_only():
   assert all(s.cache_mb_ids == [] for s in tok)
 
 
+@pytest.mark.timeout(60)
+def test_slots_held_past_the_end_of_a_serve_are_still_counted():
+  """A microbatch that ends at its first token is dropped with a `free` queued to each token
+  worker; the serve then ends at once. Token worker 0 is slow to take that free (stalled), so it
+  still holds the only slot when the next serve reserves one: the engine must count it held and
+  wait (it once forgot every holding at a serve's start, and the worker refused the slot:
+  "token stage 0 refused a host slot the engine counted free")."""
+  sc = _config(1, 2, host_slots=1)
+  reqs = [Request(0, 0.0, (5, 6, 7), 1)]
+  with DisaggregatedEngine(CFG, None, sc) as eng:
+    eng.generate([[5, 6, 7]], 2)   # compiled before
+    eng.runtime.stall(0, 1.0)      # takes no inbox message for 1 s (reserve is a direct call)
+    first = eng.serve(reqs)
+    assert eng.runtime.worker(0).slots.held(), "the dropped microbatch's slot is still held"
+    assert eng.slots_free()[0] == 0
+    second = eng.serve([Request(1, 0.0, (8, 9, 10, 11), 6)])
+  assert first.tokens() == _reference(reqs)
+  assert second.tokens() == _reference([Request(1, 0.0, (8, 9, 10, 11), 6)])
+
+
 @pytest.mark.timeout(120)
 def test_stalled_prompt_worker_is_replaced():
   """Prompt stage 0 stalls (alive, heartbeating) after its 2nd prefill: the prompt side's

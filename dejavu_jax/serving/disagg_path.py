@@ -62,7 +62,8 @@ class PromptState:
   token_free_at: float           # modeled time a token-side microbatch last finished
   phases: dict = dataclasses.field(default_factory=dict)    # mb_id -> _PromptPhase
   ready: collections.deque = dataclasses.field(default_factory=collections.deque)
-  holders: dict = dataclasses.field(default_factory=dict)   # mb_id -> token stages holding a slot
+  holders: dict = dataclasses.field(default_factory=dict)   # mb_id -> token stages holding a
+                                                            # slot (the path's, across serves)
   watchdog: ProgressWatchdog | None = None   # the prompt pipeline's stalls (alive, no progress)
 
 
@@ -119,6 +120,13 @@ class DisaggregatedPath:
         layerwise=sc.disagg.layerwise_stream))
 
   def start(self, engine) -> None:
+    # Token worker slots held, as the engine accounts them: mb_id -> token stages whose worker
+    # has not yet reported the slot free (SlotFreed). It outlives a serve: a microbatch dropped
+    # at the end of one (every row ended at its first token, or the serve failed) holds its
+    # slots until the workers take the `free` queued behind their steps, maybe while the next
+    # serve already reserves; forgetting them there made a worker refuse a slot the engine
+    # counted free. New token workers (a restart) hold none.
+    self.holders: dict = {}
     self.runtime.start(api.WorkerOptions())
     for s in range(self.Dp):
       self.controller.watch(s, self.runtime.worker(s).worker_id)
@@ -157,14 +165,15 @@ class DisaggregatedPath:
 
   def begin(self, engine, st) -> PromptState:
     watchdog = ProgressWatchdog(self.Dp, engine.serve_cfg.fault.progress_timeout_s)
-    return PromptState(released_at=st.t0, token_free_at=st.t0, watchdog=watchdog)
+    return PromptState(released_at=st.t0, token_free_at=st.t0, watchdog=watchdog,
+                       holders=self.holders)
 
   def busy(self, st) -> bool:
     return bool(st.path.phases)
 
   def slots_free(self, st) -> list[int]:
-    holders = st.path.holders if st is not None else {}
-    return [self.host_slots - sum(s in h for h in holders.values()) for s in range(self.Dt)]
+    del st   # the holdings outlive a serve (`start`)
+    return [self.host_slots - sum(s in h for h in self.holders.values()) for s in range(self.Dt)]
 
   def inject(self, engine, st) -> None:
     """Starts prompts while the prompt pipeline has room and every token worker a free slot,
@@ -300,7 +309,8 @@ class DisaggregatedPath:
     ps, lost = st.path, set(dead)
     for held in ps.holders.values():
       held -= lost
-    ps.holders = {m: h for m, h in ps.holders.items() if h}
+    for m in [m for m, h in ps.holders.items() if not h]:
+      del ps.holders[m]
     waiting = list(ps.phases)
     if not waiting:
       return
