@@ -119,9 +119,10 @@ def _failure_run(failure, recovery="replica", **kw):
   cost = TableCostModel(CFG, prompt=0.01, token=0.002)
   sc = _config(2, 2, pacing="paced", recovery=recovery, **kw)
   with DisaggregatedEngine(CFG, None, sc, cost_model=cost) as eng:
+    eng.generate([[5, 6, 7, 8]] * 3, 3)   # compiled before the measured run
+    # (after it: a compile on a loaded machine may outlast a short progress timeout)
     tok_ids = [w.worker_id for w in (eng.runtime.worker(s) for s in range(2))]
     pro_ids = [w.worker_id for w in (eng.prompt_path.runtime.worker(s) for s in range(2))]
-    eng.generate([[5, 6, 7, 8]] * 3, 3)   # compiled before the measured run
     res = eng.serve(reqs, failures=[failure])
     tok, _ = _settle(eng)
     after = ([eng.runtime.worker(s).worker_id for s in range(2)],
@@ -168,7 +169,7 @@ def test_stalled_prompt_worker_is_replaced():
   progress watchdog kills and replaces it, its prompts are redone (before, nothing caught it and
   every prompt waited out the stall)."""
   reqs, res, tok, before, after = _failure_run(
-      FailureSpec(after_steps=2, stage=0, kind="stall", stall_s=30.0), progress_timeout_s=1.0)
+      FailureSpec(after_steps=2, stage=0, kind="stall", stall_s=30.0), progress_timeout_s=2.0)
   assert res.tokens() == _reference(reqs)
   (ev,) = res.recoveries
   assert ev.strategy == "redo prompts" and ev.stages == (0,) and ev.lost_microbatches >= 1
