@@ -129,3 +129,24 @@ def test_snapshot_scenarios_are_handled_by_snapshot():
   assert r["triggered"] == 3 and r["identical"] == 3, r["failed_examples"]
   assert r["handled_by"]["snapshot"].get("snapshot", 0) >= 3, r["handled_by"]
   assert r["targets"]["snapshot"]["handled_own"] >= 2, r["targets"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_prompt_side_failures_fire_and_caches_are_checked():
+  """Disaggregated scenarios with every first failure on a prompt worker (crashes and stalls,
+  every pattern): each fires while prompts are in flight and is recovered (a prompt stall was
+  never detected, a prompt-side during-recovery failure never fired); with the cache oracle on,
+  every prompt cache a token worker loaded equals the colocated reference's."""
+  c = campaign_tiny.get_config()
+  c.injections, c.mechanisms, c.mechanism_p = 5, ("disagg",), (1.0,)
+  c.prompt_side_p, c.prompt_depths, c.disagg_depths = 1.0, (2,), (2,)
+  c.model_fraction, c.strategies, c.cache_oracle = 0.0, ("replica",), True
+  r = run_campaign(c, log=lambda *_: None)
+  recs = r["scenarios"]
+  assert {rec["side"] for rec in recs} == {"prompt"}
+  assert {rec["kind"] for rec in recs} == {"crash", "stall"}, [rec["kind"] for rec in recs]
+  assert r["untriggered"] == 0 and r["failures_fired"] == r["failures_specified"], recs
+  assert r["identical"] == 5 and r["cache_different"] == 0, r["failed_examples"]
+  assert r["cache_identical"] == 5 and r["cache_points"].get("prompt_load", 0) >= 10, r
+  assert r["ok"], r["failed_examples"]

@@ -344,6 +344,9 @@ class DisaggregatedPath:
       self.controller.watch(s, w.worker_id)
       st.path.watchdog.replaced(s)
     st.path.watchdog.clear()   # every prompt in the prompt pipeline is redone below
+    # Injected: a failure while this recovery redoes the prompts (before, a prompt-side
+    # during-recovery failure never fired: only the token side's recovery called this).
+    st.injector.on_recovery()
     # A prompt whose first token never came is redone even if its cache landed: streaming layer
     # by layer, a stage that dies after its last layer streamed still never hands its output on.
     lost = [m for m, p in st.path.phases.items()
