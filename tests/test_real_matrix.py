@@ -55,8 +55,10 @@ def smol():
 
 
 def _serve_config(**kw):
+  # The progress watchdog waits long: a first serve compiles its stages inside its steps, which
+  # takes tens of seconds on a loaded machine and must not count as a stall.
   base = dict(microbatch_size=2, max_len=MAX_LEN, program="model", heartbeat_s=0.1,
-              heartbeat_timeout_s=3.0, progress_timeout_s=5.0, recovery="replica")
+              heartbeat_timeout_s=3.0, progress_timeout_s=300.0, recovery="replica")
   return ServeConfig(**(base | kw))
 
 
@@ -73,6 +75,8 @@ def test_local_colocated_stall_and_failure_during_recovery(smol):
   with PipelineEngine(cfg, params, _serve_config(num_stages=3, cache_probe=True)) as eng:
     base = eng.serve(reqs)
     assert base.tokens() == ref and not base.recoveries
+    # Compiled now: a stage without progress for 5 s is stalled (read by each serve).
+    eng.serve_cfg = eng.serve_cfg.replace(progress_timeout_s=5.0)
     stall = eng.serve(reqs, failures=[FailureSpec(after_steps=10, stage=1, kind="stall",
                                                   stall_s=120.0)])
     assert stall.tokens() == ref
