@@ -42,6 +42,13 @@ def test_report_counts_untriggered_apart_and_can_fail():
   # One completed run with other tokens than the oracle's fails the campaign.
   wrong = report(c, good + [_rec(identical=False)], 1.0)
   assert not wrong["ok"] and wrong["not_ok_runs"] == 1 and wrong["identical"] == 9
+  # ... and so does one whose restored caches differ from the failure-free run's, tokens equal.
+  cache = dict(_rec(), cache_identical=False, cache_points={"replica": 2}, cache_detail="x")
+  seen = report(c, good + [dict(_rec(), cache_identical=True, cache_points={"replica": 3})], 1.0)
+  assert seen["ok"] and seen["cache_identical"] == 1 and seen["cache_points"] == {"replica": 3}
+  differ = report(c, good + [cache], 1.0)
+  assert not differ["ok"] and differ["cache_different"] == 1 and differ["identical"] == 10
+  assert differ["failed_examples"][0]["cache_detail"] == "x"
   # Untargeted scenarios (a pattern the strategy is not designed for) are not judged.
   loose = report(c, good + [_rec(targeted=False, handled={"restart": 2}) for _ in range(9)], 1.0)
   assert loose["ok"] and loose["targets"]["snapshot"]["judged"] == 9

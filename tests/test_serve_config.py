@@ -19,7 +19,7 @@ BAD = [
     ("temperature", -0.1), ("temperature", math.nan), ("top_k", -1), ("top_k", 2.5),
     ("top_p", 0.0), ("top_p", 1.5), ("seed", -1), ("eos_token_id", -2),
     ("recovery", ""), ("snapshot_every", 0), ("heartbeat_s", 0.0), ("heartbeat_timeout_s", math.nan),
-    ("progress_timeout_s", -1.0), ("step_timeout_s", 0),
+    ("progress_timeout_s", -1.0), ("step_timeout_s", 0), ("cache_probe", "on"),
     ("max_pending", 0), ("raise_on_error", "yes"),
     ("swapping", "sometimes"), ("device_kv_budget_bytes", 0), ("device_kv_budget_fraction", 1.5),
     ("swap_context", 0),
@@ -99,7 +99,7 @@ def test_fields_are_read_through_their_group_and_pickling():
 
 def test_field_paths_and_unique_names():
   paths = C.serve_field_paths()
-  assert len(paths) == len(C.serve_fields()) == 36
+  assert len(paths) == len(C.serve_fields()) == 37
   for name, path in paths.items():
     group, flat = path.split(".")
     assert flat == name and hasattr(getattr(C.ServeConfig(), group), name)

@@ -435,10 +435,10 @@ def report(c, records: list, wall: float) -> dict:
       "handled_target": c.handled_target,
       **{f"by_{dim}": v for dim, v in by.items() if dim != "strategy"},
       "by_strategy": by["strategy"],
-      "failed_examples": [{k: r[k] for k in ("program", "mechanism", "runtime", "depth",
-                                             "prompt_depth", "microbatch", "strategy",
-                                             "failures", "error", "completed", "identical",
-                                             "handled_by", "cache_identical")} |
+      "failed_examples": [{k: r.get(k) for k in ("program", "mechanism", "runtime", "depth",
+                                                 "prompt_depth", "microbatch", "strategy",
+                                                 "failures", "error", "completed", "identical",
+                                                 "handled_by", "cache_identical")} |
                           ({"cache_detail": r["cache_detail"]} if "cache_detail" in r else {})
                           for r in bad[:10]],
       "wall_s": round(wall, 1),
