@@ -125,7 +125,7 @@ def _verdicts(monkeypatch, make, failures, corrupt, reqs, reference_serve=None):
   """(clean verdict, clean result, corrupted verdict, corrupted result) against one failure-free
   reference served first on the same engine (or on `reference_serve`'s)."""
   with make() as eng:
-    eng.warmup()
+    # No warmup: the first serve compiles what the others run (the same requests).
     ref = (reference_serve or eng.serve)(reqs)
     assert ref.cache_probes and _tokens_ok(ref, reqs)
     clean = eng.serve(reqs, failures=failures)
@@ -188,7 +188,6 @@ def test_swap_in_equals_the_cache_computed_without_swapping(monkeypatch):
   does not."""
   reqs = REQS + [Request(6 + i, 0.0, (40 + i, 7, 11, 5), 40) for i in range(3)]
   with _fake_engine(num_stages=3)() as plain:
-    plain.warmup()
     ref = plain.serve(reqs)
   clean_v, clean, bad_v, _ = _verdicts(
       monkeypatch, _fake_engine(num_stages=3, swapping="on"), [], _corrupt_swap_in, reqs,
@@ -206,7 +205,6 @@ def test_prompt_slot_load_equals_the_colocated_prefill(monkeypatch):
   cache a token worker loads from its host slot equals what a colocated 2-stage engine's own
   prefill wrote; with one V entry of a slot's copy changed, it does not."""
   with _fake_engine(num_stages=2)() as plain:
-    plain.warmup()
     ref = plain.serve(REQS)
   cost = TableCostModel(CFG, prompt=0.004, token=0.002)
   serve = ServeConfig(prompt_stages=1, token_stages=2, microbatch_size=3, max_len=64,
