@@ -51,7 +51,9 @@ def smol():
   ref = generate(cfg, params, ids, NEW, eos_token_id=-1, max_len=MAX_LEN)
   assert len({tuple(t) for t in ref}) == len(ref)          # not degenerate
   reqs = [Request(i, 0.0, tuple(p), NEW) for i, p in enumerate(ids)]
-  return cfg, params, reqs, {i: list(t) for i, t in enumerate(ref)}
+  yield cfg, params, reqs, {i: list(t) for i, t in enumerate(ref)}
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_enable_compilation_cache", False)   # the next test file's as it was
 
 
 def _serve_config(**kw):
