@@ -43,6 +43,10 @@ def smol():
   from dejavu_jax.models.generate import generate  # pylint: disable=g-import-not-at-top
   from dejavu_jax.models.tokenizer import encode_prompts, read_prompts  # pylint: disable=g-import-not-at-top
   from dejavu_jax.studies import jaxcache  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  names = ("jax_enable_compilation_cache", "jax_compilation_cache_dir",
+           "jax_persistent_cache_min_compile_time_secs", "jax_persistent_cache_min_entry_size_bytes")
+  before = {n: getattr(jax.config, n) for n in names}
   # The local engines below compile the same stage programs again: from the disk cache.
   jaxcache.enable_compilation_cache(os.path.join(tempfile.gettempdir(), "dejavu_jax_xla_cache"))
   cfg, params, tok = gguf.load_smollm2("float32")
@@ -52,8 +56,8 @@ def smol():
   assert len({tuple(t) for t in ref}) == len(ref)          # not degenerate
   reqs = [Request(i, 0.0, tuple(p), NEW) for i, p in enumerate(ids)]
   yield cfg, params, reqs, {i: list(t) for i, t in enumerate(ref)}
-  import jax  # pylint: disable=g-import-not-at-top
-  jax.config.update("jax_enable_compilation_cache", False)   # the next test file's as it was
+  for n, v in before.items():   # the next test file's JAX config as it was
+    jax.config.update(n, v)
 
 
 def _serve_config(**kw):
