@@ -79,5 +79,8 @@ def get_config():
   # ---- the verdict ----
   c.handled_target = 0.8       # share of a strategy's judged scenarios it handled itself
   c.min_judged = 5             # fewer judged scenarios than this: too few to judge
+  # The cache oracle (studies/campaign.py): each scenario also served failure-free, and every
+  # restored, swapped-in or slot-loaded cache compared with it bit for bit (about 2x the time).
+  c.cache_oracle = False
   c.verbose = False
   return c

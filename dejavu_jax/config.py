@@ -435,6 +435,11 @@ class FaultConfig:
                                            "and is killed and replaced like a crashed one")
   step_timeout_s: float = _field(120.0, "a stage step that takes longer than this many seconds "
                                         "is an error (a hang fails fast)")
+  cache_probe: bool = _field(False, "the cache oracle (serving/cache_oracle.py): every token "
+                                    "worker reports a digest of each used cache row after every "
+                                    "step, restore, swap-in and prompt load, kept in "
+                                    "ServeResult.cache_probes (a host copy of the cache per "
+                                    "step: for checks, not for timing)")
 
   def __post_init__(self):
     if not isinstance(self.recovery, str) or not self.recovery.strip():
@@ -442,6 +447,8 @@ class FaultConfig:
     _check_int(self, "snapshot_every")
     _check_seconds(self, "heartbeat_s", "heartbeat_timeout_s", "progress_timeout_s",
                    "step_timeout_s")
+    if not isinstance(self.cache_probe, bool):
+      _fail("cache_probe", f"must be True or False, got {self.cache_probe!r}")
     if self.heartbeat_timeout_s <= self.heartbeat_s:
       _fail("heartbeat_timeout_s", f"{self.heartbeat_timeout_s} must exceed the heartbeat "
                                    f"period heartbeat_s {self.heartbeat_s}")

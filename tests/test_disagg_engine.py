@@ -114,14 +114,15 @@ def test_paced_slow_and_fast_prompt_side(dp, dt, prompt, token):
   assert res.error is None and 0 <= res.summary["paced_overruns"] <= steps
 
 
-def _failure_run(failure, recovery="replica"):
+def _failure_run(failure, recovery="replica", **kw):
   reqs = [Request(i, 0.0, (3 + i, 7, 11 + i, 5), 40) for i in range(12)]
   cost = TableCostModel(CFG, prompt=0.01, token=0.002)
-  sc = _config(2, 2, pacing="paced", recovery=recovery)
+  sc = _config(2, 2, pacing="paced", recovery=recovery, **kw)
   with DisaggregatedEngine(CFG, None, sc, cost_model=cost) as eng:
+    eng.generate([[5, 6, 7, 8]] * 3, 3)   # compiled before the measured run
+    # (after it: a compile on a loaded machine may outlast a short progress timeout)
     tok_ids = [w.worker_id for w in (eng.runtime.worker(s) for s in range(2))]
     pro_ids = [w.worker_id for w in (eng.prompt_path.runtime.worker(s) for s in range(2))]
-    eng.generate([[5, 6, 7, 8]] * 3, 3)   # compiled before the measured run
     res = eng.serve(reqs, failures=[failure])
     tok, _ = _settle(eng)
     after = ([eng.runtime.worker(s).worker_id for s in range(2)],
@@ -139,6 +140,42 @@ def test_prompt_worker_failure_redoes_its_prompts_only():
   assert ev.detection_s > 0
   assert after[0] == before[0]                          # token workers untouched
   assert after[1][0] == before[1][0] and after[1][1] != before[1][1]
+  assert all(s.cache_mb_ids == [] for s in tok)
+
+
+@pytest.mark.timeout(60)
+def test_slots_held_past_the_end_of_a_serve_are_still_counted():
+  """A microbatch that ends at its first token is dropped with a `free` queued to each token
+  worker; the serve then ends at once. Token worker 0 is slow to take that free (stalled), so it
+  still holds the only slot when the next serve reserves one: the engine must count it held and
+  wait (it once forgot every holding at a serve's start, and the worker refused the slot:
+  "token stage 0 refused a host slot the engine counted free")."""
+  sc = _config(1, 2, host_slots=1)
+  reqs = [Request(0, 0.0, (5, 6, 7), 1)]
+  with DisaggregatedEngine(CFG, None, sc) as eng:
+    eng.generate([[5, 6, 7]], 2)   # compiled before
+    eng.runtime.stall(0, 1.0)      # takes no inbox message for 1 s (reserve is a direct call)
+    first = eng.serve(reqs)
+    assert eng.runtime.worker(0).slots.held(), "the dropped microbatch's slot is still held"
+    assert eng.slots_free()[0] == 0
+    second = eng.serve([Request(1, 0.0, (8, 9, 10, 11), 6)])
+  assert first.tokens() == _reference(reqs)
+  assert second.tokens() == _reference([Request(1, 0.0, (8, 9, 10, 11), 6)])
+
+
+@pytest.mark.timeout(120)
+def test_stalled_prompt_worker_is_replaced():
+  """Prompt stage 0 stalls (alive, heartbeating) after its 2nd prefill: the prompt side's
+  progress watchdog kills and replaces it, its prompts are redone (before, nothing caught it and
+  every prompt waited out the stall)."""
+  reqs, res, tok, before, after = _failure_run(
+      FailureSpec(after_steps=2, stage=0, kind="stall", stall_s=30.0), progress_timeout_s=2.0)
+  assert res.tokens() == _reference(reqs)
+  (ev,) = res.recoveries
+  assert ev.strategy == "redo prompts" and ev.stages == (0,) and ev.lost_microbatches >= 1
+  assert after[0] == before[0]                          # token workers untouched
+  assert after[1][0] != before[1][0] and after[1][1] == before[1][1]
+  assert res.wall_s < 20                                # not the stall's 30 s
   assert all(s.cache_mb_ids == [] for s in tok)
 
 

@@ -42,6 +42,13 @@ def test_report_counts_untriggered_apart_and_can_fail():
   # One completed run with other tokens than the oracle's fails the campaign.
   wrong = report(c, good + [_rec(identical=False)], 1.0)
   assert not wrong["ok"] and wrong["not_ok_runs"] == 1 and wrong["identical"] == 9
+  # ... and so does one whose restored caches differ from the failure-free run's, tokens equal.
+  cache = dict(_rec(), cache_identical=False, cache_points={"replica": 2}, cache_detail="x")
+  seen = report(c, good + [dict(_rec(), cache_identical=True, cache_points={"replica": 3})], 1.0)
+  assert seen["ok"] and seen["cache_identical"] == 1 and seen["cache_points"] == {"replica": 3}
+  differ = report(c, good + [cache], 1.0)
+  assert not differ["ok"] and differ["cache_different"] == 1 and differ["identical"] == 10
+  assert differ["failed_examples"][0]["cache_detail"] == "x"
   # Untargeted scenarios (a pattern the strategy is not designed for) are not judged.
   loose = report(c, good + [_rec(targeted=False, handled={"restart": 2}) for _ in range(9)], 1.0)
   assert loose["ok"] and loose["targets"]["snapshot"]["judged"] == 9
@@ -129,3 +136,24 @@ def test_snapshot_scenarios_are_handled_by_snapshot():
   assert r["triggered"] == 3 and r["identical"] == 3, r["failed_examples"]
   assert r["handled_by"]["snapshot"].get("snapshot", 0) >= 3, r["handled_by"]
   assert r["targets"]["snapshot"]["handled_own"] >= 2, r["targets"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_prompt_side_failures_fire_and_caches_are_checked():
+  """Disaggregated scenarios with every first failure on a prompt worker (crashes and stalls,
+  every pattern): each fires while prompts are in flight and is recovered (a prompt stall was
+  never detected, a prompt-side during-recovery failure never fired); with the cache oracle on,
+  every prompt cache a token worker loaded equals the colocated reference's."""
+  c = campaign_tiny.get_config()
+  c.injections, c.mechanisms, c.mechanism_p = 5, ("disagg",), (1.0,)
+  c.prompt_side_p, c.prompt_depths, c.disagg_depths = 1.0, (2,), (2,)
+  c.model_fraction, c.strategies, c.cache_oracle = 0.0, ("replica",), True
+  r = run_campaign(c, log=lambda *_: None)
+  recs = r["scenarios"]
+  assert {rec["side"] for rec in recs} == {"prompt"}
+  assert {rec["kind"] for rec in recs} == {"crash", "stall"}, [rec["kind"] for rec in recs]
+  assert r["untriggered"] == 0 and r["failures_fired"] == r["failures_specified"], recs
+  assert r["identical"] == 5 and r["cache_different"] == 0, r["failed_examples"]
+  assert r["cache_identical"] == 5 and r["cache_points"].get("prompt_load", 0) >= 10, r
+  assert r["ok"], r["failed_examples"]

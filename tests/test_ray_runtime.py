@@ -22,6 +22,7 @@ from dejavu_jax.models import init_params
 from dejavu_jax.models.checkpoint import save_params
 from dejavu_jax.pipeline.fake import fake_generate
 from dejavu_jax.runtime.ray import init_ray
+from dejavu_jax.serving import cache_oracle
 from dejavu_jax.studies import runner
 from dejavu_jax.serving.engine import PipelineEngine
 from dejavu_jax.workload import Request
@@ -72,12 +73,19 @@ def _check(eng, reqs, res, kills_before):
 @pytest.mark.timeout(240)
 def test_d2_replica_last_stage_then_stage0_with_a_kill_during_recovery(ray_session):
   reqs = _requests()
-  with _engine(2, "replica") as eng:
+  with _engine(2, "replica", cache_probe=True) as eng:
+    base = eng.serve(reqs)   # the cache oracle's reference (probes travel on the actors' events)
+    _check(eng, reqs, base, 0)
     res = eng.serve(reqs, failures=[FailureSpec(stage=1, after_steps=30)])   # armed: self-kill
     _check(eng, reqs, res, 0)
     (ev,) = res.recoveries
     assert ev.stages == (1,) and ev.handled_by == {"replica": 2}, ev
     assert ev.restored_microbatches == 2, ev
+    # The replacement actor's caches, sent over the transport from the holder's replica, equal
+    # the failure-free run's at the restored step, row by row.
+    verdict = cache_oracle.compare(base, res)
+    assert verdict.identical is True and verdict.by_point.get("replica", 0) >= 2, \
+        verdict.describe()
     # SIGKILL of stage 0 from the driver at a time, and of stage 1 (which holds stage 0's
     # replica) while that recovery loads caches: the chain falls back to restart.
     n = len(eng.runtime.kills)

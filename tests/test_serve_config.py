@@ -19,7 +19,7 @@ BAD = [
     ("temperature", -0.1), ("temperature", math.nan), ("top_k", -1), ("top_k", 2.5),
     ("top_p", 0.0), ("top_p", 1.5), ("seed", -1), ("eos_token_id", -2),
     ("recovery", ""), ("snapshot_every", 0), ("heartbeat_s", 0.0), ("heartbeat_timeout_s", math.nan),
-    ("progress_timeout_s", -1.0), ("step_timeout_s", 0),
+    ("progress_timeout_s", -1.0), ("step_timeout_s", 0), ("cache_probe", "on"),
     ("max_pending", 0), ("raise_on_error", "yes"),
     ("swapping", "sometimes"), ("device_kv_budget_bytes", 0), ("device_kv_budget_fraction", 1.5),
     ("swap_context", 0),

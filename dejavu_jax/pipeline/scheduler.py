@@ -96,6 +96,7 @@ class Scheduler:
     self._next_mb = first_mb_id
     self.injected_order: list[int] = []            # request ids in injection order
     self.states: dict[int, RequestState] = {}      # request_id -> what it has produced
+    self.rows_of: dict[int, tuple] = {}            # mb_id -> request ids of its rows 0..n-1
 
   def admit(self, request) -> None:
     if request.request_id in self.states:
@@ -135,6 +136,7 @@ class Scheduler:
                     [len(st.tokens) for st in states])
     self._next_mb += 1
     self.in_flight[mb.mb_id] = mb
+    self.rows_of[mb.mb_id] = tuple(r.request_id for r in take)
     self.injected_order.extend(r.request_id for r in take)
     return mb
 

@@ -32,7 +32,8 @@ starved, not dead), kill, stall, arm, disarm, replace, counters (runtime-level c
 serve summary), report (lines for experiment logs), close.
 Events out (one channel, `Runtime.events`): `StepResult`, `StepError`, `Heartbeat`, `Ack`,
 `CacheLoaded`, `SnapshotSaved`, `Progress`; with disaggregation also `PromptLanded`,
-`SlotFreed` and the prompt runtime's events wrapped in `FromPrompt`.
+`SlotFreed` and the prompt runtime's events wrapped in `FromPrompt`; with
+`WorkerOptions.cache_probe` also `CacheProbe` (the cache oracle's digests, `cache_digests`).
 
 Replication is a ring: stage s's replica lives on `ring_holder(s, D)`. The runtimes route
 replication writes by it and the recovery strategies (fault/strategies.py) plan by it; it is
@@ -169,6 +170,47 @@ class FromPrompt:
 
 
 @dataclasses.dataclass
+class CacheProbe:
+  """A digest of each used row of microbatch `mb_id`'s cache on stage `stage` (the cache
+  oracle, serving/cache_oracle.py), taken where the worker's cache came to be:
+
+    point "step"         right after step `step` computed here
+          "swap_in"      before decode step `step` + 1, the cache swapped in from the host log
+          "replica" / "snapshot" / "prompt_load"
+                         right after the cache was installed from that source (holding `step`)
+
+  rows: (row, length, digest) for every row with length > 0: the digest covers that row's K and V
+  of every layer of the stage over positions [0, length), bit for bit (padding and positions
+  past the row's length are left out)."""
+  stage: int
+  mb_id: int
+  step: int
+  point: str
+  rows: tuple
+
+
+RESTORE_POINTS = ("replica", "snapshot", "swap_in", "prompt_load")
+
+
+def cache_digests(cache) -> tuple:
+  """(row, length, digest) per used row of a `KVCache` (host or device): blake2b of the row's
+  K then V bytes over [L, :length, H, K]."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  lengths = np.asarray(cache.lengths)
+  k, v = np.asarray(cache.k), np.asarray(cache.v)
+  out = []
+  for b, n in enumerate(lengths.tolist()):
+    if n <= 0:
+      continue
+    h = hashlib.blake2b(digest_size=16)
+    h.update(np.ascontiguousarray(k[:, b, :n]).tobytes())
+    h.update(np.ascontiguousarray(v[:, b, :n]).tobytes())
+    out.append((b, int(n), h.hexdigest()))
+  return tuple(out)
+
+
+@dataclasses.dataclass
 class WorkerStats:
   stage: int
   worker_id: int
@@ -192,6 +234,8 @@ class WorkerOptions:
   replicate: bool = False                 # ring replication into the successor's host memory
   snapshot_dir: str | None = None         # periodic orbax snapshots of the caches ...
   snapshot_every: int = 0                 # ... every this many steps of the worker
+  cache_probe: bool = False               # report `CacheProbe`s (the cache oracle; a host copy
+                                          # of the microbatch's cache per step)
 
 
 class Worker(Protocol):

@@ -173,7 +173,7 @@ class TokenWorker(LocalWorker):
       # Installed whatever the epoch: a microbatch the recovery resumed needs it, one it requeued
       # is freed by the `free` queued behind this load.
       try:
-        self._install(msg.mb_id, 0, msg.future.result())
+        self._install(msg.mb_id, 0, msg.future.result(), "prompt_load")
       finally:
         self._free_slot(msg.mb_id)
       return

@@ -66,9 +66,10 @@ from dejavu_jax.runtime.replication import ReplicaStore, ReplicationTap, Replica
 from dejavu_jax.kv.cache import KVCache
 from dejavu_jax.kv.store import AllOnDevice, CacheStore, device_bytes
 from dejavu_jax.runtime.swapping import Swapping
-from dejavu_jax.runtime.api import (Ack, CacheLoaded, Heartbeat, Progress, ReplicaSource,
-                                    SnapshotSaved, SnapshotSource, Step, StepError, StepResult,
-                                    WorkerOptions, WorkerStats, recovery_lines, ring_holder)
+from dejavu_jax.runtime.api import (Ack, CacheLoaded, CacheProbe, Heartbeat, Progress,
+                                    ReplicaSource, SnapshotSaved, SnapshotSource, Step, StepError,
+                                    StepResult, WorkerOptions, WorkerStats, cache_digests,
+                                    recovery_lines, ring_holder)
 
 # (stage_index, kind, layers, batch, tokens) -> modeled seconds of the step.
 PaceFn = Callable[[int, str, int, int, int], float]
@@ -133,6 +134,7 @@ class LocalWorker:
     self._epoch = 0
     self._last_step: dict[int, int] = {}       # mb_id -> last step run here
     self.replicas = ReplicaStore() if options.replicate else None
+    self._probe_on = options.cache_probe
     self._tap = (ReplicationTap(self.stage, program.start, runtime.channel_to_successor(self))
                  if options.replicate else None)
     self._snap = (snapshot_lib.Snapshotter(options.snapshot_dir, self.stage, self.worker_id,
@@ -307,13 +309,13 @@ class LocalWorker:
     elif isinstance(msg, _Export):
       self._export(msg)
     elif isinstance(msg, _Load):
-      self._install(msg.mb_id, msg.step, msg.cache)
+      self._install(msg.mb_id, msg.step, msg.cache, "replica")
     elif isinstance(msg, _Restore):
       src = msg.source
       if self._restored is None or self._restored[0] != (src.directory, src.snapshot_id):
         self._restored = ((src.directory, src.snapshot_id), snapshot_lib.restore(src.directory, src.snapshot_id))
       cache, step = self._restored[1][msg.mb_id]
-      self._install(msg.mb_id, step, cache)
+      self._install(msg.mb_id, step, cache, "snapshot")
     elif isinstance(msg, _Resync):
       if self._tap is not None:
         caches = self._store.caches_for_snapshot()   # host copies when swapping: no swap-ins
@@ -355,13 +357,20 @@ class LocalWorker:
     except PeerDead as e:
       self._rt.events.put(CacheLoaded(msg.stage, msg.mb_id, msg.step, str(e)))
 
-  def _install(self, mb_id: int, step: int, host_cache) -> None:
+  def _install(self, mb_id: int, step: int, host_cache, point: str) -> None:
     cache = self._program.place_cache(host_cache)
     self._store.install(mb_id, cache)
     self._last_step[mb_id] = step
+    self._probe(point, mb_id, step, cache)
     if self._tap is not None:   # the successor's replica restarts from the restored cache
       self._tap.send_block(mb_id, step, cache)
     self._rt.events.put(CacheLoaded(self.stage, mb_id, step))
+
+  def _probe(self, point: str, mb_id: int, step: int, cache) -> None:
+    """The cache oracle's digest of the cache this worker holds for `mb_id` (api.CacheProbe),
+    on the worker thread, before anything else may touch the buffer."""
+    if self._probe_on:
+      self._rt.events.put(CacheProbe(self.stage, mb_id, step, point, cache_digests(cache)))
 
   def _snapshot_saved(self, path: str, sid: int, steps: dict) -> None:
     if self.alive:
@@ -387,6 +396,8 @@ class LocalWorker:
     else:
       cache = store.get(msg.mb_id)
       swapped_in = getattr(store.policy, "last_get_swapped", False)
+      if swapped_in:
+        self._probe("swap_in", msg.mb_id, msg.step - 1, cache)
       fn = program.decode
     if store.swapping:
       if msg.final:
@@ -410,6 +421,7 @@ class LocalWorker:
     if self._stop.is_set():
       return   # killed during the step: a crash streams and reports nothing
     self._last_step[msg.mb_id] = msg.step
+    self._probe("step", msg.mb_id, msg.step, cache)
     self._after_compute(msg, cache)
     delta = store.commit(msg.mb_id, msg.kind, msg.positions, cache)   # swap-out (if swapping)
     if self._tap is not None:

@@ -183,6 +183,11 @@ class ReplicationTap:
                       layers=(self.layer_base, self.layer_base + kv.shape[1]), rows=(0, b))
     else:
       packed = packing.gather(cache, 0, size or cache.max_len, layer_base=self.layer_base)
+      # Only each row's used prefix: the positions past a row's length (a shorter prompt's
+      # bucket padding, a reused buffer's stale tail) would otherwise land in the replica as
+      # used, and a restore from it would claim them (found by the cache oracle).
+      pos = packed.positions
+      packed = packed.replace(positions=jnp.where(pos < cache.lengths[:, None], pos, -1))
     self._submit(mb_id, step, packed, cache, block=True)
 
   def _submit(self, mb_id: int, step: int, packed: Packed, cache: KVCache, block: bool) -> None:

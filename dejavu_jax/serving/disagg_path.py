@@ -24,6 +24,8 @@ Dp..Dp+Dt-1). A prompt worker's death (heartbeat silence on the prompt side, whi
 does not vouch for, or the runtime's death notice: Ray) replaces it and redoes, by the
 `RedoPrompts` strategy, every prompt whose cache had not completely landed or whose first token had not come (the prompt epoch changes: a
 prefill still in the prompt pipeline reports nothing); nothing on the token side is touched. A
+prompt worker that lives but finishes no prefill for `progress_timeout_s` (a stall) is killed and
+recovered the same way (the prompt side's `ProgressWatchdog`). A
 token worker's death is the engine's recovery by the configured chain; then the microbatches
 still waiting in host slots (every token worker held one for each) are redone by `RedoPrompts`,
 reported under its name.
@@ -37,7 +39,7 @@ import time
 
 from dejavu_jax import costmodel as cm
 from dejavu_jax import runtime as runtime_lib
-from dejavu_jax.fault.controller import Controller, RecoveryEvent
+from dejavu_jax.fault.controller import Controller, ProgressWatchdog, RecoveryEvent
 from dejavu_jax.fault.strategies import FailureView, RedoPrompts
 from dejavu_jax.pipeline.plan import make_mesh, plan_stages
 from dejavu_jax.pipeline.scheduler import Microbatch
@@ -61,7 +63,9 @@ class PromptState:
   token_free_at: float           # modeled time a token-side microbatch last finished
   phases: dict = dataclasses.field(default_factory=dict)    # mb_id -> _PromptPhase
   ready: collections.deque = dataclasses.field(default_factory=collections.deque)
-  holders: dict = dataclasses.field(default_factory=dict)   # mb_id -> token stages holding a slot
+  holders: dict = dataclasses.field(default_factory=dict)   # mb_id -> token stages holding a
+                                                            # slot (the path's, across serves)
+  watchdog: ProgressWatchdog | None = None   # the prompt pipeline's stalls (alive, no progress)
 
 
 class DisaggregatedPath:
@@ -123,6 +127,13 @@ class DisaggregatedPath:
         layerwise=sc.disagg.layerwise_stream))
 
   def start(self, engine) -> None:
+    # Token worker slots held, as the engine accounts them: mb_id -> token stages whose worker
+    # has not yet reported the slot free (SlotFreed). It outlives a serve: a microbatch dropped
+    # at the end of one (every row ended at its first token, or the serve failed) holds its
+    # slots until the workers take the `free` queued behind their steps, maybe while the next
+    # serve already reserves; forgetting them there made a worker refuse a slot the engine
+    # counted free. New token workers (a restart) hold none.
+    self.holders: dict = {}
     self.runtime.start(api.WorkerOptions())
     for s in range(self.Dp):
       self.controller.watch(s, self.runtime.worker(s).worker_id)
@@ -160,14 +171,16 @@ class DisaggregatedPath:
     return self.host_slots + self.Dt
 
   def begin(self, engine, st) -> PromptState:
-    return PromptState(released_at=st.t0, token_free_at=st.t0)
+    watchdog = ProgressWatchdog(self.Dp, engine.serve_cfg.fault.progress_timeout_s)
+    return PromptState(released_at=st.t0, token_free_at=st.t0, watchdog=watchdog,
+                       holders=self.holders)
 
   def busy(self, st) -> bool:
     return bool(st.path.phases)
 
   def slots_free(self, st) -> list[int]:
-    holders = st.path.holders if st is not None else {}
-    return [self.host_slots - sum(s in h for h in holders.values()) for s in range(self.Dt)]
+    del st   # the holdings outlive a serve (`start`)
+    return [self.host_slots - sum(s in h for h in self.holders.values()) for s in range(self.Dt)]
 
   def inject(self, engine, st) -> None:
     """Starts prompts while the prompt pipeline has room and every token worker a free slot,
@@ -186,6 +199,7 @@ class DisaggregatedPath:
       ready = max(ps.released_at, st.t0 + max(r.arrival for r in mb.requests))
       ps.phases[mb.mb_id] = _PromptPhase(mb, time.perf_counter())
       tokens, positions = engine.prefill_inputs(mb)
+      ps.watchdog.expect(mb.mb_id)
       self.runtime.worker(0).submit(api.Step(
           "prefill", mb.mb_id, 0, tokens, positions, len(mb.requests), mb.prompt_bucket_len,
           ready, self.prompt_epoch))
@@ -236,6 +250,8 @@ class DisaggregatedPath:
       self.controller.beat(ev.stage, ev.worker_id, ev.t)
     elif isinstance(ev, api.Progress):
       st.last_progress = time.perf_counter()
+      if ev.epoch == self.prompt_epoch and self.controller.current(ev.stage) is not None:
+        st.path.watchdog.progress(ev.stage, ev.mb_id)
     elif isinstance(ev, api.StepResult):
       p = st.path.phases.get(ev.mb_id)
       if ev.epoch == self.prompt_epoch and p is not None and not p.first_token:
@@ -301,7 +317,8 @@ class DisaggregatedPath:
     event.side = "token"
     for held in ps.holders.values():
       held -= lost
-    ps.holders = {m: h for m, h in ps.holders.items() if h}
+    for m in [m for m, h in ps.holders.items() if not h]:
+      del ps.holders[m]
     waiting = list(ps.phases)
     if not waiting:
       return
@@ -312,9 +329,15 @@ class DisaggregatedPath:
     event.recomputed_tokens += recomputed
 
   def detect_and_recover(self, engine, st) -> RecoveryEvent | None:
+    # A prompt worker that heartbeats but finishes no prefill (stalled) holds up every prompt
+    # behind it: killed and replaced like a crashed one, as on the token side.
+    stalled = st.path.watchdog.stalled()
+    for s in stalled:
+      self.runtime.kill(s)
+      st.injector.killed("prompt", s)
     # Heartbeat silence, or the runtime's word that a worker died (Ray's actor-death notice).
     dead = sorted(set(self.controller.dead_stages(self.runtime.vouches_alive)) |
-                  set(self.runtime.notified_dead()))
+                  set(self.runtime.notified_dead()) | set(stalled))
     return self._recover(engine, st, dead) if dead else None
 
   def _recover(self, engine, st, dead: list[int]) -> RecoveryEvent:
@@ -329,6 +352,11 @@ class DisaggregatedPath:
       w = self.runtime.replace(s)
       w.set_epoch(self.prompt_epoch)
       self.controller.watch(s, w.worker_id)
+      st.path.watchdog.replaced(s)
+    st.path.watchdog.clear()   # every prompt in the prompt pipeline is redone below
+    # Injected: a failure while this recovery redoes the prompts (before, a prompt-side
+    # during-recovery failure never fired: only the token side's recovery called this).
+    st.injector.on_recovery()
     # A prompt whose first token never came is redone even if its cache landed: streaming layer
     # by layer, a stage that dies after its last layer streamed still never hands its output on.
     lost = [m for m, p in st.path.phases.items()

@@ -89,6 +89,7 @@ from dejavu_jax.pipeline.scheduler import Microbatch, Scheduler
 from dejavu_jax.pipeline.stage import StageProgram
 from dejavu_jax.runtime import api
 from dejavu_jax.serving import admission
+from dejavu_jax.serving import cache_oracle
 from dejavu_jax.serving import recovery as recovery_lib
 from dejavu_jax.serving.online import OnlineLoop, ReplaySource, RequestHandle
 from dejavu_jax.serving.pacing import make_pace_fn
@@ -116,6 +117,7 @@ class ServeState:
   stats0: dict = dataclasses.field(default_factory=dict)      # worker stats when it began
   counters0: dict = dataclasses.field(default_factory=dict)   # runtime counters when it began
   listener: Callable | None = None  # online mode: told of each microbatch's new tokens
+  cache_probes: list = dataclasses.field(default_factory=list)   # cache_oracle.ProbeRecord
 
   def now(self) -> float:
     return time.perf_counter() - self.t0
@@ -181,7 +183,8 @@ class PipelineEngine:
         kv_budget_bytes=self.kv_budget_bytes, role=self.prompt_path.token_role,
         host_slots=self.prompt_path.host_slots))
     self.prompt_path.make_runtime(self)
-    self.runtime.start(self.strategy.options())
+    self.runtime.start(dataclasses.replace(self.strategy.options(),
+                                           cache_probe=sc.fault.cache_probe))
     self.prompt_path.start(self)
     self._started = True
     for s in range(self.plan.num_stages):
@@ -387,7 +390,7 @@ class PipelineEngine:
     summary.update({k: v - st.counters0.get(k, 0) for k, v in counters.items()})
     return finish_serve(recs, st.rejected, summary, wall, self.worker_stats() + path.worker_stats(),
                         st.stats0, sc.timing.pacing == "paced", st.recoveries, error, cause,
-                        raise_on_error)
+                        raise_on_error, st.cache_probes)
 
   def _abandon(self, st: ServeState) -> None:
     """After a failed serve: the steps still queued or running are void (a new epoch) and their
@@ -420,6 +423,8 @@ class PipelineEngine:
     elif isinstance(ev, api.SnapshotSaved):
       self.strategy.observe(ev)
       st.injector.on_snapshot(ev.stage)
+    elif isinstance(ev, api.CacheProbe):
+      st.cache_probes.extend(cache_oracle.records(ev, st.sched.rows_of.get(ev.mb_id, ())))
     elif isinstance(ev, api.StepResult):
       if ev.epoch == self.epoch and ev.mb_id in st.sched.in_flight:
         st.last_progress = time.perf_counter()

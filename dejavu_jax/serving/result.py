@@ -20,6 +20,8 @@ class ServeResult:
   stage_busy_s: list
   recoveries: list = dataclasses.field(default_factory=list)   # RecoveryEvent per failure
   error: str | None = None         # why serving stopped early (None: everything was served)
+  cache_probes: list = dataclasses.field(default_factory=list)  # cache_oracle.ProbeRecord
+                                   # per used row of each probed cache (ServeConfig.cache_probe)
 
   def tokens(self) -> dict[int, list[int]]:
     return {r.request_id: list(r.tokens) for r in self.records}
@@ -42,7 +44,7 @@ def _delta(stats, stats0: dict, field: str):
 
 
 def finish_serve(recs, rejected, summary: dict, wall: float, stats, stats0: dict, paced: bool,
-                 events, error, cause, raise_on_error: bool) -> ServeResult:
+                 events, error, cause, raise_on_error: bool, cache_probes=()) -> ServeResult:
   """The end of a serve: this serve's share of the workers' counters (`stats` minus `stats0`,
   the same workers' stats when it began) into the summary, then the result, or the
   `EngineError` / `EngineTimeout` carrying it."""
@@ -55,7 +57,7 @@ def finish_serve(recs, rejected, summary: dict, wall: float, stats, stats0: dict
   if error is not None:
     summary["error"] = error
   busy = [st.busy_s - getattr(stats0.get(st.worker_id), "busy_s", 0.0) for st in stats]
-  result = ServeResult(recs, rejected, summary, wall, busy, events, error)
+  result = ServeResult(recs, rejected, summary, wall, busy, events, error, list(cache_probes))
   if error is not None and raise_on_error:
     done = sum(r.done for r in recs)
     kind = EngineTimeout if isinstance(cause, TimeoutError) else EngineError

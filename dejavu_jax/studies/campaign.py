@@ -30,8 +30,13 @@ Oracle: every request completes, and its tokens equal `fake_generate` (fake prog
 every strategy) or the single-device greedy run (real model). `reprefill` recomputes keys and
 values in another summation order, so real-model scenarios draw only from the exact strategies
 (`c.model_strategies`). A run whose failures never fired (it ended first) is counted apart as
-untriggered, never as identical. `report["ok"]` is False (and the script exits non-zero) when a
-target is missed, a run did not complete, or a completed run differs from the oracle.
+untriggered, never as identical. With `c.cache_oracle` a second oracle sees the caches
+(serving/cache_oracle.py): each scenario is also served failure-free (on a colocated engine of
+the same token stages when disaggregated), and every cache a worker resumed from (a replica or
+snapshot restore, a swap-in, a prompt-slot load) must equal that run's at the same point, bit
+for bit (`cache_identical`: None when the scenario had no such point). `report["ok"]` is False
+(and the script exits non-zero) when a target is missed, a run did not complete, or a completed
+run differs from an oracle.
 
 Engines are built once per group (program, mechanism, runtime, shape, strategy) and reused for
 the group's scenarios (replaced workers and all), which is also what a long-running server sees.
@@ -49,6 +54,7 @@ from dejavu_jax.config import ServeConfig, tiny_config
 from dejavu_jax.costmodel import TableCostModel
 from dejavu_jax.fault.inject import FailureSpec
 from dejavu_jax.pipeline.fake import fake_generate
+from dejavu_jax.serving import cache_oracle
 from dejavu_jax.serving.disagg_engine import make_engine
 from dejavu_jax.workload import Request
 
@@ -182,9 +188,11 @@ def _workload(c, rng: np.random.Generator, cfg, slow: bool) -> list[Request]:
   return reqs
 
 
-def _serve_config(c, sc: Scenario) -> ServeConfig:
+def _serve_config(c, sc: Scenario, colocated: bool = False) -> ServeConfig:
+  """The scenario's engine config (`colocated`: the same token stages without a prompt
+  pipeline, the cache oracle's reference for a disaggregated scenario)."""
   shape = (dict(prompt_stages=sc.prompt_depth, token_stages=sc.depth)
-           if sc.mechanism == "disagg" else dict(num_stages=sc.depth))
+           if sc.mechanism == "disagg" and not colocated else dict(num_stages=sc.depth))
   # Ray actors and SmolLM2's real steps can hold a worker silent for longer than the fake
   # program's timeouts (a compile, a loaded machine): a death declared then is spurious.
   slow = {"ray": "ray_", "smollm2": "smollm2_"}.get(
@@ -196,11 +204,13 @@ def _serve_config(c, sc: Scenario) -> ServeConfig:
                      progress_timeout_s=c[slow + "progress_timeout_s"],
                      snapshot_every=c.snapshot_every, step_timeout_s=c.deadline_s,
                      swapping="on" if sc.mechanism == "swapping" else "off",
-                     runtime=sc.runtime, **shape)
+                     runtime=sc.runtime, cache_probe=bool(c.get("cache_oracle", False)),
+                     **shape)
 
 
-def _run_one(eng, sc: Scenario, reqs, ref) -> dict:
-  """Serves one scenario; returns its record (what fired, who handled what, the verdict)."""
+def _run_one(eng, sc: Scenario, reqs, ref, cache_ref=None) -> dict:
+  """Serves one scenario; returns its record (what fired, who handled what, the verdicts).
+  `cache_ref`: the failure-free run's `ServeResult` (cache probes), or None (no cache oracle)."""
   rec = {"program": sc.program, "mechanism": sc.mechanism, "runtime": sc.runtime,
          "depth": sc.depth, "prompt_depth": sc.prompt_depth, "microbatch": sc.microbatch,
          "strategy": sc.strategy, "kind": sc.kind, "pattern": sc.pattern, "side": sc.side,
@@ -238,7 +248,25 @@ def _run_one(eng, sc: Scenario, reqs, ref) -> dict:
   # event is not one of them (it is judged, and fails).
   rec["triggered"] = bool(events) or rec["error"] is not None
   rec["handled_own"] = handled.get(sc.own, 0) > 0
+  rec["cache_identical"], rec["cache_points"] = None, {}
+  if cache_ref is not None:
+    if res is None or cache_ref.error is not None:
+      rec["cache_identical"] = False
+      rec["cache_detail"] = f"no reference run: {getattr(cache_ref, 'error', None)}"
+    else:
+      verdict = cache_oracle.compare(cache_ref, res)
+      rec["cache_identical"], rec["cache_points"] = verdict.identical, verdict.by_point
+      if verdict.identical is False:
+        rec["cache_detail"] = verdict.describe()
   return rec
+
+
+def _cache_reference(eng, ref_eng, reqs):
+  """The failure-free run the cache oracle compares with (module doc)."""
+  try:
+    return (ref_eng or eng).serve(reqs, raise_on_error=False)
+  except Exception as e:  # pylint: disable=broad-except
+    return getattr(e, "result", None)
 
 
 def _oracle(sc: Scenario, cfg, params, reqs) -> dict:
@@ -292,17 +320,28 @@ def run_campaign(c, log=print) -> dict:
           records.append(_run_one_failed(sc, f"{type(e).__name__}: {e}"))
         log(f"group {key}: engine failed: {e}")
         continue
+      ref_eng = None
+      if c.get("cache_oracle", False) and first.mechanism == "disagg":
+        # A colocated engine of the same token stages computes what the slots should hold.
+        ref_eng = make_engine(cfg, params, _serve_config(c, first, colocated=True),
+                              cost_model=_cost(c, cfg, first))
+        ref_eng.warmup()
       with eng:
         eng.warmup()
         for sc in group:
           reqs = _workload(c, rng, cfg, sc.slow)
-          rec = _run_one(eng, sc, reqs, _oracle(sc, cfg, params, reqs))
+          cache_ref = (_cache_reference(eng, ref_eng, reqs) if c.get("cache_oracle", False)
+                       else None)
+          rec = _run_one(eng, sc, reqs, _oracle(sc, cfg, params, reqs), cache_ref)
           records.append(rec)
           if c.verbose:
             log(f"  {sc.program} {sc.mechanism} {sc.runtime} D={sc.depth}/{sc.prompt_depth} "
                 f"B={sc.microbatch} {sc.strategy:26s} {sc.pattern:22s} "
                 f"{'; '.join(rec['failures']):60s} handled {rec['handled_by']} "
-                f"{'ok' if rec['identical'] else 'FAIL'} {rec['wall_s']:.2f} s")
+                f"{'ok' if rec['identical'] else 'FAIL'} cache {rec['cache_identical']} "
+                f"{rec['cache_points']} {rec['wall_s']:.2f} s")
+      if ref_eng is not None:
+        ref_eng.close()
       log(f"group {key}: {len(group)} scenarios, {len(records)}/{len(scenarios)} done, "
           f"{time.perf_counter() - t0:.0f} s")
   finally:
@@ -320,7 +359,8 @@ def _run_one_failed(sc: Scenario, error: str) -> dict:
           "specified": len(sc.failures), "error": error, "hang": False, "completed": False,
           "identical": False, "recoveries": 0, "fired": 0, "extra_deaths": 0,
           "lost_microbatches": 0, "recomputed_tokens": 0, "handled_by": {}, "load_errors": 0,
-          "wall_s": 0.0, "triggered": False, "handled_own": False}
+          "wall_s": 0.0, "triggered": False, "handled_own": False, "cache_identical": None,
+          "cache_points": {}}
 
 
 def _tally(recs) -> dict:
@@ -329,9 +369,15 @@ def _tally(recs) -> dict:
   handled = collections.Counter()
   for r in recs:
     handled.update(r["handled_by"])
+  points = collections.Counter()
+  for r in recs:
+    points.update(r.get("cache_points", {}))
   return {"runs": len(recs), "triggered": len(trig), "untriggered": len(recs) - len(trig),
           "completed": sum(r["completed"] for r in trig),
           "identical": sum(r["identical"] for r in trig),
+          "cache_identical": sum(r.get("cache_identical") is True for r in recs),
+          "cache_different": sum(r.get("cache_identical") is False for r in recs),
+          "cache_points": dict(sorted(points.items())),
           "failures_specified": sum(r["specified"] for r in recs),
           "failures_fired": sum(r["fired"] for r in recs),
           "handled_by": dict(sorted(handled.items()))}
@@ -361,6 +407,7 @@ def report(c, records: list, wall: float) -> dict:
     by[dim] = {k: _tally(v) for k, v in sorted(vals.items())}
   bad = [r for r in records if r["triggered"] and not (r["completed"] and r["identical"])]
   bad += [r for r in untrig if not (r["completed"] and r["identical"])]
+  bad += [r for r in records if r.get("cache_identical") is False and r not in bad]
   ok = not bad and all(t["met"] for t in targets.values())
   total = _tally(records)
   return {
@@ -376,6 +423,10 @@ def report(c, records: list, wall: float) -> dict:
       "identical_fraction": round(total["identical"] / max(len(trig), 1), 4),
       "untriggered_identical": sum(r["identical"] for r in untrig),
       "not_ok_runs": len(bad),
+      "cache_oracle": bool(c.get("cache_oracle", False)),
+      "cache_identical": total["cache_identical"],
+      "cache_different": total["cache_different"],
+      "cache_points": total["cache_points"],
       "hangs": sum(r["hang"] for r in records),
       "recoveries": sum(r["recoveries"] for r in records),
       "recomputed_tokens": sum(r["recomputed_tokens"] for r in records),
@@ -384,10 +435,12 @@ def report(c, records: list, wall: float) -> dict:
       "handled_target": c.handled_target,
       **{f"by_{dim}": v for dim, v in by.items() if dim != "strategy"},
       "by_strategy": by["strategy"],
-      "failed_examples": [{k: r[k] for k in ("program", "mechanism", "runtime", "depth",
-                                             "prompt_depth", "microbatch", "strategy",
-                                             "failures", "error", "completed", "identical",
-                                             "handled_by")} for r in bad[:10]],
+      "failed_examples": [{k: r.get(k) for k in ("program", "mechanism", "runtime", "depth",
+                                                 "prompt_depth", "microbatch", "strategy",
+                                                 "failures", "error", "completed", "identical",
+                                                 "handled_by", "cache_identical")} |
+                          ({"cache_detail": r["cache_detail"]} if "cache_detail" in r else {})
+                          for r in bad[:10]],
       "wall_s": round(wall, 1),
       "seed": c.seed,
       "scenarios": records,   # the JSON file keeps them; the printed line leaves them out
