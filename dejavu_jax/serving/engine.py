@@ -83,6 +83,7 @@ from dejavu_jax.pipeline.scheduler import Microbatch, Scheduler
 from dejavu_jax.pipeline.stage import StageProgram
 from dejavu_jax.runtime import api
 from dejavu_jax.serving import admission
+from dejavu_jax.stream import hostmem
 from dejavu_jax.serving import recovery as recovery_lib
 from dejavu_jax.serving.pacing import make_pace_fn
 from dejavu_jax.serving.sizing import check_limits, choose_swapping, host_link
@@ -122,6 +123,8 @@ class PipelineEngine:
     self.params_checkpoint = params_checkpoint
     self.epoch = 0
     devices = jax.devices() if devices is None else list(devices)
+    # Host logs, slots and swap staging allocate under this (pinned where the device maps it).
+    self.host_memory = hostmem.policy(devices[0])
     in_process = runtime_lib.in_process(serve)
     self.prompt_path = make_prompt_path(serve)
     # The token pipeline's plan and devices; a disaggregated path also plans its prompt stages.
@@ -324,6 +327,7 @@ class PipelineEngine:
     summary.update(rejected=len(rejected), rejected_queue_full=st.queue_full,
                    max_queue_depth=st.max_depth, microbatch_size=self.microbatch_size,
                    swapping=self.swap_choice.swapping, swapping_reason=self.swap_choice.reason,
+                   host_memory_kind=self.host_memory.kind,
                    **path.summary(self))
     counters = self.runtime.counters()
     summary.update({k: v - counters0.get(k, 0) for k, v in counters.items()})
