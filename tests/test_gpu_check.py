@@ -5,6 +5,8 @@ import importlib.util
 import json
 import os
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -16,6 +18,7 @@ def _load():
   return mod
 
 
+@pytest.mark.slow   # ~75 s at load 5-6 on 2 cores: four sections, each compiling its programs
 def test_gpu_check_runs_on_cpu_with_gpu_figures_null():
   out = _load().run()   # auto: tiny sizes on the CPU backend
   json.dumps(out)       # one JSON line
