@@ -1,6 +1,7 @@
 """Greedy decoding speed of the real SmolLM2-135M-Instruct: this project against transformers.
 
   python benchmarks/decode_llama.py [--runs=3] [--batches=1,8] [--new_tokens=128]
+      [--threads=both|single|multi]
 
 Method. One process loads the packaged GGUF file once (models/gguf.py: Q4_1/Q8_0 dequantized to
 float32, Hugging Face names) and gives the same float32 tensors to both sides: this project's
@@ -16,8 +17,12 @@ generate `new_tokens` tokens greedily per row with no EOS stop:
 
 A run is timed from the prompt to the last token on the host; tokens/s = B * new_tokens / run
 time. The sides alternate run by run (a warm-up round first, which also compiles), because
-other jobs share this machine's cores; every figure is a median over `--runs` rounds. XLA uses
-its default thread pool, torch its default thread count or `--torch_threads` (both reported). `greedy_token_match`
+other jobs share this machine's cores; every figure is a median over `--runs` rounds. Thread
+settings (`--threads=both`, the default): two worker processes (dejavu_jax/studies/paired.py), one
+single-threaded (XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
+torch.set_num_threads(1)) and one with the defaults (or `--torch_threads`), asked for rounds in
+turn; the JSON has a `single` and a `multi` section and the load average before each round.
+`greedy_token_match`
 is the fraction of positions, up to each row's first end-of-turn token on the torch side, where
 the two sides chose the same token (1.0 unless a near-tie flips an argmax).
 
@@ -26,7 +31,6 @@ The last stdout line is one JSON object.
 
 import json
 import os
-import re
 import statistics
 import sys
 import time
@@ -45,6 +49,7 @@ from dejavu_jax.kv.cache import init_cache_for  # noqa: E402
 from dejavu_jax.models import gguf  # noqa: E402
 from dejavu_jax.models.generate import make_decode_n, make_steps, pad_prompts  # noqa: E402
 from dejavu_jax.models.tokenizer import encode_prompts, read_prompts  # noqa: E402
+from dejavu_jax.studies import paired  # noqa: E402
 
 _RUNS = flags.DEFINE_integer("runs", 3, "timed rounds (median reported); each runs both sides")
 _BATCHES = flags.DEFINE_list("batches", ["1", "8"], "batch sizes")
@@ -52,6 +57,10 @@ _NEW = flags.DEFINE_integer("new_tokens", 128, "tokens generated per row")
 _TORCH_THREADS = flags.DEFINE_integer(
     "torch_threads", 0, "torch intra-op threads (0: torch's default, one per core). On a loaded "
     "machine 1 can be faster: torch's OpenMP threads wait on each other at every op")
+_THREADS = flags.DEFINE_enum("threads", "both", ["both", *paired.MODES],
+                             "single: XLA and torch on one thread; multi: their defaults (or "
+                             "--torch_threads); both: one worker process each, rounds interleaved")
+_WORKER = flags.DEFINE_string("worker", "", "internal: run as the paired harness's worker")
 _MAX_LEN = 256
 
 
@@ -128,11 +137,9 @@ def torch_model(hf_cfg: dict, tensors: dict):
   return model
 
 
-def main(argv):
-  del argv
+def setup():
+  """Both sides of every batch size from the one GGUF file."""
   new_tokens = _NEW.value
-  if _TORCH_THREADS.value:
-    torch.set_num_threads(_TORCH_THREADS.value)
   batches = [int(b) for b in _BATCHES.value]
   hf_cfg, tensors, tok = gguf.load_gguf()
   cfg, params, _ = gguf.load_smollm2("float32")
@@ -145,50 +152,63 @@ def main(argv):
       raise ValueError(f"prompts + {new_tokens} new tokens exceed the {_MAX_LEN}-position cache")
     sides[b] = (Ours(cfg, params, prompts, new_tokens),
                 Torch(model, prompts, new_tokens, cfg.pad_token_id), prompts)
+  return dict(cfg=cfg, tok=tok, sides=sides, batches=batches)
 
-  load_start = os.getloadavg()[0]
-  rec = {b: {"ours": [], "hf": [], "match": []} for b in batches}
-  sample = None
-  for rnd in range(_RUNS.value + 1):  # round 0 warms up (and compiles); not recorded
-    for b in batches:
-      ours, hf, prompts = sides[b]
-      toks, total = ours.run()
-      hf_toks, hf_total = hf.run()
-      if sample is None:  # row 0's text up to its end of turn
-        row = list(toks[0])
-        row = row[:row.index(tok.eos_token_id)] if tok.eos_token_id in row else row
-        sample = {"prompt": texts[0], "ours": tok.decode(row)}
-      if rnd:
-        r = rec[b]
-        r["ours"].append(total)
-        r["hf"].append(hf_total)
-        r["match"].append(token_match(toks, hf_toks, tok.eos_token_id))
-        print(f"round {rnd} B={b}: ours {b * new_tokens / total:.1f} tok/s, torch "
-              f"{b * new_tokens / hf_total:.1f} tok/s, match {r['match'][-1]:.3f}", flush=True)
-  print(f"sample: {sample['prompt']!r} -> {sample['ours']!r}")
 
+def one_round(st: dict) -> dict:
+  """One round: per batch size, ours then torch, back to back."""
+  rec = {}
+  for b in st["batches"]:
+    ours, hf, prompts = st["sides"][b]
+    toks, total = ours.run()
+    hf_toks, hf_total = hf.run()
+    rec[str(b)] = dict(ours=total, hf=hf_total,
+                       match=token_match(toks, hf_toks, st["tok"].eos_token_id),
+                       prompt_tokens=[len(p) for p in prompts])
+  return rec
+
+
+def summarize(records: list[dict], batches, new_tokens: int) -> dict:
+  """Medians over rounds of one thread mode."""
   med = statistics.median
-  result = {"model": cfg.name, "weights": "GGUF Q4_1 dequantized to float32 (both sides)",
-            "new_tokens": new_tokens, "runs": _RUNS.value, "max_len": _MAX_LEN,
-            "xla_threads": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            # Other jobs share this machine's cores: the 1-minute load average before/after.
-            "load_avg_start": round(load_start, 2), "load_avg_end": round(os.getloadavg()[0], 2)}
+  out = {}
   for b in batches:
-    r = rec[b]
-    ours_tps = med([b * new_tokens / t for t in r["ours"]])
-    hf_tps = med([b * new_tokens / t for t in r["hf"]])
-    result.update({
+    rs = [r[str(b)] for r in records]
+    ours_tps = med(b * new_tokens / r["ours"] for r in rs)
+    hf_tps = med(b * new_tokens / r["hf"] for r in rs)
+    out.update({
         f"speedup_b{b}": round(ours_tps / hf_tps, 3),
         f"ours_tok_s_b{b}": round(ours_tps, 2),
         f"hf_tok_s_b{b}": round(hf_tps, 2),
-        f"prompt_tokens_b{b}": [len(p) for p in sides[b][2]],
-        f"greedy_token_match_b{b}": round(med(r["match"]), 4),
+        f"prompt_tokens_b{b}": rs[0]["prompt_tokens"],
+        f"greedy_token_match_b{b}": round(med(r["match"] for r in rs), 4),
     })
-  # Real decoding, both sides timed on this machine (the roofline limit is this machine's
-  # measured copy bandwidth): every figure is measured.
-  result["kind"] = {k: "measured" for k in result
-                    if re.match(r"(speedup|roofline_fraction|ours_tok_s|hf_tok_s|step_ms|hf_step_ms|"
-                                r"achieved_GBps|hf_achieved_GBps|greedy_token_match)_b", k)}
+  return out
+
+
+def main(argv):
+  del argv
+  if _WORKER.value:   # one thread mode's process, driven by the paired harness
+    if _WORKER.value == "single":
+      torch.set_num_threads(1)
+    elif _TORCH_THREADS.value:
+      torch.set_num_threads(_TORCH_THREADS.value)
+    st = setup()
+    paired.serve_rounds(lambda: one_round(st))
+    return
+  modes = paired.MODES if _THREADS.value == "both" else (_THREADS.value,)
+  args = [a for a in sys.argv[1:] if not a.startswith("--threads")]
+  records, loads = paired.run_paired(os.path.abspath(__file__), args, _RUNS.value, modes)
+  batches = [int(b) for b in _BATCHES.value]
+  result = {"model": "smollm2_135m", "weights": "GGUF Q4_1 dequantized to float32 (both sides)",
+            "new_tokens": _NEW.value, "runs": _RUNS.value, "max_len": _MAX_LEN,
+            "cores": os.cpu_count(),
+            # Other jobs share this machine's cores: the 1-minute load average before each round.
+            "load_avg_per_round": loads, "load_avg_median": statistics.median(loads)}
+  for mode in modes:
+    result[mode] = summarize(records[mode], batches, _NEW.value)
+  # Real decoding, both sides timed on this machine: every figure is measured.
+  result["kind"] = {m: "measured" for m in modes}
   print(json.dumps(result))
 
 

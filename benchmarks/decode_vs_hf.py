@@ -1,6 +1,6 @@
 """Greedy decoding speed of this project against Hugging Face transformers (torch, CPU).
 
-  python benchmarks/decode_vs_hf.py [--runs=3] [--batches=1,8]
+  python benchmarks/decode_vs_hf.py [--runs=3] [--batches=1,8] [--threads=both|single|multi]
 
 Method. One process builds an OPT-125M-shaped `transformers.OPTForCausalLM` with random weights
 (its own init, float32) and maps its state dict to this project's params
@@ -14,13 +14,16 @@ generate 128 new tokens greedily from the same random 128-token prompts (no EOS 
 A run of a side is timed from the prompt to the last token on the host; tokens/s = B * 128 / run
 time. The two sides alternate run by run (each `--runs` rounds, after a warm-up round that also
 compiles), because other jobs share this machine's cores; every figure is a median over rounds.
-XLA uses its default thread pool (one thread per core) and torch its default thread count; both
-are reported (2 and 2 on the 2-core development machine).
+Thread settings (`--threads=both`, the default): two worker processes (dejavu_jax/studies/
+paired.py), one single-threaded (XLA_FLAGS="--xla_cpu_multi_thread_eigen=false
+intra_op_parallelism_threads=1", torch.set_num_threads(1), one thread for the bandwidth probe)
+and one multi-threaded (the defaults: one thread per core), asked for rounds in turn; the JSON
+has a `single` and a `multi` section and the load average before each round.
 
 Bandwidth. A decode step must read every weight except the position table, plus the valid keys
 and values of every layer (positions <= the step's own; averaged over the 127 steps). Bytes per
 step / our step time (decode-loop time / 127) is the achieved bandwidth. The limit it is set
-against is measured in each round with as many threads as cores on a 256 MiB buffer: memcpy
+against is measured in each round with the worker's threads on a 256 MiB buffer: memcpy
 (bytes read + written per second, the STREAM convention) and a plain read (a sum; bytes read per
 second); roofline_fraction = achieved / the larger of the two. (Our
 attention reads all 256 cache positions and masks; the useful bytes above do not count the
@@ -33,7 +36,6 @@ The last stdout line is one JSON object.
 import concurrent.futures
 import json
 import os
-import re
 import statistics
 import sys
 import time
@@ -51,6 +53,7 @@ from dejavu_jax.config import get_model_config  # noqa: E402
 from dejavu_jax.kv.cache import init_cache_for  # noqa: E402
 from dejavu_jax.models.convert import params_from_state_dict  # noqa: E402
 from dejavu_jax.models.generate import make_decode_n, make_steps  # noqa: E402
+from dejavu_jax.studies import paired  # noqa: E402
 from tests.hf_util import hf_config  # noqa: E402
 
 _RUNS = flags.DEFINE_integer("runs", 3, "timed rounds (median reported); each runs both sides")
@@ -58,6 +61,10 @@ _BATCHES = flags.DEFINE_list("batches", ["1", "8"], "batch sizes")
 _PROMPT = flags.DEFINE_integer("prompt_len", 128, "prompt tokens per row")
 _NEW = flags.DEFINE_integer("new_tokens", 128, "tokens generated per row")
 _MODEL = flags.DEFINE_string("model", "opt_125m", "model preset (OPT family)")
+_THREADS = flags.DEFINE_enum("threads", "both", ["both", *paired.MODES],
+                             "single: XLA and torch on one thread; multi: their defaults; both: "
+                             "one worker process each, rounds interleaved")
+_WORKER = flags.DEFINE_string("worker", "", "internal: run as the paired harness's worker")
 
 _MEMCPY_BYTES = 256 << 20
 
@@ -145,86 +152,96 @@ def step_bytes(cfg, params, batch: int, prompt_len: int, new_tokens: int) -> tup
   return weights, float(batch * valid * per_token)
 
 
-def main(argv):
-  del argv
+def setup():
+  """Both sides of every batch size, with the same weights and prompts."""
   cfg = get_model_config(_MODEL.value)
   prompt_len, new_tokens = _PROMPT.value, _NEW.value
   max_len = 1 << (prompt_len + new_tokens - 1).bit_length()
   batches = [int(b) for b in _BATCHES.value]
-  threads = os.cpu_count() or 1
-
   torch.manual_seed(0)
   model = transformers.OPTForCausalLM(hf_config(cfg)).eval()
   model.generation_config.eos_token_id = None  # both sides generate all new_tokens
   model.generation_config.pad_token_id = cfg.pad_token_id
   params = params_from_state_dict(
       cfg, {k: v.detach().numpy() for k, v in model.state_dict().items()})
-
   rng = np.random.default_rng(0)
   sides = {}
   for b in batches:
     prompts = rng.integers(3, cfg.vocab_size, size=(b, prompt_len))
     sides[b] = Ours(cfg, params, prompts, new_tokens, max_len), Torch(model, prompts, new_tokens)
-
   src = np.ones(_MEMCPY_BYTES // 4, np.float32)
-  dst = np.zeros_like(src)
-  rec = {b: {"ours": [], "ours_decode": [], "hf": [], "hf_prefill": [], "match": []}
-         for b in batches}
-  memcpy, read = [], []
-  for rnd in range(_RUNS.value + 1):  # round 0 warms up (and compiles); not recorded
-    mc, rd = memory_gbps(src, dst, threads)
-    for b in batches:
-      ours, hf = sides[b]
-      toks, total, decode = ours.run()
-      hf_toks, hf_total = hf.run()
-      hf_prefill = hf.prefill_seconds()
-      if rnd:
-        r = rec[b]
-        r["ours"].append(total)
-        r["ours_decode"].append(decode)
-        r["hf"].append(hf_total)
-        r["hf_prefill"].append(hf_prefill)
-        r["match"].append(float(np.mean(toks == hf_toks)))
-        print(f"round {rnd} B={b}: ours {b * new_tokens / total:.1f} tok/s, torch "
-              f"{b * new_tokens / hf_total:.1f} tok/s; memcpy {mc:.1f} GB/s, read {rd:.1f} GB/s",
-              flush=True)
-    if rnd:
-      memcpy.append(mc)
-      read.append(rd)
+  return dict(cfg=cfg, params=params, sides=sides, batches=batches, src=src,
+              dst=np.zeros_like(src))
 
+
+def one_round(st: dict, threads: int) -> dict:
+  """One round: the memory bandwidth, then per batch size ours and torch back to back."""
+  mc, rd = memory_gbps(st["src"], st["dst"], threads)
+  rec = {"memcpy": mc, "read": rd}
+  for b in st["batches"]:
+    ours, hf = st["sides"][b]
+    toks, total, decode = ours.run()
+    hf_toks, hf_total = hf.run()
+    weights, kv = step_bytes(st["cfg"], st["params"], b, _PROMPT.value, _NEW.value)
+    rec[str(b)] = dict(ours=total, ours_decode=decode, hf=hf_total,
+                       hf_prefill=hf.prefill_seconds(), match=float(np.mean(toks == hf_toks)),
+                       weights=weights, kv=kv)
+  return rec
+
+
+def summarize(records: list[dict], batches, new_tokens: int) -> dict:
+  """Medians over rounds of one thread mode."""
   med = statistics.median
-  limit = max(med(memcpy), med(read))
-  result = {"model": cfg.name, "prompt_len": prompt_len, "new_tokens": new_tokens,
-            "runs": _RUNS.value, "xla_threads": threads,
-            "torch_threads": torch.get_num_threads(), "memcpy_GBps": round(med(memcpy), 2),
-            "read_GBps": round(med(read), 2)}
+  limit = max(med(r["memcpy"] for r in records), med(r["read"] for r in records))
+  out = {"memcpy_GBps": round(med(r["memcpy"] for r in records), 2),
+         "read_GBps": round(med(r["read"] for r in records), 2)}
   steps = new_tokens - 1
   for b in batches:
-    r = rec[b]
-    ours_tps = med([b * new_tokens / t for t in r["ours"]])
-    hf_tps = med([b * new_tokens / t for t in r["hf"]])
-    step_s = med(r["ours_decode"]) / steps
-    hf_step_s = med([(t - p) / steps for t, p in zip(r["hf"], r["hf_prefill"])])
-    weights, kv = step_bytes(cfg, params, b, prompt_len, new_tokens)
-    achieved = (weights + kv) / step_s / 1e9
-    result.update({
+    rs = [r[str(b)] for r in records]
+    ours_tps = med(b * new_tokens / r["ours"] for r in rs)
+    hf_tps = med(b * new_tokens / r["hf"] for r in rs)
+    step_s = med(r["ours_decode"] for r in rs) / steps
+    hf_step_s = med((r["hf"] - r["hf_prefill"]) / steps for r in rs)
+    nbytes = rs[0]["weights"] + rs[0]["kv"]
+    achieved = nbytes / step_s / 1e9
+    out.update({
         f"speedup_b{b}": round(ours_tps / hf_tps, 3),
         f"roofline_fraction_b{b}": round(achieved / limit, 3),
         f"ours_tok_s_b{b}": round(ours_tps, 2),
         f"hf_tok_s_b{b}": round(hf_tps, 2),
         f"step_ms_b{b}": round(step_s * 1e3, 2),
         f"hf_step_ms_b{b}": round(hf_step_s * 1e3, 2),
-        f"bytes_per_step_b{b}": int(weights + kv),
-        f"kv_bytes_per_step_b{b}": int(kv),
+        f"bytes_per_step_b{b}": int(nbytes),
+        f"kv_bytes_per_step_b{b}": int(rs[0]["kv"]),
         f"achieved_GBps_b{b}": round(achieved, 2),
-        f"hf_achieved_GBps_b{b}": round((weights + kv) / hf_step_s / 1e9, 2),
-        f"greedy_token_match_b{b}": round(med(r["match"]), 4),
+        f"hf_achieved_GBps_b{b}": round(nbytes / hf_step_s / 1e9, 2),
+        f"greedy_token_match_b{b}": round(med(r["match"] for r in rs), 4),
     })
+  return out
+
+
+def main(argv):
+  if _WORKER.value:   # one thread mode's process, driven by the paired harness
+    threads = 1 if _WORKER.value == "single" else (os.cpu_count() or 1)
+    if _WORKER.value == "single":
+      torch.set_num_threads(1)
+    st = setup()
+    paired.serve_rounds(lambda: one_round(st, threads))
+    return
+  modes = paired.MODES if _THREADS.value == "both" else (_THREADS.value,)
+  del argv
+  args = [a for a in sys.argv[1:] if not a.startswith("--threads")]
+  records, loads = paired.run_paired(os.path.abspath(__file__), args, _RUNS.value, modes)
+  batches = [int(b) for b in _BATCHES.value]
+  result = {"model": _MODEL.value, "prompt_len": _PROMPT.value, "new_tokens": _NEW.value,
+            "runs": _RUNS.value, "cores": os.cpu_count(),
+            # Other jobs share this machine's cores: the 1-minute load average before each round.
+            "load_avg_per_round": loads, "load_avg_median": statistics.median(loads)}
+  for mode in modes:
+    result[mode] = summarize(records[mode], batches, _NEW.value)
   # Real decoding, both sides timed on this machine (the roofline limit is this machine's
   # measured copy bandwidth): every figure is measured.
-  result["kind"] = {k: "measured" for k in result
-                    if re.match(r"(speedup|roofline_fraction|ours_tok_s|hf_tok_s|step_ms|hf_step_ms|"
-                                r"achieved_GBps|hf_achieved_GBps|greedy_token_match)_b", k)}
+  result["kind"] = {m: "measured" for m in modes}
   print(json.dumps(result))
 
 

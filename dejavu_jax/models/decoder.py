@@ -87,10 +87,15 @@ class DecoderStage(nn.Module):
         h, k, v = layer(h, k_all, v_all, i, positions, context)
         new_k.append(k)
         new_v.append(v)
-      # The barrier makes the write wait for the last layer's attention, the last reader of the
-      # old cache; without it XLA may schedule the write first and so copies the whole cache to
-      # keep the update in place (two copies per cache and step, measured in the compiled HLO).
-      new_k, new_v, h = jax.lax.optimization_barrier((jnp.stack(new_k), jnp.stack(new_v), h))
+      # The write must depend on the last layer's output, which depends on every layer's read
+      # of the old cache: XLA's copy insertion orders an in-place update after the reads only by
+      # data dependence, and without one it copies the whole cache twice per step (k and v,
+      # measured in the compiled HLO; an optimization barrier does not order it: it is expanded
+      # before copy insertion). Adding 0 * one element of h makes that dependence at no cost
+      # (XLA does not fold x * 0 for floats) and leaves the written values unchanged.
+      dep = jnp.zeros((), jnp.float32) * h.reshape(-1)[0].astype(jnp.float32)
+      new_k = (jnp.stack(new_k) + dep.astype(new_k[0].dtype))
+      new_v = (jnp.stack(new_v) + dep.astype(new_v[0].dtype))
       k_all, v_all = write_kv_layers(k_all, v_all, new_k, new_v, positions)
     new_len = jnp.maximum(cache.lengths, jnp.max(positions, axis=1) + 1).astype(jnp.int32)
     cache = KVCache(k=k_all, v=v_all, lengths=new_len)

@@ -61,7 +61,7 @@ import numpy as np
 
 from dejavu_jax.kv.cache import KVCache, cache_nbytes
 from dejavu_jax.kv.buckets import bucket_length
-from dejavu_jax.stream import packing
+from dejavu_jax.stream import hostmem, packing
 from dejavu_jax.stream.hostlog import HostKVLog
 from dejavu_jax.stream.streamer import Streamer
 
@@ -86,18 +86,26 @@ class Swapping:
       whole length every time (the former behaviour, kept for comparisons).
     staging_limit_bytes: device bytes a prefix's staging copy may take beside the two buffers
       (a budget's headroom); a larger prefix is placed whole instead. None: no limit.
+    host_memory: the host memory policy of the logs and of the swap-in staging buffer
+      (stream/hostmem.py; default: the buffers' device's). Under a pinned policy a prefix is
+      gathered into one reused pinned staging buffer, so its device_put is a direct DMA.
   """
 
   num_buffers = 2
 
   def __init__(self, new_cache: Callable[[], KVCache], place: Callable[[KVCache], KVCache],
                max_events: int = 100_000, prefix_swap_in: bool = True,
-               staging_limit_bytes: int | None = None):
+               staging_limit_bytes: int | None = None,
+               host_memory: hostmem.HostMemory | None = None):
     self._place, self._new_cache = place, new_cache
     self._prefix_swap_in = prefix_swap_in
     self._staging_limit = staging_limit_bytes
     self._slots = [_Slot(new_cache()) for _ in range(self.num_buffers)]
     self._buffer_bytes = cache_nbytes(self._slots[0].cache)
+    if host_memory is None:
+      host_memory = hostmem.policy(next(iter(self._slots[0].cache.k.devices())))
+    self.host_memory = host_memory
+    self._host_staging: np.ndarray | None = None   # pinned only (prefetch thread)
     self._staging = 0           # bytes of a prefix swap-in's device staging copy, while live
     self._logs: dict[int, HostKVLog] = {}
     self._tickets: dict[int, object] = {}       # mb_id -> its last swap-out ticket
@@ -182,7 +190,7 @@ class Swapping:
       cache = self._place(KVCache(k=kv[0], v=kv[1], lengths=lengths))
       self._moved(kv.nbytes + lengths.nbytes)
       return cache
-    packed = log.read_prefix(t)
+    packed = log.read_prefix(t, out=self._staging_buffer(staging))
     with self._lock:
       self._staging = staging
       self.max_staging_bytes = max(self.max_staging_bytes, staging)
@@ -198,6 +206,16 @@ class Swapping:
         self._staging = 0
     self._moved(staging)
     return cache
+
+  def _staging_buffer(self, nbytes: int) -> np.ndarray | None:
+    """(prefetch thread) The reused pinned host staging buffer, grown to `nbytes`; None under
+    a pageable policy (a fresh array per swap-in: on a CPU, device_put may alias it)."""
+    if self.host_memory.kind != hostmem.PINNED:
+      return None
+    if self._host_staging is None or self._host_staging.nbytes < nbytes:
+      self._host_staging = None
+      self._host_staging = self.host_memory.zeros((nbytes,), np.uint8)
+    return self._host_staging
 
   def _moved(self, nbytes: int) -> None:
     with self._lock:
@@ -303,7 +321,7 @@ class Swapping:
     """Resets the log and writes the cache's written positions (a prefill's, or [0, length))."""
     log = self._logs.get(mb_id)
     if log is None:
-      log = self._logs[mb_id] = HostKVLog.like(cache)
+      log = self._logs[mb_id] = HostKVLog.like(cache, memory=self.host_memory)
     prev = self._tickets.get(mb_id)
     if prev is not None:
       prev.wait()   # an older delta must not land after the reset

@@ -95,6 +95,7 @@ from dejavu_jax.serving.online import OnlineLoop, ReplaySource, RequestHandle
 from dejavu_jax.serving.pacing import make_pace_fn
 from dejavu_jax.serving.sizing import check_limits, choose_swapping, host_link
 from dejavu_jax.serving.prompt_path import make_prompt_path
+from dejavu_jax.stream import hostmem
 from dejavu_jax.serving.result import (EngineError, EngineTimeout, ServeResult,  # noqa: F401
                                        finish_serve, record)
 from dejavu_jax.workload import Request
@@ -134,6 +135,8 @@ class PipelineEngine:
     self.params_checkpoint = params_checkpoint
     self.epoch = 0
     devices = jax.devices() if devices is None else list(devices)
+    # Host logs, slots and swap staging allocate under this (pinned where the device maps it).
+    self.host_memory = hostmem.policy(devices[0])
     in_process = runtime_lib.in_process(serve)
     self.prompt_path = make_prompt_path(serve)
     # The token pipeline's plan and devices; a disaggregated path also plans its prompt stages.
@@ -383,6 +386,7 @@ class PipelineEngine:
     summary.update(rejected=len(st.rejected), rejected_queue_full=st.queue_full,
                    max_queue_depth=st.max_depth, microbatch_size=self.microbatch_size,
                    swapping=self.swap_choice.swapping, swapping_reason=self.swap_choice.reason,
+                   host_memory_kind=self.host_memory.kind,
                    **path.summary(self))
     if self.links_record is not None:
       summary["links_table"] = self.links_record

@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from dejavu_jax.kv.cache import KVCache
+from dejavu_jax.stream import hostmem
 from dejavu_jax.stream.packing import Packed, Range, check_range
 
 
@@ -35,21 +36,25 @@ class HostKVLog:
       model's num_kv_heads).
     dtype: element type (the cache's).
     layer_base: global index of layer 0 here, so packed slices naming global layers land right.
+    memory: the host memory policy of `kv` (stream/hostmem.py; default: the default device's,
+      pinned where that device maps host buffers for DMA, pageable numpy on a CPU).
   """
 
   def __init__(self, num_layers: int, batch: int, max_len: int, num_heads: int, head_dim: int,
-               dtype, *, layer_base: int = 0):
-    self.kv = np.zeros((2, num_layers, batch, max_len, num_heads, head_dim), dtype)
+               dtype, *, layer_base: int = 0, memory: hostmem.HostMemory | None = None):
+    self.memory = hostmem.policy() if memory is None else memory
+    self.kv = self.memory.zeros((2, num_layers, batch, max_len, num_heads, head_dim), dtype)
     self.history = np.zeros((max_len + 1, batch), np.int32)
     self.layer_base = layer_base
     self._step = 0
     self._lock = threading.Lock()
 
   @classmethod
-  def like(cls, cache: KVCache, *, layer_base: int = 0) -> "HostKVLog":
+  def like(cls, cache: KVCache, *, layer_base: int = 0,
+           memory: hostmem.HostMemory | None = None) -> "HostKVLog":
     """An empty log shaped like `cache` (shape and dtype only; nothing is copied)."""
     _, b, s, h, k = cache.k.shape
-    return cls(cache.num_layers, b, s, h, k, cache.k.dtype, layer_base=layer_base)
+    return cls(cache.num_layers, b, s, h, k, cache.k.dtype, layer_base=layer_base, memory=memory)
 
   @property
   def num_layers(self) -> int:
@@ -152,10 +157,12 @@ class HostKVLog:
     _, l, b, _, h, k = self.kv.shape
     return 2 * l * b * size * h * k * self.kv.dtype.itemsize + b * size * 4
 
-  def read_prefix(self, size: int) -> Packed:
+  def read_prefix(self, size: int, out: np.ndarray | None = None) -> Packed:
     """The latest step's positions [0, size) of every layer and row as one host `Packed`.
 
-    One contiguous copy (the gather of a swap-in: the used prefix, not the whole length S).
+    One contiguous copy (the gather of a swap-in: the used prefix, not the whole length S),
+    into `out` when given (a 1-D byte buffer of at least the prefix's bytes, reused across
+    swap-ins: the pinned staging of runtime/swapping.py), else into a fresh array.
     Columns at or past a row's length are marked -1, so `packing.scatter` writes only the used
     positions and sets each row's length; `data` still holds them (stale, never written).
     """
@@ -164,7 +171,15 @@ class HostKVLog:
       raise ValueError(f"prefix of {size} positions is empty or exceeds the log length {s}")
     with self._lock:
       lengths = self.history[self._step].copy()
-      data = np.ascontiguousarray(self.kv[:, :, :, :size])
+      src = self.kv[:, :, :, :size]
+      if out is None:
+        data = np.ascontiguousarray(src)
+      else:
+        if out.dtype != np.uint8 or out.ndim != 1 or out.nbytes < src.nbytes:
+          raise ValueError(f"staging buffer of {out.nbytes} bytes ({out.dtype}, {out.ndim}-D) "
+                           f"cannot hold a prefix of {src.nbytes} bytes (1-D uint8 expected)")
+        data = out[:src.nbytes].view(src.dtype).reshape(src.shape)
+        np.copyto(data, src)
     cols = np.arange(size, dtype=np.int32)[None, :]
     pos = np.where(cols < lengths[:, None], cols, -1).astype(np.int32)
     return Packed(data=data, positions=pos, layers=self.layers, rows=(0, self.kv.shape[2]))

@@ -27,21 +27,25 @@ import threading
 import numpy as np
 
 from dejavu_jax.kv.cache import KVCache
+from dejavu_jax.stream import hostmem
 from dejavu_jax.stream.hostlog import HostKVLog
 from dejavu_jax.stream.packing import Packed, Range
 
 
 class HostSlots:
-  """`num_slots` preallocated host caches of layers `layers` (global), shape [B, S, H, K]."""
+  """`num_slots` preallocated host caches of layers `layers` (global), shape [B, S, H, K], in
+  host memory of the policy `memory` (stream/hostmem.py; default: the default device's)."""
 
   def __init__(self, num_slots: int, layers: Range, batch: int, max_len: int, num_heads: int,
-               head_dim: int, dtype):
+               head_dim: int, dtype, memory: hostmem.HostMemory | None = None):
     if num_slots < 1:
       raise ValueError(f"num_slots must be >= 1, got {num_slots}")
     self.layers = (int(layers[0]), int(layers[1]))
     n = self.layers[1] - self.layers[0]
+    self.memory = hostmem.policy() if memory is None else memory
     self._logs = [HostKVLog(n, batch, max_len, num_heads, head_dim, dtype,
-                            layer_base=self.layers[0]) for _ in range(num_slots)]
+                            layer_base=self.layers[0], memory=self.memory)
+                  for _ in range(num_slots)]
     self._free = list(range(num_slots))
     self._held: dict[int, int] = {}            # mb_id -> slot index
     self._landed: dict[int, set] = {}          # mb_id -> global layers written

@@ -1,0 +1,116 @@
+"""Host memory for KV logs, prompt slots and swap staging: pinned where the device can DMA it.
+
+This module owns the choice, made once per device client (`policy`), between
+
+  "pinned_host"  numpy arrays whose pages are registered with the device runtime for DMA
+                 (`client.dma_map`, PJRT's DmaMap: cudaHostRegister on a GPU), so host<->device
+                 copies from and into them run at the link's pinned speed without a staging copy;
+                 chosen when the device is not a CPU, has the "pinned_host" memory kind and its
+                 client accepts a probe mapping;
+  "pageable"     plain numpy (a CPU backend: "device" memory is host memory already, and its
+                 client has no DmaMap).
+
+`zeros(shape, dtype, memory)` allocates under a policy: a page-aligned buffer, mapped for its
+lifetime (unmapped when the array is collected). A mapping that fails (pinned memory exhausted)
+falls back to pageable for that buffer and is counted (`HostMemory.fallbacks`), never fatal.
+The run summary reports the kind (`host_memory_kind`).
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+
+import jax
+import numpy as np
+
+PINNED, PAGEABLE = "pinned_host", "pageable"
+_PAGE = 4096
+
+
+class HostMemory:
+  """A host memory policy: `kind` (PINNED or PAGEABLE), why it was chosen, and the client that
+  maps pinned buffers."""
+
+  def __init__(self, kind: str, reason: str, client=None):
+    if kind not in (PINNED, PAGEABLE):
+      raise ValueError(f"unknown host memory kind {kind!r}; expected {PINNED!r} or {PAGEABLE!r}")
+    if kind == PINNED and client is None:
+      raise ValueError("pinned host memory needs the device client that maps it")
+    self.kind, self.reason, self.client = kind, reason, client
+    self.fallbacks = 0       # pinned allocations that fell back to pageable
+    self.pinned_bytes = 0    # bytes currently mapped
+    self._lock = threading.Lock()
+
+  def __repr__(self) -> str:
+    return f"HostMemory({self.kind!r}, {self.reason!r})"
+
+  def zeros(self, shape, dtype) -> np.ndarray:
+    """A zeroed host array under this policy (see the module doc)."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if self.kind == PAGEABLE or n == 0:
+      return np.zeros(shape, dtype)
+    raw = np.zeros(n + _PAGE, np.uint8)
+    off = (-raw.ctypes.data) % _PAGE
+    addr = raw.ctypes.data + off
+    try:
+      self.client.dma_map(addr, n)
+    except Exception:  # pylint: disable=broad-except
+      with self._lock:
+        self.fallbacks += 1
+      return np.zeros(shape, dtype)
+    with self._lock:
+      self.pinned_bytes += n
+    weakref.finalize(raw, self._unmap, addr, n)
+    return raw[off:off + n].view(dtype).reshape(shape)
+
+  def _unmap(self, addr: int, n: int) -> None:
+    try:
+      self.client.dma_unmap(addr)
+    finally:
+      with self._lock:
+        self.pinned_bytes -= n
+
+
+_POLICIES: dict = {}
+_POLICIES_LOCK = threading.Lock()
+
+
+def choose(device: jax.Device) -> HostMemory:
+  """Checks what `device` offers (no caching; `policy` caches)."""
+  if device.platform == "cpu":
+    return HostMemory(PAGEABLE, "cpu backend: device memory is host memory")
+  try:
+    kinds = {m.kind for m in device.addressable_memories()}
+  except Exception:  # pylint: disable=broad-except  (backends without the memories API)
+    kinds = set()
+  if PINNED not in kinds:
+    return HostMemory(PAGEABLE, f"{device.platform} has no pinned_host memory kind")
+  client = device.client
+  if not hasattr(client, "dma_map"):
+    return HostMemory(PAGEABLE, "this jaxlib has no dma_map")
+  probe = np.zeros(2 * _PAGE, np.uint8)
+  addr = probe.ctypes.data + (-probe.ctypes.data) % _PAGE
+  try:
+    client.dma_map(addr, _PAGE)
+    client.dma_unmap(addr)
+  except Exception as e:  # pylint: disable=broad-except
+    return HostMemory(PAGEABLE, f"dma_map refused: {type(e).__name__}: {e}"[:200])
+  return HostMemory(PINNED, f"{device.platform} ({device.device_kind}) maps host buffers for DMA",
+                    client)
+
+
+def policy(device: jax.Device | None = None) -> HostMemory:
+  """The policy of `device`'s client (default: the default device), checked once."""
+  device = jax.devices()[0] if device is None else device
+  key = (device.platform, id(device.client))
+  with _POLICIES_LOCK:
+    if key not in _POLICIES:
+      _POLICIES[key] = choose(device)
+    return _POLICIES[key]
+
+
+def zeros(shape, dtype, memory: HostMemory | None = None) -> np.ndarray:
+  """`memory.zeros` (default: the default device's policy)."""
+  return (policy() if memory is None else memory).zeros(shape, dtype)
