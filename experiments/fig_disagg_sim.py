@@ -136,7 +136,8 @@ def run(c, out_dir, log=print) -> list[dict]:
                    "load": rate / caps[None], "capacity_rps": caps[split],
                    "planner_split": list(chosen) if chosen else None,
                    **res.to_json_dict(), "system": _name(split, machines),
-                   "chosen": split is not None and split == chosen})
+                   "chosen": split is not None and split == chosen,
+                   "slo_factor": c.slo_factor})
       bar(i + 1, len(systems) * len(rates))
     bar.close()
     for gbps in c.sensitivity_gbps:
@@ -218,7 +219,7 @@ def headline(rows) -> str:
   for model in dict.fromkeys(r["model"] for r in rows if "rate" in r):
     pts = [r for r in rows if r["model"] == model and "rate" in r]
     base = next(r["system"] for r in pts if r["system"].startswith("Baseline"))
-    g = paper.gain_at_equal_latency(pts, base)
+    g = paper.gain_at_equal_latency(pts, base, pts[0].get("slo_factor", 2.0))
     cap = {r["system"]: r["capacity_rps"] for r in pts}
     parts = [f"{s} x{g['gain'][s]:.2f} ({g['throughput'][s]:.2f} vs "
              f"{g['throughput'][base]:.2f} req/s; capacity {cap[s]:.2f} vs {cap[base]:.2f})"
