@@ -22,7 +22,7 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.variant = variant
   # "model:hardware:machines"
-  c.rows = ("opt_66b:a100_80gb:4", "bloom_176b:a100_80gb:8", "opt_30b:v100_16gb:4")
+  c.rows = ("opt_66b:a100_80gb:4", "bloom_176b:a100_80gb:8")
   c.hardware = "a100_80gb"
   c.gpus_per_machine = 2
   c.prompt_len = 1000

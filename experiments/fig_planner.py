@@ -173,7 +173,8 @@ def headline(rows) -> str:
              if s in by]
     recs = [f"{s.split('(')[1].rstrip(')')}: {by[s]['plan']}"
             for s in ("planner (DP allowed)", "planner (no DP)") if s in by]
-    cost = (f", cost ${by['Baseline']['cost_usd']:.0f} vs ${by['DéjàVu']['cost_usd']:.0f}"
+    cost = (f", cost ${by['Baseline']['cost_usd']:.2f} (Baseline) vs "
+            f"${by['DéjàVu']['cost_usd']:.2f} (DéjàVu)"
             if "DéjàVu" in by else "")
     out.append(f"{cluster}: {', '.join(parts)}{cost}; planner recommends " + "; ".join(recs))
   return "makespan speedup vs Baseline on the trace: " + " | ".join(out)
