@@ -24,9 +24,9 @@ def get_config(arg=None):
   c.batch_size = 8              # the headline's microbatch
   c.measured_model = "opt_125m"
   c.measured_layers = 2
-  c.measured_batches = (1, 4, 8)
-  c.measured_prompts = (250, 500, 1000)
-  c.measured_runs = 3
+  c.measured_batches = (1, 8)
+  c.measured_prompts = (250, 1000)
+  c.measured_runs = 2
   c.measured_overrides = ml_collections.ConfigDict()
   if variant == "tiny":
     c.batch_sizes = (1, 8)
