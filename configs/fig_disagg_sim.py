@@ -34,11 +34,11 @@ def get_config(arg=None):
   c.lengths = "per_microbatch"       # | "per_request" (legacy)
   c.capacity = "same_workload"       # | "equal_lengths" (legacy)
   c.systems = "planner"              # baseline + the planner's split | "feasible": every split
-  c.num_requests = 480
+  c.num_requests = 400
   c.seed = 0
   c.loads = (0.3, 0.5, 0.7, 0.85, 1.0, 1.15, 1.3)   # rates span min x low cap .. max x high cap
   c.slo_factor = 2.0                 # latency bound = this x the highest light-load p50
-  c.sensitivity_gbps = (10.0, 25.0, 40.0, 100.0, 200.0, 400.0)
+  c.sensitivity_gbps = (10.0, 20.0, 40.0, 100.0, 400.0)
   if variant == "legacy":
     c.lengths = "per_request"
     c.capacity = "equal_lengths"

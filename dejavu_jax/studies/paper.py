@@ -65,7 +65,7 @@ def capacity(simulate: Callable[..., sim.SimResult], period: int, batch: int,
   waiting at t=0, the steady-state microbatch finish rate (the first and last 2 `period`s of
   finishes skipped). `simulate(requests=..., batch_size=...)` runs the system; `period` is its
   pipeline depth (finishes come in bursts of it)."""
-  n_mb = num_microbatches or 12 * period + 24
+  n_mb = num_microbatches or 8 * period + 16
   reqs = sim.saturated_requests(n_mb * batch, prompt_len, output_lens(n_mb * batch, batch,
                                                                       seed, mean))
   res = simulate(requests=reqs, batch_size=batch)
