@@ -84,7 +84,7 @@ def test_every_figure_on_its_tiny_config(tmp_path):
   assert set(by) == {False, True} and by[True]["batch"] == 2 * by[False]["batch"]
   assert all(r["tokens_identical"] and r["within_budget"] for r in rate)
   # A short prompt: the swap-in hides and swapping pays; a long one: it does not.
-  short, long = sorted((r for r in rows if r["kind"] == "context_sweep"),
+  short, long = sorted((r for r in rows if r["kind"] == "context_sweep" and "auto_choice" in r),
                        key=lambda r: r["prompt_len"])
   assert short["swap_hides"] and short["gain"] > 1 and short["auto_choice"]
   assert not long["swap_hides"] and long["gain"] < 1 and not long["auto_choice"]
