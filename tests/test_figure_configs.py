@@ -67,3 +67,19 @@ def test_the_figure_run_takes_every_default():
   for name, (module, _, _) in FIGURES.items():
     assert c.figures[name].to_dict() == _config(module).to_dict(), name
   assert "stream_overhead" in c.figures and "ratio" in c.figures
+
+
+def test_throughput_at_equal_latency():
+  """The paper's metric on hand-made curves: interpolated at the crossing, every crossing of a
+  non-monotone curve counted, the bound from the highest light-load median."""
+  from dejavu_jax.studies import paper
+  base = [{"system": "B", "rate": r, "norm_latency_p50_s_per_tok": l, "request_throughput": t}
+          for r, l, t in ((1, 0.1, 1.0), (2, 0.15, 1.9), (3, 0.5, 2.0))]
+  split = [{"system": "S", "rate": r, "norm_latency_p50_s_per_tok": l, "request_throughput": t}
+           for r, l, t in ((1, 0.2, 1.0), (2, 0.45, 2.0), (3, 0.3, 2.9), (4, 0.6, 3.0))]
+  g = paper.gain_at_equal_latency(base + split, "B", slo_factor=2.0)
+  assert g["bound"] == pytest.approx(0.4)
+  assert g["throughput"]["B"] == pytest.approx(1.9 + (0.4 - 0.15) / 0.35 * 0.1)
+  assert g["throughput"]["S"] == pytest.approx(2.9 + (0.4 - 0.3) / 0.3 * 0.1)
+  assert g["gain"]["S"] == pytest.approx(g["throughput"]["S"] / g["throughput"]["B"])
+  assert paper.throughput_at_latency(split, 0.1) == 0.0

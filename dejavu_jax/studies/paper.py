@@ -9,7 +9,7 @@ it). Capacities are saturated simulations of the very workload the rate sweep dr
 (`capacity`), so loads are fractions of a capacity that the swept systems really have.
 
 The metric (`gain_at_equal_latency`): each system's throughput at the highest request rate whose
-median normalized latency (seconds per generated token) stays under one latency bound, the same
+median normalized latency (seconds per generated token) is within one latency bound, the same
 bound for all systems, interpolated between the measured rates; the gain is the ratio to the
 baseline's. The bound is `slo_factor` x the highest light-load median among the systems: a
 latency every system meets when idle, so the comparison is of how much load each carries
@@ -84,20 +84,22 @@ def sweep_rates(capacities: Sequence[float], loads: Sequence[float]) -> list[flo
 
 def throughput_at_latency(points: Sequence[dict], bound: float,
                           key: str = "norm_latency_p50_s_per_tok") -> float:
-  """Request throughput where the median normalized latency reaches `bound`, interpolated
-  linearly between rate points (sorted by rate); the highest throughput if it never does;
-  0 if even the lightest load exceeds it."""
+  """The highest request throughput at which the median normalized latency is within `bound`:
+  over every rate point within it, and, between a point within it and the next (by rate) past
+  it, linearly interpolated to where the latency reaches the bound. Medians need not grow with
+  the rate (short runs, microbatch formation), so every crossing counts, not only the first.
+  0 if no point is within the bound."""
   pts = sorted((p for p in points if p.get(key) is not None), key=lambda p: p["rate"])
   best = 0.0
-  for a, b in zip([None] + pts[:-1], pts):
-    if b[key] <= bound:
-      best = max(best, b["request_throughput"])
+  for i, a in enumerate(pts):
+    if a[key] > bound:
       continue
-    if a is not None and a[key] <= bound:
+    best = max(best, a["request_throughput"])
+    if i + 1 < len(pts) and pts[i + 1][key] > bound:
+      b = pts[i + 1]
       f = (bound - a[key]) / (b[key] - a[key])
       best = max(best, a["request_throughput"] + f * (b["request_throughput"]
                                                      - a["request_throughput"]))
-    break
   return best
 
 
