@@ -49,7 +49,7 @@ def test_the_papers_models_and_machines():
   assert ds.capacity == "same_workload" and ds.sensitivity_gbps
   assert not dx.rates                   # rates come from capacities on the same workload
   sw = _config("configs.swapping")       # Fig 9: B vs 2B per model, over the context
-  assert set(sw.paper_systems) == {"opt30b_v100", "opt66b_a100x2", "bloom176b_a100x2"}
+  assert set(sw.paper_systems) == {"opt30b_v100x2", "opt66b_a100x2", "bloom176b_a100x2"}
   assert "paper" in sw.context_sweeps and not sw.rate_sweep
   assert min(sw.paper_prompts) < 100 and max(sw.paper_prompts) >= 2000
   pl = _config("configs.fig_planner")    # the appendix: a trace that overloads the Baseline

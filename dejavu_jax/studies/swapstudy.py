@@ -28,11 +28,13 @@ from dejavu_jax.serving.engine import PipelineEngine
 
 @dataclasses.dataclass(frozen=True)
 class System:
-  """A modeled deployment: `model` on `hardware`, `gpus_per_machine` devices per stage."""
+  """A modeled deployment: `model` on `hardware`, `gpus_per_machine` devices per stage, whose
+  swaps cross `swap_links` device<->host links in parallel."""
   name: str
   model: str
   hardware: str
   gpus_per_machine: int = 1
+  swap_links: int = 1
 
 
 SYSTEMS = {
@@ -40,8 +42,10 @@ SYSTEMS = {
     "opt66b_a100": System("opt66b_a100", "opt_66b", "a100_80gb", 1),
     # The paper's VMs hold 2 GPUs: OPT-30B's 15 GB of weights per stage need both V100s.
     "opt30b_v100": System("opt30b_v100", "opt_30b", "v100_16gb", 2),
-    "opt66b_a100x2": System("opt66b_a100x2", "opt_66b", "a100_80gb", 2),
-    "bloom176b_a100x2": System("bloom176b_a100x2", "bloom_176b", "a100_80gb", 2),
+    # Fig 9 in the paper's setting: each GPU of a 2-GPU stage swaps its half over its own PCIe.
+    "opt30b_v100x2": System("opt30b_v100x2", "opt_30b", "v100_16gb", 2, 2),
+    "opt66b_a100x2": System("opt66b_a100x2", "opt_66b", "a100_80gb", 2, 2),
+    "bloom176b_a100x2": System("bloom176b_a100x2", "bloom_176b", "a100_80gb", 2, 2),
 }
 
 
@@ -53,11 +57,12 @@ def get_system(name: str) -> System:
 
 def modeled(system: System) -> tuple[ModelConfig, cm.RooflineCostModel, cm.Link]:
   """(model, roofline cost model, device<->host link) of a system. A stage of n tensor-parallel
-  GPUs holds 1/n of every layer's KV on each GPU, and each GPU swaps its share over its own
-  PCIe link: the stage's swap link is n links in parallel."""
+  GPUs holds 1/n of every layer's KV on each GPU, and each GPU can swap its share over its own
+  PCIe link: with `swap_links` = n the stage's swap link is n links in parallel (the legacy
+  systems keep one)."""
   model = get_model_config(system.model, dtype="float16")
   cost = cm.roofline(model, system.hardware, system.gpus_per_machine)
-  link, n = cost.hardware.host_link, system.gpus_per_machine
+  link, n = cost.hardware.host_link, system.swap_links
   if n > 1:
     link = cm.Link(f"{n}x{link.name}", n * link.bandwidth, link.latency)
   return model, cost, link
