@@ -1,31 +1,53 @@
-"""Prompt-token disaggregation, paced: OPT-66B on 4 machines of 2 x A100-80GB (roofline), prompt
-1000, LMSys-fitted output lengths (one per microbatch), microbatch 8; the colocated baseline of
-depth 4 vs the planner's split and its neighbours, latency vs rate, with the simulator beside it.
-Rates are in modeled requests/s; `time_scale` stretches every paced step (2.0: twice the modeled
-time, which keeps pace overruns rare on loaded shared cores); a point lasts about
-num_microbatches x batch / rate modeled seconds x time_scale: ~40 minutes in all here.
+"""Prompt-token disaggregation on the engine (Fig 8, paced), with the simulator beside it.
+
+Variants (`--config=configs/disaggregation.py:VARIANT`):
+  paper (default): "DéjàVu Dp-Dt vs Baseline-D" for OPT-66B on 4 and BLOOM-176B on 8 machines
+    of 2 x A100-80GB (roofline), prompt 1000, microbatch 8, LMSys lengths (mean 214.5, clamped
+    to [2, 950], one per microbatch); the planner's split against the colocated baseline; rates
+    geometric from min(loads) x the lower capacity to max(loads) x the higher (capacities
+    simulated on the same workload), so both saturations are crossed.
+  legacy: the earlier default: OPT-66B only, the planner's split and its neighbours, explicit
+    rates (0.6, 0.9, 1.2) req/s (below the baseline's saturation), 12 microbatches a point.
+  tiny: seconds (configs/disaggregation_tiny.py), for tests.
+The paced engines run the fake stage program (as many layers as the model; tokens checked
+against its oracle) at `real_prompt_len`, charged as `prompt_len`; `time_scale` stretches (> 1)
+or compresses (< 1) every paced step; results are reported in modeled time.
 """
 
 import ml_collections
 
 
 def get_config(variant=None):
+  variant = variant or "paper"
   if variant == "tiny":   # experiments/figures.py's tiny run (tests)
     from configs import disaggregation_tiny  # pylint: disable=g-import-not-at-top
     return disaggregation_tiny.get_config()
+  if variant not in ("paper", "legacy"):
+    raise ValueError(f"unknown variant {variant!r}: paper, legacy or tiny")
   c = ml_collections.ConfigDict()
-  c.model = "opt_66b"
+  c.variant = variant
+  c.scenarios = ("opt_66b:a100_80gb:4", "bloom_176b:a100_80gb:8")   # model:hardware:machines
   c.hardware = "a100_80gb"
   c.gpus_per_machine = 2
-  c.machines = 4
   c.prompt_len = 1000          # modeled prompt length
   c.real_prompt_len = 16       # what the fake program computes
   c.batch_size = 8
-  c.output_mean = 214.5        # LMSys-Chat-1M mean response length
-  c.time_scale = 2.0
+  c.output_mean = 214.5        # LMSys-Chat-1M mean response length, clamped to [2, 950]
+  c.output_max = 950
+  c.lengths = "per_microbatch"
+  c.systems = "planner"        # baseline + the planner's split | "neighbours": and Dp +- 1
+  c.time_scale = 1.0           # < 1 overruns (real steps outlast the paced ones) on 2 cores
   c.stream_link = "default"    # the paper's inter-VM network for the hardware
   c.host_slots = ml_collections.FieldReference(None, field_type=int)
-  c.rates = (0.6, 0.9, 1.2)
-  c.num_microbatches = 12      # per rate point
+  c.loads = (0.6, 1.4)         # rates span min x low capacity .. max x high capacity
+  c.rates = ()                 # explicit modeled req/s instead of loads (legacy)
+  c.num_microbatches = 4       # per rate point (the figure run's 40-minute budget)
+  c.slo_factor = 2.0
   c.seed = 0
+  if variant == "legacy":
+    c.scenarios = ("opt_66b:a100_80gb:4",)
+    c.systems = "neighbours"
+    c.time_scale = 2.0
+    c.rates = (0.6, 0.9, 1.2)
+    c.num_microbatches = 12
   return c

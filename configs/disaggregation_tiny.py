@@ -1,15 +1,15 @@
 """A few seconds of `configs/disaggregation.py`: OPT-125M on 2 machines, short outputs, steps
-paced at 1/50 of the modeled time (tests/test_figures.py, as the figure run's disaggregation figure). It checks the
-plumbing only: the modeled steps are far shorter than the real ones, so paced latencies are the
-machine's overheads, not the model's."""
+paced at 1/50 of the modeled time (tests/test_figures.py, as the figure run's disaggregation
+figure). It checks the plumbing only: the modeled steps are far shorter than the real ones, so
+paced latencies are the machine's overheads, not the model's."""
 
 from configs import disaggregation
 
 
 def get_config():
-  c = disaggregation.get_config()
-  c.model = "opt_125m"
-  c.machines = 2
+  c = disaggregation.get_config("legacy")
+  c.variant = "tiny"
+  c.scenarios = ("opt_125m:a100_80gb:2",)
   c.batch_size = 2
   c.real_prompt_len = 8
   c.output_mean = 6.0

@@ -239,8 +239,12 @@ def _saturated(fn, period: int, wl: Workload, batch: int, machines: int, **kw) -
 def search(cost: cm.CostModel, machines: int, wl: Workload, machine_bytes: float,
            batch_sizes: Sequence[int] = (2, 4, 8, 16), stream_link: cm.Link | None = None,
            host_link: cm.Link | None = None, reserve: float = DEFAULT_MEMORY_RESERVE,
-           stats: dict | None = None, host_slots: int | None = None) -> list[Candidate]:
+           stats: dict | None = None, host_slots: int | None = None,
+           max_replicas: int | None = None) -> list[Candidate]:
   """Simulates the memory-feasible candidates that could win; returns them best first.
+
+  `max_replicas` caps the data-parallel replicas of a colocated candidate (None: as many as the
+  machines hold; 1: the paper's baseline, one pipeline, without data-parallel replicas).
 
   Candidates whose lower-bound time already loses to a simulated one are skipped; `stats`, if
   given, receives the counts ("feasible", "simulated").
@@ -259,7 +263,7 @@ def search(cost: cm.CostModel, machines: int, wl: Workload, machine_bytes: float
     for d in range(1, min(machines, L) + 1):
       if not mem.colocated_fits(L, d):
         continue
-      r = machines // d
+      r = machines // d if max_replicas is None else min(machines // d, max_replicas)
       todo.append((bound.colocated(d) / r, Candidate("colocated", b, depth=d, replicas=r)))
     Pn, Tn = mem.prompt_layers(), mem.token_layers(L)
     if Pn < 1 or Tn < 1:
@@ -359,12 +363,14 @@ def plan_report(model: ModelConfig, machines: int, hardware: str, wl: Workload,
                 gpus_per_machine: int = 2, batch_sizes: Sequence[int] = (2, 4, 8, 16),
                 top: int = 8, reserve: float = DEFAULT_MEMORY_RESERVE,
                 stream_link: str | cm.Link | None = "default",
-                host_slots: int | None = None) -> tuple[str, dict]:
+                host_slots: int | None = None,
+                max_replicas: int | None = None) -> tuple[str, dict]:
   """Runs both planners and returns (printable report, JSON-able summary).
 
   `reserve`: fraction of device memory kept free; `stream_link`: the prompt -> token link (a
   `costmodel.LINKS` name or a Link; "default": the paper's inter-VM network for the hardware;
-  None: free); `host_slots` per token worker (None: Dp + Dt).
+  None: free); `host_slots` per token worker (None: Dp + Dt); `max_replicas` caps the
+  colocated candidates' data-parallel replicas (`search`).
   """
   if not 0 <= reserve < 1:
     raise ValueError(f"memory reserve must be in [0, 1), got {reserve}")
@@ -389,7 +395,7 @@ def plan_report(model: ModelConfig, machines: int, hardware: str, wl: Workload,
   stats = {}
   cands = search(cost, machines, wl, M, batch_sizes, stream_link=link,
                  host_link=cost.hardware.host_link, stats=stats, reserve=reserve,
-                 host_slots=host_slots)
+                 host_slots=host_slots, max_replicas=max_replicas)
   best = cands[0]
   base = next(c for c in cands if c.system == "colocated")
   # The paper's comparison: the analytical split against the same machines as one pipeline
@@ -479,7 +485,7 @@ def plan_report(model: ModelConfig, machines: int, hardware: str, wl: Workload,
                                     {"throughput_rps": best_dis.throughput_rps}) if best_dis else None,
              "plain_baseline": (dataclasses.asdict(plain[0]) |
                                 {"throughput_rps": plain[0].throughput_rps}) if plain else None,
-             "why": why, "paper_comparison": paper}
+             "why": why, "paper_comparison": paper, "max_replicas": max_replicas}
   return "\n".join(lines), summary
 
 

@@ -1,9 +1,10 @@
-"""Prompt-token disaggregation, paced and simulated: latency vs rate of the colocated baseline,
-the planner's split and its neighbours (dejavu_jax/studies/disagg_experiment.py).
+"""Fig 8 on the engine: "DéjàVu Dp-Dt vs Baseline-D", paced and simulated latency vs rate
+(dejavu_jax/studies/disagg_experiment.py; `configs/disaggregation.py`: the paper's setting,
+OPT-66B on 4 and BLOOM-176B on 8 machines; `:legacy` adds the split's neighbours).
 
 Writes `results.jsonl` (one object per system, rate and source: "paced" runs of the real
 engines, "sim" the simulator on the same requests; median and p99 normalized latency in modeled
-seconds per token, throughput, tokens identical to `fake_generate`) and `latency_vs_rate.png`.
+seconds per token, throughput, tokens identical to `fake_generate`) and `latency_vs_rate[_{model}].png`.
 
   python -m experiments.disaggregation --config=configs/disaggregation.py --output_dir=/tmp/dis
 """
@@ -23,73 +24,134 @@ from dejavu_jax import metrics  # noqa: E402
 _OUT = flags.DEFINE_string("output_dir", "/tmp/dejavu_disaggregation", "where results go")
 
 
-def scenario(c) -> dx.Scenario:
-  return dx.Scenario(model=c.model, hardware=c.hardware, gpus_per_machine=c.gpus_per_machine,
-                     machines=c.machines, prompt_len=c.prompt_len,
-                     real_prompt_len=c.real_prompt_len, batch=c.batch_size,
-                     output_mean=c.output_mean, time_scale=c.time_scale,
-                     stream_link=c.stream_link, host_slots=c.host_slots, seed=c.seed)
+KIND = "modelled"   # paced runs replay the cost model (tokens are real)
 
 
-def _row(system, rate, source, summary, scale, **extra):
-  return {"system": dx.system_name(system), "rate": rate, "source": source,
+def scenarios(c) -> list[dx.Scenario]:
+  out = []
+  for spec in c.scenarios:
+    model, hw, machines = spec.split(":")
+    out.append(dx.Scenario(model=model, hardware=hw, gpus_per_machine=c.gpus_per_machine,
+                           machines=int(machines), prompt_len=c.prompt_len,
+                           real_prompt_len=c.real_prompt_len, batch=c.batch_size,
+                           output_mean=c.output_mean, time_scale=c.time_scale,
+                           stream_link=c.stream_link, host_slots=c.host_slots, seed=c.seed))
+  return out
+
+
+def setting(c) -> str:
+  pace = (f"time x{c.time_scale:g}, {c.num_microbatches} microbatches per rate, "
+          + (f"rates {list(c.rates)} req/s" if c.rates else f"loads {list(c.loads)} of capacity"))
+  return (f"{c.variant}: {', '.join(c.scenarios)} (x{c.gpus_per_machine} GPUs), prompt "
+          f"{c.prompt_len} (fake program {c.real_prompt_len}), microbatch {c.batch_size}, LMSys "
+          f"mean {c.output_mean:g} clamped to {c.output_max}, {c.lengths} lengths, systems "
+          f"{c.systems}; paced {pace}")
+
+
+def _row(sc, system, rate, source, summary, scale, **extra):
+  return {"model": sc.model, "machines": sc.machines, "system": _name(system), "rate": rate,
+          "source": source,
           "norm_latency_p50_s_per_tok": summary["norm_latency_p50_s_per_tok"] / scale,
           "norm_latency_p99_s_per_tok": summary["norm_latency_p99_s_per_tok"] / scale,
           "request_throughput": summary["request_throughput"] * scale,
           "completed": summary["completed"], **extra}
 
 
+def _name(system) -> str:
+  return (f"Baseline-{system[1]}" if system[0] == "colocated"
+          else f"DéjàVu {system[1]}-{system[2]}")
+
+
 # experiments/figures.py: the columns its index shows, and the headline number.
-TABLE = ("system", "source", "rate", "norm_latency_p50_s_per_tok", "norm_latency_p99_s_per_tok",
-         "request_throughput", "tokens_identical")
+TABLE = ("model", "system", "source", "rate", "norm_latency_p50_s_per_tok",
+         "norm_latency_p99_s_per_tok", "request_throughput", "capacity_rps", "tokens_identical",
+         "paced_overruns")
 
 
 def headline(rows) -> str:
-  """p50 normalized latency of each split over the colocated baseline at the highest rate
-  (paced), and how far the simulator is from the paced runs there."""
-  paced = [r for r in rows if r["source"] == "paced"]
-  if not paced:
-    return ""
-  top = max(r["rate"] for r in paced)
-  at = {r["system"]: r for r in paced if r["rate"] == top}
-  sim = {r["system"]: r for r in rows if r["source"] == "sim" and r["rate"] == top}
-  base = next((k for k in at if k.startswith("colocated")), None)
-  if base is None:
-    return ""
-  parts = []
-  for name, r in at.items():
-    if name == base:
+  """Per model: each split's throughput over the baseline's at equal median normalized latency
+  (paced engine; the simulator's in brackets) and how far the simulator is from the paced
+  runs."""
+  from dejavu_jax.studies import paper  # pylint: disable=g-import-not-at-top
+  out = []
+  for model in dict.fromkeys(r["model"] for r in rows):
+    mine = [r for r in rows if r["model"] == model]
+    base = next((r["system"] for r in mine if r["system"].startswith("Baseline")), None)
+    if base is None:
       continue
-    parts.append(f"{name} p50 x{r['norm_latency_p50_s_per_tok'] / at[base]['norm_latency_p50_s_per_tok']:.2f}")
-  errs = [abs(sim[k]["norm_latency_p50_s_per_tok"] / at[k]["norm_latency_p50_s_per_tok"] - 1)
-          for k in at if k in sim and at[k]["norm_latency_p50_s_per_tok"]]
-  sim_txt = f"; sim vs paced p50 within {max(errs):.0%}" if errs else ""
-  return f"rate {top:g} req/s, vs {base}: " + ", ".join(parts) + sim_txt
+    g = {src: paper.gain_at_equal_latency([r for r in mine if r["source"] == src], base,
+                                          mine[0].get("slo_factor", 2.0))
+         for src in ("paced", "sim")}
+    parts = [f"{s} x{g['paced']['gain'][s]:.2f} (sim x{g['sim']['gain'][s]:.2f})"
+             for s in g["paced"]["gain"] if s != base]
+    paced = {(r["system"], r["rate"]): r for r in mine if r["source"] == "paced"}
+    errs = [abs(r["norm_latency_p50_s_per_tok"] / paced[k]["norm_latency_p50_s_per_tok"] - 1)
+            for r in mine if r["source"] == "sim"
+            for k in [(r["system"], r["rate"])] if paced.get(k, {}).get(
+                "norm_latency_p50_s_per_tok")]
+    sim_txt = f"; sim vs paced p50 within {max(errs):.0%}" if errs else ""
+    out.append(f"{model}: {', '.join(parts)} vs {base} at p50 <= "
+               f"{g['paced']['bound']:.3f} s/tok{sim_txt}")
+  return "throughput at equal median normalized latency (paced engine): " + "; ".join(out)
 
 
-def run(config, output_dir: str) -> list[dict]:
-  """Runs every system at every rate, paced and simulated; writes the JSONL and the plot."""
+def _systems(sc, mode) -> list[tuple]:
+  if mode == "neighbours":
+    return dx.systems(sc)
+  if mode != "planner":
+    raise ValueError(f"systems must be planner or neighbours, got {mode!r}")
+  dp, dt = dx.planner_split(sc)
+  return [("colocated", sc.machines), ("disagg", dp, dt)]
+
+
+def _capacity(sc, system) -> float:
+  from dejavu_jax.studies import paper  # pylint: disable=g-import-not-at-top
+  period = sc.machines if system[0] == "colocated" else max(system[1], system[2])
+  return paper.capacity(lambda requests, batch_size: dx.simulate_records(sc, system, requests),
+                        period, sc.batch, sc.prompt_len, sc.seed, sc.output_mean)
+
+
+def run(config, output_dir: str, log=print) -> list[dict]:
+  """Runs every system at every rate, paced and simulated; writes the JSONL and the plots."""
+  from dejavu_jax.studies import paper  # pylint: disable=g-import-not-at-top
   os.makedirs(output_dir, exist_ok=True)
-  sc = scenario(config)
   rows = []
-  for system in dx.systems(sc):
-    eng = dx.make_engine(sc, system)
-    try:
-      for rate in config.rates:
-        reqs = dx.make_requests(sc, config.num_microbatches, rate / sc.time_scale)
-        served = eng.serve(reqs)
-        identical = served.tokens() == dx.reference_tokens(sc, reqs)
-        rows.append(_row(system, rate, "paced", metrics.summarize(served.records),
-                         sc.time_scale, tokens_identical=identical,
-                         paced_overruns=served.summary.get("paced_overruns")))
-        simulated = dx.simulate(sc, system, reqs)
-        rows.append(_row(system, rate, "sim", metrics.summarize(simulated.records), 1.0))
-    finally:
-      eng.close()
+  for sc in scenarios(config):
+    systems = _systems(sc, config.systems)
+    caps = {s: _capacity(sc, s) for s in systems}
+    rates = (list(config.rates) if config.rates else
+             paper.sweep_rates(list(caps.values()), config.loads))
+    log(f"{sc.model} on {sc.machines}: " + ", ".join(f"{_name(s)} capacity {v:.3f} req/s"
+                                                    for s, v in caps.items())
+        + f"; rates {[round(r, 3) for r in rates]}")
+    for system in systems:
+      eng = dx.make_engine(sc, system)
+      try:
+        for rate in rates:
+          reqs = dx.make_requests(sc, config.num_microbatches, rate / sc.time_scale)
+          served = eng.serve(reqs)
+          identical = served.tokens() == dx.reference_tokens(sc, reqs)
+          extra = dict(capacity_rps=caps[system], slo_factor=config.slo_factor, chosen=system[0] != "colocated"
+                       and system[1:] == dx.planner_split(sc))
+          rows.append(_row(sc, system, rate, "paced", metrics.summarize(served.records),
+                           sc.time_scale, tokens_identical=identical,
+                           paced_overruns=served.summary.get("paced_overruns"), **extra))
+          simulated = dx.simulate(sc, system, reqs)
+          rows.append(_row(sc, system, rate, "sim", metrics.summarize(simulated.records), 1.0,
+                           **extra))
+          log(f"  {_name(system)} rate {rate:.3f}: paced p50 "
+              f"{rows[-2]['norm_latency_p50_s_per_tok']:.4f} s/tok, sim "
+              f"{rows[-1]['norm_latency_p50_s_per_tok']:.4f}; overruns "
+              f"{rows[-2]['paced_overruns']}")
+      finally:
+        eng.close()
   with open(os.path.join(output_dir, "results.jsonl"), "w") as f:
     for r in rows:
       f.write(metrics.dumps(r) + "\n")
-  _plot(rows, os.path.join(output_dir, "latency_vs_rate.png"), sc)
+  for sc in scenarios(config):
+    mine = [r for r in rows if r["model"] == sc.model]
+    suffix = "" if len(config.scenarios) == 1 else f"_{sc.model}"
+    _plot(mine, os.path.join(output_dir, f"latency_vs_rate{suffix}.png"), sc)
   return rows
 
 
@@ -101,11 +163,13 @@ def _plot(rows, path, sc):
   for ax, key, name in ((axes[0], "norm_latency_p50_s_per_tok", "median"),
                         (axes[1], "norm_latency_p99_s_per_tok", "p99")):
     for i, system in enumerate(dict.fromkeys(r["system"] for r in rows)):
+      mark = " (planner's split)" if any(r.get("chosen") for r in rows
+                                          if r["system"] == system) else ""
       for source, style in (("paced", "-o"), ("sim", "--x")):
-        pts = [(r["rate"], r[key]) for r in rows
-               if r["system"] == system and r["source"] == source]
+        pts = sorted((r["rate"], r[key]) for r in rows
+                     if r["system"] == system and r["source"] == source)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color=f"C{i}",
-                label=f"{system} ({source})")
+                label=f"{system}{mark} ({source})")
     ax.set_xlabel("rate (requests/s)")
     ax.set_ylabel(f"{name} normalized latency (s/token)")
     ax.set_yscale("log")
@@ -122,6 +186,7 @@ def main(c):
   rows = run(c, _OUT.value)
   for r in rows:
     print(json.dumps(r))
+  print(headline(rows))
 
 
 if __name__ == "__main__":

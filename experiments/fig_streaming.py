@@ -21,8 +21,14 @@ from dejavu_jax.studies import runrecord
 from dejavu_jax.stream import ablation
 
 
+KIND = "measured"
 TABLE = ("prompt_len", "system", "prompt_stream_ms", "prompt_speedup_vs_naive",
          "token_step_stream_ms", "prefill_ms")
+
+
+def setting(c) -> str:
+  return (f"{c.get('variant', 'cpu')}: {c.model} x{c.compute_layers} layers ({c.dtype}) on this "
+          f"CPU, batch {c.batch}, prompt {list(c.prompt_lens)}, medians of {c.runs}")
 
 
 def _background_submit_s(cfg, args) -> float:

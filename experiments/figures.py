@@ -10,9 +10,12 @@ number that goes into WORKSPACE.md's results table). A figure whose module does 
 (swapping, disaggregation are being built on other branches) is listed in the index as skipped,
 "module not available yet"; a figure that fails is listed with its error and the others still run.
 
+Each figure's headline is labelled `measured` or `modelled` (the module's `KIND`, else the
+registry's `kind`) and shown beside its setting (the module's `setting(config)`, one line).
+
 Writes `<output_dir>/<figure>/` (each figure's JSONL and plots), `figures.jsonl` (one row per
-figure: status, wall time, headline, files), `run.json`, and `index.md` / `index.html` (every
-plot beside its table and the config that made it).
+figure: status, wall time, kind, setting, headline, files), `run.json`, and `index.md` /
+`index.html` (every plot beside its table and the config that made it).
 """
 
 from __future__ import annotations
@@ -44,22 +47,30 @@ class Figure:
   name: str
   module: str
   title: str
+  kind: str = "modelled"   # what its headline is when the module does not say (module.KIND)
 
 
 FIGURES = (
     Figure("streaming", "experiments.fig_streaming",
-           "Streaming ablation: naive / buffered / layer-by-layer / background, per prompt length"),
+           "Streaming ablation: naive / buffered / layer-by-layer / background, per prompt length",
+           "measured"),
+    Figure("stream_overhead", "experiments.fig_stream_overhead",
+           "Streaming overhead: generation with the KV streamed to host, disk, another process",
+           "measured"),
+    Figure("ratio", "experiments.fig_ratio",
+           "Prompt/token step-time ratio over microbatch size and prompt length"),
     Figure("failures", "experiments.fig_failures",
            "Failures (paper's setting): total runtime and cumulative latency over time per "
            "recovery strategy, one request's latency; simulator and paced engine [modelled]"),
     Figure("planner", "experiments.fig_planner",
-           "Planner table and simulated makespan vs the baseline, with and without DP replicas"),
+           "Planner and cost/makespan on a trace: Baseline, Baseline-DP, DéjàVu; the planner's "
+           "recommendation with and without DP replicas"),
     Figure("disagg_sim", "experiments.fig_disagg_sim",
-           "Disaggregation (simulator): normalized latency vs rate, baseline vs splits"),
+           "Fig 8 (simulator): DéjàVu Dp-Dt vs Baseline-D, latency vs rate; link sensitivity"),
     Figure("swapping", "experiments.swapping",
-           "Swapping: batch B vs 2B under one memory budget"),
+           "Fig 9: batch B vs 2B with swapping per model, over the context; where it stops paying"),
     Figure("disaggregation", "experiments.disaggregation",
-           "Disaggregation (engine): normalized latency vs rate, baseline vs splits"),
+           "Fig 8 (paced engine + simulator): DéjàVu Dp-Dt vs Baseline-D, latency vs rate"),
 )
 
 MAX_TABLE_ROWS = 40
@@ -80,10 +91,19 @@ def _import(module_name: str):
     raise
 
 
+def setting(module, fc) -> str:
+  """The figure's setting in one line: its module's `setting(config)`, else the config's
+  workload fields (studies/paper.describe)."""
+  if hasattr(module, "setting"):
+    return module.setting(fc)
+  from dejavu_jax.studies import paper  # pylint: disable=g-import-not-at-top
+  return paper.describe(fc)
+
+
 def run_figure(fig: Figure, c, out_dir: str, log=print) -> dict:
   """Runs one figure into out_dir/<name>; returns its index entry."""
   entry = {"name": fig.name, "title": fig.title, "module": fig.module, "rows": [],
-           "files": [], "headline": "", "wall_s": 0.0}
+           "files": [], "headline": "", "wall_s": 0.0, "kind": fig.kind, "setting": ""}
   module = _import(fig.module)
   if module is None:
     return entry | {"status": "skipped", "why": f"module {fig.module} not available yet"}
@@ -91,6 +111,8 @@ def run_figure(fig: Figure, c, out_dir: str, log=print) -> dict:
     return entry | {"status": "skipped", "why": f"its config (configs/figures.py "
                                                 f"CONFIG_MODULES['{fig.name}']) not available yet"}
   fc = c.figures[fig.name]
+  entry["kind"] = getattr(module, "KIND", fig.kind)
+  entry["setting"] = setting(module, fc)
   sub = runrecord.prepare_output_dir(os.path.join(out_dir, fig.name), overwrite=True)
   log(f"\n=== {fig.name}: {fig.title}")
   t0 = time.perf_counter()
@@ -103,7 +125,7 @@ def run_figure(fig: Figure, c, out_dir: str, log=print) -> dict:
   wall = time.perf_counter() - t0
   headline = module.headline(rows) if hasattr(module, "headline") and rows else ""
   files = sorted(os.path.relpath(p, out_dir) for p in glob.glob(os.path.join(sub, "*")))
-  log(f"--- {fig.name} done in {wall:.1f} s. {headline}")
+  log(f"--- {fig.name} done in {wall:.1f} s ({entry['kind']}). {headline}")
   return entry | {"status": "ok", "rows": list(rows), "files": files, "headline": headline,
                   "wall_s": wall, "table": list(getattr(module, "TABLE", ()) or ()),
                   "config": runrecord.config_dict(fc)}
@@ -139,7 +161,7 @@ def run(c, out_dir: str, log=print) -> list[dict]:
   write_index(entries, out_dir, wall)
   log(f"\n{len(entries)} figure(s) in {wall:.1f} s -> {os.path.join(out_dir, 'index.md')}")
   for e in entries:
-    log(f"  {e['name']:<15} {e['status']:<8} {e['wall_s']:7.1f} s  "
+    log(f"  {e['name']:<15} {e['status']:<8} {e['wall_s']:7.1f} s  {e['kind']:<9} "
         f"{e['headline'] or e.get('why', '')}")
   return entries
 
@@ -156,15 +178,20 @@ def write_index(entries: list[dict], out_dir: str, wall: float) -> None:
   md = [f"# Figures", "",
         f"commit `{info.get('commit', '?')}`, {info.get('time_utc', '?')}, "
         f"total wall time {wall:.1f} s", "",
-        "| figure | status | wall (s) | headline |", "|---|---|---|---|"]
+        "| figure | status | wall (s) | kind | setting | headline |",
+        "|---|---|---|---|---|---|"]
   for e in entries:
     md.append(f"| [{e['name']}](#{e['name']}) | {e['status']} | {e['wall_s']:.1f} | "
+              f"{e['kind']} | {e['setting'].replace('|', '/')} | "
               f"{(e['headline'] or e.get('why', '')).replace('|', '/')} |")
   body = []
   for e in entries:
-    md += ["", f"## {e['name']}", "", e["title"], ""]
+    md += ["", f"## {e['name']}", "", e["title"], "", f"*{e['kind']}*; setting: {e['setting']}",
+           ""] + ([f"**headline**: {e['headline']}", ""] if e["headline"] else [])
     body.append(f"<h2 id='{e['name']}'>{html.escape(e['name'])}</h2><p>{html.escape(e['title'])}"
-                f"</p>")
+                f"</p><p><i>{e['kind']}</i>; setting: {html.escape(e['setting'])}</p>"
+                + (f"<p><b>headline</b>: {html.escape(e['headline'])}</p>" if e["headline"]
+                   else ""))
     if e["status"] != "ok":
       md.append(f"**{e['status']}**: {e.get('why', '')}")
       body.append(f"<p><b>{e['status']}</b>: {html.escape(e.get('why', ''))}</p>")
@@ -186,14 +213,17 @@ def write_index(entries: list[dict], out_dir: str, wall: float) -> None:
   with open(os.path.join(out_dir, "index.md"), "w") as f:
     f.write("\n".join(md) + "\n")
   head = "".join(f"<tr><td><a href='#{e['name']}'>{e['name']}</a></td><td>{e['status']}</td>"
-                 f"<td>{e['wall_s']:.1f}</td><td>{html.escape(e['headline'] or e.get('why', ''))}"
+                 f"<td>{e['wall_s']:.1f}</td><td>{e['kind']}</td>"
+                 f"<td>{html.escape(e['setting'])}</td>"
+                 f"<td>{html.escape(e['headline'] or e.get('why', ''))}"
                  "</td></tr>" for e in entries)
   with open(os.path.join(out_dir, "index.html"), "w") as f:
     f.write(f"<html><head><meta charset='utf-8'><title>Figures</title><style>td,th{{border:1px "
             f"solid #ccc;padding:2px 6px;font-size:12px}}table{{border-collapse:collapse}}"
             f"</style></head><body><h1>Figures</h1><p>commit {info.get('commit', '?')}, "
             f"{info.get('time_utc', '?')}, total wall time {wall:.1f} s</p><table><tr>"
-            f"<th>figure</th><th>status</th><th>wall (s)</th><th>headline</th></tr>{head}"
+            f"<th>figure</th><th>status</th><th>wall (s)</th><th>kind</th><th>setting</th>"
+            f"<th>headline</th></tr>{head}"
             f"</table>{''.join(body)}</body></html>\n")
 
 

@@ -19,7 +19,7 @@ def _rows(path):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)   # a hang guard: 790 s at load ~25, far less on a quiet machine
 def test_every_figure_on_its_tiny_config(tmp_path):
   c = figures_tiny.get_config()
   entries = {e["name"]: e for e in figures.run(c, str(tmp_path), log=lambda *a: None)}
@@ -45,15 +45,35 @@ def test_every_figure_on_its_tiny_config(tmp_path):
   for png in ("timeline_one.png", "timeline_series.png", "single_request.png"):
     assert (tmp_path / "failures" / png).exists()
 
+  # Streaming overhead (measured): every sink verified against what was sent.
+  rows = _rows(tmp_path / "stream_overhead" / "stream_overhead.jsonl")
+  assert {r["system"] for r in rows} == {"none", *c.figures.stream_overhead.sinks}
+  assert all(r["verified"] for r in rows)
+  assert all(r["streamed_mb"] > 0 for r in rows if r["system"] != "none")
+
+  # Prompt/token ratio: the modelled grid in full, and the measured one.
+  rows = _rows(tmp_path / "ratio" / "ratio.jsonl")
+  rc = c.figures.ratio
+  assert len([r for r in rows if r["kind"] == "modelled"]) == (
+      len(rc.models) * len(rc.batch_sizes) * len(rc.prompt_lens))
+  assert len([r for r in rows if r["kind"] == "measured"]) == (
+      len(rc.measured_batches) * len(rc.measured_prompts))
+  assert all(r["ratio"] > 0 for r in rows)
+
   rows = _rows(tmp_path / "planner" / "planner.jsonl")
-  assert {r["system"] for r in rows} == {"baseline", "best colocated (DP replicas)",
-                                         "disaggregated"}
+  assert {r["system"] for r in rows} == {"Baseline", "Baseline-DP", "DéjàVu",
+                                         "planner (DP allowed)", "planner (no DP)"}
+  assert all(r["machines_used"] <= r["machines"] for r in rows)
   assert (tmp_path / "planner" / "makespan.png").exists()
 
   rows = _rows(tmp_path / "disagg_sim" / "disagg_sim.jsonl")
   plotted = {r["system"] for r in rows if "rate" in r}
-  assert "baseline" in plotted and any(s.startswith("disagg ") for s in plotted)
-  assert len({r["rate"] for r in rows if "rate" in r}) == len(c.figures.disagg_sim.load)
+  assert {s.split()[0] for s in plotted} == {"Baseline-4", "DéjàVu"} and len(plotted) == 2
+  assert any(r["chosen"] for r in rows if "rate" in r)   # the planner's split is marked
+  assert len({r["rate"] for r in rows if "rate" in r}) == len(c.figures.disagg_sim.loads)
+  sens = [r for r in rows if r.get("kind") == "link_sensitivity"]
+  assert {r["link_gbps"] for r in sens} == set(c.figures.disagg_sim.sensitivity_gbps)
+  assert (tmp_path / "disagg_sim" / "link_sensitivity.png").exists()
 
   # Swapping (engine, paced): no swapping at B vs
   # swapping at 2B under one budget, tokens equal to the oracle, the budget never exceeded.
@@ -64,11 +84,19 @@ def test_every_figure_on_its_tiny_config(tmp_path):
   assert set(by) == {False, True} and by[True]["batch"] == 2 * by[False]["batch"]
   assert all(r["tokens_identical"] and r["within_budget"] for r in rate)
   # A short prompt: the swap-in hides and swapping pays; a long one: it does not.
-  short, long = sorted((r for r in rows if r["kind"] == "context_sweep"),
+  short, long = sorted((r for r in rows if r["kind"] == "context_sweep" and "auto_choice" in r),
                        key=lambda r: r["prompt_len"])
   assert short["swap_hides"] and short["gain"] > 1 and short["auto_choice"]
   assert not long["swap_hides"] and long["gain"] < 1 and not long["auto_choice"]
-  for png in ("rate_opt66b_a100.png", "context_sweep.png"):
+  # The paper's sweep: B vs 2B per prompt; the swap-in past the break-even does not hide.
+  paper = [r for r in rows if r["kind"] == "context_sweep" and "hidden_fraction" in r]
+  assert {r["prompt_len"] for r in paper} == set(c.figures.swapping.paper_prompts)
+  assert all(r["batch_with"] == 2 * r["batch_without"] for r in paper)
+  for r in paper:
+    be, mid = r["break_even_context"], int(r["prompt_len"] + r["output_mean"] / 2)
+    assert r["swap_hides"] == (be is not None and mid <= be)
+  for png in ("rate_opt66b_a100.png", "context_sweep.png", "batch_B_vs_2B.png",
+              "swap_overlap.png"):
     assert (tmp_path / "swapping" / png).stat().st_size > 0
 
   # Disaggregation (engine, paced, and the simulator beside it):
@@ -76,7 +104,7 @@ def test_every_figure_on_its_tiny_config(tmp_path):
   dc, rows = c.figures.disaggregation, entries["disaggregation"]["rows"]
   assert _rows(tmp_path / "disaggregation" / "results.jsonl") == json.loads(json.dumps(rows))
   systems = {r["system"] for r in rows}
-  assert systems == {"colocated D=2", "disaggregated 1+1"}
+  assert systems == {"Baseline-2", "DéjàVu 1-1"}
   for system in systems:
     for source in ("paced", "sim"):
       pts = [r for r in rows if r["system"] == system and r["source"] == source]
@@ -89,6 +117,7 @@ def test_every_figure_on_its_tiny_config(tmp_path):
   for e in entries.values():
     if e["status"] == "ok":
       assert e["headline"] and e["headline"] in index
+      assert e["kind"] in ("measured", "modelled") and e["setting"] in index
       for name in e["files"]:
         if name.endswith(".png"):
           assert f"]({name})" in index

@@ -141,3 +141,16 @@ def test_why_follows_the_recommended_system():
                             inverse_throughput=0.8)
   assert f"Dp={other.Dp} Dt={other.Dt} beats the analytical" in planner._why(
       ap, None, other, split, plain, 4)
+
+
+def test_max_replicas_caps_the_colocated_candidates():
+  """Without data-parallel replicas (the paper's baseline) no colocated plan has any; with
+  them allowed, the best colocated plan of a model one machine holds uses every machine."""
+  wl = planner.Workload(prompt_len=32, output_len=21, batch_size=2, output_dist="equal")
+  cost = _cost(0.002, 0.001)
+  free = planner.search(cost, 4, wl, BIG, batch_sizes=(2,))
+  one = planner.search(cost, 4, wl, BIG, batch_sizes=(2,), max_replicas=1)
+  best_free = next(c for c in free if c.system == "colocated")
+  assert best_free.depth * best_free.replicas == 4 and best_free.replicas > 1
+  assert all(c.replicas == 1 for c in one if c.system == "colocated")
+  assert one[0].throughput_rps <= free[0].throughput_rps * (1 + 1e-9)

@@ -161,14 +161,20 @@ def make_engine(sc: Scenario, system: tuple):
 
 def simulate(sc: Scenario, system: tuple, requests: Sequence[Request]) -> sim.SimResult:
   """The simulator on the same requests (prompts at the modeled length), times unscaled."""
-  cost = cost_model(sc)
   recs = [sim.RequestRecord(r.request_id, float(r.arrival) / sc.time_scale, sc.prompt_len,
                             int(r.max_new_tokens))
           for r in sorted(requests, key=lambda r: (r.arrival, r.request_id))]
+  return simulate_records(sc, system, recs)
+
+
+def simulate_records(sc: Scenario, system: tuple,
+                     records: Sequence[sim.RequestRecord]) -> sim.SimResult:
+  """The simulator's run of `system` on fresh request records (modeled time)."""
+  cost = cost_model(sc)
   if system[0] == "colocated":
-    return sim.simulate_colocated(cost, recs, system[1], batch_size=sc.batch,
+    return sim.simulate_colocated(cost, records, system[1], batch_size=sc.batch,
                                   microbatching="paper")
-  return sim.simulate_disaggregated(cost, recs, system[1], system[2], batch_size=sc.batch,
+  return sim.simulate_disaggregated(cost, records, system[1], system[2], batch_size=sc.batch,
                                     host_slots=sc.host_slots, stream_link=stream_link(sc),
                                     host_link=cost.hardware.host_link, microbatching="paper")
 

@@ -28,17 +28,24 @@ from dejavu_jax.serving.engine import PipelineEngine
 
 @dataclasses.dataclass(frozen=True)
 class System:
-  """A modeled deployment: `model` on `hardware`, `gpus_per_machine` devices per stage."""
+  """A modeled deployment: `model` on `hardware`, `gpus_per_machine` devices per stage, whose
+  swaps cross `swap_links` device<->host links in parallel."""
   name: str
   model: str
   hardware: str
   gpus_per_machine: int = 1
+  swap_links: int = 1
 
 
 SYSTEMS = {
+    # The legacy study's OPT-66B: one A100 per stage.
     "opt66b_a100": System("opt66b_a100", "opt_66b", "a100_80gb", 1),
-    # The paper's V100 VMs hold 2 GPUs: OPT-30B's 15 GB of weights per stage need both.
+    # The paper's VMs hold 2 GPUs: OPT-30B's 15 GB of weights per stage need both V100s.
     "opt30b_v100": System("opt30b_v100", "opt_30b", "v100_16gb", 2),
+    # Fig 9 in the paper's setting: each GPU of a 2-GPU stage swaps its half over its own PCIe.
+    "opt30b_v100x2": System("opt30b_v100x2", "opt_30b", "v100_16gb", 2, 2),
+    "opt66b_a100x2": System("opt66b_a100x2", "opt_66b", "a100_80gb", 2, 2),
+    "bloom176b_a100x2": System("bloom176b_a100x2", "bloom_176b", "a100_80gb", 2, 2),
 }
 
 
@@ -49,10 +56,16 @@ def get_system(name: str) -> System:
 
 
 def modeled(system: System) -> tuple[ModelConfig, cm.RooflineCostModel, cm.Link]:
-  """(model, roofline cost model, device<->host link) of a system."""
+  """(model, roofline cost model, device<->host link) of a system. A stage of n tensor-parallel
+  GPUs holds 1/n of every layer's KV on each GPU, and each GPU can swap its share over its own
+  PCIe link: with `swap_links` = n the stage's swap link is n links in parallel (the legacy
+  systems keep one)."""
   model = get_model_config(system.model, dtype="float16")
   cost = cm.roofline(model, system.hardware, system.gpus_per_machine)
-  return model, cost, cost.hardware.host_link
+  link, n = cost.hardware.host_link, system.swap_links
+  if n > 1:
+    link = cm.Link(f"{n}x{link.name}", n * link.bandwidth, link.latency)
+  return model, cost, link
 
 
 def stage_layers(model: ModelConfig, stages: int) -> list[int]:
@@ -209,4 +222,60 @@ def rate_sweep(system: System, cfg: ModelConfig, *, stages: int, prompt_len: int
           f"{r['batch']}: {row['output_throughput']:.1f} tok/s, p50 normalized latency "
           f"{row['norm_latency_p50_s_per_tok']:.4f} s/tok (modeled time), "
           f"{r['paced_overruns']} pace overruns")
+  return rows
+
+
+def break_even_context(cost: cm.CostModel, link: cm.Link, layers: int, batch: int,
+                       limit: int = 1 << 16) -> int | None:
+  """The longest context whose swap-in (the stage's `layers`, `batch` rows, over `link`) still
+  hides under the decode step at that context; None if not even context 1 does. Both grow
+  linearly in the context, the swap-in faster, so the crossing is one bisection."""
+  def hides_at(ctx):
+    return kv_budget.hides(cost, link, layers, batch, ctx)[0]
+  if not hides_at(1):
+    return None
+  if hides_at(limit):
+    return limit
+  lo, hi = 1, limit
+  while hi - lo > 1:
+    mid = (lo + hi) // 2
+    lo, hi = (mid, hi) if hides_at(mid) else (lo, mid)
+  return lo
+
+
+def paper_context_sweep(system: System, stages: int, prompts, batch: int, output_mean: float,
+                        num_microbatches: int = 32, seed: int = 0) -> list[dict]:
+  """Fig 9 in the paper's setting: saturated throughput at batch B without swapping against 2B
+  with it, per prompt length, LMSys output lengths (one per microbatch). The device holds D
+  buffers of B rows without swapping and 2 of 2B with it: the same KV memory at D = 4 (the
+  paper's 2x). The swap unit is the paper's: a stage swaps in only its own layers' cache of the
+  next microbatch (prompt block and the tokens so far), while the current one computes, and
+  swaps out only each step's token delta (sim/pipeline.py); a swap-in cannot be a delta, since
+  the slot it lands in held another microbatch. Each row also carries the swap-in and the
+  decode step at the mean context, the fraction of the swap-in hidden under the step, and the
+  break-even context (the longest whose swap-in still hides)."""
+  from dejavu_jax.studies import paper   # the paper's workload (studies layer)
+  model, cost, link = modeled(system)
+  layers = max(stage_layers(model, stages))
+  rows = []
+  for ctx in prompts:
+    out = {}
+    for swapping, b in ((False, batch), (True, 2 * batch)):
+      n = num_microbatches * b
+      reqs = sim.saturated_requests(n, ctx, paper.output_lens(n, b, seed, output_mean))
+      res = sim.simulate_colocated(cost, reqs, stages, batch_size=b,
+                                   swap_link=link if swapping else None, microbatching="paper")
+      inv = res.inverse_throughput(warmup=2 * stages, cooldown=2 * stages, period=stages)
+      out[swapping] = b / inv
+    mean_ctx = int(ctx + output_mean / 2)
+    ok, swap_s, step_s = kv_budget.hides(cost, link, layers, 2 * batch, mean_ctx)
+    rows.append({"kind": "context_sweep", "system": system.name, "model": system.model,
+                 "hardware": system.hardware, "gpus_per_machine": system.gpus_per_machine,
+                 "stages": stages, "prompt_len": ctx, "output_mean": output_mean,
+                 "batch_without": batch, "batch_with": 2 * batch,
+                 "throughput_without": out[False], "throughput_with": out[True],
+                 "gain": out[True] / out[False], "swap_in_s": swap_s, "step_s": step_s,
+                 "hidden_fraction": min(1.0, step_s / swap_s) if swap_s else 1.0,
+                 "swap_hides": ok, "swap_link": link.name,
+                 "break_even_context": break_even_context(cost, link, layers, 2 * batch)})
   return rows
