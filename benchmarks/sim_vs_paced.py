@@ -357,24 +357,9 @@ def snapshot_link(sc: FailScenario, repeats: int = 3) -> cm.Link:
   """The engine's snapshot as a link: the measured median time for a worker's `Snapshotter` to
   complete one snapshot of D microbatch caches of this scenario's shape (a worker holds D), on
   this machine now. It decides how stale the last complete snapshot is when a stage dies."""
-  import tempfile  # pylint: disable=g-import-not-at-top
-  import threading  # pylint: disable=g-import-not-at-top
-  from dejavu_jax.kv.cache import init_cache_for  # pylint: disable=g-import-not-at-top
-  from dejavu_jax.runtime.snapshot import Snapshotter  # pylint: disable=g-import-not-at-top
-  layers = CFG.num_layers // sc.stages
-  caches = {mb: (init_cache_for(CFG, layers, sc.batch, MAX_LEN), 1) for mb in range(sc.stages)}
-  times = []
-  with tempfile.TemporaryDirectory(prefix="sim-vs-paced-snap-") as d:
-    done = threading.Event()
-    snap = Snapshotter(d, 0, 0, 1, lambda *a: done.set())
-    for _ in range(repeats + 1):   # the first one warms orbax up
-      done.clear()
-      t0 = time.perf_counter()
-      snap.after_step(caches)
-      done.wait(30)
-      times.append(time.perf_counter() - t0)
-    snap.close()
-  return cm.Link("orbax_local_disk_measured", 1e12, float(np.median(times[1:])))
+  from dejavu_jax.studies.failstudy import measure_snapshot_link  # pylint: disable=g-import-not-at-top
+  return measure_snapshot_link(CFG, CFG.num_layers // sc.stages, sc.batch, MAX_LEN, sc.stages,
+                               repeats)
 
 
 def sim_recovery(strategy: str, replacement_s: float,
