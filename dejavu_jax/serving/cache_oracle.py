@@ -13,7 +13,9 @@ A row's key holds its length, which fixes the point in the request's life (promp
 tokens cached); rows past their length and padding rows are never digested. The reference is a
 failure-free serve of the same requests on an engine with the same token stages (for a
 disaggregated run, a colocated engine of the same token stages computes what the slots should
-have held). Two reference probes of one key that disagree (e.g. a swap-in that differs from the
+have held). A restore point is checked against this run's own last step at the same key when
+there is one (what the dead worker had computed: exact whatever microbatch the row shared, which
+a float model's digest depends on), else against the reference. Two reference probes of one key that disagree (e.g. a swap-in that differs from the
 step that wrote it) are reported as conflicts.
 """
 
@@ -93,12 +95,19 @@ def compare(reference, result, points=RESTORE_POINTS) -> CacheVerdict:
                      "ServeConfig(cache_probe=True)")
   ref, conflicts = reference_map(reference)
   verdict = CacheVerdict(conflicts=conflicts)
+  own = {}   # key -> the digest this run's own last step at that key computed
   for rec in getattr(result, "cache_probes", result):
     if rec.point not in points:
+      if rec.point == "step":
+        own[rec.key] = rec.digest
       continue
     verdict.checked += 1
     verdict.by_point[rec.point] = verdict.by_point.get(rec.point, 0) + 1
-    want = ref.get(rec.key)
+    # What was lost is what this run computed last at that key: the witness of an exact restore
+    # whatever microbatch the row shared. A float model's K/V differ in low bits with the
+    # batch's shapes, and a restart regroups requests, so the failure-free run is the witness
+    # only where this run computed nothing at that key (a prompt load, a lost probe).
+    want = own.get(rec.key) or ref.get(rec.key)
     if want is None:
       verdict.missing.append(rec)
     elif want != rec.digest:
