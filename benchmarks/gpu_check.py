@@ -49,6 +49,8 @@ from dejavu_jax.models.decoder import param_shapes  # noqa: E402
 from dejavu_jax.models.generate import make_decode_n, make_steps  # noqa: E402
 from dejavu_jax.stream import hostmem  # noqa: E402
 from dejavu_jax.workload import Request  # noqa: E402
+import streaming  # noqa: E402  benchmarks/streaming.py: the ablation's measurement, shared
+from streaming import median_time  # noqa: E402
 
 
 def sizes(small: bool) -> dict:
@@ -93,21 +95,12 @@ def nbytes(tree) -> int:
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-def median_s(fn, runs: int) -> float:
-  times = []
-  for _ in range(runs):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
-
-
 def device_bandwidth(nbytes_: int, runs: int = 5) -> float:
   """GB/s of an on-device elementwise copy (each byte read once and written once)."""
   x = jnp.zeros((nbytes_ // 4,), jnp.float32)
   f = jax.jit(lambda a: a + 1.0)
   jax.block_until_ready(f(x))
-  t = median_s(lambda: jax.block_until_ready(f(x)), runs)
+  t = median_time(lambda: jax.block_until_ready(f(x)), runs)
   return 2 * x.nbytes / t / 1e9
 
 
@@ -132,7 +125,7 @@ def decode_roofline(sz: dict, on_gpu: bool, hbm: float | None) -> list[dict]:
         state["cache"], new = loop(params, state["cache"], tok, pos, key, context=ctx)
         new.block_until_ready()
       run()   # compile
-      step = median_s(run, sz["runs"]) / sz["steps"]
+      step = median_time(run, sz["runs"]) / sz["steps"]
       kv = 2 * cfg.num_layers * b * ctx * cfg.num_kv_heads * cfg.head_dim * np.dtype(cfg.jnp_dtype).itemsize
       gbps = (w + kv) / step / 1e9
       rows.append(dict(model=cfg.name, batch=b, context=ctx, cache_len=s,
@@ -145,7 +138,6 @@ def decode_roofline(sz: dict, on_gpu: bool, hbm: float | None) -> list[dict]:
 
 # ---- 2. the streaming ablation ----
 def streaming_ablation(sz: dict) -> dict:
-  import streaming  # benchmarks/streaming.py: the ablation's measurement, shared
 
   from dejavu_jax.kv.buckets import bucket_length
   cfg = sz["ablation_model"]
