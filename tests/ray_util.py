@@ -1,4 +1,5 @@
-"""Shared by the Ray runtime tests: a Ray session that always shuts down, the check that it left
+"""Shared by the Ray runtime tests: a Ray session that always shuts down (`ray_session`, a module
+fixture: import it into a test module to use it), the check that it left
 no Ray process behind, the check that a killed actor's pid is gone, and the session's listening
 TCP sockets."""
 
@@ -8,6 +9,7 @@ import os
 import time
 
 import psutil
+import pytest
 
 
 def _ray_procs() -> list[psutil.Process]:
@@ -78,3 +80,13 @@ def is_loopback(ip: str) -> bool:
   addr = ipaddress.ip_address(ip.split("%")[0])
   return addr.is_loopback or bool(getattr(addr, "ipv4_mapped", None) and
                                   addr.ipv4_mapped.is_loopback)
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+  """One local Ray session (8 CPUs) for a test module, checked to leave no process behind."""
+  import ray  # pylint: disable=g-import-not-at-top
+  from dejavu_jax.runtime.ray import init_ray  # pylint: disable=g-import-not-at-top
+  init_ray(num_cpus=8)
+  with checked_shutdown(ray.shutdown):
+    yield

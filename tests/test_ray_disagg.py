@@ -16,7 +16,6 @@ import time
 
 import numpy as np
 import pytest
-import ray
 
 from configs import serve_ray_disagg_tiny
 from dejavu_jax import costmodel as cm
@@ -24,21 +23,13 @@ from dejavu_jax.config import ServeConfig, tiny_config
 from dejavu_jax.costmodel import TableCostModel
 from dejavu_jax.fault.inject import FailureSpec
 from dejavu_jax.pipeline.fake import fake_generate
-from dejavu_jax.runtime.ray import init_ray
 from dejavu_jax.serving.engine import PipelineEngine
 from dejavu_jax.studies import runner
 from dejavu_jax.workload import Request
-from tests.ray_util import checked_shutdown, pid_gone
+from tests.ray_util import pid_gone, ray_session  # noqa: F401 (a module fixture)
 from tests.test_swapping import _check_prefetch_order
 
 CFG = tiny_config("opt", num_layers=4, max_positions=128)
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-  init_ray(num_cpus=8)
-  with checked_shutdown(ray.shutdown):
-    yield
 
 
 def _reference(reqs):

@@ -21,22 +21,15 @@ from dejavu_jax.fault.inject import FailureSpec
 from dejavu_jax.models import init_params
 from dejavu_jax.models.checkpoint import save_params
 from dejavu_jax.pipeline.fake import fake_generate
-from dejavu_jax.runtime.ray import init_ray
 from dejavu_jax.serving import cache_oracle
 from dejavu_jax.studies import runner
 from dejavu_jax.serving.engine import PipelineEngine
 from dejavu_jax.workload import Request
-from tests.ray_util import checked_shutdown, is_loopback, pid_gone, tcp_listeners
+from tests.ray_util import (is_loopback, pid_gone, ray_session,  # noqa: F401 (a module fixture)
+                            tcp_listeners)
 from tests.serving_util import greedy_references
 
 CFG = tiny_config("opt", num_layers=4, max_positions=128)
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-  init_ray(num_cpus=8)
-  with checked_shutdown(ray.shutdown):
-    yield
 
 
 def _requests(n=6, new=50):

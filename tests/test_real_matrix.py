@@ -30,6 +30,7 @@ from dejavu_jax.fault.inject import FailureSpec  # noqa: E402
 from dejavu_jax.serving import cache_oracle  # noqa: E402
 from dejavu_jax.serving.engine import PipelineEngine  # noqa: E402
 from dejavu_jax.workload import Request  # noqa: E402
+from tests.ray_util import ray_session  # noqa: E402,F401  (a module fixture)
 
 NEW = 12
 MAX_LEN = 64
@@ -133,16 +134,6 @@ def test_disaggregated_prompt_and_token_side_failures(smol):
     token = eng.serve(reqs, failures=[FailureSpec(after_steps=8, stage=2)])
     assert token.tokens() == ref
     assert _handled(token, "replica") >= 1, token.recoveries
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-  ray = pytest.importorskip("ray")
-  from dejavu_jax.runtime.ray import init_ray  # pylint: disable=g-import-not-at-top
-  from tests.ray_util import checked_shutdown  # pylint: disable=g-import-not-at-top
-  init_ray(num_cpus=8)
-  with checked_shutdown(ray.shutdown):
-    yield
 
 
 @pytest.mark.timeout(900)
