@@ -20,11 +20,12 @@ from dejavu_jax.serving.dataparallel import (DataParallelEngine, LeastLoaded, Re
                                              RoundRobin)
 from dejavu_jax.serving.engine import PipelineEngine, make_engine
 from dejavu_jax.workload import Request
+from tests.ray_util import ray_session  # noqa: F401 (a module fixture)
 
 CFG = tiny_config("opt", num_layers=4, max_positions=128)
 
 
-def _requests(n=8, new=20, arrival=0.0):
+def _requests(n=8, new=10, arrival=0.0):
   return [Request(i, arrival, tuple(3 + (11 * i + 7 * j) % 90 for j in range(3 + i % 4)), new)
           for i in range(n)]
 
@@ -34,15 +35,15 @@ def _reference(reqs):
 
 
 def _serve_config(**kw):
-  base = dict(num_stages=2, microbatch_size=2, max_len=32, program="fake", recovery="replica",
+  base = dict(num_stages=2, microbatch_size=2, max_len=16, program="fake", recovery="replica",
               heartbeat_s=0.05, heartbeat_timeout_s=0.4, data_parallel=2, pacing="paced")
   return ServeConfig(**{**base, **kw})
 
 
 def _cost(stages=2):
-  # Every stage step lasts at least 10 ms: a replica's 20-token requests take >= 0.4 s, so the
+  # Every stage step lasts at least 20 ms: a replica's 10-token requests take >= 0.4 s, so the
   # replicas overlap for a known number of steps however loaded the machine is.
-  return TableCostModel(CFG, prompt=0.02 * stages, token=0.01 * stages)
+  return TableCostModel(CFG, prompt=0.04 * stages, token=0.02 * stages)
 
 
 @pytest.fixture(scope="module")
@@ -89,17 +90,17 @@ def test_a_failure_in_one_replica_leaves_the_other_serving(dp):
 @pytest.mark.timeout(120)
 def test_online_routing_least_loaded_picks_the_idle_replica_and_kill(dp):
   dp.start()
-  long = dp.submit(_requests(1)[0].prompt, 28)      # replica 0
+  long = dp.submit(_requests(1)[0].prompt, 12)      # replica 0
   short = dp.submit(_requests(2)[1].prompt, 2)      # replica 1 (0 outstanding there)
   assert short.wait(30) == "finished"
-  assert not long.done   # 28 paced tokens take >= 0.56 s; 2 take >= 0.04 s
+  assert not long.done   # 12 paced tokens take >= 0.48 s; 2 take >= 0.08 s
   nxt = dp.submit(_requests(3)[2].prompt, 6)        # least loaded: replica 1 again
   dp.kill(0, 0)                                     # replica 0's stage 0, mid-stream
   outs = [list(h) for h in (long, short, nxt)]
   res = dp.stop()
   assert res.replica_of == {0: 0, 1: 1, 2: 1}
   assert outs == [fake_generate(CFG, [p], n)[0] for p, n in (
-      (_requests(1)[0].prompt, 28), (_requests(2)[1].prompt, 2), (_requests(3)[2].prompt, 6))]
+      (_requests(1)[0].prompt, 12), (_requests(2)[1].prompt, 2), (_requests(3)[2].prompt, 6))]
   assert [(e.replica, e.stages) for e in res.recoveries] == [(0, (0,))]
 
 
@@ -117,10 +118,13 @@ def test_routers_choose_by_load():
 @pytest.mark.timeout(120)
 def test_round_robin_alternates_and_disaggregated_replicas_recover():
   """Two disaggregated replicas (1 prompt + 1 token stage each), round robin; replica 1's token
-  stage (stage 1: prompt stages are numbered first) dies."""
+  stage (stage 1: prompt stages are numbered first) dies. Both replicas lay their workers on the
+  same two devices (as share_devices does for stages), so their programs compile once: disjoint
+  devices are the first test's."""
+  import jax  # pylint: disable=g-import-not-at-top
   sc = _serve_config(prompt_stages=1, token_stages=1, routing="round_robin", pacing="real")
-  reqs = _requests(6, new=12)
-  with make_engine(CFG, None, sc) as eng:
+  reqs = _requests(6, new=10)
+  with make_engine(CFG, None, sc, devices=jax.devices()[:2] * 2) as eng:
     res = eng.serve(reqs, failures={1: [FailureSpec(stage=1, after_steps=5)]})
   assert res.error is None and res.tokens() == _reference(reqs)
   assert res.replica_of == {i: i % 2 for i in range(6)}
@@ -134,7 +138,7 @@ def test_a_replica_lost_for_good_has_its_requests_served_by_the_other():
   """Replica 0's stage 1 stalls past step_timeout_s (the watchdog is set later): its loop stops
   with an error; its unfinished requests are served again by replica 1, tokens unchanged."""
   sc = _serve_config(step_timeout_s=1.0, progress_timeout_s=60.0, recovery="restart")
-  reqs = _requests(6, new=12)
+  reqs = _requests(6, new=10)
   with make_engine(CFG, None, sc, cost_model=_cost()) as eng:
     res = eng.serve(reqs, failures=[FailureSpec(stage=1, after_steps=4, kind="stall",
                                                 stall_s=3.0)])
@@ -147,7 +151,7 @@ def test_a_replica_lost_for_good_has_its_requests_served_by_the_other():
   assert res.summary["replicas"][0]["error"] is not None
   # What replica 0 had generated is generated again: recomputed, not output.
   assert res.summary["total_recomputed_tokens"] >= 3
-  assert res.summary["total_output_tokens"] == 6 * 12
+  assert res.summary["total_output_tokens"] == 6 * 10
 
 
 def test_bad_configs_name_the_field_and_the_numbers():
@@ -194,3 +198,28 @@ def test_bad_failures_and_routers(dp):
   finally:
     dp.router = old
   assert "router 'bad' chose replica 7, not one of the live replicas [0, 1]" in res.error
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_ray_two_replicas_with_a_sigkill_in_one(ray_session):
+  """R=2 pipelines of 2 actor processes each on Ray; replica 0's stage 1 actor SIGKILLs itself
+  after 6 steps and is replaced by that replica's warm spare from its replica, while replica 1's
+  actors keep generating; tokens identical, the killed pid gone."""
+  from tests.ray_util import pid_gone  # pylint: disable=g-import-not-at-top
+  sc = _serve_config(runtime="ray", max_len=32, heartbeat_s=0.1, heartbeat_timeout_s=30.0)
+  reqs = _requests(8, new=20)
+  with make_engine(CFG, None, sc, cost_model=_cost()) as eng:
+    pids = [{w.pid for w in r.runtime._workers} for r in eng.replicas]  # pylint: disable=protected-access
+    assert not pids[0] & pids[1] and all(len(p) == 2 for p in pids), pids
+    base = eng.serve(reqs)   # failure-free first: every actor compiles its steps
+    assert base.error is None and base.tokens() == _reference(reqs)
+    res = eng.serve(reqs, failures={0: [FailureSpec(stage=1, after_steps=6)]})
+    assert res.error is None and res.tokens() == _reference(reqs)
+    (ev,) = res.recoveries
+    assert ev.replica == 0 and ev.stages == (1,) and ev.handled_by.get("replica", 0) >= 1, ev
+    (kill,) = eng.replicas[0].runtime.kills
+    assert pid_gone(kill["pid"]) and not eng.replicas[1].runtime.kills
+    assert _tokens_between(res, 1, ev.failed_at, ev.recovered_at), ev
+    lines = eng.report(res)
+    assert any(x.startswith("replica 0: stage 1: pid") for x in lines), lines
