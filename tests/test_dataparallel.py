@@ -223,3 +223,24 @@ def test_ray_two_replicas_with_a_sigkill_in_one(ray_session):
     assert _tokens_between(res, 1, ev.failed_at, ev.recovered_at), ev
     lines = eng.report(res)
     assert any(x.startswith("replica 0: stage 1: pid") for x in lines), lines
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_serve_experiment_with_two_replicas(tmp_path):
+  """configs/serve_dp_tiny.py end to end (the tiny transformer): the baseline and the run with
+  replica 0's stage 1 killed both equal the single-device greedy run; each request's replica is
+  in requests_*.jsonl."""
+  import json  # pylint: disable=g-import-not-at-top
+  from configs import serve_dp_tiny  # pylint: disable=g-import-not-at-top
+  from dejavu_jax.studies import runner  # pylint: disable=g-import-not-at-top
+  lines = []
+  c = serve_dp_tiny.get_config()
+  summaries = runner.run_experiment(c, str(tmp_path), log=lines.append, progress=False)
+  assert [s["identical"] for s in summaries] == [True, True], lines
+  (s,) = [x for x in summaries if not x["baseline"]]
+  assert s["system"] == "pipeline_D2x2" and s["failures"] == 1 and s["data_parallel"] == 2
+  assert [r["failures"] for r in s["replicas"]] == [1, 0]
+  recs = [json.loads(x) for x in open(tmp_path / "requests_rate20.jsonl")]
+  assert sorted(r["replica"] for r in recs) == [0] * 4 + [1] * 4
+  assert any(x.startswith("  replica 0: stage(s) [1]: killed") for x in lines), lines
