@@ -244,3 +244,14 @@ def test_serve_experiment_with_two_replicas(tmp_path):
   recs = [json.loads(x) for x in open(tmp_path / "requests_rate20.jsonl")]
   assert sorted(r["replica"] for r in recs) == [0] * 4 + [1] * 4
   assert any(x.startswith("  replica 0: stage(s) [1]: killed") for x in lines), lines
+
+
+def test_the_planners_recommendation_is_a_serve_config():
+  """The planner's "colocated D x R" candidate names the fields that serve it here."""
+  from dejavu_jax.planner import Candidate  # pylint: disable=g-import-not-at-top
+  fields = Candidate("colocated", 8, depth=2, replicas=2).serve_overrides()
+  assert fields == {"num_stages": 2, "data_parallel": 2, "microbatch_size": 8, "tensor": 1}
+  sc = ServeConfig(program="fake", **fields)
+  assert sc.topology.data_parallel == 2 and sc.topology.num_stages == 2
+  split = Candidate("disaggregated", 4, Dp=1, Dt=3).serve_overrides(tensor=2)
+  assert split == {"prompt_stages": 1, "token_stages": 3, "microbatch_size": 4, "tensor": 2}
