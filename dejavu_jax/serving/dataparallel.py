@@ -361,7 +361,9 @@ class DataParallelEngine:
     return self._run
 
   def submit(self, prompt_ids: Sequence[int], max_new_tokens: int):
-    """Routes a request to a live replica; that replica's `RequestHandle`."""
+    """Routes a request to a live replica; that replica's `RequestHandle` (its `request_id`
+    numbers the request within that replica; `stop()`'s result numbers requests in the order
+    they were submitted here, `replica_of` saying where each ran)."""
     run = self._run
     if run is None:
       raise RuntimeError("the engine is not serving online; call engine.start() first")
