@@ -362,6 +362,10 @@ def _check_choice(obj, name: str, choices: tuple, what: str | None = None) -> No
     _fail(name, f"unknown {what or name} {v!r}; expected one of {list(choices)}")
 
 
+# The data-parallel router's policies (serving/dataparallel.py ROUTERS implements each).
+ROUTING_POLICIES = ("least_loaded", "round_robin")
+
+
 @dataclasses.dataclass(frozen=True)
 class TopologyConfig:
   """The pipeline: stages, devices, microbatches, cache length, serving mode, stage program."""
@@ -379,6 +383,12 @@ class TopologyConfig:
   program: str = _field("model", "stage program: 'model' (the transformer) | 'fake' "
                                  "(pipeline/fake.py: arithmetic you can check by hand; tests and "
                                  "failure campaigns)")
+  data_parallel: int = _field(1, "R data-parallel replicas of the whole pipeline (colocated, or "
+                                 "the prompt + token pipelines), each on its own devices (R times "
+                                 "one replica's), behind one router (serving/dataparallel.py)")
+  routing: str = _field("least_loaded", "which replica a request goes to (data_parallel > 1): "
+                                        "'least_loaded' (fewest outstanding requests, then fewest "
+                                        "outstanding tokens) | 'round_robin'")
 
   def __post_init__(self):
     _check_int(self, "num_stages")
@@ -387,6 +397,8 @@ class TopologyConfig:
     _check_int(self, "max_len")
     _check_choice(self, "mode", ("mixed", "paper"), "serving mode")
     _check_choice(self, "program", ("model", "fake"), "stage program")
+    _check_int(self, "data_parallel")
+    _check_choice(self, "routing", ROUTING_POLICIES, "routing policy")
     if self.stage_ranges is not None and not (
         isinstance(self.stage_ranges, (tuple, list)) and
         all(isinstance(r, (tuple, list)) and len(r) == 2 for r in self.stage_ranges)):

@@ -190,12 +190,15 @@ def dumps(obj) -> str:
   return json.dumps(_json_safe(obj), allow_nan=False)
 
 
-def write_jsonl(path: str | os.PathLike, records: Iterable[RequestRecord]) -> None:
-  """Writes one JSON object per request (the record's fields), one per line."""
+def write_jsonl(path: str | os.PathLike, records: Iterable[RequestRecord],
+                annotations: dict | None = None) -> None:
+  """Writes one JSON object per request (the record's fields, then `annotations[request_id]`'s
+  entries, e.g. the data-parallel replica that served it), one per line."""
+  annotations = annotations or {}
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, "w", encoding="utf-8") as f:
     for r in records:
-      f.write(dumps(dataclasses.asdict(r)) + "\n")
+      f.write(dumps({**dataclasses.asdict(r), **annotations.get(r.request_id, {})}) + "\n")
 
 
 def read_jsonl(path: str | os.PathLike) -> list[RequestRecord]:

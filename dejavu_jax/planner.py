@@ -212,6 +212,15 @@ class Candidate:
   def throughput_rps(self) -> float:
     return self.batch / self.inverse_throughput
 
+  def serve_overrides(self, tensor: int = 1) -> dict:
+    """The ServeConfig fields (flat names) that serve this candidate as planned: a colocated one
+    as `data_parallel` replicas of a `num_stages` pipeline (serving/dataparallel.py)."""
+    if self.system == "colocated":
+      return {"num_stages": self.depth, "data_parallel": max(self.replicas, 1),
+              "microbatch_size": self.batch, "tensor": tensor}
+    return {"prompt_stages": self.Dp, "token_stages": self.Dt, "microbatch_size": self.batch,
+            "tensor": tensor}
+
   def describe(self) -> str:
     if self.system == "colocated":
       return f"colocated D={self.depth} x{self.replicas} replica(s), batch {self.batch}"
@@ -445,6 +454,8 @@ def plan_report(model: ModelConfig, machines: int, hardware: str, wl: Workload,
   best_dis = dis[0] if dis else None
   lines += ["", f"Recommended: {best.describe()} ({best.throughput_rps:.3f} req/s, "
                 f"{best.throughput_rps * wl.output_len:.1f} tok/s)"]
+  lines.append("  serve it: " + " ".join(
+      f"--config.{k}={v}" for k, v in best.serve_overrides(gpus_per_machine).items()))
   if best.system == "disaggregated":
     lines.append(f"  gain over the best baseline ({base.describe()}): {gain:.2f}x")
   elif best_dis is not None:
@@ -485,7 +496,8 @@ def plan_report(model: ModelConfig, machines: int, hardware: str, wl: Workload,
                                     {"throughput_rps": best_dis.throughput_rps}) if best_dis else None,
              "plain_baseline": (dataclasses.asdict(plain[0]) |
                                 {"throughput_rps": plain[0].throughput_rps}) if plain else None,
-             "why": why, "paper_comparison": paper, "max_replicas": max_replicas}
+             "why": why, "paper_comparison": paper, "max_replicas": max_replicas,
+             "serve_overrides": best.serve_overrides(gpus_per_machine)}
   return "\n".join(lines), summary
 
 

@@ -32,6 +32,7 @@ def test_paced_and_simulated_figures_are_modelled():
   for name, keys in (("pipeline.py", ("paced_vs_formula",)),
                      ("sim_vs_paced.py", ("max_rel_error_throughput",)),
                      ("swapping.py", ("paced_throughput_gain", "sim_throughput_gain")),
+                     ("dataparallel.py", ("dp_over_single_engine", "dp_over_single_sim")),
                      ("disaggregation.py", ("paced_gain_at_planner_split",
                                             "sim_vs_paced_rel_error"))):
     src = open(os.path.join(ROOT, "benchmarks", name)).read()

@@ -99,7 +99,7 @@ def test_fields_are_read_through_their_group_and_pickling():
 
 def test_field_paths_and_unique_names():
   paths = C.serve_field_paths()
-  assert len(paths) == len(C.serve_fields()) == 38
+  assert len(paths) == len(C.serve_fields()) == 40
   for name, path in paths.items():
     group, flat = path.split(".")
     assert flat == name and hasattr(getattr(C.ServeConfig(), group), name)

@@ -37,6 +37,7 @@ class RecoveryEvent:
   handled_by: dict = dataclasses.field(default_factory=dict)   # strategy -> microbatches
   load_errors: list = dataclasses.field(default_factory=list)  # why a planned restore fell back
   side: str = ""                    # disaggregation: "prompt" or "token" (whose stages died)
+  replica: int = 0                  # data parallelism: the replica whose pipeline failed
 
   @property
   def detection_s(self) -> float:

@@ -130,6 +130,10 @@ class PipelineEngine:
   def __init__(self, cfg: ModelConfig, params, serve: ServeConfig, cost_model=None,
                devices: Sequence | None = None, time_scale: float = 1.0,
                params_checkpoint: str | None = None, swap_link=None):
+    if serve.topology.data_parallel != 1:
+      raise ValueError(f"data_parallel={serve.topology.data_parallel}: a PipelineEngine is one "
+                       "replica; serve replicas with serving.dataparallel.DataParallelEngine "
+                       "(make_engine picks it from the config)")
     self.cfg, self.serve_cfg, self.params = cfg, serve, params
     self.strategy = get_strategy(serve.fault.recovery, serve.fault.snapshot_dir, serve.fault.snapshot_every)
     self.params_checkpoint = params_checkpoint
@@ -257,6 +261,12 @@ class PipelineEngine:
       raise ValueError("; ".join(result.rejected.values()))
     toks = result.tokens()
     return [toks[i] for i in range(len(prompts))]
+
+  def report(self, result=None) -> list[str]:
+    """The runtimes' lines for an experiment log: killed processes (Ray, both sides of a
+    disaggregated deployment) and, with a `ServeResult`, each recovery's timeline."""
+    return [x for rt in self.prompt_path.runtimes() for x in rt.report()] + \
+        self.runtime.report(result)
 
   def worker_stats(self) -> list[api.WorkerStats]:
     """The token pipeline's workers' stats (a prompt path's: `prompt_path.worker_stats()`)."""
@@ -525,6 +535,10 @@ class PipelineEngine:
                                            final=final))
 
 
-def make_engine(cfg: ModelConfig, params, serve: ServeConfig, **kw) -> PipelineEngine:
-  """The engine `serve` asks for (one class: the prompt path follows the config)."""
+def make_engine(cfg: ModelConfig, params, serve: ServeConfig, **kw):
+  """The engine `serve` asks for: one `PipelineEngine` (the prompt path follows the config), or
+  with `data_parallel` > 1 that many replicas of it behind a router (serving/dataparallel.py)."""
+  if serve.topology.data_parallel > 1:
+    from dejavu_jax.serving.dataparallel import DataParallelEngine  # pylint: disable=g-import-not-at-top
+    return DataParallelEngine(cfg, params, serve, **kw)
   return PipelineEngine(cfg, params, serve, **kw)

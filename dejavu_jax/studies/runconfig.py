@@ -75,6 +75,8 @@ class FailureFields:
                                 "fail_times); () for none")
   fail_times: tuple = _f((4.0,), "seconds into each run at which the stages above are killed "
                                  "(used when fail_after_steps is ())")
+  fail_replica: int = _f(0, "with data_parallel > 1: the replica whose fail_stages fail (the "
+                           "other replicas serve on)")
   fail_after_steps: tuple = _f((), "kill fail_stages right after this many steps of their "
                                    "workers: the same point of a run on a quiet or a loaded "
                                    "machine (takes precedence over fail_times)")
@@ -257,7 +259,13 @@ def validate(c, num_devices: int | None = None) -> None:
   seeds = tuple(c.get("seeds", ()) or ())
   _check(all(isinstance(s, int) and s >= 0 for s in seeds), "seeds",
          f"must be a tuple of integers >= 0, got {seeds!r}")
-  d, t = sc.topology.num_stages, sc.topology.tensor
+  d, t, r = sc.topology.num_stages, sc.topology.tensor, sc.topology.data_parallel
+  # Data parallelism: every replica takes one replica's devices (the shapes below, times r).
+  times_r = f" x data_parallel {r}" if r > 1 else ""
+  if r > 1:
+    fr = c.get("fail_replica", 0)
+    _check(isinstance(fr, int) and not isinstance(fr, bool) and 0 <= fr < r, "fail_replica",
+           f"replica {fr!r} is outside the data-parallel replicas 0..{r - 1}")
   dp, dt = sc.disagg.prompt_stages, sc.disagg.token_stages
   if dp or dt:
     _check(isinstance(dp, int) and dp >= 1, "prompt_stages",
@@ -269,9 +277,9 @@ def validate(c, num_devices: int | None = None) -> None:
     _check(not c.get("share_devices"), "share_devices",
            "the prompt and token pipelines need disjoint devices")
     if num_devices is not None and sc.cluster.runtime == "local":   # Ray: actors bring theirs
-      _check((dp + dt) * t <= num_devices, "token_stages",
-             f"{dp} prompt + {dt} token stages x tensor {t} need {(dp + dt) * t} devices; this "
-             f"process has {num_devices}")
+      _check((dp + dt) * t * r <= num_devices, "data_parallel" if r > 1 else "token_stages",
+             f"{dp} prompt + {dt} token stages x tensor {t}{times_r} need {(dp + dt) * t * r} "
+             f"devices; this process has {num_devices}")
     d = dp + dt   # failures number the prompt stages first, then the token stages
   if sc.cluster.runtime == "ray":
     # Every stage actor brings its own device(s); the driver needs the ray package only.
@@ -281,11 +289,12 @@ def validate(c, num_devices: int | None = None) -> None:
   elif dp or dt:
     pass   # checked above
   elif num_devices is not None and c.get("share_devices"):
-    _check(t <= num_devices, "tensor", f"tensor {t} needs {t} devices; this process has "
-           f"{num_devices}")
+    _check(t * r <= num_devices, "data_parallel" if r > 1 else "tensor",
+           f"tensor {t}{times_r} needs {t * r} devices; this process has {num_devices}")
   elif num_devices is not None:
-    _check(d * t <= num_devices, "num_stages",
-           f"{d} stages x tensor {t} need {d * t} devices; this process has {num_devices} "
+    _check(d * t * r <= num_devices, "data_parallel" if r > 1 else "num_stages",
+           f"{d} stages x tensor {t}{times_r} need {d * t * r} devices; this process has "
+           f"{num_devices} "
            "(set share_devices=True to lay every stage on the same device(s), e.g. one GPU; "
            "WORKSPACE.md 'GPU')")
   if c.get("check_tokens"):

@@ -195,22 +195,26 @@ def run_experiment(c, out_dir: str, log=print, overwrite: bool = False,
   summaries, texts, timelines, recoveries, fired, refs = [], [], {}, [], {}, {}
   t_build = time.perf_counter()
   # share_devices: every stage on the same `tensor` devices (e.g. a whole pipeline on one GPU).
-  devices = (jax.devices()[:sc.topology.tensor] * sc.topology.num_stages
-             if c.get("share_devices") else None)
+  # With data_parallel R, replica r shares devices [r * tensor, (r + 1) * tensor).
+  tp, reps = sc.topology.tensor, sc.topology.data_parallel
+  devices = ([d for r in range(reps) for d in jax.devices()[r * tp:(r + 1) * tp] *
+              sc.topology.num_stages] if c.get("share_devices") else None)
   with make_engine(cfg, params, sc, cost_model=cost, devices=devices,
                    time_scale=c.cost.time_scale) as engine:
     if sc.disagg.prompt_stages or sc.disagg.token_stages:
       path = engine.prompt_path
       log(f"disaggregated: {path.Dp} prompt stages {list(path.prompt_plan.ranges)} -> "
           f"{path.Dt} token stages {list(engine.plan.ranges)}, {path.host_slots} host slots")
+    dp_text = f" x {reps} replicas (routing {sc.topology.routing})" if reps > 1 else ""
     log(f"pipeline: {engine.plan.num_stages} stages {list(engine.plan.ranges)} x tensor "
-        f"{engine.plan.tensor}, microbatch {getattr(engine, 'microbatch_size', sc.topology.microbatch_size)}"
+        f"{engine.plan.tensor}{dp_text}, microbatch {getattr(engine, 'microbatch_size', sc.topology.microbatch_size)}"
         f", {sc.topology.mode} mode, {sc.timing.pacing}")
     choice = getattr(engine, "swap_choice", None)
     if choice is not None and (sc.memory.swapping != "off" or sc.memory.device_kv_budget_bytes):
       log(f"swapping {'on' if choice.swapping else 'off'}: {choice.reason}")
-    warm(engine, workloads.values(), recomputes=any(_recomputes(st) for _, st, _ in runs),
-         log=log, bars=bars)
+    for replica in getattr(engine, "replicas", [engine]):   # data parallel: each compiles its own
+      warm(replica, workloads.values(), recomputes=any(_recomputes(st) for _, st, _ in runs),
+           log=log, bars=bars)
     log(f"engine ready in {time.perf_counter() - t_build:.1f} s; strategies {list(strategies)}"
         f"{' + failure-free baseline' if runs[0][0] == BASELINE else ''}, seeds {list(seeds)}, "
         f"rates {list(c.rates)}, failures {[f.describe() for f in failures] or 'none'}")
@@ -224,13 +228,15 @@ def run_experiment(c, out_dir: str, log=print, overwrite: bool = False,
           failed = None
           bar = runrecord.progress_bar(len(requests), f"serve {tag}", bars, unit="req")
           try:
-            res = engine.serve(requests, progress=bar, failures=fails)
+            res = engine.serve(requests, progress=bar, failures=(
+                {c.get("fail_replica", 0): fails} if reps > 1 and fails else fails))
           except EngineError as e:
             failed, res = e, e.result
           finally:
             bar.close()
           warnings = _run_warnings(res, fails, res.summary)
-          summary = {"rate": float(rate), "system": f"pipeline_D{sc.topology.num_stages}",
+          system = f"pipeline_D{sc.topology.num_stages}" + (f"x{reps}" if reps > 1 else "")
+          summary = {"rate": float(rate), "system": system,
                      "model": cfg.name,
                      **runrecord.row_info(
                          info, strategy=name, seed=seed, pacing=sc.timing.pacing,
@@ -242,7 +248,9 @@ def run_experiment(c, out_dir: str, log=print, overwrite: bool = False,
                                     slo_ttft_ms=c.get("slo_ttft_ms"),
                                     slo_tpot_ms=c.get("slo_tpot_ms"))
             summary |= {k: slo[k] for k in ("request_goodput", "slo_attainment")}
-          metrics.write_jsonl(os.path.join(out_dir, f"requests_{tag}.jsonl"), res.records)
+          metrics.write_jsonl(os.path.join(out_dir, f"requests_{tag}.jsonl"), res.records,
+                              {i: {"replica": r} for i, r in
+                               getattr(res, "replica_of", {}).items()})
           recoveries += [{"rate": float(rate), "seed": seed, **ev.to_dict(),
                           "strategy": strategy} for ev in res.recoveries]
           summaries.append(summary)
@@ -256,8 +264,7 @@ def run_experiment(c, out_dir: str, log=print, overwrite: bool = False,
             summary["identical"] = res.tokens() == ref
           log(run_line(summary, tag, res))
           # The recovery timeline (Ray: the killed pids, the prompt side's too).
-          for line in [x for rt in engine.prompt_path.runtimes() for x in rt.report()] + \
-              engine.runtime.report(res):
+          for line in engine.report(res):
             log(f"  {line}")
           if "identical" in summary:
             same = sum(res.tokens().get(r.request_id) == ref[r.request_id] for r in requests)
