@@ -16,7 +16,8 @@ generate `new_tokens` tokens greedily per row with no EOS stop:
     dynamic cache and attention).
 
 A run is timed from the prompt to the last token on the host; tokens/s = B * new_tokens / run
-time. The sides alternate run by run (a warm-up round first, which also compiles), because
+time (`speedup_cpu_time_b*`: the same ratio from each side's process CPU time, which a loaded
+machine inflates far less than the wall time when each side has one thread). The sides alternate run by run (a warm-up round first, which also compiles), because
 other jobs share this machine's cores; every figure is a median over `--runs` rounds. Thread
 settings (`--threads=both`, the default): two worker processes (dejavu_jax/studies/paired.py), one
 single-threaded (XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
@@ -78,15 +79,15 @@ class Ours:
     self.key = jax.random.key(0)
 
   def run(self):
-    """-> (new tokens [B, N], seconds)."""
-    t0 = time.perf_counter()
+    """-> (new tokens [B, N], seconds, CPU seconds of this process)."""
+    t0, c0 = time.perf_counter(), time.process_time()
     cache = init_cache_for(self.cfg, self.cfg.num_layers, self.tokens.shape[0], _MAX_LEN)
     cache, logits = self.prefill(self.params, cache, self.tokens, self.positions)
     first = jnp.argmax(logits, axis=-1).astype(jnp.int32)                        # [B]
     _, new = self.decode_n(self.params, cache, first, self.next_pos, self.key)
     new = np.asarray(new)
-    t1 = time.perf_counter()
-    return np.concatenate([np.asarray(first)[:, None], new], axis=1), t1 - t0
+    t1, c1 = time.perf_counter(), time.process_time()
+    return np.concatenate([np.asarray(first)[:, None], new], axis=1), t1 - t0, c1 - c0
 
 
 class Torch:
@@ -103,12 +104,12 @@ class Torch:
     self.ids, self.mask = torch.as_tensor(ids), torch.as_tensor(mask)
 
   def run(self):
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     with torch.no_grad():
       out = self.model.generate(self.ids, attention_mask=self.mask, do_sample=False,
                                 max_new_tokens=self.new_tokens, min_new_tokens=self.new_tokens)
-    t1 = time.perf_counter()
-    return out[:, self.ids.shape[1]:].numpy(), t1 - t0
+    t1, c1 = time.perf_counter(), time.process_time()
+    return out[:, self.ids.shape[1]:].numpy(), t1 - t0, c1 - c0
 
 
 def token_match(ours: np.ndarray, hf: np.ndarray, stop: int) -> float:
@@ -160,9 +161,9 @@ def one_round(st: dict) -> dict:
   rec = {}
   for b in st["batches"]:
     ours, hf, prompts = st["sides"][b]
-    toks, total = ours.run()
-    hf_toks, hf_total = hf.run()
-    rec[str(b)] = dict(ours=total, hf=hf_total,
+    toks, total, cpu = ours.run()
+    hf_toks, hf_total, hf_cpu = hf.run()
+    rec[str(b)] = dict(ours=total, hf=hf_total, ours_cpu=cpu, hf_cpu=hf_cpu,
                        match=token_match(toks, hf_toks, st["tok"].eos_token_id),
                        prompt_tokens=[len(p) for p in prompts])
   return rec
@@ -178,6 +179,9 @@ def summarize(records: list[dict], batches, new_tokens: int) -> dict:
     hf_tps = med(b * new_tokens / r["hf"] for r in rs)
     out.update({
         f"speedup_b{b}": round(ours_tps / hf_tps, 3),
+        # CPU seconds of each side's process per run: with one thread per side this is the
+        # work done, which other jobs on the cores inflate far less than the wall time.
+        f"speedup_cpu_time_b{b}": round(med(r["hf_cpu"] / r["ours_cpu"] for r in rs), 3),
         f"ours_tok_s_b{b}": round(ours_tps, 2),
         f"hf_tok_s_b{b}": round(hf_tps, 2),
         f"prompt_tokens_b{b}": rs[0]["prompt_tokens"],

@@ -114,6 +114,48 @@ def _attend_one(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, scal
   return out.reshape(b, h, kd).astype(v.dtype)
 
 
+def attend_decode(q: jax.Array, k_old: jax.Array, v_old: jax.Array, k_new: jax.Array,
+                  v_new: jax.Array, q_pos: jax.Array, scale: float, scale_queries: bool,
+                  slopes: np.ndarray | None) -> jax.Array:
+  """One decode query per row over an old cache slice plus the row's new entry, which is not in
+  the slice: the result equals `attend` over the slice with the new entry written at q_pos.
+
+  q [B, H, K]; scale and scale_queries as in `attend`; k_old, v_old [B, C, Hkv, K]: entries at positions below
+  q_pos are read, the rest (stale or unwritten) never; k_new, v_new [B, Hkv, K]; q_pos [B] (a
+  negative position is a padding row: nothing visible, a finite result). Returns [B, H, K].
+
+  The products are dots (YNNPACK on CPU), the softmax runs over the slice and the new entry
+  together. Measured on the 2-core development CPU, 30 SmolLM2 layers at 256 positions, batch 8:
+  about half the time of `_attend_one` over a slice with the entry written in.
+  """
+  f32 = jnp.float32
+  if scale_queries:
+    q = q * jnp.asarray(scale, q.dtype)
+  b, h, kd = q.shape
+  hkv = k_old.shape[2]
+  q = q.reshape(b, hkv, h // hkv, kd)                                          # [B, Hkv, G, K]
+  scores = jnp.einsum("BHGK,BSHK->BHGS", q, k_old, preferred_element_type=f32)  # [B, Hkv, G, C]
+  new = jnp.einsum("BHGK,BHK->BHG", q, k_new, preferred_element_type=f32)       # [B, Hkv, G]
+  if not scale_queries:
+    scores, new = scores * scale, new * scale
+  key_pos = jnp.arange(k_old.shape[1])
+  if slopes is not None:
+    sl = jnp.asarray(slopes, f32).reshape(hkv, -1)                             # [Hkv, G]
+    scores = scores + sl[:, :, None] * key_pos.astype(f32)
+    new = new + sl * q_pos.astype(f32)[:, None, None]
+  neg = jnp.finfo(f32).min
+  scores = jnp.where((key_pos[None, :] < q_pos[:, None])[:, None, None], scores, neg)
+  new = jnp.where((q_pos >= 0)[:, None, None], new, neg)
+  top = jnp.maximum(jnp.max(scores, axis=-1), new)                             # [B, Hkv, G]
+  probs = jnp.exp(scores - top[..., None])
+  p_new = jnp.exp(new - top)
+  denom = jnp.sum(probs, axis=-1) + p_new
+  out = jnp.einsum("BHGS,BSHK->BHGK", probs.astype(v_old.dtype), v_old,
+                   preferred_element_type=f32)
+  out = (out + p_new[..., None] * v_new[:, :, None].astype(f32)) / denom[..., None]
+  return out.reshape(b, h, kd).astype(v_old.dtype)
+
+
 class Attention(nn.Module):
   cfg: ModelConfig
 
@@ -142,11 +184,19 @@ class Attention(nn.Module):
     if context is None:
       k_all, v_all = write_kv(k_all, v_all, layer, k, v, positions)
       k_seen, v_seen = k_all[layer], v_all[layer]                              # [B, S, Hkv, K]
+    elif t == 1:
+      # Attend over the old cache slice as it is, plus the new entry apart: writing the new entry
+      # into a slice first materialized a copy of every layer's slice (measured: half of a batch-8
+      # SmolLM2 attention at 256 positions).
+      out = attend_decode(q[:, 0], k_all[layer, :, :context], v_all[layer, :, :context],
+                          k[:, 0], v[:, 0], positions[:, 0], scale, fam.scale_queries,
+                          slopes)[:, None]
     else:
       k_seen, v_seen = write_kv(k_all[layer:layer + 1, :, :context],
                                 v_all[layer:layer + 1, :, :context], 0, k, v, positions)
       k_seen, v_seen = k_seen[0], v_seen[0]                                    # [B, C, Hkv, K]
-    out = attend(q, k_seen, v_seen, positions, scale, fam.scale_queries, slopes)
+    if context is None or t != 1:
+      out = attend(q, k_seen, v_seen, positions, scale, fam.scale_queries, slopes)
     out = _dense(cfg, cfg.hidden_size, "out_proj")(out.reshape(b, t, h * kd))
     if context is None:
       return out, k_all, v_all
