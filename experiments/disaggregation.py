@@ -142,7 +142,7 @@ def run(config, output_dir: str, log=print) -> list[dict]:
       eng = dx.make_engine(sc, system)
       try:
         for rate in rates:
-          reqs = dx.make_requests(sc, config.num_microbatches, rate / sc.time_scale)
+          reqs = dx.make_requests(sc, config.num_microbatches, rate / sc.time_scale, system)
           served = eng.serve(reqs)
           identical = served.tokens() == dx.reference_tokens(sc, reqs)
           extra = dict(capacity_rps=caps[system], slo_factor=config.slo_factor,

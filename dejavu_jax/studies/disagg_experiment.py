@@ -15,12 +15,16 @@ host-to-device load, and to the planner's search (`planner`).
 Chunks (`chunk` = c > 1, the figure's setting; 1 in the benchmark): a paced decode step stands
 for c decode steps of the paper's model and lasts as long (c token times at the chunk's mean
 modelled context, c LM heads), so a paper-scale run of 10^5 stage steps fits the figure's budget
-on 2 cores without the real steps outlasting the paced ones. The prompt step stays one prompt
-(it yields the first token; the prompt machines of a split never decode), so a request of N
-tokens is 1 + ceil((N - 1) / c) paced tokens. What a chunk changes: a token step is c times
-longer against the same prompt step, so the colocated baseline's pipeline bubble behind a
-prompt (prompt step minus token step) shrinks by (c - 1) token steps, and each request's last
-chunk is rounded up; `simulate(..., chunked=False)` runs the same requests unchunked to show it.
+on 2 cores without the real steps outlasting the paced ones. The prompt step differs by system,
+so that each keeps its own timing structure:
+  * colocated (Baseline-D): the prompt step yields the first chunk (the prompt, then c - 1
+    decode steps: `first_chunk_in_prompt`), a request of N tokens is ceil(N / c) paced tokens;
+    the pipeline bubble behind a prompt (prompt step minus token step, the loss disaggregation
+    removes) stays what it is at paper scale;
+  * disaggregated: the prompt step stays one prompt (the prompt machines never decode), a
+    request is 1 + ceil((N - 1) / c) paced tokens.
+Each request's last chunk is rounded up; `simulate(..., chunked=False)` runs the same requests
+unchunked (the gain at c = 8 moved by 0-7% in the simulator).
 
 Used by `experiments/disaggregation.py` (latency vs rate, every system, JSONL and a plot) and
 `benchmarks/disaggregation.py` (saturated throughput: planner vs simulator vs paced runs).
@@ -67,13 +71,22 @@ class Scenario:
   def max_output(self) -> int:
     return max(2, int(round(self.output_mean * 950 / 214.5)))
 
-  def paced_len(self, output_len: int) -> int:
-    """Paced tokens of a request of `output_len` tokens: the prompt's, then chunks."""
-    return 1 + math.ceil((int(output_len) - 1) / self.chunk)
+  def paced_len(self, output_len: int, system: tuple = ("disagg",)) -> int:
+    """Paced tokens of a request of `output_len` tokens on `system` (module doc): chunks of
+    `chunk`, the first from the prompt step (colocated) or after the prompt's token."""
+    n, c = int(output_len), self.chunk
+    if first_chunk_in_prompt(system):
+      return max(1, math.ceil(n / c))
+    return 1 + math.ceil((n - 1) / c)
 
   def max_len(self) -> int:
     n = self.real_prompt_len + self.paced_len(self.max_output()) + 1
     return 1 << (n - 1).bit_length()
+
+
+def first_chunk_in_prompt(system: tuple) -> bool:
+  """Whether `system`'s prompt step yields a whole chunk (module doc: the colocated one)."""
+  return system[0] == "colocated"
 
 
 class PaperScaleCost:
@@ -81,9 +94,11 @@ class PaperScaleCost:
   the same amount), so a short real prompt replays a paper-scale one; with `chunk` = c > 1 a
   decode step is c decode steps of `base` at the chunk's mean context (module doc)."""
 
-  def __init__(self, base: cm.CostModel, real: int, modeled: int, chunk: int = 1):
+  def __init__(self, base: cm.CostModel, real: int, modeled: int, chunk: int = 1,
+               first_chunk_in_prompt: bool = False):
     self.base, self.model, self.hardware = base, base.model, base.hardware
     self.real, self.modeled, self.chunk = real, modeled, chunk
+    self.first_chunk_in_prompt = first_chunk_in_prompt and chunk > 1
     self._shift = modeled - real
 
   def __getattr__(self, name):   # memory sizes and the like: the base model's
@@ -95,12 +110,19 @@ class PaperScaleCost:
     return tokens + self._shift
 
   def prompt_time(self, layers, tokens, batch):
-    return self.base.prompt_time(layers, tokens + self._shift, batch)
+    t = self.base.prompt_time(layers, tokens + self._shift, batch)
+    if self.first_chunk_in_prompt:   # the rest of the first chunk: c - 1 decode steps
+      c = self.chunk
+      t += (c - 1) * self.base.token_time(layers, batch, tokens + self._shift + c / 2)
+    return t
 
   def token_time(self, layers, batch, context):
     c = self.chunk
-    # Paced context real + k stands for the modelled contexts modeled + (k-1)c+1 .. modeled + kc.
+    # Paced context real + k stands for the modelled contexts modeled + (k-1)c+1 .. modeled + kc
+    # (c - 1 later when the prompt step yielded a whole chunk).
     ctx = self.modeled + (context - self.real) * c - (c - 1) / 2
+    if self.first_chunk_in_prompt:
+      ctx += c - 1
     return c * self.base.token_time(layers, batch, ctx)
 
   def head_time(self, batch):
@@ -142,9 +164,10 @@ def output_lens(sc: Scenario, num_microbatches: int) -> list[int]:
                                                                 num_microbatches)]
 
 
-def make_requests(sc: Scenario, num_microbatches: int, rate: float | None = None) -> list[Request]:
-  """`num_microbatches` x batch requests of `output_lens` tokens (`paced_len` of them, in
-  chunks); all at t=0 (rate None) or Poisson at `rate`."""
+def make_requests(sc: Scenario, num_microbatches: int, rate: float | None = None,
+                  system: tuple = ("disagg",)) -> list[Request]:
+  """`num_microbatches` x batch requests of `output_lens` tokens (`paced_len` of them on
+  `system`, in chunks); all at t=0 (rate None) or Poisson at `rate`."""
   n = num_microbatches * sc.batch
   lens = output_lens(sc, num_microbatches)
   arrivals = np.zeros(n) if rate is None else poisson_arrivals(rate, n, sc.seed)
@@ -152,7 +175,7 @@ def make_requests(sc: Scenario, num_microbatches: int, rate: float | None = None
   vocab = fake_config(sc).vocab_size
   return [Request(i, float(arrivals[i]),
                   tuple(int(t) for t in rng.integers(3, vocab, sc.real_prompt_len)),
-                  sc.paced_len(lens[i]))
+                  sc.paced_len(lens[i], system))
           for i in range(n)]
 
 
@@ -181,7 +204,8 @@ def systems(sc: Scenario) -> list[tuple]:
 
 def make_engine(sc: Scenario, system: tuple):
   cfg = fake_config(sc)
-  paced = PaperScaleCost(cost_model(sc), sc.real_prompt_len, sc.prompt_len, sc.chunk)
+  paced = PaperScaleCost(cost_model(sc), sc.real_prompt_len, sc.prompt_len, sc.chunk,
+                         first_chunk_in_prompt(system))
   common = dict(microbatch_size=sc.batch, max_len=sc.max_len(), mode="paper", pacing="paced",
                 program="fake")
   if system[0] == "colocated":
@@ -216,7 +240,8 @@ def simulate_records(sc: Scenario, system: tuple, records: Sequence[sim.RequestR
   modeled length), decode steps in chunks of `chunk`."""
   cost = cost_model(sc)
   if chunk > 1:
-    cost = PaperScaleCost(cost, sc.prompt_len, sc.prompt_len, chunk)
+    cost = PaperScaleCost(cost, sc.prompt_len, sc.prompt_len, chunk,
+                          first_chunk_in_prompt(system))
   if system[0] == "colocated":
     return sim.simulate_colocated(cost, records, system[1], batch_size=sc.batch,
                                   microbatching="paper")
