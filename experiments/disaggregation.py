@@ -96,7 +96,6 @@ def headline(rows) -> str:
                 if "sim_unchunked" in g else "") + ")"
              for s in g["paced"]["gain"] if s != base]
     over = [r.get("paced_overruns") or 0 for r in mine if r["source"] == "paced"]
-    parts.append(f"chunks of {chunk}, {max(over)} overruns at most per run")
     paced = {(r["system"], r["rate"]): r for r in mine if r["source"] == "paced"}
     errs = [abs(r["norm_latency_p50_s_per_tok"] / paced[k]["norm_latency_p50_s_per_tok"] - 1)
             for r in mine if r["source"] == "sim"
@@ -104,8 +103,10 @@ def headline(rows) -> str:
                 "norm_latency_p50_s_per_tok")]
     sim_txt = f"; sim vs paced p50 within {max(errs):.0%}" if errs else ""
     out.append(f"{model}: {', '.join(parts)} vs {base} at p50 <= "
-               f"{g['paced']['bound']:.3f} s/tok{sim_txt}")
-  return "throughput at equal median normalized latency (paced engine): " + "; ".join(out)
+               f"{g['paced']['bound']:.3f} s/tok{sim_txt}; chunks of {chunk}, "
+               f"{max(over)} paced overruns at most per run")
+  return ("modelled (the paced engine replays the cost model): throughput at equal median "
+          "normalized latency: " + "; ".join(out))
 
 
 def _systems(sc, mode) -> list[tuple]:

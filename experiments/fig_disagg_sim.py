@@ -180,15 +180,15 @@ def run(c, out_dir, log=print) -> list[dict]:
                    "slo_factor": c.slo_factor})
       bar(i + 1, len(systems) * len(rates))
     bar.close()
-    links = [("constant", paper.link_gbps(g)) for g in c.sensitivity_gbps]
+    links = [("constant", g, paper.link_gbps(g)) for g in c.sensitivity_gbps]
     if c.sensitivity_gbps and measured is not None:
-      links.append(("measured", measured))
-    for source, link in links:
+      links.append(("measured", measured.bandwidth * 8 / 1e9, measured))
+    for source, gbps, link in links:
       pick = planner_split(cost, machines, c, link)
       for split in feasible:
         cap = _capacity(c, cost, hw, machines, split, link)
         sens.append({"model": name, "machines": machines, "kind": "link_sensitivity",
-                     "link_gbps": link.bandwidth * 8 / 1e9, "link": link.name,
+                     "link_gbps": gbps, "link": link.name,
                      "link_latency_s": link.latency, "link_source": source,
                      "links_table": table if source == "measured" else None,
                      "measured_table": table, "system": _name(split, machines),
