@@ -13,8 +13,9 @@ measured by benchmarks/transport.py when its table exists (`links_table`: "auto"
 `costmodel.DEFAULT_LINK_TABLE` if it is there, a path must exist, "none" sweeps constant links
 only; every sensitivity row and the headline say which). The rate sweep keeps the paper's
 40 Gbps inter-VM link. Everything is modelled (the simulator replays the roofline cost model,
-on a link fitted to measured transfers where one is used). Writes `disagg_sim.jsonl`, `latency_vs_rate_{model}.png` (p50 solid, p99
-dashed; throughput beside it) and `link_sensitivity.png` to --output_dir.
+on a link fitted to measured transfers where one is used). Writes `disagg_sim.jsonl`,
+`latency_vs_rate_{model}.png` (p50 solid, p99 dashed; throughput beside it) and
+`link_sensitivity.png` to --output_dir.
 
   python -m experiments.fig_disagg_sim --config=configs/fig_disagg_sim.py --output_dir=/tmp/fig
 """
