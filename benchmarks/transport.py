@@ -262,7 +262,7 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
   parser.add_argument("--runs", type=int, default=5)
   parser.add_argument("--sizes_mb", default="1,100")
-  parser.add_argument("--out", default="results/transport")
+  parser.add_argument("--out", default=os.path.dirname(cm.DEFAULT_LINK_TABLE))
   parser.add_argument("--no_serve", action="store_true", help="skip part 3")
   args = parser.parse_args()
   sizes = [int(float(s) * MB) for s in args.sizes_mb.split(",")]

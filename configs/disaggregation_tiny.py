@@ -16,4 +16,5 @@ def get_config():
   c.time_scale = 0.02
   c.rates = (20.0, 60.0)
   c.num_microbatches = 3
+  c.chunk = 2          # the paper variant's chunked decode steps, exercised
   return c

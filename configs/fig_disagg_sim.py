@@ -39,6 +39,9 @@ def get_config(arg=None):
   c.loads = (0.3, 0.5, 0.7, 0.85, 1.0, 1.15, 1.3)   # rates span min x low cap .. max x high cap
   c.slo_factor = 2.0                 # latency bound = this x the highest light-load p50
   c.sensitivity_gbps = (10.0, 20.0, 40.0, 100.0, 400.0)
+  # The prompt -> token link measured by benchmarks/transport.py, one more sensitivity point:
+  # "auto" = costmodel.DEFAULT_LINK_TABLE when it exists, a path (must exist), "none".
+  c.links_table = "auto"
   if variant == "legacy":
     c.lengths = "per_request"
     c.capacity = "equal_lengths"
@@ -54,4 +57,5 @@ def get_config(arg=None):
     c.num_requests = 48
     c.loads = (0.5, 1.2)
     c.sensitivity_gbps = (10.0, 100.0)
+    c.links_table = "none"   # the tests do not depend on what results/ holds
   return c

@@ -22,6 +22,7 @@ link tables and the byte helpers are one vocabulary of modelled time shared by e
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -241,14 +242,22 @@ class RooflineCostModel:
   def machine_memory_bytes(self) -> float:
     return self.gpus_per_machine * self.hardware.memory_bytes
 
+  @functools.cached_property
+  def _consts(self) -> tuple:
+    """The model's and hardware's per-step constants, computed once: the simulator asks for
+    ~10^5 step times per run, and recomputing the layer sizes was most of its time."""
+    m, hw, s = self.model, self.hardware, self._scale()
+    return (hw.peak_flops(m.dtype) * hw.compute_efficiency * s,
+            hw.mem_bandwidth * hw.memory_efficiency * s, hw.layer_overhead_s,
+            m.layer_matmul_params(), m.layer_weight_bytes(), m.kv_bytes_per_token_per_layer(),
+            m.hidden_size)
+
   def _time(self, flops: float, nbytes: float, layers: int) -> float:
-    hw, s = self.hardware, self._scale()
-    t_compute = flops / (hw.peak_flops(self.model.dtype) * hw.compute_efficiency * s)
-    t_memory = nbytes / (hw.mem_bandwidth * hw.memory_efficiency * s)
-    return max(t_compute, t_memory) + layers * hw.layer_overhead_s
+    flop_rate, byte_rate, overhead = self._consts[:3]
+    return max(flops / flop_rate, nbytes / byte_rate) + layers * overhead
 
   def _matmul_params(self) -> int:
-    return self.model.layer_matmul_params()
+    return self._consts[3]
 
   def prompt_time(self, layers: int, prompt_len: int, batch: int) -> float:
     _check_args(layers=layers, prompt_len=prompt_len, batch=batch)
@@ -261,10 +270,10 @@ class RooflineCostModel:
 
   def token_time(self, layers: int, batch: int, context: int) -> float:
     _check_args(layers=layers, batch=batch, context=context)
-    m = self.model
-    flops = layers * (2 * batch * self._matmul_params() + 4 * batch * (context + 1) * m.hidden_size)
-    # Decode streams every weight and the whole cache once per step.
-    nbytes = layers * (m.layer_weight_bytes() + kv_bytes(m, 1, batch, context + 1))
+    _, _, _, matmul, weights, kv_per_token, hidden = self._consts
+    flops = layers * (2 * batch * matmul + 4 * batch * (context + 1) * hidden)
+    # Decode streams every weight and the whole cache once per step (kv_bytes of context + 1).
+    nbytes = layers * (weights + batch * (context + 1) * kv_per_token)
     return self._time(flops, nbytes, layers)
 
   def head_time(self, tokens: int) -> float:
@@ -492,6 +501,9 @@ def streamed_prompt_time(compute: float, layers: int, per_layer_transfer: float)
 LINK_PATHS = ("prompt_kv", "replica_delta", "swap_in", "weights")
 # Transports measured as a reference only (one process): never chosen for a path by default.
 REFERENCE_TRANSPORTS = ("memcpy",)
+# Where benchmarks/transport.py writes its table by default (relative to the repository root):
+# figures that use a measured table "when it exists" look here.
+DEFAULT_LINK_TABLE = os.path.join("results", "transport", "links.json")
 
 
 class LinkTableError(ValueError):

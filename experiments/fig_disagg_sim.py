@@ -8,9 +8,14 @@ planner with the memory constraints; `systems="feasible"` adds every memory-feas
 `dejavu_jax.studies.splits`). Capacities are simulated on the very workload the sweep draws
 (`studies/paper.py`), and the rates cross both systems' saturation. The sensitivity panel: each
 feasible split's saturated throughput over the baseline's as the link bandwidth varies, the
-planner's pick at each bandwidth marked. Everything is modelled (the simulator replays the
-roofline cost model). Writes `disagg_sim.jsonl`, `latency_vs_rate_{model}.png` (p50 solid, p99
-dashed; throughput beside it) and `link_sensitivity.png` to --output_dir.
+planner's pick at each bandwidth marked, and one more point at the prompt -> token link
+measured by benchmarks/transport.py when its table exists (`links_table`: "auto" takes
+`costmodel.DEFAULT_LINK_TABLE` if it is there, a path must exist, "none" sweeps constant links
+only; every sensitivity row and the headline say which). The rate sweep keeps the paper's
+40 Gbps inter-VM link. Everything is modelled (the simulator replays the roofline cost model,
+on a link fitted to measured transfers where one is used). Writes `disagg_sim.jsonl`,
+`latency_vs_rate_{model}.png` (p50 solid, p99 dashed; throughput beside it) and
+`link_sensitivity.png` to --output_dir.
 
   python -m experiments.fig_disagg_sim --config=configs/fig_disagg_sim.py --output_dir=/tmp/fig
 """
@@ -35,7 +40,42 @@ def setting(c) -> str:
   return (f"{c.variant}: {', '.join(s.replace(':', ' on ', 1).replace(':', ' x ') for s in c.scenarios)}"
           f" (x{c.gpus_per_machine} GPUs), prompt {c.prompt_len}, microbatch {c.batch_size}, "
           f"LMSys mean {c.output_mean:g} [2, {c.output_max}] {c.lengths}, {c.num_requests} "
-          f"requests per rate, capacity from {c.capacity}")
+          f"requests per rate, capacity from {c.capacity}; {_links_setting(c)}")
+
+
+def links_table_path(c) -> str | None:
+  """The measured link table the sensitivity panel uses (module doc), None for constant links
+  only. An explicit path that does not exist is an error naming it."""
+  value = c.get("links_table", "auto")
+  if value in (None, "", "none"):
+    return None
+  if value == "auto":
+    return cm.DEFAULT_LINK_TABLE if os.path.exists(cm.DEFAULT_LINK_TABLE) else None
+  if not os.path.exists(value):
+    raise cm.LinkTableError(f"links_table {value!r} does not exist (write one with "
+                            "benchmarks/transport.py, or pass 'auto' or 'none')")
+  return value
+
+
+def measured_link(c) -> tuple[cm.Link | None, dict | None]:
+  """(the prompt -> token link calibrated from the measured table, the table's record), or
+  (None, None) without a table."""
+  path = links_table_path(c)
+  if path is None:
+    return None, None
+  links = cm.calibrate_links(cm.load_link_table(path))
+  if "prompt_kv" not in links:
+    raise cm.LinkTableError(f"links_table {path!r} has no prompt_kv rows")
+  return links["prompt_kv"], cm.link_table_record(path)
+
+
+def _links_setting(c) -> str:
+  path = links_table_path(c)
+  if path:
+    return f"link sensitivity also at the link of the measured table {path}"
+  if c.get("links_table", "auto") == "auto":
+    return f"link sensitivity on constant links only (no measured table at {cm.DEFAULT_LINK_TABLE})"
+  return "link sensitivity on constant links only"
 
 
 def _name(split, machines) -> str:
@@ -97,6 +137,7 @@ def _check(c):
 
 def run(c, out_dir, log=print) -> list[dict]:
   _check(c)
+  measured, table = measured_link(c) if c.sensitivity_gbps else (None, None)
   os.makedirs(out_dir, exist_ok=True)
   rows, sens = [], []
   for spec in c.scenarios:
@@ -140,15 +181,20 @@ def run(c, out_dir, log=print) -> list[dict]:
                    "slo_factor": c.slo_factor})
       bar(i + 1, len(systems) * len(rates))
     bar.close()
-    for gbps in c.sensitivity_gbps:
-      link = paper.link_gbps(gbps)
+    links = [("constant", g, paper.link_gbps(g)) for g in c.sensitivity_gbps]
+    if c.sensitivity_gbps and measured is not None:
+      links.append(("measured", measured.bandwidth * 8 / 1e9, measured))
+    for source, gbps, link in links:
       pick = planner_split(cost, machines, c, link)
       for split in feasible:
         cap = _capacity(c, cost, hw, machines, split, link)
         sens.append({"model": name, "machines": machines, "kind": "link_sensitivity",
-                     "link_gbps": gbps, "system": _name(split, machines), "capacity_rps": cap,
-                     "baseline_capacity_rps": caps[None], "gain": cap / caps[None],
-                     "planner_pick": split == pick})
+                     "link_gbps": gbps, "link": link.name,
+                     "link_latency_s": link.latency, "link_source": source,
+                     "links_table": table if source == "measured" else None,
+                     "measured_table": table, "system": _name(split, machines),
+                     "capacity_rps": cap, "baseline_capacity_rps": caps[None],
+                     "gain": cap / caps[None], "planner_pick": split == pick})
   reporting.write_rows(os.path.join(out_dir, "disagg_sim.jsonl"), rows + sens)
   for spec in c.scenarios:
     name, hw, machines = spec.split(":")
@@ -195,12 +241,21 @@ def _plot_sensitivity(sens, path):
   for ax, model in zip(axes[0], models):
     mine = [r for r in sens if r["model"] == model]
     for i, system in enumerate(dict.fromkeys(r["system"] for r in mine)):
-      pts = sorted((r for r in mine if r["system"] == system), key=lambda r: r["link_gbps"])
+      pts = sorted((r for r in mine if r["system"] == system and r["link_source"] == "constant"),
+                   key=lambda r: r["link_gbps"])
       ax.plot([r["link_gbps"] for r in pts], [r["gain"] for r in pts], "-", color=f"C{i}",
               label=system)
       picked = [r for r in pts if r["planner_pick"]]
       ax.plot([r["link_gbps"] for r in picked], [r["gain"] for r in picked], "*", ms=12,
               color=f"C{i}")
+      for r in (r for r in mine if r["system"] == system and r["link_source"] == "measured"):
+        ax.plot([r["link_gbps"]], [r["gain"]], "*" if r["planner_pick"] else "D",
+                ms=12 if r["planner_pick"] else 6, color=f"C{i}", mec="black")
+    for r in mine:
+      if r["link_source"] == "measured":
+        ax.axvline(r["link_gbps"], color="black", lw=0.8, ls="--",
+                   label=f"measured {r['link']} ({r['link_latency_s'] * 1e3:.1f} ms)")
+        break
     ax.axhline(1.0, color="gray", lw=0.8)
     ax.axvline(40, color="gray", lw=0.6, ls=":")
     ax.set(xscale="log", xlabel="prompt -> token link (Gbps; dotted: the paper's 40)",
@@ -227,10 +282,22 @@ def headline(rows) -> str:
     out.append(f"{model}: " + ", ".join(parts) + f" at p50 <= {g['bound']:.3f} s/tok")
   sens = [r for r in rows if r.get("kind") == "link_sensitivity"]
   for model in dict.fromkeys(r["model"] for r in sens):
-    pays = sorted({r["link_gbps"] for r in sens if r["model"] == model and r["planner_pick"]
-                   and r["gain"] > 1})
+    const = [r for r in sens if r["model"] == model and r["link_source"] == "constant"]
+    pays = sorted({r["link_gbps"] for r in const if r["planner_pick"] and r["gain"] > 1})
     if pays:
       out.append(f"{model}: the planner's split beats the baseline from {pays[0]:g} Gbps")
+    meas = [r for r in sens if r["model"] == model and r["link_source"] == "measured"]
+    pick = next((r for r in meas if r["planner_pick"]), None)
+    if pick:
+      best = max(meas, key=lambda r: r["gain"])
+      out.append(f"{model} at the measured link ({pick['link']} {pick['link_gbps']:.1f} Gbps "
+                 f"+ {pick['link_latency_s'] * 1e3:.2f} ms): the planner picks {pick['system']} "
+                 f"x{pick['gain']:.2f} saturated (best split {best['system']} "
+                 f"x{best['gain']:.2f})")
+  if sens:
+    table = next((r["measured_table"] for r in sens if r.get("measured_table")), None)
+    out.append(f"links: measured table {table['path']} (sha256 {table['sha256'][:12]})" if table
+               else "links: constant (no measured link table)")
   return "throughput at equal median normalized latency vs Baseline-D: " + "; ".join(out)
 
 

@@ -6,9 +6,9 @@
 `FIGURES` is the registry: each entry names a module with `run(config, output_dir) -> list[dict]`
 (rows, each naming the `system` it measured) and the key of its config in `configs/figures.py`.
 A module may also define `TABLE` (the columns the index shows) and `headline(rows) -> str` (the
-number that goes into WORKSPACE.md's results table). A figure whose module does not exist yet
-(swapping, disaggregation are being built on other branches) is listed in the index as skipped,
-"module not available yet"; a figure that fails is listed with its error and the others still run.
+number that goes into RESULTS.md). A figure whose module does not exist is listed in the index
+as skipped, "module not available yet"; a figure that fails is listed with its error and the
+others still run.
 
 Each figure's headline is labelled `measured` or `modelled` (the module's `KIND`, else the
 registry's `kind`) and shown beside its setting (the module's `setting(config)`, one line).

@@ -48,6 +48,10 @@ def test_the_papers_models_and_machines():
     assert min(c.loads) < 1 < max(c.loads)   # below the lower capacity, past the higher
   assert ds.capacity == "same_workload" and ds.sensitivity_gbps
   assert not dx.rates                   # rates come from capacities on the same workload
+  # The paced figure fills the deepest pipeline (BLOOM-176B on 8) several times per rate (4
+  # microbatches never let the baseline queue), and measured links are used when they exist.
+  assert dx.num_microbatches >= 4 * 8 and dx.chunk > 1 and len(dx.loads) >= 3
+  assert ds.links_table == "auto"
   sw = _config("configs.swapping")       # Fig 9: B vs 2B per model, over the context
   assert set(sw.paper_systems) == {"opt30b_v100x2", "opt66b_a100x2", "bloom176b_a100x2"}
   assert "paper" in sw.context_sweeps and not sw.rate_sweep

@@ -19,7 +19,7 @@ def _rows(path):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)   # a hang guard: 790 s at load ~25, far less on a quiet machine
+@pytest.mark.timeout(900)   # a hang guard: 268 s at load 18-28 (790 s at ~25 before)
 def test_every_figure_on_its_tiny_config(tmp_path):
   c = figures_tiny.get_config()
   entries = {e["name"]: e for e in figures.run(c, str(tmp_path), log=lambda *a: None)}

@@ -12,6 +12,20 @@ a microbatch share it, paper mode). The same requests go to the simulator (`sim`
 cost model, the stream link for prompt streaming and the hardware's host link for the overlapped
 host-to-device load, and to the planner's search (`planner`).
 
+Chunks (`chunk` = c > 1, the figure's setting; 1 in the benchmark): a paced decode step stands
+for c decode steps of the paper's model and lasts as long (c token times at the chunk's mean
+modelled context, c LM heads), so a paper-scale run of 10^5 stage steps fits the figure's budget
+on 2 cores without the real steps outlasting the paced ones. The prompt step differs by system,
+so that each keeps its own timing structure:
+  * colocated (Baseline-D): the prompt step yields the first chunk (the prompt, then c - 1
+    decode steps: `first_chunk_in_prompt`), a request of N tokens is ceil(N / c) paced tokens;
+    the pipeline bubble behind a prompt (prompt step minus token step, the loss disaggregation
+    removes) stays what it is at paper scale;
+  * disaggregated: the prompt step stays one prompt (the prompt machines never decode), a
+    request is 1 + ceil((N - 1) / c) paced tokens.
+Each request's last chunk is rounded up; `simulate(..., chunked=False)` runs the same requests
+unchunked (the gain at c = 8 moved by 0-7% in the simulator).
+
 Used by `experiments/disaggregation.py` (latency vs rate, every system, JSONL and a plot) and
 `benchmarks/disaggregation.py` (saturated throughput: planner vs simulator vs paced runs).
 """
@@ -48,34 +62,73 @@ class Scenario:
   stream_link: str | None = "default"
   host_slots: int | None = None
   seed: int = 0
+  chunk: int = 1                  # paper-scale decode steps per paced decode step (module doc)
+
+  def __post_init__(self):
+    if not isinstance(self.chunk, int) or self.chunk < 1:
+      raise ValueError(f"chunk must be an integer >= 1, got {self.chunk!r}")
 
   def max_output(self) -> int:
     return max(2, int(round(self.output_mean * 950 / 214.5)))
 
+  def paced_len(self, output_len: int, system: tuple = ("disagg",)) -> int:
+    """Paced tokens of a request of `output_len` tokens on `system` (module doc): chunks of
+    `chunk`, the first from the prompt step (colocated) or after the prompt's token."""
+    n, c = int(output_len), self.chunk
+    if first_chunk_in_prompt(system):
+      return max(1, math.ceil(n / c))
+    return 1 + math.ceil((n - 1) / c)
+
   def max_len(self) -> int:
-    n = self.real_prompt_len + self.max_output() + 1
+    n = self.real_prompt_len + self.paced_len(self.max_output()) + 1
     return 1 << (n - 1).bit_length()
+
+
+def first_chunk_in_prompt(system: tuple) -> bool:
+  """Whether `system`'s prompt step yields a whole chunk (module doc: the colocated one)."""
+  return system[0] == "colocated"
 
 
 class PaperScaleCost:
   """A cost model that charges a prompt of `real` tokens as `modeled` ones (contexts shift by
-  the same amount), so a short real prompt replays a paper-scale one."""
+  the same amount), so a short real prompt replays a paper-scale one; with `chunk` = c > 1 a
+  decode step is c decode steps of `base` at the chunk's mean context (module doc)."""
 
-  def __init__(self, base: cm.CostModel, real: int, modeled: int):
+  def __init__(self, base: cm.CostModel, real: int, modeled: int, chunk: int = 1,
+               first_chunk_in_prompt: bool = False):
     self.base, self.model, self.hardware = base, base.model, base.hardware
+    self.real, self.modeled, self.chunk = real, modeled, chunk
+    self.first_chunk_in_prompt = first_chunk_in_prompt and chunk > 1
     self._shift = modeled - real
+
+  def __getattr__(self, name):   # memory sizes and the like: the base model's
+    if name == "base":   # not set yet (a copy under construction)
+      raise AttributeError(name)
+    return getattr(self.base, name)
 
   def modeled_prompt_len(self, tokens: int) -> int:
     return tokens + self._shift
 
   def prompt_time(self, layers, tokens, batch):
-    return self.base.prompt_time(layers, tokens + self._shift, batch)
+    t = self.base.prompt_time(layers, tokens + self._shift, batch)
+    if self.first_chunk_in_prompt:   # the rest of the first chunk: c - 1 decode steps
+      c = self.chunk
+      t += (c - 1) * self.base.token_time(layers, batch, tokens + self._shift + c / 2)
+    return t
 
   def token_time(self, layers, batch, context):
-    return self.base.token_time(layers, batch, context + self._shift)
+    c = self.chunk
+    # Paced context real + k stands for the modelled contexts modeled + (k-1)c+1 .. modeled + kc
+    # (c - 1 later when the prompt step yielded a whole chunk).
+    ctx = self.modeled + (context - self.real) * c - (c - 1) / 2
+    if self.first_chunk_in_prompt:
+      ctx += c - 1
+    return c * self.base.token_time(layers, batch, ctx)
 
   def head_time(self, batch):
-    return self.base.head_time(batch)
+    # The prompt step's head is charged c times as well (engine and simulator alike: < 0.1% of
+    # a paper-scale prompt step).
+    return self.chunk * self.base.head_time(batch)
 
 
 def cost_model(sc: Scenario) -> cm.CostModel:
@@ -104,17 +157,25 @@ def workload(sc: Scenario) -> planner_lib.Workload:
                               "per_microbatch", sc.seed)
 
 
-def make_requests(sc: Scenario, num_microbatches: int, rate: float | None = None) -> list[Request]:
-  """`num_microbatches` x batch requests; each run of `batch` shares one sampled output length
-  (the planner's `saturated_workload` draw); all at t=0 (rate None) or Poisson at `rate`."""
-  n = num_microbatches * sc.batch
-  lens = [r.output_len for r in planner_lib.saturated_workload(workload(sc), sc.batch,
+def output_lens(sc: Scenario, num_microbatches: int) -> list[int]:
+  """The paper-scale output lengths of `make_requests`'s requests: one sampled length per run
+  of `batch` (the planner's `saturated_workload` draw)."""
+  return [r.output_len for r in planner_lib.saturated_workload(workload(sc), sc.batch,
                                                                 num_microbatches)]
+
+
+def make_requests(sc: Scenario, num_microbatches: int, rate: float | None = None,
+                  system: tuple = ("disagg",)) -> list[Request]:
+  """`num_microbatches` x batch requests of `output_lens` tokens (`paced_len` of them on
+  `system`, in chunks); all at t=0 (rate None) or Poisson at `rate`."""
+  n = num_microbatches * sc.batch
+  lens = output_lens(sc, num_microbatches)
   arrivals = np.zeros(n) if rate is None else poisson_arrivals(rate, n, sc.seed)
   rng = np.random.default_rng(sc.seed + 7)
   vocab = fake_config(sc).vocab_size
   return [Request(i, float(arrivals[i]),
-                  tuple(int(t) for t in rng.integers(3, vocab, sc.real_prompt_len)), int(lens[i]))
+                  tuple(int(t) for t in rng.integers(3, vocab, sc.real_prompt_len)),
+                  sc.paced_len(lens[i], system))
           for i in range(n)]
 
 
@@ -143,7 +204,8 @@ def systems(sc: Scenario) -> list[tuple]:
 
 def make_engine(sc: Scenario, system: tuple):
   cfg = fake_config(sc)
-  paced = PaperScaleCost(cost_model(sc), sc.real_prompt_len, sc.prompt_len)
+  paced = PaperScaleCost(cost_model(sc), sc.real_prompt_len, sc.prompt_len, sc.chunk,
+                         first_chunk_in_prompt(system))
   common = dict(microbatch_size=sc.batch, max_len=sc.max_len(), mode="paper", pacing="paced",
                 program="fake")
   if system[0] == "colocated":
@@ -159,24 +221,48 @@ def make_engine(sc: Scenario, system: tuple):
   return eng
 
 
-def simulate(sc: Scenario, system: tuple, requests: Sequence[Request]) -> sim.SimResult:
-  """The simulator on the same requests (prompts at the modeled length), times unscaled."""
+def simulate(sc: Scenario, system: tuple, requests: Sequence[Request],
+             chunked: bool = True, output_lens: dict[int, int] | None = None) -> sim.SimResult:
+  """The simulator on the same requests (prompts at the modeled length), times unscaled: in
+  the paced run's chunks, or (`chunked=False`) at paper scale, each request of its
+  `output_lens[request_id]` tokens."""
+  if not chunked and output_lens is None:
+    raise ValueError("simulate(chunked=False) needs the requests' paper-scale output_lens")
   recs = [sim.RequestRecord(r.request_id, float(r.arrival) / sc.time_scale, sc.prompt_len,
-                            int(r.max_new_tokens))
+                            int(r.max_new_tokens) if chunked else int(output_lens[r.request_id]))
           for r in sorted(requests, key=lambda r: (r.arrival, r.request_id))]
-  return simulate_records(sc, system, recs)
+  return simulate_records(sc, system, recs, chunk=sc.chunk if chunked else 1)
 
 
-def simulate_records(sc: Scenario, system: tuple,
-                     records: Sequence[sim.RequestRecord]) -> sim.SimResult:
-  """The simulator's run of `system` on fresh request records (modeled time)."""
+def simulate_records(sc: Scenario, system: tuple, records: Sequence[sim.RequestRecord],
+                     chunk: int = 1) -> sim.SimResult:
+  """The simulator's run of `system` on fresh request records (modeled time; prompts at the
+  modeled length), decode steps in chunks of `chunk`."""
   cost = cost_model(sc)
+  if chunk > 1:
+    cost = PaperScaleCost(cost, sc.prompt_len, sc.prompt_len, chunk,
+                          first_chunk_in_prompt(system))
   if system[0] == "colocated":
     return sim.simulate_colocated(cost, records, system[1], batch_size=sc.batch,
                                   microbatching="paper")
   return sim.simulate_disaggregated(cost, records, system[1], system[2], batch_size=sc.batch,
                                     host_slots=sc.host_slots, stream_link=stream_link(sc),
                                     host_link=cost.hardware.host_link, microbatching="paper")
+
+
+def modelled_records(records, scale: float, prompt_len: int,
+                     lens: dict[int, int]) -> list[sim.RequestRecord]:
+  """Engine or simulator records in modelled seconds (times / `scale`), each of its
+  paper-scale output length `lens[id]` (a chunked run generated fewer, longer tokens), for
+  `metrics.summarize`."""
+  out = []
+  for r in records:
+    rid = r.request_id if hasattr(r, "request_id") else r.rid
+    done = r.finish is not None and not math.isnan(r.finish)
+    out.append(sim.RequestRecord(rid, r.arrival / scale, prompt_len, lens[rid],
+                                 r.first_token / scale if done else math.nan,
+                                 r.finish / scale if done else math.nan))
+  return out
 
 
 def reference_tokens(sc: Scenario, requests: Sequence[Request]) -> dict[int, list[int]]:
