@@ -60,8 +60,8 @@ def step_functions(cfg: ModelConfig, start: int = 0, stop: int | None = None):
 
 # XLA:CPU hands reductions to YNNPACK by default. A library reduction cannot read a slice of the
 # stacked cache in place, so XLA materializes each layer's slice of the cache and then copies the
-# whole cache to keep the in-place cache update legal: with the decode attention of
-# layers._attend_one that doubles a batch-1 decode step. Matmuls stay with YNNPACK: its batch-8
+# whole cache to keep the in-place cache update legal (measured with the reduction form of
+# layers._attend_one: it doubled a batch-1 decode step). Matmuls stay with YNNPACK: its batch-8
 # LM-head matmul is about twice as fast as XLA's Eigen one.
 CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
 
