@@ -75,7 +75,7 @@ def get_config():
   c.snapshot_every = 4
   c.slow_prompt_step_s = 0.03
   c.slow_token_step_s = 0.02
-  c.slow_min_new, c.slow_max_new = 16, 28
+  c.slow_min_new, c.slow_max_new = 12, 20
   # A stall lasts stall_s (ray_stall_s, smollm2_stall_s there): long enough for the watchdog,
   # short enough that a stall nobody can kill early (the replica holder's, two adjacent ones)
   # costs a scenario little.
@@ -89,12 +89,14 @@ def get_config():
   c.heartbeat_s = 0.02
   c.heartbeat_timeout_s = 0.15
   c.progress_timeout_s = 0.3
+  c.reference_timeout_s = 10.0  # the failure-free references' engine: no spurious deaths
   c.deadline_s = 30.0          # a scenario with no step finishing for this long is a hang
   # ---- the verdict ----
   c.handled_target = 0.8       # share of a strategy's judged scenarios it handled itself
   c.min_judged = 5             # fewer judged scenarios than this: too few to judge
-  # The cache oracle (studies/campaign.py): each scenario also served failure-free, and every
-  # restored, swapped-in or slot-loaded cache compared with it bit for bit (about 2x the time).
+  # The cache oracle (studies/campaign.py): every restored, swapped-in or slot-loaded cache
+  # compared bit for bit with a failure-free run of the same workload (one per workload and
+  # stage layout, shared by the scenarios serving it).
   c.cache_oracle = True
   c.verbose = False
   return c

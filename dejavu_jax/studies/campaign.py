@@ -60,9 +60,15 @@ from dejavu_jax.serving.disagg_engine import make_engine
 from dejavu_jax.workload import Request
 
 PATTERNS = ("single", "adjacent", "close", "during_recovery")
+# Drawn patterns are named more precisely where it matters: a during-recovery failure of the
+# successor (the replica's holder) or of the stage whose replacement is being loaded.
+ALL_PATTERNS = PATTERNS + ("during_recovery_holder", "during_recovery_loaded")
 # Patterns in which the first strategy of the chain can handle the failure by design: a replica
-# lives on the successor, so it is gone when both die, or when the holder dies mid-restore.
-_DESIGNED = {"replica": ("single", "close")}
+# lives on the successor, so it is gone when both die, or when the holder dies mid-restore; a
+# restore whose target dies while it loads is planned again without that strategy
+# (serving/recovery.py), so neither a replica nor a snapshot can handle it.
+_DESIGNED = {"replica": ("single", "close"),
+             "snapshot": tuple(p for p in ALL_PATTERNS if p != "during_recovery_loaded")}
 
 
 @dataclasses.dataclass
@@ -163,7 +169,9 @@ def _draw_one(c, rng, runtime="local", program=None) -> Scenario:
     fs = (first, _spec("crash", c, prefix=prefix, stage=lo + other, during_recovery=True))
     if other == nxt:
       pattern = "during_recovery_holder"
-  designed = _DESIGNED.get(own, PATTERNS + ("during_recovery_holder",))
+    elif other == s:
+      pattern = "during_recovery_loaded"
+  designed = _DESIGNED.get(own, ALL_PATTERNS)
   targeted = (side == "token" and pattern in designed and
               (own != "snapshot" or by_snapshot))
   return Scenario(program, mechanism, runtime, d, dp, b, strategy, kind, pattern, side, targeted,
@@ -320,6 +328,23 @@ def _cache_reference(eng, reqs):
     return getattr(e, "result", None)
 
 
+def _reference_config(c, sc: Scenario) -> ServeConfig | None:
+  """The engine that serves the failure-free reference, or None: the scenario's own. The fake
+  program's references come from a plain engine of the same token stages (local, unpaced, no
+  replication or snapshots: whatever mechanism, microbatch or runtime the scenario has, its
+  caches hold the same integers); a disaggregated scenario's from a colocated engine of its
+  token stages (what the slots should hold)."""
+  if sc.program == "fake":
+    return ServeConfig(num_stages=sc.depth, microbatch_size=max(c.microbatch_sizes),
+                       max_len=c.max_len, program="fake", pacing="real", recovery="restart",
+                       heartbeat_s=c.heartbeat_s, heartbeat_timeout_s=c.reference_timeout_s,
+                       progress_timeout_s=c.reference_timeout_s, step_timeout_s=c.deadline_s,
+                       cache_probe=True)
+  if sc.mechanism == "disagg":
+    return _serve_config(c, sc, colocated=True)
+  return None
+
+
 def _reference_key(sc: Scenario) -> tuple:
   """Scenarios whose failure-free runs probe the same caches. The fake program's cache entries
   are integers fixed by a request's tokens and a stage's layers, whatever the microbatch, the
@@ -429,14 +454,11 @@ def run_campaign(c, log=print) -> dict:
             ref_key = _reference_key(sc)
             if ref_key not in references:
               with _timed(phases, "reference"):
-                if sc.mechanism == "disagg" and ref_eng is None:
-                  # A colocated engine of the same token stages computes what the slots
-                  # should hold.
-                  ref_eng = make_engine(cfg, params, _serve_config(c, sc, colocated=True),
-                                        cost_model=_cost(c, cfg, sc))
+                ref_cfg = _reference_config(c, sc)
+                if ref_cfg is not None and ref_eng is None:   # one per group (one layout)
+                  ref_eng = make_engine(cfg, params, ref_cfg, cost_model=_cost(c, cfg, sc))
                   ref_eng.warmup()
-                references[ref_key] = _cache_reference(
-                    ref_eng if sc.mechanism == "disagg" else eng, reqs)
+                references[ref_key] = _cache_reference(ref_eng or eng, reqs)
             cache_ref = references[ref_key]
           rec = _run_one(eng, sc, reqs, oracles[tok_key], cache_ref, phases)
           records.append(rec)
