@@ -1,4 +1,4 @@
-"""The randomized failure campaign (experiments/failure_campaign.py): 300 scenarios over programs
+"""The randomized failure campaign (experiments/failure_campaign.py): 320 scenarios over programs
 (the fake stage program; a real tiny transformer with sharpened random weights), mechanisms
 (colocated, swapping, prompt-token disaggregated with prompt- and token-side failures), depths
 2-4, microbatches 1-4, every strategy and a fallback chain, crashes and stalls, single / adjacent
@@ -12,7 +12,7 @@ import ml_collections
 def get_config():
   c = ml_collections.ConfigDict()
   # Scenarios on local workers (1-2 failures each; the ray_ and smollm2_ ones come on top).
-  c.scenarios = 300
+  c.scenarios = 320
   c.seed = 0
   # The campaign's injections are the failures that fired; fewer than this misses a target.
   c.min_fired = 500
@@ -45,7 +45,8 @@ def get_config():
   c.smollm2_token_step_s = 0.04
   c.smollm2_heartbeat_timeout_s = 2.0
   c.smollm2_progress_timeout_s = 3.0
-  c.smollm2_stall_s = 5.0
+  c.smollm2_stall_s = 4.5
+  c.smollm2_workload_pool = 1       # its token oracle (greedy runs of the 30-layer model) is slow
   # Ray actors (a crash is a SIGKILL of the actor process); Ray takes seconds to start.
   c.ray_scenarios = 6
   c.ray_depths = (2,)
@@ -53,7 +54,7 @@ def get_config():
   c.ray_num_cpus = 8
   c.ray_heartbeat_timeout_s = 30.0  # Ray's actor-death notice detects a SIGKILL first
   c.ray_progress_timeout_s = 2.0
-  c.ray_stall_s = 5.0
+  c.ray_stall_s = 3.0
   # ---- the model and the workload per scenario: open loop, requests 2 ms apart ----
   c.num_layers = 4
   c.max_len = 64

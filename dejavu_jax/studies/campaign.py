@@ -97,8 +97,9 @@ class Scenario:
 
   def group(self) -> tuple:
     """Scenarios that share one engine (strategies switch on it: `set_recovery`)."""
+    # SmolLM2's pacing is its own whatever the timing (`_cost`): one engine for all of it.
     return (self.program, self.mechanism, self.runtime, self.depth, self.prompt_depth,
-            self.microbatch, self.slow)
+            self.microbatch, self.slow and self.program != "smollm2")
 
 
 def _pick(rng, values):
@@ -175,7 +176,7 @@ def _draw_one(c, rng, runtime="local", program=None) -> Scenario:
   targeted = (side == "token" and pattern in designed and
               (own != "snapshot" or by_snapshot))
   return Scenario(program, mechanism, runtime, d, dp, b, strategy, kind, pattern, side, targeted,
-                  fs, int(rng.integers(0, c.workload_pool)))
+                  fs, int(rng.integers(0, _pool_size(c, program))))
 
 
 def draw_scenarios(c, rng: np.random.Generator) -> list[Scenario]:
@@ -196,18 +197,23 @@ def real_model_params(cfg, seed: int, scale: float):
 
 
 def _pool_key(sc: Scenario) -> tuple:
-  """Scenarios whose workloads come from one pool: one vocabulary, one length range."""
-  return ("smollm2" if sc.program == "smollm2" else "tiny", sc.slow)
+  """Scenarios whose workloads come from one pool: (vocabulary, long outputs). SmolLM2's
+  greedy oracle is slow, so all its scenarios share one pool of the long (snapshot) kind."""
+  return ("smollm2", True) if sc.program == "smollm2" else ("tiny", sc.slow)
 
 
-def _workloads(c, cfg, slow: bool, seed: tuple) -> list[list[Request]]:
-  """`c.workload_pool` open-loop workloads (requests `arrival_gap_s` apart). Scenarios draw
-  from a pool, so the oracles of a workload (its tokens; the failure-free run's caches for a
-  stage layout) are computed once and shared by every scenario that serves it."""
+def _pool_size(c, program: str) -> int:
+  return c.smollm2_workload_pool if program == "smollm2" else c.workload_pool
+
+
+def _workloads(c, cfg, slow: bool, seed: tuple, size: int) -> list[list[Request]]:
+  """`size` open-loop workloads (requests `arrival_gap_s` apart). Scenarios draw from a pool,
+  so the oracles of a workload (its tokens; the failure-free run's caches for a stage layout)
+  are computed once and shared by every scenario that serves it."""
   rng = np.random.default_rng(seed)
   lo, hi = (c.slow_min_new, c.slow_max_new) if slow else (c.min_new, c.max_new)
   pool = []
-  for _ in range(c.workload_pool):
+  for _ in range(size):
     reqs = []
     for i in range(c.requests):
       n = int(rng.integers(2, c.max_prompt + 1))
@@ -272,6 +278,8 @@ def _run_one(eng, sc: Scenario, reqs, ref, cache_ref=None, phases=None) -> dict:
   `phases`: seconds per phase, added to (the serve under failures, the cache comparison)."""
   phases = collections.Counter() if phases is None else phases
   rec = _record(sc)
+  kills = getattr(eng.runtime, "kills", None)   # Ray: one record per SIGKILL of an actor
+  before = len(kills) if kills is not None else 0
   start = time.perf_counter()
   try:
     res = eng.serve(reqs, failures=sc.failures, raise_on_error=False)
@@ -301,6 +309,9 @@ def _run_one(eng, sc: Scenario, reqs, ref, cache_ref=None, phases=None) -> dict:
       handled_by=dict(handled), load_errors=sum(len(ev.load_errors) for ev in events),
       wall_s=round(time.perf_counter() - start, 2))
   phases["run"] += time.perf_counter() - start
+  if kills is not None:   # the actor processes killed (by the driver or by themselves)
+    rec["sigkills"] = len(kills) - before
+    rec["killed_pids"] = [k["pid"] for k in kills[before:]]
   # Untriggered: the run ended before any failure fired. A run that failed with no recovery
   # event is not one of them (it is judged, and fails).
   rec["triggered"] = bool(events) or rec["error"] is not None
@@ -443,7 +454,8 @@ def run_campaign(c, log=print) -> dict:
               eng.set_recovery(sc.strategy)
           pk = _pool_key(sc)
           if pk not in pools:
-            pools[pk] = _workloads(c, cfg, sc.slow, (c.seed, pk[0] == "smollm2", int(pk[1])))
+            pools[pk] = _workloads(c, cfg, pk[1], (c.seed, pk[0] == "smollm2", int(pk[1])),
+                                   _pool_size(c, sc.program))
           reqs = pools[pk][sc.workload]
           tok_key = (sc.program, pk, sc.workload)
           if tok_key not in oracles:
@@ -511,6 +523,7 @@ def _tally(recs) -> dict:
           "cache_identical": sum(r.get("cache_identical") is True for r in recs),
           "cache_different": sum(r.get("cache_identical") is False for r in recs),
           "cache_points": dict(sorted(points.items())),
+          "sigkills": sum(r.get("sigkills", 0) for r in recs),
           "failures_specified": sum(r["specified"] for r in recs),
           "failures_fired": sum(r["fired"] for r in recs),
           "handled_by": dict(sorted(handled.items()))}
