@@ -134,6 +134,10 @@ def test_real_model_greedy_outputs_vary():
 def test_tiny_campaign_reports_what_happened():
   c = campaign_tiny.get_config()
   c.scenarios = 6
+  # One layout per mechanism (each new one compiles its stage programs): the mechanisms and
+  # strategies vary, the shapes need not.
+  c.depths = c.disagg_depths = (2,)
+  c.prompt_depths = (1,)
   r = run_campaign(c, log=lambda *_: None)
   assert r["scenarios_run"] == 6 and r["hangs"] == 0
   assert r["triggered"] + r["untriggered"] == 6

@@ -8,10 +8,13 @@ Each scenario draws
   mechanism   colocated, colocated with microbatch swapping, or prompt-token disaggregated
               (failures on the prompt side or the token side; `FailureSpec.stage` numbers the
               prompt stages first);
-  runtime     local threads, or Ray actors (a crash is a real SIGKILL; full config only);
+  runtime     local threads, or Ray actors (a crash is a real SIGKILL of the actor process, a
+              stall ends in one when the watchdog sees it; `sigkills` per record; full config
+              only);
 and a pipeline depth, a microbatch size, a recovery strategy (or chain), a failure kind (crash or
 stall) and a pattern (one stage; two adjacent stages at once or a little apart; a first failure
-and a second one during its recovery).
+and a second one during its recovery: of the replica's holder, of the stage being restored, or
+of another).
 
 Failures are timed so that the configured strategy can do its job: a failure fired 5 ms into a
 run, before any orbax save has finished, is handled by the `restart` every chain ends in, and a
@@ -19,27 +22,36 @@ campaign timed like that says "snapshot: 100% identical" about runs in which no 
 read. So `snapshot` failures fire right after the pipeline's 2nd or 3rd complete snapshot
 (`FailureSpec.after_snapshots`) under a slower pacing (a microbatch lives longer than a save
 takes), and `replica` failures fire after enough steps that every in-flight microbatch has an
-acknowledged replica. Such scenarios are `targeted`: for each configured strategy, the share of
-its targeted scenarios that fired and lost work in which its first strategy really handled
-microbatches (`RecoveryEvent.handled_by`) must reach `c.handled_target`. Patterns a strategy is
-not designed to survive (adjacent failures or a replica holder dying for `replica`;
-disaggregated snapshot runs, which refuse snapshot-timed failures) are run and reported, but not
-targeted.
+acknowledged replica. A stall must outlast the progress timeout (`check_config`), or the worker
+resumes unseen and nothing fires. Such scenarios are `targeted`: for each configured strategy,
+the share of its targeted scenarios that fired and lost work in which its first strategy really
+handled microbatches (`RecoveryEvent.handled_by`) must reach `c.handled_target`. Patterns a
+strategy is not designed to survive (adjacent failures or a replica holder dying for `replica`;
+the stage being restored dying mid-load for `replica` and `snapshot`, which the engine then
+plans again without them; disaggregated snapshot runs, which refuse snapshot-timed failures) are
+run and reported, but not targeted.
 
 Oracle: every request completes, and its tokens equal `fake_generate` (fake program; exact for
 every strategy) or the single-device greedy run (real model). `reprefill` recomputes keys and
 values in another summation order, so real-model scenarios draw only from the exact strategies
 (`c.model_strategies`). A run whose failures never fired (it ended first) is counted apart as
 untriggered, never as identical. With `c.cache_oracle` a second oracle sees the caches
-(serving/cache_oracle.py): each scenario is also served failure-free (on a colocated engine of
-the same token stages when disaggregated), and every cache a worker resumed from (a replica or
-snapshot restore, a swap-in, a prompt-slot load) must equal that run's at the same point, bit
-for bit (`cache_identical`: None when the scenario had no such point). `report["ok"]` is False
-(and the script exits non-zero) when a target is missed, a run did not complete, or a completed
-run differs from an oracle.
+(serving/cache_oracle.py): every cache a worker resumed from (a replica or snapshot restore, a
+swap-in, a prompt-slot load) must equal, bit for bit, the dead worker's own last step at that
+point or else a failure-free run of the same workload on the same token stages
+(`cache_identical`: None when the scenario had no such point). `report["ok"]` is False (and the
+script exits non-zero) when a target is missed, a run did not complete, a completed run differs
+from an oracle, fewer failures fired than `c.min_fired` (the campaign's injections are failures
+that fired), or a program, mechanism or runtime drawn had none fire.
 
-Engines are built once per group (program, mechanism, runtime, shape, strategy) and reused for
-the group's scenarios (replaced workers and all), which is also what a long-running server sees.
+What is shared, so that a scenario costs about its own serve (`run_campaign`; `phases_s` in the
+report says where the time went): one engine per group (program, mechanism, runtime, shape,
+pacing), reused for its scenarios (replaced workers and all, as a long-running server sees them)
+and switched between strategies by `set_recovery`, which keeps the compiled steps and, on Ray,
+the session's pooled actor processes; workloads from a small pool, so a workload's token oracle
+is computed once and its failure-free reference once per token-stage layout (the fake program's
+on a plain, unpaced local engine: its cache entries are integers fixed by the tokens and the
+stage's layers, whatever the microbatch, mechanism or runtime).
 """
 
 from __future__ import annotations
@@ -57,6 +69,7 @@ from dejavu_jax.fault.inject import FailureSpec
 from dejavu_jax.pipeline.fake import fake_generate
 from dejavu_jax.serving import cache_oracle
 from dejavu_jax.serving.disagg_engine import make_engine
+from dejavu_jax.studies.cli import UsageError
 from dejavu_jax.workload import Request
 
 PATTERNS = ("single", "adjacent", "close", "during_recovery")
@@ -235,13 +248,14 @@ def _prefix(runtime: str, program: str) -> str:
 def check_config(c) -> None:
   """A stall no longer than the progress timeout is never detected: the stalled worker resumes
   and the scenario ends untriggered (the Ray scenarios of an earlier default config did, their
-  5 s stalls against a 5 s timeout). Refuses such a config by name."""
+  5 s stalls against a 5 s timeout). Refuses such a config by name (a `UsageError`: one line,
+  exit 2 from the main, under --help too)."""
   if "stall" not in tuple(c.kinds):
     return
   for prefix in ("", "ray_", "smollm2_"):
     timeout, stall = c.get(prefix + "progress_timeout_s"), _stall_s(c, prefix)
     if timeout is not None and not stall >= c.stall_over_timeout * timeout:
-      raise ValueError(
+      raise UsageError(
           f"campaign config: {prefix}stall_s ({stall:g} s) must be at least stall_over_timeout "
           f"({c.stall_over_timeout:g}) x {prefix}progress_timeout_s ({timeout:g} s), or the "
           "progress watchdog never sees the stall and its scenarios stay untriggered")
