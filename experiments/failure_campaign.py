@@ -5,11 +5,13 @@ each checked against the oracle, reporting which strategy handled each lost micr
 
   python -m experiments.failure_campaign --config=configs/campaign.py [--output_dir=results/campaign]
 
-The last stdout line is one JSON object: ok, injections, triggered / untriggered, failures
-specified / fired, identical, handled_by per configured strategy, targets, by_program,
-by_mechanism, by_runtime, ... (written with every scenario's record to
+The last stdout line is one JSON object: ok, scenarios_run, triggered / untriggered, failures
+specified / fired (the injections; at least `min_fired` must fire), identical, cache identical /
+different, handled_by per configured strategy, targets, by_program, by_mechanism, by_runtime
+(Ray: `sigkills`), phases_s (where the time went), ... (written with every scenario's record to
 --output_dir/campaign.json). Exits 1 when `ok` is False: a strategy handled less than its target
-share of its own scenarios, or a run did not complete or differs from the oracle.
+share of its own scenarios, a run did not complete or differs from an oracle, too few failures
+fired, or a program, mechanism or runtime had none fire.
 """
 
 import json
@@ -21,7 +23,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 from absl import flags  # noqa: E402
 
 from dejavu_jax.studies import cli  # noqa: E402
-from dejavu_jax.studies.campaign import run_campaign  # noqa: E402
+from dejavu_jax.studies.campaign import check_config, run_campaign  # noqa: E402
 
 _OUT = flags.DEFINE_string("output_dir", "", "where campaign.json goes (nothing written if empty)")
 
@@ -38,4 +40,4 @@ def main(c):
 
 
 if __name__ == "__main__":
-  cli.run(main, "configs/campaign.py", __doc__)
+  cli.run(main, "configs/campaign.py", __doc__, check=check_config)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from configs import campaign, campaign_tiny
-from dejavu_jax.studies.campaign import draw_scenarios, real_model_params, report, run_campaign
+from dejavu_jax.studies.campaign import (check_config, draw_scenarios, real_model_params, report,
+                                         run_campaign)
 
 
 def _rec(strategy="snapshot", triggered=True, identical=True, handled=None, targeted=True,
@@ -26,9 +27,10 @@ def _rec(strategy="snapshot", triggered=True, identical=True, handled=None, targ
 
 def test_report_counts_untriggered_apart_and_can_fail():
   c = campaign.get_config()
+  c.min_fired = 0
   good = [_rec() for _ in range(8)] + [_rec(handled={"snapshot": 1, "restart": 1})]
   r = report(c, good + [_rec(triggered=False)], 1.0)
-  assert r["ok"] and r["injections"] == 10
+  assert r["ok"] and r["scenarios_run"] == 10
   assert r["triggered"] == 9 and r["untriggered"] == 1 and r["identical"] == 9
   assert r["untriggered_identical"] == 1
   assert r["failures_specified"] == 10 and r["failures_fired"] == 9
@@ -52,15 +54,35 @@ def test_report_counts_untriggered_apart_and_can_fail():
   # Untargeted scenarios (a pattern the strategy is not designed for) are not judged.
   loose = report(c, good + [_rec(targeted=False, handled={"restart": 2}) for _ in range(9)], 1.0)
   assert loose["ok"] and loose["targets"]["snapshot"]["judged"] == 9
+  # A runtime whose failures never fired vouches for nothing: the campaign fails.
+  idle = report(c, good + [dict(_rec(triggered=False), runtime="ray") for _ in range(2)], 1.0)
+  assert not idle["ok"] and idle["unexercised"] == ["runtime=ray"]
+  # Fewer failures fired than the config's minimum: a missed target.
+  c.min_fired = 10
+  few = report(c, good, 1.0)
+  assert not few["ok"] and few["fired_target"] == {"min": 10, "met": False}
+  assert report(c, good + [_rec()], 1.0)["fired_target"]["met"]
+
+
+def test_a_stall_the_watchdog_cannot_see_is_refused():
+  """The Ray scenarios of an earlier default config never fired: their 5 s stalls ended before
+  a 5 s progress timeout could see them."""
+  c = campaign.get_config()
+  check_config(c)
+  c.ray_stall_s = c.ray_progress_timeout_s
+  with pytest.raises(ValueError, match="ray_stall_s .* ray_progress_timeout_s"):
+    check_config(c)
+  c.kinds = ("crash",)
+  check_config(c)
 
 
 def test_scenarios_cover_the_space_and_are_timed_for_their_strategy():
   c = campaign.get_config()
-  c.injections = 600
-  c.ray_injections = c.smollm2_injections = 0
+  c.scenarios = 600
+  c.ray_scenarios = c.smollm2_scenarios = 0
   scen = draw_scenarios(c, np.random.default_rng(1))
-  assert {s.pattern for s in scen} >= {"single", "adjacent", "close", "during_recovery",
-                                        "during_recovery_holder"}
+  assert {s.pattern for s in scen} == {"single", "adjacent", "close", "during_recovery",
+                                        "during_recovery_holder", "during_recovery_loaded"}
   assert {s.kind for s in scen} == {"crash", "stall"}
   assert {s.program for s in scen} == {"fake", "model"}
   assert {s.mechanism for s in scen} == {"colocated", "swapping", "disagg"}
@@ -77,6 +99,8 @@ def test_scenarios_cover_the_space_and_are_timed_for_their_strategy():
       assert s.prompt_depth <= first.stage < s.prompt_depth + s.depth
     if s.own == "snapshot" and s.mechanism != "disagg":
       assert first.after_snapshots in (2, 3) and s.slow
+      # A restore whose target dies while it loads falls back by design: not judged.
+      assert s.targeted == (s.side == "token" and s.pattern != "during_recovery_loaded")
     elif s.own == "replica" and s.side == "token":
       assert first.after_steps >= c.replica_steps_per_stage * s.depth
       assert s.targeted == (s.side == "token" and s.pattern in ("single", "close"))
@@ -84,7 +108,7 @@ def test_scenarios_cover_the_space_and_are_timed_for_their_strategy():
       assert s.strategy in c.model_strategies and s.mechanism in c.model_mechanisms
   for strategy in c.strategies:
     assert sum(s.targeted for s in scen if s.strategy == strategy) >= 40, strategy
-  c.injections, c.ray_injections, c.smollm2_injections = 0, 3, 2
+  c.scenarios, c.ray_scenarios, c.smollm2_scenarios = 0, 3, 2
   few = draw_scenarios(c, np.random.default_rng(2))
   assert [(s.runtime, s.program) for s in few] == [("ray", "fake")] * 3 + [("local", "smollm2")] * 2
 
@@ -109,9 +133,13 @@ def test_real_model_greedy_outputs_vary():
 @pytest.mark.timeout(600)
 def test_tiny_campaign_reports_what_happened():
   c = campaign_tiny.get_config()
-  c.injections = 6
+  c.scenarios = 6
+  # One layout per mechanism (each new one compiles its stage programs): the mechanisms and
+  # strategies vary, the shapes need not.
+  c.depths = c.disagg_depths = (2,)
+  c.prompt_depths = (1,)
   r = run_campaign(c, log=lambda *_: None)
-  assert r["injections"] == 6 and r["hangs"] == 0
+  assert r["scenarios_run"] == 6 and r["hangs"] == 0
   assert r["triggered"] + r["untriggered"] == 6
   assert r["completed"] == r["identical"] == r["triggered"], r["failed_examples"]
   assert r["failures_fired"] <= r["failures_specified"]
@@ -130,7 +158,7 @@ def test_snapshot_scenarios_are_handled_by_snapshot():
   """Snapshot failures fire after completed snapshots: snapshot itself restores, not the
   restart appended to it."""
   c = campaign_tiny.get_config()
-  c.injections, c.strategies, c.mechanisms, c.mechanism_p = 3, ("snapshot",), ("colocated",), (1.0,)
+  c.scenarios, c.strategies, c.mechanisms, c.mechanism_p = 3, ("snapshot",), ("colocated",), (1.0,)
   c.model_fraction, c.kinds, c.depths = 0.0, ("crash",), (2,)
   r = run_campaign(c, log=lambda *_: None)
   assert r["triggered"] == 3 and r["identical"] == 3, r["failed_examples"]
@@ -146,7 +174,7 @@ def test_prompt_side_failures_fire_and_caches_are_checked():
   never detected, a prompt-side during-recovery failure never fired); with the cache oracle on,
   every prompt cache a token worker loaded equals the colocated reference's."""
   c = campaign_tiny.get_config()
-  c.injections, c.mechanisms, c.mechanism_p = 5, ("disagg",), (1.0,)
+  c.scenarios, c.mechanisms, c.mechanism_p = 5, ("disagg",), (1.0,)
   c.prompt_side_p, c.prompt_depths, c.disagg_depths = 1.0, (2,), (2,)
   c.model_fraction, c.strategies, c.cache_oracle = 0.0, ("replica",), True
   r = run_campaign(c, log=lambda *_: None)

@@ -8,10 +8,13 @@ Each scenario draws
   mechanism   colocated, colocated with microbatch swapping, or prompt-token disaggregated
               (failures on the prompt side or the token side; `FailureSpec.stage` numbers the
               prompt stages first);
-  runtime     local threads, or Ray actors (a crash is a real SIGKILL; full config only);
+  runtime     local threads, or Ray actors (a crash is a real SIGKILL of the actor process, a
+              stall ends in one when the watchdog sees it; `sigkills` per record; full config
+              only);
 and a pipeline depth, a microbatch size, a recovery strategy (or chain), a failure kind (crash or
 stall) and a pattern (one stage; two adjacent stages at once or a little apart; a first failure
-and a second one during its recovery).
+and a second one during its recovery: of the replica's holder, of the stage being restored, or
+of another).
 
 Failures are timed so that the configured strategy can do its job: a failure fired 5 ms into a
 run, before any orbax save has finished, is handled by the `restart` every chain ends in, and a
@@ -19,32 +22,42 @@ campaign timed like that says "snapshot: 100% identical" about runs in which no 
 read. So `snapshot` failures fire right after the pipeline's 2nd or 3rd complete snapshot
 (`FailureSpec.after_snapshots`) under a slower pacing (a microbatch lives longer than a save
 takes), and `replica` failures fire after enough steps that every in-flight microbatch has an
-acknowledged replica. Such scenarios are `targeted`: for each configured strategy, the share of
-its targeted scenarios that fired and lost work in which its first strategy really handled
-microbatches (`RecoveryEvent.handled_by`) must reach `c.handled_target`. Patterns a strategy is
-not designed to survive (adjacent failures or a replica holder dying for `replica`;
-disaggregated snapshot runs, which refuse snapshot-timed failures) are run and reported, but not
-targeted.
+acknowledged replica. A stall must outlast the progress timeout (`check_config`), or the worker
+resumes unseen and nothing fires. Such scenarios are `targeted`: for each configured strategy,
+the share of its targeted scenarios that fired and lost work in which its first strategy really
+handled microbatches (`RecoveryEvent.handled_by`) must reach `c.handled_target`. Patterns a
+strategy is not designed to survive (adjacent failures or a replica holder dying for `replica`;
+the stage being restored dying mid-load for `replica` and `snapshot`, which the engine then
+plans again without them; disaggregated snapshot runs, which refuse snapshot-timed failures) are
+run and reported, but not targeted.
 
 Oracle: every request completes, and its tokens equal `fake_generate` (fake program; exact for
 every strategy) or the single-device greedy run (real model). `reprefill` recomputes keys and
 values in another summation order, so real-model scenarios draw only from the exact strategies
 (`c.model_strategies`). A run whose failures never fired (it ended first) is counted apart as
 untriggered, never as identical. With `c.cache_oracle` a second oracle sees the caches
-(serving/cache_oracle.py): each scenario is also served failure-free (on a colocated engine of
-the same token stages when disaggregated), and every cache a worker resumed from (a replica or
-snapshot restore, a swap-in, a prompt-slot load) must equal that run's at the same point, bit
-for bit (`cache_identical`: None when the scenario had no such point). `report["ok"]` is False
-(and the script exits non-zero) when a target is missed, a run did not complete, or a completed
-run differs from an oracle.
+(serving/cache_oracle.py): every cache a worker resumed from (a replica or snapshot restore, a
+swap-in, a prompt-slot load) must equal, bit for bit, the dead worker's own last step at that
+point or else a failure-free run of the same workload on the same token stages
+(`cache_identical`: None when the scenario had no such point). `report["ok"]` is False (and the
+script exits non-zero) when a target is missed, a run did not complete, a completed run differs
+from an oracle, fewer failures fired than `c.min_fired` (the campaign's injections are failures
+that fired), or a program, mechanism or runtime drawn had none fire.
 
-Engines are built once per group (program, mechanism, runtime, shape, strategy) and reused for
-the group's scenarios (replaced workers and all), which is also what a long-running server sees.
+What is shared, so that a scenario costs about its own serve (`run_campaign`; `phases_s` in the
+report says where the time went): one engine per group (program, mechanism, runtime, shape,
+pacing), reused for its scenarios (replaced workers and all, as a long-running server sees them)
+and switched between strategies by `set_recovery`, which keeps the compiled steps and, on Ray,
+the session's pooled actor processes; workloads from a small pool, so a workload's token oracle
+is computed once and its failure-free reference once per token-stage layout (the fake program's
+on a plain, unpaced local engine: its cache entries are integers fixed by the tokens and the
+stage's layers, whatever the microbatch, mechanism or runtime).
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import time
 
@@ -56,12 +69,19 @@ from dejavu_jax.fault.inject import FailureSpec
 from dejavu_jax.pipeline.fake import fake_generate
 from dejavu_jax.serving import cache_oracle
 from dejavu_jax.serving.disagg_engine import make_engine
+from dejavu_jax.studies.cli import UsageError
 from dejavu_jax.workload import Request
 
 PATTERNS = ("single", "adjacent", "close", "during_recovery")
+# Drawn patterns are named more precisely where it matters: a during-recovery failure of the
+# successor (the replica's holder) or of the stage whose replacement is being loaded.
+ALL_PATTERNS = PATTERNS + ("during_recovery_holder", "during_recovery_loaded")
 # Patterns in which the first strategy of the chain can handle the failure by design: a replica
-# lives on the successor, so it is gone when both die, or when the holder dies mid-restore.
-_DESIGNED = {"replica": ("single", "close")}
+# lives on the successor, so it is gone when both die, or when the holder dies mid-restore; a
+# restore whose target dies while it loads is planned again without that strategy
+# (serving/recovery.py), so neither a replica nor a snapshot can handle it.
+_DESIGNED = {"replica": ("single", "close"),
+             "snapshot": tuple(p for p in ALL_PATTERNS if p != "during_recovery_loaded")}
 
 
 @dataclasses.dataclass
@@ -78,6 +98,7 @@ class Scenario:
   side: str             # "prompt" | "token" (the first failure's side; "token" when colocated)
   targeted: bool
   failures: tuple
+  workload: int = 0     # index into the campaign's pool of workloads of its kind (`_pool_key`)
 
   @property
   def own(self) -> str:
@@ -88,17 +109,23 @@ class Scenario:
     return any(f.after_snapshots is not None for f in self.failures)
 
   def group(self) -> tuple:
+    """Scenarios that share one engine (strategies switch on it: `set_recovery`)."""
+    # SmolLM2's pacing is its own whatever the timing (`_cost`): one engine for all of it.
     return (self.program, self.mechanism, self.runtime, self.depth, self.prompt_depth,
-            self.microbatch, self.strategy, self.slow)
+            self.microbatch, self.slow and self.program != "smollm2")
 
 
 def _pick(rng, values):
   return values[int(rng.integers(0, len(values)))]
 
 
-def _spec(kind, c, stage, **trigger):
-  return FailureSpec(stage=stage, kind=kind, stall_s=c.stall_s if kind == "stall" else 0.0,
-                     **trigger)
+def _stall_s(c, prefix: str) -> float:
+  return c.get(prefix + "stall_s", c.stall_s)
+
+
+def _spec(kind, c, stage, prefix="", **trigger):
+  return FailureSpec(stage=stage, kind=kind,
+                     stall_s=_stall_s(c, prefix) if kind == "stall" else 0.0, **trigger)
 
 
 def _draw_one(c, rng, runtime="local", program=None) -> Scenario:
@@ -120,6 +147,7 @@ def _draw_one(c, rng, runtime="local", program=None) -> Scenario:
                          else c.other_microbatch_sizes))
     strategy = _pick(rng, tuple(c.strategies))
   dp = _pick(rng, tuple(c.prompt_depths)) if mechanism == "disagg" else 0
+  prefix = _prefix(runtime, program)
   kind = _pick(rng, tuple(c.kinds))
   pattern = _pick(rng, PATTERNS)
   side = "prompt" if dp and rng.random() < c.prompt_side_p else "token"
@@ -130,19 +158,20 @@ def _draw_one(c, rng, runtime="local", program=None) -> Scenario:
   by_snapshot = own == "snapshot" and mechanism != "disagg"
   if by_snapshot:
     at = int(rng.integers(c.snapshot_rounds[0], c.snapshot_rounds[1] + 1))
-    first = _spec(kind, c, lo + s, after_snapshots=at)
-    later = _spec("crash", c, lo + nxt, after_snapshots=at + 1)
+    first = _spec(kind, c, prefix=prefix, stage=lo + s, after_snapshots=at)
+    later = _spec("crash", c, prefix=prefix, stage=lo + nxt, after_snapshots=at + 1)
   elif side == "prompt":   # a prompt worker steps once per microbatch's prefill: a few per run
     at = int(rng.integers(1, c.prompt_max_step + 1))
-    first = _spec(kind, c, lo + s, after_steps=at)
-    later = _spec("crash", c, lo + nxt, after_steps=at + 1)
+    first = _spec(kind, c, prefix=prefix, stage=lo + s, after_steps=at)
+    later = _spec("crash", c, prefix=prefix, stage=lo + nxt, after_steps=at + 1)
   else:
     least = c.min_step
     if own == "replica":   # after every in-flight microbatch's step was replicated and acked
       least = max(least, c.replica_steps_per_stage * d)
     at = int(rng.integers(least, max(least, c.max_step) + 1))
-    first = _spec(kind, c, lo + s, after_steps=at)
-    later = _spec("crash", c, lo + nxt, after_steps=at + int(rng.integers(1, 6)))
+    first = _spec(kind, c, prefix=prefix, stage=lo + s, after_steps=at)
+    later = _spec("crash", c, prefix=prefix, stage=lo + nxt,
+                  after_steps=at + int(rng.integers(1, 6)))
   if pattern == "single" or n == 1:
     pattern, fs = "single", (first,)
   elif pattern == "adjacent":
@@ -151,20 +180,22 @@ def _draw_one(c, rng, runtime="local", program=None) -> Scenario:
     fs = (first, later)
   else:   # the successor (the replica's holder) or another stage dies mid-recovery
     other = nxt if rng.random() < 0.5 else int(rng.integers(0, n))
-    fs = (first, _spec("crash", c, lo + other, during_recovery=True))
+    fs = (first, _spec("crash", c, prefix=prefix, stage=lo + other, during_recovery=True))
     if other == nxt:
       pattern = "during_recovery_holder"
-  designed = _DESIGNED.get(own, PATTERNS + ("during_recovery_holder",))
+    elif other == s:
+      pattern = "during_recovery_loaded"
+  designed = _DESIGNED.get(own, ALL_PATTERNS)
   targeted = (side == "token" and pattern in designed and
               (own != "snapshot" or by_snapshot))
   return Scenario(program, mechanism, runtime, d, dp, b, strategy, kind, pattern, side, targeted,
-                  fs)
+                  fs, int(rng.integers(0, _pool_size(c, program))))
 
 
 def draw_scenarios(c, rng: np.random.Generator) -> list[Scenario]:
-  out = [_draw_one(c, rng) for _ in range(c.injections)]
-  out += [_draw_one(c, rng, "ray") for _ in range(c.get("ray_injections", 0))]
-  out += [_draw_one(c, rng, program="smollm2") for _ in range(c.get("smollm2_injections", 0))]
+  out = [_draw_one(c, rng) for _ in range(c.scenarios)]
+  out += [_draw_one(c, rng, "ray") for _ in range(c.get("ray_scenarios", 0))]
+  out += [_draw_one(c, rng, program="smollm2") for _ in range(c.get("smollm2_scenarios", 0))]
   return out
 
 
@@ -178,14 +209,56 @@ def real_model_params(cfg, seed: int, scale: float):
   return jax.tree.map(lambda a: a * scale if a.ndim >= 2 else a, params)
 
 
-def _workload(c, rng: np.random.Generator, cfg, slow: bool) -> list[Request]:
-  reqs = []
+def _pool_key(sc: Scenario) -> tuple:
+  """Scenarios whose workloads come from one pool: (vocabulary, long outputs). SmolLM2's
+  greedy oracle is slow, so all its scenarios share one pool of the long (snapshot) kind."""
+  return ("smollm2", True) if sc.program == "smollm2" else ("tiny", sc.slow)
+
+
+def _pool_size(c, program: str) -> int:
+  return c.smollm2_workload_pool if program == "smollm2" else c.workload_pool
+
+
+def _workloads(c, cfg, slow: bool, seed: tuple, size: int) -> list[list[Request]]:
+  """`size` open-loop workloads (requests `arrival_gap_s` apart). Scenarios draw from a pool,
+  so the oracles of a workload (its tokens; the failure-free run's caches for a stage layout)
+  are computed once and shared by every scenario that serves it."""
+  rng = np.random.default_rng(seed)
   lo, hi = (c.slow_min_new, c.slow_max_new) if slow else (c.min_new, c.max_new)
-  for i in range(c.requests):
-    n = int(rng.integers(2, c.max_prompt + 1))
-    prompt = tuple(int(t) for t in rng.integers(3, cfg.vocab_size, n))
-    reqs.append(Request(i, c.arrival_gap_s * i, prompt, int(rng.integers(lo, hi + 1))))
-  return reqs
+  pool = []
+  for _ in range(size):
+    reqs = []
+    for i in range(c.requests):
+      n = int(rng.integers(2, c.max_prompt + 1))
+      prompt = tuple(int(t) for t in rng.integers(3, cfg.vocab_size, n))
+      reqs.append(Request(i, c.arrival_gap_s * i, prompt, int(rng.integers(lo, hi + 1))))
+    pool.append(reqs)
+  return pool
+
+
+def _prefix(runtime: str, program: str) -> str:
+  """The config prefix of a scenario's timeouts and stall length: Ray actors and SmolLM2's real
+  steps can hold a worker silent for longer than the fake program's timeouts (a compile, a
+  loaded machine), and a death declared then is spurious."""
+  if runtime == "ray":
+    return "ray_"
+  return "smollm2_" if program == "smollm2" else ""
+
+
+def check_config(c) -> None:
+  """A stall no longer than the progress timeout is never detected: the stalled worker resumes
+  and the scenario ends untriggered (the Ray scenarios of an earlier default config did, their
+  5 s stalls against a 5 s timeout). Refuses such a config by name (a `UsageError`: one line,
+  exit 2 from the main, under --help too)."""
+  if "stall" not in tuple(c.kinds):
+    return
+  for prefix in ("", "ray_", "smollm2_"):
+    timeout, stall = c.get(prefix + "progress_timeout_s"), _stall_s(c, prefix)
+    if timeout is not None and not stall >= c.stall_over_timeout * timeout:
+      raise UsageError(
+          f"campaign config: {prefix}stall_s ({stall:g} s) must be at least stall_over_timeout "
+          f"({c.stall_over_timeout:g}) x {prefix}progress_timeout_s ({timeout:g} s), or the "
+          "progress watchdog never sees the stall and its scenarios stay untriggered")
 
 
 def _serve_config(c, sc: Scenario, colocated: bool = False) -> ServeConfig:
@@ -193,10 +266,7 @@ def _serve_config(c, sc: Scenario, colocated: bool = False) -> ServeConfig:
   pipeline, the cache oracle's reference for a disaggregated scenario)."""
   shape = (dict(prompt_stages=sc.prompt_depth, token_stages=sc.depth)
            if sc.mechanism == "disagg" and not colocated else dict(num_stages=sc.depth))
-  # Ray actors and SmolLM2's real steps can hold a worker silent for longer than the fake
-  # program's timeouts (a compile, a loaded machine): a death declared then is spurious.
-  slow = {"ray": "ray_", "smollm2": "smollm2_"}.get(
-      sc.runtime if sc.runtime == "ray" else sc.program, "")
+  slow = _prefix(sc.runtime, sc.program)
   return ServeConfig(microbatch_size=sc.microbatch, max_len=c.max_len,
                      program="fake" if sc.program == "fake" else "model",
                      pacing="paced", recovery=sc.strategy, heartbeat_s=c.heartbeat_s,
@@ -208,14 +278,22 @@ def _serve_config(c, sc: Scenario, colocated: bool = False) -> ServeConfig:
                      **shape)
 
 
-def _run_one(eng, sc: Scenario, reqs, ref, cache_ref=None) -> dict:
+def _record(sc: Scenario) -> dict:
+  return {"program": sc.program, "mechanism": sc.mechanism, "runtime": sc.runtime,
+          "depth": sc.depth, "prompt_depth": sc.prompt_depth, "microbatch": sc.microbatch,
+          "strategy": sc.strategy, "kind": sc.kind, "pattern": sc.pattern, "side": sc.side,
+          "targeted": sc.targeted, "failures": [f.describe() for f in sc.failures],
+          "specified": len(sc.failures), "workload": sc.workload, "error": None, "hang": False}
+
+
+def _run_one(eng, sc: Scenario, reqs, ref, cache_ref=None, phases=None) -> dict:
   """Serves one scenario; returns its record (what fired, who handled what, the verdicts).
-  `cache_ref`: the failure-free run's `ServeResult` (cache probes), or None (no cache oracle)."""
-  rec = {"program": sc.program, "mechanism": sc.mechanism, "runtime": sc.runtime,
-         "depth": sc.depth, "prompt_depth": sc.prompt_depth, "microbatch": sc.microbatch,
-         "strategy": sc.strategy, "kind": sc.kind, "pattern": sc.pattern, "side": sc.side,
-         "targeted": sc.targeted, "failures": [f.describe() for f in sc.failures],
-         "specified": len(sc.failures), "error": None, "hang": False}
+  `cache_ref`: the failure-free run's `ServeResult` (cache probes), or None (no cache oracle).
+  `phases`: seconds per phase, added to (the serve under failures, the cache comparison)."""
+  phases = collections.Counter() if phases is None else phases
+  rec = _record(sc)
+  kills = getattr(eng.runtime, "kills", None)   # Ray: one record per SIGKILL of an actor
+  before = len(kills) if kills is not None else 0
   start = time.perf_counter()
   try:
     res = eng.serve(reqs, failures=sc.failures, raise_on_error=False)
@@ -244,11 +322,16 @@ def _run_one(eng, sc: Scenario, reqs, ref, cache_ref=None) -> dict:
       recomputed_tokens=sum(ev.recomputed_tokens for ev in events),
       handled_by=dict(handled), load_errors=sum(len(ev.load_errors) for ev in events),
       wall_s=round(time.perf_counter() - start, 2))
+  phases["run"] += time.perf_counter() - start
+  if kills is not None:   # the actor processes killed (by the driver or by themselves)
+    rec["sigkills"] = len(kills) - before
+    rec["killed_pids"] = [k["pid"] for k in kills[before:]]
   # Untriggered: the run ended before any failure fired. A run that failed with no recovery
   # event is not one of them (it is judged, and fails).
   rec["triggered"] = bool(events) or rec["error"] is not None
   rec["handled_own"] = handled.get(sc.own, 0) > 0
   rec["cache_identical"], rec["cache_points"] = None, {}
+  start = time.perf_counter()
   if cache_ref is not None:
     if res is None or cache_ref.error is not None:
       rec["cache_identical"] = False
@@ -258,15 +341,43 @@ def _run_one(eng, sc: Scenario, reqs, ref, cache_ref=None) -> dict:
       rec["cache_identical"], rec["cache_points"] = verdict.identical, verdict.by_point
       if verdict.identical is False:
         rec["cache_detail"] = verdict.describe()
+  phases["cache_compare"] += time.perf_counter() - start
   return rec
 
 
-def _cache_reference(eng, ref_eng, reqs):
+def _cache_reference(eng, reqs):
   """The failure-free run the cache oracle compares with (module doc)."""
   try:
-    return (ref_eng or eng).serve(reqs, raise_on_error=False)
+    return eng.serve(reqs, raise_on_error=False)
   except Exception as e:  # pylint: disable=broad-except
     return getattr(e, "result", None)
+
+
+def _reference_config(c, sc: Scenario) -> ServeConfig | None:
+  """The engine that serves the failure-free reference, or None: the scenario's own. The fake
+  program's references come from a plain engine of the same token stages (local, unpaced, no
+  replication or snapshots: whatever mechanism, microbatch or runtime the scenario has, its
+  caches hold the same integers); a disaggregated scenario's from a colocated engine of its
+  token stages (what the slots should hold)."""
+  if sc.program == "fake":
+    return ServeConfig(num_stages=sc.depth, microbatch_size=max(c.microbatch_sizes),
+                       max_len=c.max_len, program="fake", pacing="real", recovery="restart",
+                       heartbeat_s=c.heartbeat_s, heartbeat_timeout_s=c.reference_timeout_s,
+                       progress_timeout_s=c.reference_timeout_s, step_timeout_s=c.deadline_s,
+                       cache_probe=True)
+  if sc.mechanism == "disagg":
+    return _serve_config(c, sc, colocated=True)
+  return None
+
+
+def _reference_key(sc: Scenario) -> tuple:
+  """Scenarios whose failure-free runs probe the same caches. The fake program's cache entries
+  are integers fixed by a request's tokens and a stage's layers, whatever the microbatch, the
+  swapping or the runtime, so one run per token-stage layout and workload serves them all; a
+  float model's K/V differ in low bits with the batch's shapes, so its runs are kept per
+  microbatch size."""
+  shape = (sc.depth,) if sc.program == "fake" else (sc.depth, sc.microbatch)
+  return (sc.program, shape, _pool_key(sc), sc.workload)
 
 
 def _oracle(sc: Scenario, cfg, params, reqs) -> dict:
@@ -287,8 +398,31 @@ def _cost(c, cfg, sc: Scenario):
                         token=token * sc.depth / cfg.num_layers)
 
 
+@contextlib.contextmanager
+def _timed(phases, name):
+  start = time.perf_counter()
+  try:
+    yield
+  finally:
+    phases[name] += time.perf_counter() - start
+
+
+def _load_model(c, program, tiny):
+  if program == "model":
+    return tiny, real_model_params(tiny, c.model_seed, c.model_scale)
+  from dejavu_jax.models import gguf  # pylint: disable=g-import-not-at-top
+  return gguf.load_smollm2("float32")[:2]
+
+
 def run_campaign(c, log=print) -> dict:
-  """Runs every scenario of config `c` (see configs/campaign.py); returns the report."""
+  """Runs every scenario of config `c` (see configs/campaign.py); returns the report.
+
+  What is shared, so that a scenario costs about its own serve: one engine per group of
+  scenarios (`Scenario.group`; its strategies switch with `set_recovery`, which keeps the
+  compiled steps, and on Ray the pooled actor processes of the one session); workloads from a
+  pool, so each workload's token oracle is computed once and its failure-free cache reference
+  once per stage layout (`_reference_key`). `report["phases_s"]` says where the time went."""
+  check_config(c)
   tiny = tiny_config("opt", num_layers=c.num_layers, max_positions=c.max_len)
   models = {"fake": (tiny, None)}   # program -> (ModelConfig, params), loaded when first needed
   rng = np.random.default_rng(c.seed)
@@ -296,71 +430,96 @@ def run_campaign(c, log=print) -> dict:
   groups = collections.defaultdict(list)
   for sc in scenarios:
     groups[sc.group()].append(sc)
+  phases = collections.Counter()
+  pools, oracles, references = {}, {}, {}
+  cache_on = bool(c.get("cache_oracle", False))
   records = []
   t0 = time.perf_counter()
   ray_up = False
   try:
     for key, group in sorted(groups.items()):
+      group.sort(key=lambda sc: sc.strategy)   # stable: one set_recovery per strategy
       first = group[0]
       if first.program not in models:
-        if first.program == "model":
-          models["model"] = (tiny, real_model_params(tiny, c.model_seed, c.model_scale))
-        else:
-          from dejavu_jax.models import gguf  # pylint: disable=g-import-not-at-top
-          models["smollm2"] = gguf.load_smollm2("float32")[:2]
+        with _timed(phases, "model_load"):
+          models[first.program] = _load_model(c, first.program, tiny)
       cfg, params = models[first.program]
       if first.runtime == "ray" and not ray_up:
-        from dejavu_jax.runtime.ray import init_ray  # pylint: disable=g-import-not-at-top
-        init_ray(num_cpus=c.ray_num_cpus)
+        with _timed(phases, "ray_start"):
+          from dejavu_jax.runtime.ray import init_ray  # pylint: disable=g-import-not-at-top
+          init_ray(num_cpus=c.ray_num_cpus)
         ray_up = True
+      eng = ref_eng = None
       try:
-        eng = make_engine(cfg, params, _serve_config(c, first), cost_model=_cost(c, cfg, first))
+        with _timed(phases, "engine_build"):
+          eng = make_engine(cfg, params, _serve_config(c, first), cost_model=_cost(c, cfg, first))
+          eng.warmup()
       except Exception as e:  # pylint: disable=broad-except
         for sc in group:   # an engine that cannot be built fails every scenario of its group
           records.append(_run_one_failed(sc, f"{type(e).__name__}: {e}"))
         log(f"group {key}: engine failed: {e}")
+        if eng is not None:
+          eng.close()
         continue
-      ref_eng = None
-      if c.get("cache_oracle", False) and first.mechanism == "disagg":
-        # A colocated engine of the same token stages computes what the slots should hold.
-        ref_eng = make_engine(cfg, params, _serve_config(c, first, colocated=True),
-                              cost_model=_cost(c, cfg, first))
-        ref_eng.warmup()
-      with eng:
-        eng.warmup()
+      try:
         for sc in group:
-          reqs = _workload(c, rng, cfg, sc.slow)
-          cache_ref = (_cache_reference(eng, ref_eng, reqs) if c.get("cache_oracle", False)
-                       else None)
-          rec = _run_one(eng, sc, reqs, _oracle(sc, cfg, params, reqs), cache_ref)
+          if sc.strategy != eng.serve_cfg.fault.recovery:
+            with _timed(phases, "set_recovery"):
+              eng.set_recovery(sc.strategy)
+          pk = _pool_key(sc)
+          if pk not in pools:
+            pools[pk] = _workloads(c, cfg, pk[1], (c.seed, pk[0] == "smollm2", int(pk[1])),
+                                   _pool_size(c, sc.program))
+          reqs = pools[pk][sc.workload]
+          tok_key = (sc.program, pk, sc.workload)
+          if tok_key not in oracles:
+            with _timed(phases, "token_oracle"):
+              oracles[tok_key] = _oracle(sc, cfg, params, reqs)
+          cache_ref = None
+          if cache_on:
+            ref_key = _reference_key(sc)
+            if ref_key not in references:
+              with _timed(phases, "reference"):
+                ref_cfg = _reference_config(c, sc)
+                if ref_cfg is not None and ref_eng is None:   # one per group (one layout)
+                  ref_eng = make_engine(cfg, params, ref_cfg, cost_model=_cost(c, cfg, sc))
+                  ref_eng.warmup()
+                references[ref_key] = _cache_reference(ref_eng or eng, reqs)
+            cache_ref = references[ref_key]
+          rec = _run_one(eng, sc, reqs, oracles[tok_key], cache_ref, phases)
           records.append(rec)
           if c.verbose:
             log(f"  {sc.program} {sc.mechanism} {sc.runtime} D={sc.depth}/{sc.prompt_depth} "
-                f"B={sc.microbatch} {sc.strategy:26s} {sc.pattern:22s} "
+                f"B={sc.microbatch} w{sc.workload} {sc.strategy:26s} {sc.pattern:22s} "
                 f"{'; '.join(rec['failures']):60s} handled {rec['handled_by']} "
                 f"{'ok' if rec['identical'] else 'FAIL'} cache {rec['cache_identical']} "
                 f"{rec['cache_points']} {rec['wall_s']:.2f} s")
-      if ref_eng is not None:
-        ref_eng.close()
+      finally:
+        with _timed(phases, "close"):
+          eng.close()
+          if ref_eng is not None:
+            ref_eng.close()
       log(f"group {key}: {len(group)} scenarios, {len(records)}/{len(scenarios)} done, "
           f"{time.perf_counter() - t0:.0f} s")
   finally:
     if ray_up:
       import ray  # pylint: disable=g-import-not-at-top
       ray.shutdown()
-  return report(c, records, time.perf_counter() - t0)
+  wall = time.perf_counter() - t0
+  phases["other"] = max(0.0, wall - sum(phases.values()))
+  out = report(c, records, wall)
+  out["phases_s"] = {k: round(v, 1) for k, v in sorted(phases.items())}
+  out["references"] = len(references)
+  out["engines"] = len(groups)
+  return out
 
 
 def _run_one_failed(sc: Scenario, error: str) -> dict:
-  return {"program": sc.program, "mechanism": sc.mechanism, "runtime": sc.runtime,
-          "depth": sc.depth, "prompt_depth": sc.prompt_depth, "microbatch": sc.microbatch,
-          "strategy": sc.strategy, "kind": sc.kind, "pattern": sc.pattern, "side": sc.side,
-          "targeted": sc.targeted, "failures": [f.describe() for f in sc.failures],
-          "specified": len(sc.failures), "error": error, "hang": False, "completed": False,
-          "identical": False, "recoveries": 0, "fired": 0, "extra_deaths": 0,
-          "lost_microbatches": 0, "recomputed_tokens": 0, "handled_by": {}, "load_errors": 0,
-          "wall_s": 0.0, "triggered": False, "handled_own": False, "cache_identical": None,
-          "cache_points": {}}
+  return _record(sc) | {
+      "error": error, "completed": False, "identical": False, "recoveries": 0, "fired": 0,
+      "extra_deaths": 0, "lost_microbatches": 0, "recomputed_tokens": 0, "handled_by": {},
+      "load_errors": 0, "wall_s": 0.0, "triggered": False, "handled_own": False,
+      "cache_identical": None, "cache_points": {}}
 
 
 def _tally(recs) -> dict:
@@ -378,6 +537,7 @@ def _tally(recs) -> dict:
           "cache_identical": sum(r.get("cache_identical") is True for r in recs),
           "cache_different": sum(r.get("cache_identical") is False for r in recs),
           "cache_points": dict(sorted(points.items())),
+          "sigkills": sum(r.get("sigkills", 0) for r in recs),
           "failures_specified": sum(r["specified"] for r in recs),
           "failures_fired": sum(r["fired"] for r in recs),
           "handled_by": dict(sorted(handled.items()))}
@@ -408,15 +568,25 @@ def report(c, records: list, wall: float) -> dict:
   bad = [r for r in records if r["triggered"] and not (r["completed"] and r["identical"])]
   bad += [r for r in untrig if not (r["completed"] and r["identical"])]
   bad += [r for r in records if r.get("cache_identical") is False and r not in bad]
-  ok = not bad and all(t["met"] for t in targets.values())
   total = _tally(records)
+  # Every program, mechanism and runtime the campaign drew must have failures that fired: a
+  # dimension whose scenarios all ended before their failures (the Ray scenarios of an earlier
+  # default config) vouches for nothing.
+  unexercised = [f"{dim}={k}" for dim in ("program", "mechanism", "runtime")
+                 for k, t in by[dim].items() if t["failures_fired"] == 0]
+  min_fired = c.get("min_fired", 0)
+  fired_met = total["failures_fired"] >= min_fired
+  ok = not bad and all(t["met"] for t in targets.values()) and fired_met and not unexercised
   return {
       "ok": ok,
-      "injections": len(records),
+      "scenarios_run": len(records),
       "triggered": total["triggered"],
       "untriggered": total["untriggered"],
       "failures_specified": total["failures_specified"],
       "failures_fired": total["failures_fired"],
+      # The campaign's injections are the failures that fired (a stage died for its spec).
+      "fired_target": {"min": min_fired, "met": fired_met},
+      "unexercised": unexercised,
       "extra_stage_deaths": sum(r["extra_deaths"] for r in records),
       "completed": total["completed"],
       "identical": total["identical"],
