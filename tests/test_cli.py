@@ -11,6 +11,7 @@ import pytest
 from configs import figures_tiny
 from dejavu_jax import config as C
 from dejavu_jax.studies import cli
+from tests import prefork
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,23 +25,41 @@ def _errors(stderr: str) -> list[str]:
   return [line for line in stderr.splitlines() if line.startswith("error:")]
 
 
-def test_serve_help_lists_every_field_and_exits_0():
-  proc = _run("experiments.serve", "--help")
+CONFIG_ERRORS = [
+    (("--config.recovry=replica",), "did you mean \"recovery\""),
+    (("--config=configs/no_such.py",), "no such config file 'configs/no_such.py'"),
+    (("--config=configs/serve_tiny.py", "--config.fail_stages=(5,)"), "config.fail_stages"),
+    (("--config=configs/serve_tiny.py", "--config.top_p=2.0"), "config.top_p"),
+]
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+  """The commands that stop before building anything, each its own process forked from one
+  that imported jax once (tests/prefork.py): {name: (result, output dir it was given)}."""
+  d = tmp_path_factory.mktemp("cli")
+  cmds = {"help": (("experiments.serve", "--help"), None),
+          "figures_bad": (("experiments.figures", "--config=configs/figures_tiny.py",
+                           "--config.only=(failures,nope)"), d / "figs")}
+  for i, (args, _) in enumerate(CONFIG_ERRORS):
+    cmds[f"error{i}"] = (("experiments.serve", *args), d / f"out{i}")
+  argvs = [[*a, f"--output_dir={out}"] if out else list(a) for a, out in cmds.values()]
+  results = prefork.run_modules(argvs, ROOT, timeout=180)
+  return {name: (r, out) for (name, (_, out)), r in zip(cmds.items(), results)}
+
+
+def test_serve_help_lists_every_field_and_exits_0(quick):
+  proc, _ = quick["help"]
   assert proc.returncode == 0, proc.stderr
   for f in C.serve_fields():
     assert f"\n{f.name} " in proc.stdout and f.doc in proc.stdout, f.name
   assert "--output_dir" in proc.stdout and "(undocumented)" not in proc.stdout
 
 
-@pytest.mark.parametrize("args,message", [
-    (("--config.recovry=replica",), "did you mean \"recovery\""),
-    (("--config=configs/no_such.py",), "no such config file 'configs/no_such.py'"),
-    (("--config=configs/serve_tiny.py", "--config.fail_stages=(5,)"), "config.fail_stages"),
-    (("--config=configs/serve_tiny.py", "--config.top_p=2.0"), "config.top_p"),
-])
-def test_config_errors_are_one_line_exit_2_nothing_written(tmp_path, args, message):
-  out = tmp_path / "out"
-  proc = _run("experiments.serve", *args, f"--output_dir={out}")
+@pytest.mark.parametrize("i", range(len(CONFIG_ERRORS)))
+def test_config_errors_are_one_line_exit_2_nothing_written(quick, i):
+  message = CONFIG_ERRORS[i][1]
+  proc, out = quick[f"error{i}"]
   assert proc.returncode == 2, proc.stderr
   errors = _errors(proc.stderr)
   assert len(errors) == 1 and message in errors[0], proc.stderr
@@ -61,10 +80,8 @@ def test_figures_selection_as_documented():
     figures.selected(c)
 
 
-def test_figures_bad_selection_leaves_nothing(tmp_path):
-  out = tmp_path / "figs"
-  proc = _run("experiments.figures", "--config=configs/figures_tiny.py",
-              "--config.only=(failures,nope)", f"--output_dir={out}")
+def test_figures_bad_selection_leaves_nothing(quick):
+  proc, out = quick["figures_bad"]
   assert proc.returncode == 2 and "nope" in proc.stderr, proc.stderr
   assert not out.exists()
 

@@ -2,15 +2,16 @@
 fenced bash block or an inline code span is run with --help appended (the config-driven mains
 load the config, apply every --config.<field> override and check it, then exit 0 without
 building anything), so a documented command with a renamed or misspelled field fails here. The
-planner, which has no config, runs as written (seconds)."""
+planner, which has no config, runs as written (seconds). Each command is its own process, forked
+from one that imported jax once (tests/prefork.py): a command is mostly that import."""
 
 import os
 import re
 import shlex
-import subprocess
-import sys
 
 import pytest
+
+from tests import prefork
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = ("README.md", "WORKSPACE.md")
@@ -57,24 +58,18 @@ def test_the_docs_quote_commands():
           "experiments.generate"} <= mods
 
 
-def _argv(command: str) -> list[str]:
+def _module_argv(command: str) -> list[str]:
+  """[module, *args] of `python -m module args`, --help appended."""
   argv = shlex.split(command)
   module = argv[2]
-  args = argv[3:] if module in RUN_AS_IS else argv[3:] + ["--help"]
-  return [sys.executable, "-m", module, *args]
+  return [module, *(argv[3:] if module in RUN_AS_IS else argv[3:] + ["--help"])]
 
 
 @pytest.fixture(scope="module")
 def results():
-  """Every command run once, several at a time (each is mostly a jax import)."""
-  import concurrent.futures   # pylint: disable=g-import-not-at-top
-
-  def run(command):
-    return subprocess.run(_argv(command), cwd=ROOT, capture_output=True, text=True, timeout=400)
-  workers = max(1, min(8, os.cpu_count() or 1))
-  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-    procs = pool.map(run, [c for _, c in COMMANDS])
-    return dict(zip([c for _, c in COMMANDS], procs))
+  """Every command run once, two at a time."""
+  cmds = [c for _, c in COMMANDS]
+  return dict(zip(cmds, prefork.run_modules([_module_argv(c) for c in cmds], ROOT, timeout=400)))
 
 
 @pytest.mark.timeout(900)
