@@ -45,5 +45,7 @@ def test_decode_at_a_bucketed_context_equals_the_whole_cache():
   got_cache, got = decode(params, cache, x, jnp.asarray(step_pos),
                           context=decode_context(step_pos, 128))
   np.testing.assert_allclose(got, want[:, 0], rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(got_cache.k, want_cache.k, rtol=1e-6, atol=1e-6)
-  np.testing.assert_allclose(got_cache.v, want_cache.v, rtol=1e-6, atol=1e-6)
+  # The bucketed step attends with layers.attend_decode, the whole-cache one with `attend`: the
+  # same function in another summation order, so deeper layers' entries differ by rounding only.
+  np.testing.assert_allclose(got_cache.k, want_cache.k, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got_cache.v, want_cache.v, rtol=1e-5, atol=1e-5)
