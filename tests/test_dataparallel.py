@@ -242,7 +242,11 @@ def test_serve_experiment_with_two_replicas(tmp_path):
   assert s["system"] == "pipeline_D2x2" and s["failures"] == 1 and s["data_parallel"] == 2
   assert [r["failures"] for r in s["replicas"]] == [1, 0]
   recs = [json.loads(x) for x in open(tmp_path / "requests_rate20.jsonl")]
-  assert sorted(r["replica"] for r in recs) == [0] * 4 + [1] * 4
+  # Least-loaded routing follows the replicas' pace (replica 0 recovers, so it may take fewer):
+  # every request has a replica, both served, and the jsonl agrees with the summary's counts.
+  served = [r["replica"] for r in recs]
+  assert len(served) == 8 and set(served) == {0, 1}, served
+  assert [served.count(i) for i in (0, 1)] == [r["requests"] for r in s["replicas"]], served
   assert any(x.startswith("  replica 0: stage(s) [1]: killed") for x in lines), lines
 
 
