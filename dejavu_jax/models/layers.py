@@ -183,7 +183,7 @@ class Attention(nn.Module):
     scale = kd**-0.5 if cfg.attn_scale is None else cfg.attn_scale
     if context is None:
       k_all, v_all = write_kv(k_all, v_all, layer, k, v, positions)
-      k_seen, v_seen = k_all[layer], v_all[layer]                              # [B, S, Hkv, K]
+      out = attend(q, k_all[layer], v_all[layer], positions, scale, fam.scale_queries, slopes)
     elif t == 1:
       # Attend over the old cache slice as it is, plus the new entry apart: writing the new entry
       # into a slice first materialized a copy of every layer's slice (measured: half of a batch-8
@@ -194,9 +194,7 @@ class Attention(nn.Module):
     else:
       k_seen, v_seen = write_kv(k_all[layer:layer + 1, :, :context],
                                 v_all[layer:layer + 1, :, :context], 0, k, v, positions)
-      k_seen, v_seen = k_seen[0], v_seen[0]                                    # [B, C, Hkv, K]
-    if context is None or t != 1:
-      out = attend(q, k_seen, v_seen, positions, scale, fam.scale_queries, slopes)
+      out = attend(q, k_seen[0], v_seen[0], positions, scale, fam.scale_queries, slopes)
     out = _dense(cfg, cfg.hidden_size, "out_proj")(out.reshape(b, t, h * kd))
     if context is None:
       return out, k_all, v_all
