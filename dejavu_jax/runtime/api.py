@@ -61,6 +61,9 @@ class Step:
   epoch: int = 0              # recovery epoch; steps of an older epoch are dropped
   final: bool = False         # a hint: every live row reaches its token limit at this step (a
                               # swapping worker does not prefetch the microbatch after it)
+  greedy: bool = False        # the last stage returns each row's argmax token, not the logits:
+                              # greedy decoding samples where the logits are (FasterTransformer's
+                              # last stage), so [B, V] floats never cross a process boundary
 
 
 def ring_holder(stage: int, num_stages: int) -> int:
@@ -90,9 +93,10 @@ class StepResult:
   stage: int
   mb_id: int
   step: int
-  logits: Any                 # [B, V], host or last stage's devices
+  logits: Any                 # [B, V], host or last stage's devices (None for a greedy step)
   done_at: float              # perf_counter time the step ended (modeled end when paced)
   epoch: int
+  tokens: Any = None          # [B] int32: each row's argmax, for a `Step.greedy` step
 
 
 @dataclasses.dataclass

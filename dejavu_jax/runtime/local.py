@@ -59,6 +59,7 @@ import time
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from dejavu_jax.runtime import snapshot as snapshot_lib
@@ -463,9 +464,19 @@ class LocalWorker:
     self._steps_done += 1
     self._rt.events.put(Progress(self.stage, msg.mb_id, msg.step, msg.epoch))
     if program.last:
-      self._rt.events.put(StepResult(self.stage, msg.mb_id, msg.step, out, end, msg.epoch))
+      if msg.greedy:
+        self._rt.events.put(StepResult(self.stage, msg.mb_id, msg.step, None, end, msg.epoch,
+                                       tokens=_argmax_tokens(out)))
+      else:
+        self._rt.events.put(StepResult(self.stage, msg.mb_id, msg.step, out, end, msg.epoch))
     else:
       self._rt.forward(self.stage, dataclasses.replace(msg, x=out, ready_at=end))
+
+
+@jax.jit
+def _argmax_tokens(logits):
+  # jnp.argmax's first-max tie rule is numpy's, which the engine's host sampling uses.
+  return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 
 def _staging_headroom(runtime, new_cache) -> int | None:

@@ -100,7 +100,9 @@ class _Outbox(queue.Queue):
 
   def put(self, item, block=True, timeout=None):
     if isinstance(item, StepResult):
-      item = dataclasses.replace(item, logits=np.asarray(item.logits))
+      item = dataclasses.replace(
+          item, logits=None if item.logits is None else np.asarray(item.logits),
+          tokens=None if item.tokens is None else np.asarray(item.tokens))
     elif isinstance(item, StepError):
       item = dataclasses.replace(item, error=_portable(item.error))
     super().put(item, block, timeout)

@@ -202,7 +202,7 @@ class DisaggregatedPath:
       ps.watchdog.expect(mb.mb_id)
       self.runtime.worker(0).submit(api.Step(
           "prefill", mb.mb_id, 0, tokens, positions, len(mb.requests), mb.prompt_bucket_len,
-          ready, self.prompt_epoch))
+          ready, self.prompt_epoch, greedy=engine.greedy))
     while ps.ready and len(sched.in_flight) < self.Dt:   # module doc, step 4
       mb_id = ps.ready.popleft()
       p = ps.phases.pop(mb_id)
@@ -265,7 +265,7 @@ class DisaggregatedPath:
 
   def _on_prompt_result(self, engine, st, p: _PromptPhase, res: api.StepResult) -> int:
     mb, ps = p.mb, st.path
-    toks = engine.sample(mb, res.logits)
+    toks = engine.next_tokens(mb, res)
     finished = len(st.sched.on_tokens(mb, toks, engine.serve_cfg.sampling.eos_token_id,
                                       res.done_at - st.t0))
     p.first_token, p.done_at = True, res.done_at

@@ -449,6 +449,17 @@ class PipelineEngine:
                            f"{ev.error!r}") from ev.error
     return 0
 
+  @property
+  def greedy(self) -> bool:
+    """Greedy decoding: the last stage samples (`Step.greedy`) and returns tokens, not logits."""
+    return self.serve_cfg.sampling.temperature == 0.0
+
+  def next_tokens(self, mb: Microbatch, res: api.StepResult) -> np.ndarray:
+    """The next token [B] of each row of `mb` from its last stage's result."""
+    if res.tokens is not None:
+      return np.asarray(res.tokens, np.int32)
+    return self.sample(mb, res.logits)
+
   def sample(self, mb: Microbatch, logits) -> np.ndarray:
     """The next token [B] of each row of `mb` from its last stage's logits [B, V]."""
     sc = self.serve_cfg
@@ -461,7 +472,7 @@ class PipelineEngine:
 
   def _on_result(self, st: ServeState, res: api.StepResult) -> int:
     mb, sched = st.sched.in_flight[res.mb_id], st.sched
-    toks = self.sample(mb, res.logits)
+    toks = self.next_tokens(mb, res)
     finished = sched.on_tokens(mb, toks, self.serve_cfg.sampling.eos_token_id, res.done_at - st.t0)
     if st.listener is not None:
       st.listener(mb)
@@ -516,7 +527,7 @@ class PipelineEngine:
     st.watchdog.expect(mb.mb_id)
     self.runtime.worker(0).submit(api.Step("prefill", mb.mb_id, 0, tokens, positions,
                                            len(mb.requests), mb.prompt_bucket_len, ready,
-                                           self.epoch))
+                                           self.epoch, greedy=self.greedy))
 
   def send_decode(self, st: ServeState, mb: Microbatch, ready_at: float) -> None:
     """The next decode step of `mb`: each live row's latest token at its next position."""
@@ -532,7 +543,7 @@ class PipelineEngine:
                 for i, r in enumerate(mb.requests) if not mb.done[i])
     self.runtime.worker(0).submit(api.Step("decode", mb.mb_id, mb.step, x, positions, live,
                                            int(positions.max()), ready_at, self.epoch,
-                                           final=final))
+                                           final=final, greedy=self.greedy))
 
 
 def make_engine(cfg: ModelConfig, params, serve: ServeConfig, **kw):
