@@ -95,6 +95,7 @@ from dejavu_jax.runtime.api import (Heartbeat, ReplicaSource, Step, StepResult, 
                                     WorkerStats, recovery_lines)
 from dejavu_jax.runtime.disagg import TaggedEvents
 from dejavu_jax.runtime.ray_actor import CONCURRENCY_GROUPS, TRANSPORTS, ActorSpec, StageActor
+from dejavu_jax.runtime.ray_lane import LaneClient, LaneError, LaneServer, process_gone
 from dejavu_jax.runtime.ray_session import (actor_env, pool_put, pool_take,  # noqa: F401
                                             init_ray)
 
@@ -107,30 +108,42 @@ class RayWorker:
   def __init__(self, rt: "RayRuntime", stage: int, worker_id: int, actor, info: dict):
     self.stage, self.worker_id, self.actor = stage, worker_id, actor
     self.pid, self.node_id, self.ip = info["pid"], info["node_id"], info["ip"]
+    self.lane_address = info.get("lane")
     self._rt = rt
     self._last_stats = WorkerStats(stage, worker_id, True, 0, 0.0, 0, 0, [], 0)
+    # The lane to the actor (ray_lane.py) when it runs on the driver's node and lanes are on:
+    # every Worker message goes on it then, so they keep their order.
+    self.lane = (LaneClient(info["lane"], rt.rpc_timeout_s)
+                 if rt.lanes is not None and info.get("lane") and self.node_id == rt.node_id
+                 else None)
+
+  def _tell(self, name: str, *args) -> None:
+    """A Worker message, on the lane or as a Ray call (lost either way if the actor died)."""
+    if self.lane is not None and self.lane.send((name, args)):
+      return
+    getattr(self.actor, name).remote(*args)
 
   def submit(self, step: Step) -> None:
-    self.actor.submit.remote(step, self._rt.token)
+    self._tell("submit", step, self._rt.token)
 
   def set_epoch(self, epoch: int) -> None:
-    self.actor.set_epoch.remote(epoch)
+    self._tell("set_epoch", epoch)
 
   def load_cache(self, mb_id: int, source, epoch: int) -> None:
     if isinstance(source, ReplicaSource):   # the holder ships it to this actor itself
       self._rt.worker(source.holder).export_replica(self.stage, mb_id, source.step, self.stage,
                                                     epoch)
     else:
-      self.actor.load_cache.remote(mb_id, source, epoch)
+      self._tell("load_cache", mb_id, source, epoch)
 
   def export_replica(self, stage: int, mb_id: int, step: int, to: int, epoch: int) -> None:
-    self.actor.export_replica.remote(stage, mb_id, step, to, epoch)
+    self._tell("export_replica", stage, mb_id, step, to, epoch)
 
   def free(self, mb_id: int) -> None:
-    self.actor.free.remote(mb_id)
+    self._tell("free", mb_id)
 
   def resync(self) -> None:
-    self.actor.resync.remote()
+    self._tell("resync")
 
   def _token_role(self, what: str) -> None:
     if self._rt.role != "token":
@@ -156,9 +169,15 @@ class RayWorker:
     stage s > 0 from stage s - 1's actor (another caller, no ordering with this one), and must
     find the load ahead of it, as in the local runtime's one inbox."""
     self._token_role("prompt loads")
+    args = (mb_id, epoch, start_at, load_s, self._rt.token)
+    if self.lane is not None:
+      try:
+        self.lane.call(("load_prompt", args))
+        return
+      except LaneError:
+        pass   # no answer: the actor died (the Ray call below says so, or is lost)
     try:
-      ray.get(self.actor.load_prompt.remote(mb_id, epoch, start_at, load_s, self._rt.token),
-              timeout=self._rt.rpc_timeout_s)
+      ray.get(self.actor.load_prompt.remote(*args), timeout=self._rt.rpc_timeout_s)
     except ray.exceptions.RayActorError:
       pass   # lost, as any message to a dead peer; the token side's recovery redoes it
 
@@ -238,6 +257,11 @@ class RayRuntime:
     self._reported = 0
     self.dropped_events = 0
     self._owns_ray = init_ray(address)
+    self.node_id = ray.get_runtime_context().get_node_id()
+    # Lanes (ray_lane.py) with the default transport: the workers' events come on this server,
+    # and Worker messages / steps go on lanes, between processes of the driver's node.
+    self.lanes = (LaneServer(self._on_lane_events, self._on_lane_closed, name="driver")
+                  if transport == "shm" else None)
     self._params = params
     self._param_refs: dict[int, object] = {}
     self._workers: list[RayWorker | None] = [None] * self.num_stages
@@ -294,7 +318,9 @@ class RayRuntime:
                      rpc_timeout_s=self.rpc_timeout_s, token=self.token, role=self.role,
                      swapping=self.swapping, kv_budget_bytes=self.kv_budget_bytes,
                      host_slots=self.host_slots, layerwise=self.layerwise,
-                     token_splits=self._token_rt.ranges if self._token_rt else ())
+                     token_splits=self._token_rt.ranges if self._token_rt else (),
+                     driver_lane=self.lanes.address if self.lanes is not None else "",
+                     driver_node=self.node_id)
 
   def _options(self, bundle: int | None) -> dict:
     opts = dict(num_cpus=0, num_gpus=self.gpus or 0, max_restarts=0, max_task_retries=0,
@@ -344,9 +370,12 @@ class RayRuntime:
   def _broadcast_peers(self) -> None:
     live = self._live_workers()
     peers = {s: w.actor for s, w in live.items()}
-    nodes = {s: w.node_id for s, w in live.items()}   # the shm transport's same-node check
-    for a in peers.values():
-      a.set_peers.remote(peers, nodes, list(self._spares))
+    nodes = {s: w.node_id for s, w in live.items()}   # shm's and the lanes' same-node check
+    lanes = {s: w.lane_address for s, w in live.items()}
+    refs = [a.set_peers.remote(peers, nodes, list(self._spares), lanes) for a in peers.values()]
+    # Known before anything else is sent: the Worker messages after this go on lanes, which
+    # do not queue behind this Ray call (an export to the replacement must find its handle).
+    ray.wait(refs, num_returns=len(refs), timeout=self.rpc_timeout_s)
     for dep in self._dependents:   # a token runtime: its prompt runtimes' streams follow it
       dep.set_token_peers(peers, self.token)
     if self._token_rt is not None:   # a prompt runtime: its (new) actors learn the token actors
@@ -399,20 +428,20 @@ class RayRuntime:
                        "node": w.node_id, "at": self._dead[stage], "how": how})
 
   def stall(self, stage: int, seconds: float) -> None:
-    self._workers[stage].actor.stall.remote(seconds)
+    self._workers[stage]._tell("stall", seconds)  # pylint: disable=protected-access
 
   def arm(self, stage: int, after_steps: int, kind: str = "crash", stall_s: float = 0.0) -> None:
-    self._workers[stage].actor.arm.remote(after_steps, kind, stall_s)
+    self._workers[stage]._tell("arm", after_steps, kind, stall_s)  # pylint: disable=protected-access
 
   def disarm(self) -> None:
     for s, w in enumerate(self._workers):
       if self.alive(s):
-        w.actor.disarm.remote()
+        w._tell("disarm")  # pylint: disable=protected-access
 
   def inject_link_fault(self, stage: int, fails) -> None:
     """Makes stage `stage`'s replication transfers fail where `fails(write)` (None: heal);
     `fails` is shipped to the actor (it must pickle)."""
-    self._workers[stage].actor.set_link_fault.remote(fails)
+    self._workers[stage]._tell("set_link_fault", fails)  # pylint: disable=protected-access
 
   def replace(self, stage: int) -> RayWorker:
     """A fresh actor for `stage` in its placement bundle, running when this returns."""
@@ -444,6 +473,11 @@ class RayRuntime:
     self._closed.set()
     if self._poller is not None:
       self._poller.join(timeout=5)
+    if self.lanes is not None:
+      self.lanes.close()
+      for w in self._workers:
+        if w is not None and w.lane is not None:
+          w.lane.close()
     # Live actors are reset (worker stopped, state dropped) and pooled for the next pipeline of
     # this Ray session: a process start costs seconds here. Anything that does not reset dies.
     live = [w.actor for s, w in enumerate(self._workers)
@@ -512,15 +546,7 @@ class RayRuntime:
         try:
           evs = ray.get(ref)
         except ray.exceptions.RayActorError:
-          with self._lock:
-            if self._workers[s] is w:   # the stage's current actor died: Ray says so
-              now = time.perf_counter()
-              if s not in self._dead:   # it died by itself (an armed failure)
-                self._dead[s] = now
-                self.kills.append({"stage": s, "pid": w.pid, "worker_id": w.worker_id,
-                                   "node": w.node_id, "at": now,
-                                   "how": "SIGKILL by the actor itself (armed failure)"})
-              self._notified.setdefault(s, now)
+          self._notify_dead(s, w)   # Ray says so
           continue
         except Exception as e:  # pylint: disable=broad-except
           self.dropped_events += 1   # the actor lives, but this batch of its events is lost
@@ -529,6 +555,37 @@ class RayRuntime:
           continue
         for ev in evs:
           self.events.put(self._stamp(ev))
+
+  def _notify_dead(self, s: int, w: RayWorker) -> None:
+    """Stage `s`'s actor `w` is known dead (Ray's notice, or its lane ended with its process):
+    the engine's detection sees it at once (`notified_dead`), if `w` is still the stage's."""
+    with self._lock:
+      if self._workers[s] is w:
+        now = time.perf_counter()
+        if s not in self._dead:   # it died by itself (an armed failure)
+          self._dead[s] = now
+          self.kills.append({"stage": s, "pid": w.pid, "worker_id": w.worker_id,
+                             "node": w.node_id, "at": now,
+                             "how": "SIGKILL by the actor itself (armed failure)"})
+        self._notified.setdefault(s, now)
+
+  def _on_lane_events(self, msg) -> None:
+    kind, evs = msg
+    if kind != "events":
+      raise ValueError(f"the driver's lane carries events, not {kind!r}")
+    for ev in evs:
+      self.events.put(self._stamp(ev))
+
+  def _on_lane_closed(self, pid: int) -> None:
+    """An actor's event lane ended: if that actor is a current stage's and its process is
+    gone, that is its death notice (milliseconds after the SIGKILL, before Ray's)."""
+    if self._closed.is_set():
+      return
+    with self._lock:
+      hit = [(s, w) for s, w in enumerate(self._workers) if w is not None and w.pid == pid]
+    for s, w in hit:
+      if process_gone(pid):
+        self._notify_dead(s, w)
 
   def _stamp(self, ev):
     if isinstance(ev, Heartbeat):

@@ -59,6 +59,7 @@ import ray
 from dejavu_jax.runtime.replication import ReplicaWrite
 from dejavu_jax.runtime.api import Step, StepError, StepResult, WorkerOptions, ring_holder
 from dejavu_jax.runtime.local import LocalWorker, PeerDead
+from dejavu_jax.runtime.ray_lane import LaneClient, LaneServer
 from dejavu_jax.runtime.ray_shm import SharedMemoryTransport, ShmReader
 from dejavu_jax.runtime.ray_warm import StepLog, replay
 
@@ -93,10 +94,15 @@ class ActorSpec:
   token_splits: tuple = ()       # prompt role: the token pipeline's layer ranges
   layerwise: bool = True         # prompt role: stream each layer group as it is computed
   layer_group: int = 1
+  driver_lane: str = ""          # the driver's event lane (ray_lane.py), used on its node only
+  driver_node: str = ""          # the driver's Ray node id
 
 
 class _Outbox(queue.Queue):
-  """The worker's event channel: events leave the process as plain host data."""
+  """The worker's event channel: events leave the process as plain host data, on the driver's
+  lane when the driver is on this node (`lane`), else queued for the driver's long poll."""
+
+  lane: LaneClient | None = None
 
   def put(self, item, block=True, timeout=None):
     if isinstance(item, StepResult):
@@ -105,6 +111,9 @@ class _Outbox(queue.Queue):
           tokens=None if item.tokens is None else np.asarray(item.tokens))
     elif isinstance(item, StepError):
       item = dataclasses.replace(item, error=_portable(item.error))
+    lane = self.lane
+    if lane is not None and lane.send(("events", [item])):
+      return
     super().put(item, block, timeout)
 
 
@@ -217,6 +226,9 @@ class _ActorRuntime:
     self.transport = transport
     self.peers: dict[int, object] = {}     # stage -> actor handle (set by the driver)
     self.peer_nodes: dict[int, str] = {}   # stage -> its actor's Ray node id
+    self.peer_lanes: dict[int, str] = {}   # stage -> its actor's lane address (ray_lane.py)
+    self._lanes: dict[str, LaneClient] = {}
+    self.node_id = ray.get_runtime_context().get_node_id()
     self.link_fault = None
     self.token = spec.token
     self.swapping, self.kv_budget_bytes = spec.swapping, spec.kv_budget_bytes
@@ -252,9 +264,31 @@ class _ActorRuntime:
       raise PeerDead(f"stage {stage} has no live actor")
     return peer
 
+  def lane_to(self, stage: int) -> LaneClient | None:
+    """The lane to `stage`'s actor when it runs on this node and lanes are on (ray_lane.py)."""
+    addr = self.peer_lanes.get(stage)
+    if not addr or self.peer_nodes.get(stage) != self.node_id:
+      return None
+    lane = self._lanes.get(addr)
+    if lane is None:
+      lane = self._lanes[addr] = LaneClient(addr, self.transport.timeout_s)
+    return lane
+
   def forward(self, stage: int, step: Step) -> None:
-    self.transport.send_step(self._peer(stage + 1),
-                             dataclasses.replace(step, x=np.asarray(step.x)), self.token)
+    peer = self._peer(stage + 1)
+    step = dataclasses.replace(step, x=np.asarray(step.x))
+    lane = self.lane_to(stage + 1)
+    if lane is not None and lane.send(("submit", (step, self.token))):
+      return
+    self.transport.send_step(peer, step, self.token)   # lost there too if the peer is dead
+
+  def close_lanes(self) -> None:
+    for lane in self._lanes.values():
+      lane.close()
+    self._lanes.clear()
+    if self.events.lane is not None:
+      self.events.lane.close()
+      self.events.lane = None
 
   def send(self, stage: int, msg) -> None:
     self._peer(stage).deliver.remote(msg, self.token)
@@ -318,6 +352,8 @@ class StageActor:
     # in a host slot, in arrival order (tests read it: layer by layer, from the prompt actors).
     self.landed: collections.deque = collections.deque(maxlen=100_000)
     self._shm = ShmReader()
+    # Worker messages from the driver and steps from the previous stage, when on this node.
+    self._lane = LaneServer(self._on_lane, name="stage")
     # A spare's warm stages: stage -> (program, placed params), for the pipeline `_warm_token`;
     # step signatures that came before their stage was warm wait in `_warm_pending`.
     self._warm: dict[int, tuple] = {}
@@ -351,6 +387,8 @@ class StageActor:
       params = restore_params(spec.checkpoint, like=param_shapes(spec.cfg, start, stop))
     transport = TRANSPORTS[spec.transport](jax.devices()[0], spec.rpc_timeout_s)
     self.rt = _ActorRuntime(spec, transport)
+    if spec.driver_lane and spec.driver_node == self.rt.node_id:
+      self.rt.events.lane = LaneClient(spec.driver_lane, spec.rpc_timeout_s)
     self._pushed = set()
     program = StepLog(program, self._push_calls)
     self.worker = _worker_class(spec.role)(self.rt, program, params, spec.options,
@@ -363,13 +401,16 @@ class StageActor:
     return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
             "ip": ray.util.get_node_ip_address(),
             "transport": self.rt.transport.address() if self.rt else None,
+            "lane": self._lane.address,
             "warm": getattr(self, "took_warm", False),
             "warm_calls": {s: len(c) for s, c in getattr(self, "_replayed", {}).items()}}
 
   # ---- the Worker messages (default concurrency group: one thread, arrival order) ----
-  def set_peers(self, peers: dict, nodes: dict | None = None, spares: list | None = None) -> None:
+  def set_peers(self, peers: dict, nodes: dict | None = None, spares: list | None = None,
+                lanes: dict | None = None) -> None:
     self.rt.peers = dict(peers)
     self.rt.peer_nodes = dict(nodes or {})
+    self.rt.peer_lanes = dict(lanes or {})
     self.spares = list(spares or [])
     self._push_calls(None)   # a new spare hears every signature noted so far
 
@@ -424,6 +465,20 @@ class StageActor:
       except Exception:  # pylint: disable=broad-except
         pass   # a signature that does not replay is only traced later, when it runs
 
+  # Worker messages a lane may carry (ray_lane.py): the default group's, run on the lane's
+  # reader thread in the order the sender sent them.
+  LANE_METHODS = frozenset({"submit", "set_epoch", "load_cache", "export_replica", "free",
+                            "resync", "arm", "disarm", "stall", "set_link_fault",
+                            "load_prompt"})
+
+  def _on_lane(self, msg):
+    name, args = msg
+    if name not in self.LANE_METHODS:
+      raise ValueError(f"{name!r} is not a message a lane carries")
+    if self.worker is None:   # reset, or a spare: a late message of a closed pipeline
+      return None
+    return getattr(self, name)(*args)
+
   def _mine(self, token: str) -> bool:
     """A message for this actor's current pipeline (not a late one for a pipeline it served
     before it was reset and pooled)."""
@@ -435,6 +490,8 @@ class StageActor:
       self.worker.stop(timeout=5.0)
     if self.rt is not None and hasattr(self.rt.transport, "close"):
       self.rt.transport.close()
+    if self.rt is not None:
+      self.rt.close_lanes()
     self._shm.close()
     self.spec = self.rt = self.worker = None
     self._warm, self._warm_token, self._warm_pending, self.spares = {}, None, [], []
