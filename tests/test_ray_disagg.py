@@ -7,7 +7,8 @@ greedy run (`fake_generate` for the fake program, `generate` for the tiny model 
 experiment). Disaggregation: a prompt actor SIGKILLed (only its prompts are redone, the token
 actors are the same processes) and a token actor SIGKILLed (its replica restores it); every
 prompt packet landed in a token actor's host slot one layer at a time, sent by a prompt actor's
-process (not the driver), and every host slot is free at the end. Swapping: the policy runs inside
+process (not the driver) through the shm transport's segment (all actors on one node), every
+host slot is free at the end, and no segment is left in /dev/shm after the pipeline closes. Swapping: the policy runs inside
 each actor (its swap-ins and event log come from the actors), a swapped actor is SIGKILLed and
 restored from its replica. Killed pids are gone and no Ray process is left behind.
 """
@@ -26,7 +27,8 @@ from dejavu_jax.pipeline.fake import fake_generate
 from dejavu_jax.serving.engine import PipelineEngine
 from dejavu_jax.studies import runner
 from dejavu_jax.workload import Request
-from tests.ray_util import pid_gone, ray_session  # noqa: F401 (a module fixture)
+from tests.ray_util import (pid_gone, ray_session, session_pids,  # noqa: F401 (a module fixture)
+                            shm_segments)
 from tests.test_swapping import _check_prefetch_order
 
 CFG = tiny_config("opt", num_layers=4, max_positions=128)
@@ -50,16 +52,17 @@ def _settled(eng, dt):
   return [eng.runtime.worker(s).slots_held() for s in range(dt)]
 
 
-def _check_landed(eng, prompt_pids):
+def _check_landed(eng, prompt_pids, channel="shm"):
   """Every packet in a token actor's host slots is one layer of that actor's range, sent by a
-  prompt actor's process; each microbatch's layers arrive in layer order."""
+  prompt actor's process over `channel`; each microbatch's layers arrive in layer order."""
   for s, (a, b) in enumerate(eng.plan.ranges):
     log = eng.runtime.worker(s).landed_log()
     assert log, f"nothing landed on token stage {s}"
     by_mb = {}
-    for mb, (lo, hi), (_, pid) in log:
+    for mb, (lo, hi), (_, pid), how in log:
       assert hi - lo == 1 and a <= lo < b, (s, mb, lo, hi)
       assert pid in prompt_pids, f"token stage {s}: a packet from pid {pid}, not a prompt actor"
+      assert how == channel, f"token stage {s}: a packet landed over {how}, not {channel}"
       by_mb.setdefault(mb, []).append(lo)
     for mb, layers in by_mb.items():
       assert layers == sorted(layers), (s, mb, layers)
@@ -74,7 +77,7 @@ def test_disaggregation_prompt_and_token_sigkills(ray_session):
   sc = ServeConfig(prompt_stages=1, token_stages=2, host_slots=2, microbatch_size=3, max_len=64,
                    program="fake", heartbeat_s=0.1, heartbeat_timeout_s=30.0,
                    recovery="replica", pacing="paced", runtime="ray")
-  phases = []
+  phases, pids = [], set()
   with PipelineEngine(CFG, None, sc, cost_model=cost) as eng:
     path, dt = eng.prompt_path, 2
     orig = path.inject
@@ -108,6 +111,10 @@ def test_disaggregation_prompt_and_token_sigkills(ray_session):
     assert pid_gone(eng.runtime.kills[0]["pid"])
     assert _settled(eng, dt) == [[], []] and eng.slots_free() == [2, 2]
     _check_landed(eng, prompt_pids)
+    pids = session_pids() | {k["pid"] for k in eng.runtime.kills + path.runtime.kills}
+  # Each receiver unlinked its senders' segments on their first landing; the killed prompt
+  # actor's and the senders' to the killed token actor are gone too.
+  assert not shm_segments(pids), shm_segments(pids)
 
 
 @pytest.mark.slow

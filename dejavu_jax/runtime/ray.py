@@ -62,7 +62,9 @@ and controller do not change. The processes, threads and what waits on what:
     (`put_layer`, the "slots" group, so never behind queued steps: the packet rides in the call,
     through the prompt node's object store when large), never through the driver; the driver
     tells the prompt actors the token actors' handles at start and after every replacement on
-    either side (`_dependents`). `reserve_slot` and `load_prompt` wait for the token actor's
+    either side (`_dependents`). With the shm transport and both actors on one node the packet
+    goes through a shared-memory segment instead (ray_shm.py), the call carrying its header.
+    `reserve_slot` and `load_prompt` wait for the token actor's
     answer: a reservation is in place before the prompt streams, and a load is in the inbox
     before the first decode step reaches a token stage s > 0 from actor s - 1 (no ordering
     between two callers). The prompt runtime's events travel on the token runtime's channel,
@@ -94,6 +96,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from dejavu_jax.runtime.api import (Heartbeat, ReplicaSource, Step, StepResult, WorkerOptions,
                                     WorkerStats, recovery_lines)
 from dejavu_jax.runtime.disagg import TaggedEvents
+from dejavu_jax.runtime import ray_shm
 from dejavu_jax.runtime.ray_actor import CONCURRENCY_GROUPS, TRANSPORTS, ActorSpec, StageActor
 from dejavu_jax.runtime.ray_session import (actor_env, pool_put, pool_take,  # noqa: F401
                                             init_ray)
@@ -168,7 +171,7 @@ class RayWorker:
 
   def landed_log(self) -> list[tuple]:
     """(Token role) every prompt packet landed here: (mb_id, global layers, (prompt stage,
-    prompt actor pid))."""
+    prompt actor pid), channel "shm" | "object_store")."""
     return ray.get(self.actor.landed_log.remote(), timeout=30)
 
   @property
@@ -348,14 +351,17 @@ class RayRuntime:
     for a in peers.values():
       a.set_peers.remote(peers, nodes, list(self._spares))
     for dep in self._dependents:   # a token runtime: its prompt runtimes' streams follow it
-      dep.set_token_peers(peers, self.token)
+      dep.set_token_peers(peers, self.token, nodes)
     if self._token_rt is not None:   # a prompt runtime: its (new) actors learn the token actors
-      self.set_token_peers(self._token_rt._live_peers(), self._token_rt.token)  # pylint: disable=protected-access
+      tok = self._token_rt._live_workers()  # pylint: disable=protected-access
+      self.set_token_peers({s: w.actor for s, w in tok.items()}, self._token_rt.token,
+                           {s: w.node_id for s, w in tok.items()})
 
-  def set_token_peers(self, peers: dict, token: str) -> None:
-    """(Prompt role) tells every live prompt actor the token actors its streams land in, and
-    waits until they know (a prefill streams only to the actors named here)."""
-    refs = [a.set_token_peers.remote(peers, token) for a in self._live_peers().values()]
+  def set_token_peers(self, peers: dict, token: str, nodes: dict | None = None) -> None:
+    """(Prompt role) tells every live prompt actor the token actors its streams land in (and
+    their nodes: on its own node a stream goes through shm), and waits until they know (a
+    prefill streams only to the actors named here)."""
+    refs = [a.set_token_peers.remote(peers, token, nodes) for a in self._live_peers().values()]
     try:
       ray.get(refs, timeout=self.rpc_timeout_s)
     except ray.exceptions.RayActorError:
@@ -469,6 +475,8 @@ class RayRuntime:
         remove_placement_group(self._pg)
       except Exception:  # pylint: disable=broad-except
         pass
+    # A sender SIGKILLed before its receiver's first landing leaves its shm segment's name.
+    ray_shm.sweep([k["pid"] for k in self.kills])
     # A session this runtime started stays up until the process exits (Ray's exit hook shuts
     # it down): the next pipeline of this process (`set_recovery`, a strategy comparison)
     # configures the pooled actors instead of starting a session and its processes again.
