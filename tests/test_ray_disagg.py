@@ -119,6 +119,24 @@ def test_disaggregation_prompt_and_token_sigkills(ray_session):
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
+def test_disaggregation_object_store_channel(ray_session):
+  """With another transport than shm the prompt packets ride in the call (`put_layer`), as
+  across nodes; tokens identical (the pooled actors of the test above: no process starts)."""
+  reqs = [Request(i, 0.0, (5 + i, 9, 2 + i), 16) for i in range(6)]
+  sc = ServeConfig(prompt_stages=1, token_stages=2, host_slots=2, microbatch_size=3, max_len=64,
+                   program="fake", heartbeat_s=0.1, heartbeat_timeout_s=30.0,
+                   recovery="replica", runtime="ray", ray_transport="object_store")
+  with PipelineEngine(CFG, None, sc) as eng:
+    path = eng.prompt_path
+    prompt_pids = {path.runtime.pid(0)}
+    res = eng.serve(reqs)
+    assert res.error is None and res.tokens() == _reference(reqs)
+    assert _settled(eng, 2) == [[], []]
+    _check_landed(eng, prompt_pids, channel="object_store")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_swapping_sigkill_recovered_from_replica(ray_session):
   reqs = [Request(i, 0.0, (3 + i, 7, 11 + i), 60) for i in range(9)]
   cost = TableCostModel(CFG, prompt=0.024, token=0.012)
@@ -159,5 +177,8 @@ def test_serve_experiment_disaggregated_on_ray(ray_session, tmp_path):
   assert "prompt stage 0: pid" in text and "token stage 1: pid" in text, text
   assert "prompt stage(s) [0]: killed" in text and "token stage(s) [1]: killed" in text, text
   assert "redo prompts" in text and "replica" in text, text
+  # The default transport (shm), all actors on this node: every prompt packet through a segment.
+  assert "prompt packets landed (" in text and " over shm)" in text, text
+  assert "over object_store" not in text, text
   assert not any(x["warnings"] for x in summaries), text
   assert np.sum(["identical to the single-device greedy run" in x for x in lines]) == 2, text

@@ -239,6 +239,7 @@ class RayRuntime:
     self.options = WorkerOptions()
     self.kills: list[dict] = []          # one record per SIGKILL (stage, pid, when, how)
     self._reported = 0
+    self._landed_seen: dict[int, int] = {}   # token role: worker id -> packets reported
     self.dropped_events = 0
     self._owns_ray = init_ray(address)
     self._params = params
@@ -488,7 +489,29 @@ class RayRuntime:
     side = "" if self.role == "pipeline" else f"{self.role} "   # disaggregation's two sides
     lines = [f"{side}stage {k['stage']}: pid {k['pid']} (worker {k['worker_id']}) killed by "
              f"{k['how']}" for k in kills]
-    return lines + recovery_lines(result)
+    return lines + self._landed_lines() + recovery_lines(result)
+
+  def _landed_lines(self) -> list[str]:
+    """(Token role) the prompt packets each live token actor landed since the last report, by
+    channel (shm: through the segment, on one node; object_store: in the call)."""
+    if self.role != "token":
+      return []
+    lines = []
+    for s, w in self._live_workers().items():
+      try:
+        log = w.landed_log()
+      except ray.exceptions.RayError:
+        continue
+      seen = self._landed_seen.get(w.worker_id, 0)
+      self._landed_seen[w.worker_id] = len(log)
+      new = log[seen:] if len(log) >= seen else log
+      by = {}
+      for *_, channel in new:
+        by[channel] = by.get(channel, 0) + 1
+      if by:
+        lines.append(f"token stage {s}: {len(new)} prompt packets landed (" + ", ".join(
+            f"{n} over {c}" for c, n in sorted(by.items())) + ")")
+    return lines
 
   def counters(self) -> dict:
     """Event batches lost to a failed poll that was not an actor's death (logged each time)."""
