@@ -8,9 +8,11 @@ experiment). Disaggregation: a prompt actor SIGKILLed (only its prompts are redo
 actors are the same processes) and a token actor SIGKILLed (its replica restores it); every
 prompt packet landed in a token actor's host slot one layer at a time, sent by a prompt actor's
 process (not the driver) through the shm transport's segment (all actors on one node), every
-host slot is free at the end, and no segment is left in /dev/shm after the pipeline closes. Swapping: the policy runs inside
-each actor (its swap-ins and event log come from the actors), a swapped actor is SIGKILLed and
-restored from its replica. Killed pids are gone and no Ray process is left behind.
+host slot is free at the end, and no segment is left in /dev/shm after the pipeline closes
+(with the object_store transport the packets ride in the call). Swapping: the policy runs
+inside each actor (its swap-ins and event log come from the actors), a swapped actor is
+SIGKILLed and restored from its replica. Killed pids are gone and no Ray process is left
+behind.
 """
 
 import time
