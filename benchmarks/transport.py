@@ -5,11 +5,18 @@
 1. For each path and each transport available here, the median time of one message (of --runs,
    after one warm-up) by size, from the send until the receiver holds the bytes in its own host
    (or device) memory:
-     prompt_kv, replica_delta   between two Ray actor processes on this node, through the Ray
-                                runtime's transports (runtime/ray_actor.py: `object_store`, `shm`,
-                                `jax_transfer`), each message landed by a copy into a buffer the
-                                receiver owns (what a host slot / replica log write is); the
-                                message is one prompt layer's KV block / one delta, contiguous.
+     prompt_kv                  between two Ray actor processes on this node, through the Ray
+                                runtime's own prompt channel (`ray_actor.send_prompt_packet`, as
+                                a prompt actor's `deliver`) under each transport: `shm` through
+                                the segment and `put_layer_shm`, the others in the call
+                                (`put_layer`; each row names its `channel`), landed by the
+                                receiver into a real `HostSlots` slot (its `write`, as a token
+                                actor's); the message is one layer's prompt KV block [2, 1, 8,
+                                T, 8, 64] float32 (T from the size).
+     replica_delta              between the same two actors, through the transports'
+                                `send_replica` (runtime/ray_actor.py: `object_store`, `shm`,
+                                `jax_transfer`), each landed by a copy into a buffer the receiver
+                                owns (what a replica log write is); one contiguous delta.
      swap_in                    host numpy -> the actor's device (`device_put`, blocked on,
                                 never aliasing the host array: on CPU it would copy nothing).
      weights                    a stage's weights into a replacement actor: `file` (np.load of
@@ -49,12 +56,29 @@ from dejavu_jax import costmodel as cm  # noqa: E402
 from dejavu_jax.runtime.ray_session import actor_env, init_ray  # noqa: E402
 
 MB = 2**20
+# A prompt packet's layout: one layer, 8 rows, 8 heads of 64, float32 (32 KiB a position).
+PROMPT_ROWS, PROMPT_HEADS, PROMPT_DIM = 8, 8, 64
 CROSS = ("object_store", "shm", "jax_transfer")   # between two actor processes
 
 
 def _payload(nbytes: int) -> np.ndarray:
   return np.random.default_rng(0).integers(0, 2**15, nbytes // 2, dtype=np.int16).view(
       np.float16)
+
+
+def _prompt_len(nbytes: int) -> int:
+  return max(1, nbytes // (2 * PROMPT_ROWS * PROMPT_HEADS * PROMPT_DIM * 4))
+
+
+def _packet(nbytes: int):
+  """One layer's prompt KV block of about `nbytes` (a `Packed` of host numpy, as a prompt
+  actor's sender thread hands to `deliver`)."""
+  from dejavu_jax.stream.packing import Packed  # pylint: disable=g-import-not-at-top
+  t = _prompt_len(nbytes)
+  data = np.random.default_rng(0).standard_normal(
+      (2, 1, PROMPT_ROWS, t, PROMPT_HEADS, PROMPT_DIM), np.float32)
+  pos = np.broadcast_to(np.arange(t, dtype=np.int32), (PROMPT_ROWS, t)).copy()
+  return Packed(data=data, positions=pos, layers=(0, 1), rows=(0, PROMPT_ROWS))
 
 
 def _write(x):
@@ -67,7 +91,8 @@ def _write(x):
 
 class Peer:
   """One actor process owning one transport: it sends messages, or lands them (the receiving
-  methods have the names the transports call: receive_replica*, as a stage actor's)."""
+  methods have the names the transports call: receive_replica*, put_layer*, as a stage
+  actor's)."""
 
   def __init__(self, transport: str):
     import jax  # pylint: disable=g-import-not-at-top
@@ -77,12 +102,19 @@ class Peer:
     self.t = ray_actor.TRANSPORTS[transport](self.dev, 120.0) if transport else None
     self.reader = ray_shm.ShmReader()
     self.dst = np.empty(0, np.uint8)
+    self.slots = None
 
   def node(self) -> str:
     return ray.get_runtime_context().get_node_id()
 
   def prepare(self, nbytes: int) -> None:
+    from dejavu_jax.stream.slots import HostSlots  # pylint: disable=g-import-not-at-top
     self.dst = np.zeros(nbytes, np.uint8)   # faulted in, as a long-lived replica log is
+    # A token actor's host slot for one layer (preallocated at start, as the worker's are).
+    self.slots = HostSlots(1, (0, 1), PROMPT_ROWS, _prompt_len(nbytes), PROMPT_HEADS,
+                           PROMPT_DIM, np.float32)
+    self.slots.reserve(0)
+    self.slots.write(0, _packet(nbytes), np.zeros(PROMPT_ROWS, np.int32))   # faulted in
 
   def _land(self, data) -> int:
     flat = np.asarray(data).reshape(-1).view(np.uint8)
@@ -101,6 +133,26 @@ class Peer:
   def receive_replica_shm(self, write, ticket, token):
     del write, token
     return self._land(self.reader.view(ticket))
+
+  def put_layer(self, mb_id, packet, lengths, token, sender):
+    del token, sender
+    self.slots.write(mb_id, packet, lengths)
+
+  def put_layer_shm(self, mb_id, packet, ticket, lengths, token, sender):
+    del token, sender
+    self.slots.write(mb_id, packet.replace(data=self.reader.view(ticket)), lengths)
+
+  def send_prompt(self, peer, peer_node: str, nbytes: int, runs: int) -> tuple[list, str, int]:
+    """Times the runtime's prompt channel (module doc); returns (times, channel, bytes)."""
+    from dejavu_jax.runtime.ray_actor import send_prompt_packet  # pylint: disable=g-import-not-at-top
+    packet, lengths = _packet(nbytes), np.full(PROMPT_ROWS, 1, np.int32)
+    out, channel = [], None
+    for _ in range(runs + 1):   # the first warms the connection and the segment up
+      t0 = time.perf_counter()
+      channel = send_prompt_packet(self.t, peer, peer_node, 0, packet, lengths, "",
+                                   (0, os.getpid()))
+      out.append(time.perf_counter() - t0)
+    return out[1:], channel, int(packet.data.nbytes)
 
   def send(self, peer, peer_node: str, nbytes: int, runs: int) -> list[float]:
     write = _write(_payload(nbytes))
@@ -196,11 +248,15 @@ def measure(sizes: list[int], runs: int, log=print) -> list[dict]:
     node = ray.get(b.node.remote())
     for n in sizes:
       ray.get(b.prepare.remote(n))
-      for path in ("prompt_kv", "replica_delta"):
-        try:
-          rows.append(_row(path, name, n, ray.get(a.send.remote(b, node, n, runs))))
-        except Exception as e:  # pylint: disable=broad-except
-          log(f"{name} {path} {n} B failed: {type(e).__name__}: {e}")
+      try:
+        t, channel, nb = ray.get(a.send_prompt.remote(b, node, n, runs))
+        rows.append(_row("prompt_kv", name, nb, t, channel=channel))
+      except Exception as e:  # pylint: disable=broad-except
+        log(f"{name} prompt_kv {n} B failed: {type(e).__name__}: {e}")
+      try:
+        rows.append(_row("replica_delta", name, n, ray.get(a.send.remote(b, node, n, runs))))
+      except Exception as e:  # pylint: disable=broad-except
+        log(f"{name} replica_delta {n} B failed: {type(e).__name__}: {e}")
     log(f"{name} done")
     for h in (a, b):
       ray.kill(h)
@@ -299,12 +355,15 @@ def main() -> None:
   big = max(sizes)
   memcpy = {r["path"]: r["GBps"] for r in rows if r["transport"] == "memcpy" and
             r["bytes"] == big}["prompt_kv"]
-  best_cross = {t: r["GBps"] for r in rows for t in CROSS
-                if r["transport"] == t and r["path"] == "replica_delta" and r["bytes"] == big}
+  cross = lambda path: {r["transport"]: r["GBps"] for r in rows  # noqa: E731
+                        if r["transport"] in CROSS and r["path"] == path and r["bytes"] == big}
+  best_cross = cross("replica_delta")
   out = {"table": links_path, "links": table,
          "calibrated": {p: {"link": l.name, "GBps": l.bandwidth / 1e9, "latency_ms": l.latency * 1e3}
                         for p, l in links.items()},
-         f"memcpy_fraction_{big // MB}MB": {t: v / memcpy for t, v in best_cross.items()}}
+         f"memcpy_fraction_{big // MB}MB": {t: v / memcpy for t, v in best_cross.items()},
+         f"prompt_kv_memcpy_fraction_{big // MB}MB": {t: v / memcpy for t, v in
+                                                     cross("prompt_kv").items()}}
   if not args.no_serve:
     out.update(serve_comparison(local_path, log=lambda m: print(m, file=sys.stderr)))
   out.update(wall_s=time.perf_counter() - t0, load_avg_start=list(load0),

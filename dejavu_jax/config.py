@@ -553,8 +553,8 @@ class ClusterConfig:
   ray_placement: str = _field("pack", "'pack' (stages where they fit) | 'spread' (one stage "
                                       "per node)")
   ray_transport: str = _field("shm", "activations and replicas between actors: 'shm' "
-                                     "(replica writes to an actor on the same node through "
-                                     "shared memory, the rest as object_store) | "
+                                     "(replica writes and prompt KV to an actor on the same "
+                                     "node through shared memory, the rest as object_store) | "
                                      "'object_store' | 'jax_transfer' "
                                      "(jax.experimental.transfer under a watchdog)")
   ray_gpus_per_stage: float = _field(0.0, "GPUs per stage actor (0: CPU, one device per actor)")

@@ -1,11 +1,12 @@
 """Shared by the Ray runtime tests: a Ray session that always shuts down (`ray_session`, a module
 fixture: import it into a test module to use it), the check that it left
 no Ray process behind, the check that a killed actor's pid is gone, and the session's listening
-TCP sockets."""
+TCP sockets, and the shared-memory segments its processes left in /dev/shm."""
 
 import contextlib
 import ipaddress
 import os
+import re
 import time
 
 import psutil
@@ -59,6 +60,21 @@ def pid_gone(pid: int, timeout_s: float = 10.0) -> bool:
       return True
     time.sleep(0.05)
   return False
+
+
+def session_pids() -> set[int]:
+  """The pids of the session's processes now (this process's descendants)."""
+  return {p.pid for p in _ray_procs()}
+
+
+def shm_segments(pids) -> list[str]:
+  """The shm transport's segments (runtime/ray_shm.py) in /dev/shm that processes `pids` made
+  and that still have a name."""
+  from dejavu_jax.runtime import ray_shm  # pylint: disable=g-import-not-at-top
+  pids = set(pids)
+  names = (re.fullmatch(re.escape(ray_shm.PREFIX) + r"(\d+)_\d+", f)
+           for f in os.listdir(ray_shm.SharedMemoryTransport.DIR))
+  return sorted(m.group(0) for m in names if m and int(m.group(1)) in pids)
 
 
 def tcp_listeners() -> list[tuple[int, str, str, int]]:

@@ -7,9 +7,12 @@ greedy run (`fake_generate` for the fake program, `generate` for the tiny model 
 experiment). Disaggregation: a prompt actor SIGKILLed (only its prompts are redone, the token
 actors are the same processes) and a token actor SIGKILLed (its replica restores it); every
 prompt packet landed in a token actor's host slot one layer at a time, sent by a prompt actor's
-process (not the driver), and every host slot is free at the end. Swapping: the policy runs inside
-each actor (its swap-ins and event log come from the actors), a swapped actor is SIGKILLed and
-restored from its replica. Killed pids are gone and no Ray process is left behind.
+process (not the driver) through the shm transport's segment (all actors on one node), every
+host slot is free at the end, and no segment is left in /dev/shm after the pipeline closes
+(with the object_store transport the packets ride in the call). Swapping: the policy runs
+inside each actor (its swap-ins and event log come from the actors), a swapped actor is
+SIGKILLed and restored from its replica. Killed pids are gone and no Ray process is left
+behind.
 """
 
 import time
@@ -26,7 +29,8 @@ from dejavu_jax.pipeline.fake import fake_generate
 from dejavu_jax.serving.engine import PipelineEngine
 from dejavu_jax.studies import runner
 from dejavu_jax.workload import Request
-from tests.ray_util import pid_gone, ray_session  # noqa: F401 (a module fixture)
+from tests.ray_util import (pid_gone, ray_session, session_pids,  # noqa: F401 (a module fixture)
+                            shm_segments)
 from tests.test_swapping import _check_prefetch_order
 
 CFG = tiny_config("opt", num_layers=4, max_positions=128)
@@ -50,16 +54,17 @@ def _settled(eng, dt):
   return [eng.runtime.worker(s).slots_held() for s in range(dt)]
 
 
-def _check_landed(eng, prompt_pids):
+def _check_landed(eng, prompt_pids, channel="shm"):
   """Every packet in a token actor's host slots is one layer of that actor's range, sent by a
-  prompt actor's process; each microbatch's layers arrive in layer order."""
+  prompt actor's process over `channel`; each microbatch's layers arrive in layer order."""
   for s, (a, b) in enumerate(eng.plan.ranges):
     log = eng.runtime.worker(s).landed_log()
     assert log, f"nothing landed on token stage {s}"
     by_mb = {}
-    for mb, (lo, hi), (_, pid) in log:
+    for mb, (lo, hi), (_, pid), how in log:
       assert hi - lo == 1 and a <= lo < b, (s, mb, lo, hi)
       assert pid in prompt_pids, f"token stage {s}: a packet from pid {pid}, not a prompt actor"
+      assert how == channel, f"token stage {s}: a packet landed over {how}, not {channel}"
       by_mb.setdefault(mb, []).append(lo)
     for mb, layers in by_mb.items():
       assert layers == sorted(layers), (s, mb, layers)
@@ -74,7 +79,7 @@ def test_disaggregation_prompt_and_token_sigkills(ray_session):
   sc = ServeConfig(prompt_stages=1, token_stages=2, host_slots=2, microbatch_size=3, max_len=64,
                    program="fake", heartbeat_s=0.1, heartbeat_timeout_s=30.0,
                    recovery="replica", pacing="paced", runtime="ray")
-  phases = []
+  phases, pids = [], set()
   with PipelineEngine(CFG, None, sc, cost_model=cost) as eng:
     path, dt = eng.prompt_path, 2
     orig = path.inject
@@ -108,6 +113,28 @@ def test_disaggregation_prompt_and_token_sigkills(ray_session):
     assert pid_gone(eng.runtime.kills[0]["pid"])
     assert _settled(eng, dt) == [[], []] and eng.slots_free() == [2, 2]
     _check_landed(eng, prompt_pids)
+    pids = session_pids() | {k["pid"] for k in eng.runtime.kills + path.runtime.kills}
+  # Each receiver unlinked its senders' segments on their first landing; the killed prompt
+  # actor's and the senders' to the killed token actor are gone too.
+  assert not shm_segments(pids), shm_segments(pids)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_disaggregation_object_store_channel(ray_session):
+  """With another transport than shm the prompt packets ride in the call (`put_layer`), as
+  across nodes; tokens identical (the pooled actors of the test above: no process starts)."""
+  reqs = [Request(i, 0.0, (5 + i, 9, 2 + i), 16) for i in range(6)]
+  sc = ServeConfig(prompt_stages=1, token_stages=2, host_slots=2, microbatch_size=3, max_len=64,
+                   program="fake", heartbeat_s=0.1, heartbeat_timeout_s=30.0,
+                   recovery="replica", runtime="ray", ray_transport="object_store")
+  with PipelineEngine(CFG, None, sc) as eng:
+    path = eng.prompt_path
+    prompt_pids = {path.runtime.pid(0)}
+    res = eng.serve(reqs)
+    assert res.error is None and res.tokens() == _reference(reqs)
+    assert _settled(eng, 2) == [[], []]
+    _check_landed(eng, prompt_pids, channel="object_store")
 
 
 @pytest.mark.slow
@@ -152,5 +179,8 @@ def test_serve_experiment_disaggregated_on_ray(ray_session, tmp_path):
   assert "prompt stage 0: pid" in text and "token stage 1: pid" in text, text
   assert "prompt stage(s) [0]: killed" in text and "token stage(s) [1]: killed" in text, text
   assert "redo prompts" in text and "replica" in text, text
+  # The default transport (shm), all actors on this node: every prompt packet through a segment.
+  assert "prompt packets landed (" in text and " over shm)" in text, text
+  assert "over object_store" not in text, text
   assert not any(x["warnings"] for x in summaries), text
   assert np.sum(["identical to the single-device greedy run" in x for x in lines]) == 2, text

@@ -5,7 +5,8 @@ combined: each engine serves twice, with different failures). Oracle: every requ
 equal `fake_generate` (the fake program's single-device greedy tokens, computed by hand), for
 D = 2, 3, 4 and after killing the last stage, stage 0 and a middle stage under replica,
 snapshot and restart, and after a kill during a recovery. A killed actor's pid must be gone, and
-the session must leave no process behind. The session listens on loopback only (last test).
+the session must leave no process behind, nor a shm segment in /dev/shm. The session listens
+on loopback only (last test).
 """
 
 import collections
@@ -26,7 +27,7 @@ from dejavu_jax.studies import runner
 from dejavu_jax.serving.engine import PipelineEngine
 from dejavu_jax.workload import Request
 from tests.ray_util import (is_loopback, pid_gone, ray_session,  # noqa: F401 (a module fixture)
-                            tcp_listeners)
+                            session_pids, shm_segments, tcp_listeners)
 from tests.serving_util import greedy_references
 
 CFG = tiny_config("opt", num_layers=4, max_positions=128)
@@ -89,6 +90,9 @@ def test_d2_replica_last_stage_then_stage0_with_a_kill_during_recovery(ray_sessi
     assert len(eng.runtime.kills) - n == 2, what
     assert sum(sum(e.handled_by.values()) for e in res.recoveries) >= 2, what
     assert any("restart" in e.handled_by for e in res.recoveries), what
+    pids = session_pids() | {k["pid"] for k in eng.runtime.kills}
+  # The replica writes' shm segments: none of them outlives the pipeline, killed senders' too.
+  assert not shm_segments(pids), shm_segments(pids)
 
 
 @pytest.mark.slow

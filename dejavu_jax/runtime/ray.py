@@ -62,7 +62,9 @@ and controller do not change. The processes, threads and what waits on what:
     (`put_layer`, the "slots" group, so never behind queued steps: the packet rides in the call,
     through the prompt node's object store when large), never through the driver; the driver
     tells the prompt actors the token actors' handles at start and after every replacement on
-    either side (`_dependents`). `reserve_slot` and `load_prompt` wait for the token actor's
+    either side (`_dependents`). With the shm transport and both actors on one node the packet
+    goes through a shared-memory segment instead (ray_shm.py), the call carrying its header.
+    `reserve_slot` and `load_prompt` wait for the token actor's
     answer: a reservation is in place before the prompt streams, and a load is in the inbox
     before the first decode step reaches a token stage s > 0 from actor s - 1 (no ordering
     between two callers). The prompt runtime's events travel on the token runtime's channel,
@@ -94,6 +96,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from dejavu_jax.runtime.api import (Heartbeat, ReplicaSource, Step, StepResult, WorkerOptions,
                                     WorkerStats, recovery_lines)
 from dejavu_jax.runtime.disagg import TaggedEvents
+from dejavu_jax.runtime import ray_shm
 from dejavu_jax.runtime.ray_actor import CONCURRENCY_GROUPS, TRANSPORTS, ActorSpec, StageActor
 from dejavu_jax.runtime.ray_lane import LaneClient, LaneError, LaneServer, process_gone
 from dejavu_jax.runtime.ray_session import (actor_env, pool_put, pool_take,  # noqa: F401
@@ -187,7 +190,7 @@ class RayWorker:
 
   def landed_log(self) -> list[tuple]:
     """(Token role) every prompt packet landed here: (mb_id, global layers, (prompt stage,
-    prompt actor pid))."""
+    prompt actor pid), channel "shm" | "object_store")."""
     return ray.get(self.actor.landed_log.remote(), timeout=30)
 
   @property
@@ -255,6 +258,7 @@ class RayRuntime:
     self.options = WorkerOptions()
     self.kills: list[dict] = []          # one record per SIGKILL (stage, pid, when, how)
     self._reported = 0
+    self._landed_seen: dict[int, int] = {}   # token role: worker id -> packets reported
     self.dropped_events = 0
     self._owns_ray = init_ray(address)
     self.node_id = ray.get_runtime_context().get_node_id()
@@ -377,14 +381,17 @@ class RayRuntime:
     # do not queue behind this Ray call (an export to the replacement must find its handle).
     ray.wait(refs, num_returns=len(refs), timeout=self.rpc_timeout_s)
     for dep in self._dependents:   # a token runtime: its prompt runtimes' streams follow it
-      dep.set_token_peers(peers, self.token)
+      dep.set_token_peers(peers, self.token, nodes)
     if self._token_rt is not None:   # a prompt runtime: its (new) actors learn the token actors
-      self.set_token_peers(self._token_rt._live_peers(), self._token_rt.token)  # pylint: disable=protected-access
+      tok = self._token_rt._live_workers()  # pylint: disable=protected-access
+      self.set_token_peers({s: w.actor for s, w in tok.items()}, self._token_rt.token,
+                           {s: w.node_id for s, w in tok.items()})
 
-  def set_token_peers(self, peers: dict, token: str) -> None:
-    """(Prompt role) tells every live prompt actor the token actors its streams land in, and
-    waits until they know (a prefill streams only to the actors named here)."""
-    refs = [a.set_token_peers.remote(peers, token) for a in self._live_peers().values()]
+  def set_token_peers(self, peers: dict, token: str, nodes: dict | None = None) -> None:
+    """(Prompt role) tells every live prompt actor the token actors its streams land in (and
+    their nodes: on its own node a stream goes through shm), and waits until they know (a
+    prefill streams only to the actors named here)."""
+    refs = [a.set_token_peers.remote(peers, token, nodes) for a in self._live_peers().values()]
     try:
       ray.get(refs, timeout=self.rpc_timeout_s)
     except ray.exceptions.RayActorError:
@@ -503,6 +510,8 @@ class RayRuntime:
         remove_placement_group(self._pg)
       except Exception:  # pylint: disable=broad-except
         pass
+    # A sender SIGKILLed before its receiver's first landing leaves its shm segment's name.
+    ray_shm.sweep([k["pid"] for k in self.kills])
     # A session this runtime started stays up until the process exits (Ray's exit hook shuts
     # it down): the next pipeline of this process (`set_recovery`, a strategy comparison)
     # configures the pooled actors instead of starting a session and its processes again.
@@ -514,7 +523,29 @@ class RayRuntime:
     side = "" if self.role == "pipeline" else f"{self.role} "   # disaggregation's two sides
     lines = [f"{side}stage {k['stage']}: pid {k['pid']} (worker {k['worker_id']}) killed by "
              f"{k['how']}" for k in kills]
-    return lines + recovery_lines(result)
+    return lines + self._landed_lines() + recovery_lines(result)
+
+  def _landed_lines(self) -> list[str]:
+    """(Token role) the prompt packets each live token actor landed since the last report, by
+    channel (shm: through the segment, on one node; object_store: in the call)."""
+    if self.role != "token":
+      return []
+    lines = []
+    for s, w in self._live_workers().items():
+      try:
+        log = w.landed_log()
+      except ray.exceptions.RayError:
+        continue
+      seen = self._landed_seen.get(w.worker_id, 0)
+      self._landed_seen[w.worker_id] = len(log)
+      new = log[seen:] if len(log) >= seen else log
+      by = {}
+      for *_, channel in new:
+        by[channel] = by.get(channel, 0) + 1
+      if by:
+        lines.append(f"token stage {s}: {len(new)} prompt packets landed (" + ", ".join(
+            f"{n} over {c}" for c, n in sorted(by.items())) + ")")
+    return lines
 
   def counters(self) -> dict:
     """Event batches lost to a failed poll that was not an actor's death (logged each time)."""

@@ -8,17 +8,19 @@ stage's params, and runs the very `LocalWorker` the threads runtime runs (same s
 runtime a worker sees, whose channels are Ray calls to the neighbouring actors instead of
 in-process queues. So the two runtimes share every line of a worker's behaviour, swapping and disaggregation's
 host slots and layer-wise prompt streams included: `_ActorRuntime.deliver` is the prompt
-side's channel into a token actor's host slot (`StageActor.put_layer`, actor to actor).
+side's channel into a token actor's host slot (`send_prompt_packet`, actor to actor: through
+the shm segment and `StageActor.put_layer_shm` on one node, else in the call, `put_layer`).
 
 Transports (`TRANSPORTS`), chosen per pipeline; both carry activations (stage s -> s + 1) and
 replication writes (stage s -> its successor), actor to actor, never through the driver:
   object_store   the payload (numpy) rides in the Ray call itself: small arguments inline,
                  large ones through the node's shared-memory object store (zero-copy reads on
                  one node).
-  shm            the default: replica writes to an actor on the same node go through a
-                 shared-memory segment the sender reuses (`SharedMemoryTransport`: one copy in,
-                 the replica log's write out; measured fastest here, benchmarks/transport.py);
-                 activations and anything to another node as object_store.
+  shm            the default: replica writes and prompt KV packets to an actor on the same
+                 node go through a shared-memory segment the sender reuses per receiver
+                 (`SharedMemoryTransport`: one copy in, the replica log's / host slot's write
+                 out; measured fastest here, benchmarks/transport.py); activations and anything
+                 to another node as object_store.
   jax_transfer   `jax.experimental.transfer`: the sender offers device buffers on its transfer
                  server (`await_pull`) and sends only a ticket in the Ray call; the receiver
                  pulls. A pull of an id nobody offers hangs, so every pull runs under a
@@ -239,6 +241,7 @@ class _ActorRuntime:
     self.layerwise, self.layer_group = spec.layerwise, spec.layer_group
     self.token_peers: dict[int, object] = {}   # token stage -> actor handle (set by the driver)
     self.token_peer_token = ""                 # the token pipeline's id
+    self.token_peer_nodes: dict[int, str] = {}  # token stage -> its actor's Ray node id
     self.sender = (spec.stage, os.getpid())
 
   def trace(self, event: str, stage: int, mb_id: int, layers, token_stage=None) -> None:
@@ -246,15 +249,14 @@ class _ActorRuntime:
 
   def deliver(self, token_stage: int, mb_id: int, packet, lengths) -> None:
     """A prompt layer group's KV (host numpy) into the owning token actor's host slot, actor to
-    actor: the payload rides in the call (large arrays through this node's object store, put
-    by this process), and returns once it is written there. Any failure of the token actor
-    is `PeerDead` (the engine redoes the prompt after the token side's recovery)."""
+    actor (`send_prompt_packet`), returning once it is written there. Any failure of the token
+    actor is `PeerDead` (the engine redoes the prompt after the token side's recovery)."""
     peer = self.token_peers.get(token_stage)
     if peer is None:
       raise PeerDead(f"token stage {token_stage} has no live actor")
     try:
-      ray.get(peer.put_layer.remote(mb_id, packet, lengths, self.token_peer_token, self.sender),
-              timeout=self.transport.timeout_s)
+      send_prompt_packet(self.transport, peer, self.token_peer_nodes.get(token_stage), mb_id,
+                         packet, lengths, self.token_peer_token, self.sender)
     except (ray.exceptions.RayError, TimeoutError) as e:
       raise PeerDead(f"token stage {token_stage}: {type(e).__name__}: {e}") from e
 
@@ -307,6 +309,21 @@ class _ActorRuntime:
     return send
 
 
+def send_prompt_packet(transport, peer, node: str | None, mb_id: int, packet, lengths,
+                       token: str, sender: tuple) -> str:
+  """A prompt packet (host numpy) into token actor `peer`'s host slot, waiting until it is
+  written there; returns the channel it took. With the shm transport and `peer` on this node
+  (`node`, its Ray node id), through the segment this process keeps for `peer` (one copy in,
+  the header in the call, `put_layer_shm`); otherwise the payload rides in the call
+  (`put_layer`: large arrays through this node's object store, put by this process)."""
+  if isinstance(transport, SharedMemoryTransport) and transport.same_node(node):
+    transport.send_prompt(peer, mb_id, packet, lengths, token, sender)
+    return "shm"
+  ray.get(peer.put_layer.remote(mb_id, packet, lengths, token, sender),
+          timeout=transport.timeout_s)
+  return "object_store"
+
+
 class _SelfKill:
   def kill(self) -> None:
     """An armed crash: the whole process dies at once, as a machine failure would."""
@@ -348,8 +365,9 @@ class StageActor:
     from dejavu_jax.pipeline import fake, stage  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
     jax.devices()   # a spare (spec None) has its JAX runtime up before it is needed
     self.spec = self.rt = self.worker = None
-    # Token role: (mb_id, global layers, (prompt stage, pid) that sent them) per packet landed
-    # in a host slot, in arrival order (tests read it: layer by layer, from the prompt actors).
+    # Token role: (mb_id, global layers, (prompt stage, pid) that sent them, channel: "shm" |
+    # "object_store") per packet landed in a host slot, in arrival order (tests read it: layer
+    # by layer, from the prompt actors, through the segment on one node).
     self.landed: collections.deque = collections.deque(maxlen=100_000)
     self._shm = ShmReader()
     # Worker messages from the driver and steps from the previous stage, when on this node.
@@ -551,19 +569,34 @@ class StageActor:
     return self.worker.reserve_slot(mb_id)
 
   @ray.method(concurrency_group="slots")
-  def set_token_peers(self, peers: dict, token: str) -> None:
-    """(Prompt role) the token pipeline's live actors, and its id."""
+  def set_token_peers(self, peers: dict, token: str, nodes: dict | None = None) -> None:
+    """(Prompt role) the token pipeline's live actors, its id, and each actor's Ray node (the
+    shm transport's same-node check)."""
     if self.rt is not None:
       self.rt.token_peers, self.rt.token_peer_token = dict(peers), token
+      self.rt.token_peer_nodes = dict(nodes or {})
 
   @ray.method(concurrency_group="slots")
   def put_layer(self, mb_id: int, packet, lengths, token: str, sender: tuple) -> None:
     """(Token role) a prompt actor's packet of global layers lands in `mb_id`'s host slot
     (dropped when the microbatch holds none: it was requeued meanwhile)."""
+    self._land_prompt(mb_id, packet, lengths, token, sender, "object_store")
+
+  @ray.method(concurrency_group="slots")
+  def put_layer_shm(self, mb_id: int, packet, ticket, lengths, token: str,
+                    sender: tuple) -> None:
+    """(Token role) `put_layer` of a packet whose data lies in the sender's shm segment
+    (`ticket`): the host slot's write is the one copy out of the mapping."""
+    if not self._mine(token):
+      raise PeerDead(f"token stage actor {os.getpid()} is not in this pipeline any more")
+    packet = packet.replace(data=self._shm.view(ticket))
+    self._land_prompt(mb_id, packet, lengths, token, sender, "shm")
+
+  def _land_prompt(self, mb_id, packet, lengths, token, sender, channel: str) -> None:
     if not self._mine(token):
       raise PeerDead(f"token stage actor {os.getpid()} is not in this pipeline any more")
     self.worker.receive_prompt(mb_id, packet, lengths)
-    self.landed.append((mb_id, tuple(packet.layers), tuple(sender)))
+    self.landed.append((mb_id, tuple(packet.layers), tuple(sender), channel))
 
   @ray.method(concurrency_group="slots")
   def slots_held(self) -> list:
