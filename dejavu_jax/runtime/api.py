@@ -108,6 +108,13 @@ class StepError:
 
 
 @dataclasses.dataclass
+class DeathNotice:
+  """A runtime learned that `stage`'s worker died (a process runtime's notice): nothing to
+  handle, it only wakes the engine's loop so that detection (`notified_dead`) runs now."""
+  stage: int
+
+
+@dataclasses.dataclass
 class Heartbeat:
   stage: int
   worker_id: int

@@ -93,8 +93,8 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from dejavu_jax.runtime.api import (Heartbeat, ReplicaSource, Step, StepResult, WorkerOptions,
-                                    WorkerStats, recovery_lines)
+from dejavu_jax.runtime.api import (DeathNotice, Heartbeat, ReplicaSource, Step, StepResult,
+                                    WorkerOptions, WorkerStats, recovery_lines)
 from dejavu_jax.runtime.disagg import TaggedEvents
 from dejavu_jax.runtime import ray_shm
 from dejavu_jax.runtime.ray_actor import CONCURRENCY_GROUPS, TRANSPORTS, ActorSpec, StageActor
@@ -598,7 +598,9 @@ class RayRuntime:
           self.kills.append({"stage": s, "pid": w.pid, "worker_id": w.worker_id,
                              "node": w.node_id, "at": now,
                              "how": "SIGKILL by the actor itself (armed failure)"})
-        self._notified.setdefault(s, now)
+        if s not in self._notified:
+          self._notified[s] = now
+          self.events.put(DeathNotice(s))   # the engine's loop may be waiting for an event
 
   def _on_lane_events(self, msg) -> None:
     kind, evs = msg
