@@ -52,6 +52,16 @@ def dp():
     yield eng
 
 
+def _warm_with_step_timeout(eng, seconds, reqs):
+  """Serves `reqs` failure-free (compiling the steps they need, in every replica), then lets a
+  stage that stalls past `seconds` stop its replica's loop for good (a compile on a loaded
+  machine must not be taken for a hang)."""
+  base = eng.serve(reqs)
+  assert base.error is None and base.tokens() == _reference(reqs)
+  for rep in eng.replicas:
+    rep.serve_cfg = rep.serve_cfg.replace(step_timeout_s=seconds)
+
+
 def _tokens_between(res, replica, lo, hi):
   return [t for rec in res.records if res.replica_of[rec.request_id] == replica
           for t in rec.token_times if lo < t < hi]
@@ -137,9 +147,10 @@ def test_round_robin_alternates_and_disaggregated_replicas_recover():
 def test_a_replica_lost_for_good_has_its_requests_served_by_the_other():
   """Replica 0's stage 1 stalls past step_timeout_s (the watchdog is set later): its loop stops
   with an error; its unfinished requests are served again by replica 1, tokens unchanged."""
-  sc = _serve_config(step_timeout_s=1.0, progress_timeout_s=60.0, recovery="restart")
+  sc = _serve_config(progress_timeout_s=60.0, recovery="restart")
   reqs = _requests(6, new=10)
   with make_engine(CFG, None, sc, cost_model=_cost()) as eng:
+    _warm_with_step_timeout(eng, 1.0, reqs)
     res = eng.serve(reqs, failures=[FailureSpec(stage=1, after_steps=4, kind="stall",
                                                 stall_s=3.0)])
   assert res.error is None, res.error
@@ -152,6 +163,84 @@ def test_a_replica_lost_for_good_has_its_requests_served_by_the_other():
   # What replica 0 had generated is generated again: recomputed, not output.
   assert res.summary["total_recomputed_tokens"] >= 3
   assert res.summary["total_output_tokens"] == 6 * 10
+
+
+@pytest.mark.timeout(120)
+def test_online_a_replica_lost_for_good_reroutes_its_streams():
+  """Online mode: replica 0's stage 1 stalls past step_timeout_s after 4 steps, so its loop
+  stops for good with tokens already streamed; its requests are resubmitted to replica 1 and
+  each caller's handle streams on: every stream equals the single-device greedy run, the
+  regenerated prefix was checked and not streamed twice. Then replica 1 is lost too: a request
+  in flight ends in "error" saying no replica is left, and a new one is refused."""
+  import threading  # pylint: disable=g-import-not-at-top
+  sc = _serve_config(progress_timeout_s=60.0, recovery="restart")
+  reqs = _requests(4, new=10)
+  stall = FailureSpec(stage=1, after_steps=4, kind="stall", stall_s=3.0)
+  with make_engine(CFG, None, sc, cost_model=_cost()) as eng:
+    _warm_with_step_timeout(eng, 1.0, reqs)
+    eng.start(failures={0: [stall]})
+    handles = [eng.submit(r.prompt, r.max_new_tokens) for r in reqs]
+    # Each consumer records the stream as it reads it (a repeat or a change would show here).
+    outs = [[] for _ in handles]
+    threads = [threading.Thread(target=lambda h=h, o=o: o.extend(h)) for h, o in zip(handles, outs)]
+    for t in threads:
+      t.start()
+    for t in threads:
+      t.join(60)
+    assert [h.status for h in handles] == ["finished"] * 4, [h.reason for h in handles]
+    assert {i: o for i, o in enumerate(outs)} == _reference(reqs)
+    moved = [h for h in handles if h.attempts == 2]
+    assert [h.request_id for h in moved] == [0, 2] and all(h.replica == 1 for h in moved)
+    # Tokens were streamed before replica 0 stopped, regenerated on replica 1 and checked.
+    assert all(h.replayed >= 1 for h in moved), [h.replayed for h in moved]
+    res = eng.stop()
+  assert res.error is None, res.error
+  assert res.tokens() == _reference(reqs) and set(res.replica_of.values()) == {1}
+  assert res.summary["rerouted"] == 2 and res.summary["replica_errors"][0].startswith("replica 0")
+  with make_engine(CFG, None, sc, cost_model=_cost()) as eng:
+    _warm_with_step_timeout(eng, 1.0, reqs)
+    eng.start(failures={0: [stall], 1: [stall]})
+    h = eng.submit(reqs[0].prompt, 10)
+    assert h.wait(60) == "error"
+    assert "no replica is left to serve it" in h.reason and "replica 1: TimeoutError" in h.reason
+    late = eng.submit(reqs[1].prompt, 10)
+    assert late.status == "rejected" and "not serving" in late.reason, late.reason
+    res = eng.stop()
+  assert "replica 0: TimeoutError" in res.error and "replica 1: TimeoutError" in res.error
+
+
+def test_routed_handle_skips_what_was_streamed_and_refuses_a_different_stream():
+  """The handle's rule on its own: a new attempt's tokens over the streamed prefix are checked
+  and not re-sent; a different token there ends the request in error, the stream unchanged."""
+  import threading  # pylint: disable=g-import-not-at-top
+  import types  # pylint: disable=g-import-not-at-top
+  from dejavu_jax.serving.dataparallel import RoutedHandle  # pylint: disable=g-import-not-at-top
+  from dejavu_jax.serving.online import RequestHandle  # pylint: disable=g-import-not-at-top
+  run = types.SimpleNamespace(wake=threading.Event(), divergences=0)
+  seen = []
+  h = RoutedHandle(run, 7, 3, 5)
+  h.subscribe(lambda k, v: seen.append(v) if k == "tokens" else None)
+  a, b = RequestHandle(None, 0, 3, 5), RequestHandle(None, 0, 3, 5)
+  h._attach(a, 0)   # pylint: disable=protected-access
+  a._set("running")   # pylint: disable=protected-access
+  a._emit([1, 2, 3])   # pylint: disable=protected-access
+  a._set("error", "replica 0 stopped")   # pylint: disable=protected-access
+  assert h.status == "running" and run.wake.is_set()
+  h._attach(b, 1)   # pylint: disable=protected-access
+  b._emit([1, 2])   # pylint: disable=protected-access
+  b._emit([3, 4, 5])   # pylint: disable=protected-access
+  b._set("finished")   # pylint: disable=protected-access
+  assert h.status == "finished" and list(h) == [1, 2, 3, 4, 5] and h.replayed == 3
+  assert seen == [[1, 2, 3], [4, 5]] and h.attempts == 2
+  h2 = RoutedHandle(run, 8, 3, 5)
+  c, d = RequestHandle(None, 0, 3, 5), RequestHandle(None, 0, 3, 5)
+  h2._attach(c, 0)   # pylint: disable=protected-access
+  c._emit([1, 2])   # pylint: disable=protected-access
+  c._set("error", "replica 0 stopped")   # pylint: disable=protected-access
+  h2._attach(d, 1)   # pylint: disable=protected-access
+  d._emit([1, 9, 4])   # pylint: disable=protected-access
+  assert h2.status == "error" and "token 9 at position 1 where 2" in h2.reason
+  assert list(h2) == [1, 2] and run.divergences == 1
 
 
 def test_bad_configs_name_the_field_and_the_numbers():
