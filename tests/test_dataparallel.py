@@ -243,6 +243,80 @@ def test_routed_handle_skips_what_was_streamed_and_refuses_a_different_stream():
   assert list(h2) == [1, 2] and run.divergences == 1
 
 
+class _IdsTokenizer:
+  """The fake program's tokens as text: each id as "<id>" (a prefix of ids decodes to a prefix)."""
+  eos_token_id = None
+
+  def decode(self, ids):
+    return "".join(f"<{int(i)}>" for i in ids)
+
+
+@pytest.mark.timeout(180)
+def test_openai_server_over_two_replicas_survives_a_kill_and_a_lost_replica():
+  """The OpenAI server (server/app.py) over R=2 replicas: four streamed /v1/completions and one
+  plain one; replica 1's stage 1 is killed through /admin/kill once the streams have started
+  (recovered inside replica 1) and replica 0 is lost for good (a stall past step_timeout_s), so
+  its requests are rerouted mid-stream. Every text equals the single-device greedy run, no
+  stream carries an error."""
+  import concurrent.futures  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  import threading  # pylint: disable=g-import-not-at-top
+  import httpx  # pylint: disable=g-import-not-at-top
+  from dejavu_jax.server import app as app_lib, launch  # pylint: disable=g-import-not-at-top
+  tok = _IdsTokenizer()
+  reqs = _requests(5, new=10)
+  sc = _serve_config(progress_timeout_s=60.0, recovery="replica")
+  with make_engine(CFG, None, sc, cost_model=_cost()) as eng:
+    _warm_with_step_timeout(eng, 1.0, reqs)
+    eng.start(failures={0: [FailureSpec(stage=1, after_steps=6, kind="stall", stall_s=3.0)]})
+    backend = app_lib.Backend(eng, tok, "fake", default_max_tokens=10)
+    srv = launch.ServerThread(app_lib.create_app(backend)).start()
+    started = threading.Barrier(5, timeout=60)   # the four streams and the killer
+    try:
+      def stream(r):
+        text, events = "", []
+        with httpx.stream("POST", srv.url + "/v1/completions", timeout=60, json={
+            "model": "fake", "prompt": list(r.prompt), "max_tokens": r.max_new_tokens,
+            "stream": True}) as resp:
+          assert resp.status_code == 200, resp.read()
+          for line in resp.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+              continue
+            ev = json.loads(line[6:])
+            events.append(ev)
+            new = "".join(c["text"] for c in ev.get("choices", []))
+            if new and not text:
+              started.wait()
+            text += new
+        return text, events
+
+      with concurrent.futures.ThreadPoolExecutor(5) as pool:
+        futs = [pool.submit(stream, r) for r in reqs[:4]]
+        plain = pool.submit(httpx.post, srv.url + "/v1/completions", timeout=60, json={
+            "model": "fake", "prompt": list(reqs[4].prompt), "max_tokens": 10})
+        started.wait()   # every stream has its first text
+        r = httpx.post(srv.url + "/admin/kill", json={"stage": 1, "replica": 1})
+        assert r.json() == {"killed": 1, "replica": 1}, r.text
+        outs = [f.result(90) for f in futs]
+        body = plain.result(90).json()
+      metrics = httpx.get(srv.url + "/metrics").text
+      bad = httpx.post(srv.url + "/admin/kill", json={"stage": 0, "replica": 2})
+    finally:
+      srv.stop()
+    res = eng.stop()
+  want = _reference(reqs)
+  assert [t for t, _ in outs] == [tok.decode(want[i]) for i in range(4)]
+  assert all("error" not in ev for _, evs in outs for ev in evs)
+  assert body["choices"][0]["text"] == tok.decode(want[4]), body
+  assert bad.status_code == 400 and "replica must be an integer in 0..1" in bad.text
+  # The engine's own records, by the response ids (numbered in the order the server submitted).
+  ids = [int(evs[0]["id"].split("-")[1]) for _, evs in outs] + [int(body["id"].split("-")[1])]
+  got = res.tokens()
+  assert res.error is None and [got[n] for n in ids] == [want[i] for i in range(5)]
+  assert res.summary["rerouted"] >= 1 and [e.replica for e in res.recoveries] == [1]
+  assert "dejavu_rerouted_requests_total" in metrics and "dejavu_kills_total 1\n" in metrics
+
+
 def test_bad_configs_name_the_field_and_the_numbers():
   with pytest.raises(ServeConfigError, match="data_parallel: must be an integer >= 1"):
     ServeConfig(data_parallel=0)
