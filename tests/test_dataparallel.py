@@ -317,6 +317,30 @@ def test_openai_server_over_two_replicas_survives_a_kill_and_a_lost_replica():
   assert "dejavu_rerouted_requests_total" in metrics and "dejavu_kills_total 1\n" in metrics
 
 
+def test_ray_spares_reach_every_replicas_runtime(monkeypatch):
+  """`ray_spares` (ServeConfig.cluster) is each Ray pipeline's count of warm spares, in every
+  replica; no Ray session is started (the runtime's start is replaced by a no-op: what is
+  checked is the runtime the engine built)."""
+  import types  # pylint: disable=g-import-not-at-top
+  from dejavu_jax.runtime import ray as ray_rt  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(ray_rt.RayRuntime, "start", lambda self, options: None)
+  monkeypatch.setattr(ray_rt.RayRuntime, "close", lambda self: None)
+  monkeypatch.setattr(ray_rt.RayRuntime, "worker",
+                      lambda self, s: types.SimpleNamespace(worker_id=f"stage{s}"))
+  assert ServeConfig().cluster.ray_spares == 1
+  for n in (0, 3):
+    with make_engine(CFG, None, _serve_config(runtime="ray", ray_spares=n, pacing="real")) as eng:
+      assert [type(r.runtime) for r in eng.replicas] == [ray_rt.RayRuntime] * 2
+      assert [r.runtime.num_spares for r in eng.replicas] == [n, n]
+  with pytest.raises(ServeConfigError, match=r"ray_spares: must be an integer >= 0, got -1"):
+    _serve_config(runtime="ray", ray_spares=-1)
+  from configs import serve_dp_tiny  # pylint: disable=g-import-not-at-top
+  from dejavu_jax.studies import runconfig  # pylint: disable=g-import-not-at-top
+  c = serve_dp_tiny.get_config()
+  c.ray_spares = 0
+  assert runconfig.serve_config(c).cluster.ray_spares == 0
+
+
 def test_bad_configs_name_the_field_and_the_numbers():
   with pytest.raises(ServeConfigError, match="data_parallel: must be an integer >= 1"):
     ServeConfig(data_parallel=0)

@@ -26,7 +26,8 @@ BAD = [
     ("prompt_stages", -1), ("token_stages", 1.5), ("host_slots", -1), ("stream_link", 3),
     ("layerwise_stream", 1),
     ("runtime", "k8s"), ("ray_address", 6379), ("ray_placement", "scatter"),
-    ("ray_transport", "pigeon"), ("ray_gpus_per_stage", -1),
+    ("ray_transport", "pigeon"), ("ray_gpus_per_stage", -1), ("ray_spares", -1),
+    ("ray_spares", 1.5),
     ("pacing", "fast"),
 ]
 

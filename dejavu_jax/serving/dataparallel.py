@@ -409,6 +409,7 @@ class DataParallelEngine:
     else:   # Ray: every replica's actors bring their own devices
       slices = [devices] * r
     self.replicas: list[PipelineEngine] = []
+    self._run: _Run | None = None   # before the replicas: close() after a failed build reads it
     try:
       for i in range(r):
         self.replicas.append(PipelineEngine(cfg, params, one, cost_model=cost_model,
@@ -416,7 +417,6 @@ class DataParallelEngine:
     except BaseException:
       self.close()
       raise
-    self._run: _Run | None = None
 
   # What a caller of one engine reads (every replica has the same shape).
   @property
