@@ -319,10 +319,12 @@ def test_openai_server_over_two_replicas_survives_a_kill_and_a_lost_replica():
 
 def test_ray_spares_reach_every_replicas_runtime(monkeypatch):
   """`ray_spares` (ServeConfig.cluster) is each Ray pipeline's count of warm spares, in every
-  replica; no Ray session is started (the runtime's start is replaced by a no-op: what is
-  checked is the runtime the engine built)."""
+  replica; no Ray session is started (the session's start and the runtime's are replaced by
+  no-ops: what is checked is the runtime the engine built)."""
   import types  # pylint: disable=g-import-not-at-top
   from dejavu_jax.runtime import ray as ray_rt  # pylint: disable=g-import-not-at-top
+  sessions = []
+  monkeypatch.setattr(ray_rt, "init_ray", lambda address: sessions.append(address) or False)
   monkeypatch.setattr(ray_rt.RayRuntime, "start", lambda self, options: None)
   monkeypatch.setattr(ray_rt.RayRuntime, "close", lambda self: None)
   monkeypatch.setattr(ray_rt.RayRuntime, "worker",
@@ -332,6 +334,7 @@ def test_ray_spares_reach_every_replicas_runtime(monkeypatch):
     with make_engine(CFG, None, _serve_config(runtime="ray", ray_spares=n, pacing="real")) as eng:
       assert [type(r.runtime) for r in eng.replicas] == [ray_rt.RayRuntime] * 2
       assert [r.runtime.num_spares for r in eng.replicas] == [n, n]
+  assert sessions == [None] * 4   # each replica's runtime asked for the local session
   with pytest.raises(ServeConfigError, match=r"ray_spares: must be an integer >= 0, got -1"):
     _serve_config(runtime="ray", ray_spares=-1)
   from configs import serve_dp_tiny  # pylint: disable=g-import-not-at-top
