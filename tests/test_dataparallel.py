@@ -300,6 +300,8 @@ def test_openai_server_over_two_replicas_survives_a_kill_and_a_lost_replica():
         outs = [f.result(90) for f in futs]
         body = plain.result(90).json()
       metrics = httpx.get(srv.url + "/metrics").text
+      summ = httpx.post(srv.url + "/admin/summary", json={
+          "ids": [evs[0]["id"] for _, evs in outs] + [body["id"]]}).json()
       bad = httpx.post(srv.url + "/admin/kill", json={"stage": 0, "replica": 2})
     finally:
       srv.stop()
@@ -314,6 +316,7 @@ def test_openai_server_over_two_replicas_survives_a_kill_and_a_lost_replica():
   got = res.tokens()
   assert res.error is None and [got[n] for n in ids] == [want[i] for i in range(5)]
   assert res.summary["rerouted"] >= 1 and [e.replica for e in res.recoveries] == [1]
+  assert summ["num_requests"] == 5 and summ["total_output_tokens"] == 50, summ
   assert "dejavu_rerouted_requests_total" in metrics and "dejavu_kills_total 1\n" in metrics
 
 
