@@ -37,7 +37,6 @@ recovery tagged with its `replica`, the merged vLLM-named summary, and per repli
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import logging
 import threading
@@ -333,9 +332,9 @@ class _Run:
           continue
         self.active[e.replica].discard(rid)
         if e.outer is not None and not [r for r in self.live() if r != e.replica]:
-          e.outer._set("error", f"request {rid}: no replica is left to serve it (replica "   # pylint: disable=protected-access
-                                f"{e.replica} stopped: {h.reason}; "
-                                f"{'; '.join(self.errors()) or 'every loop stopped'})")
+          why = (f"request {rid}: no replica is left to serve it (replica {e.replica} stopped: "
+                 f"{h.reason}; {'; '.join(self.errors()) or 'every loop stopped'})")
+          e.outer._set("error", why)   # pylint: disable=protected-access
           continue
         self.rerouted += 1
         log.warning("request %d: replica %d stopped (%s); resubmitted from scratch", rid,
