@@ -1,7 +1,8 @@
 """The OpenAI-compatible server (experiments/api_server.py): the real SmolLM2-135M-Instruct on a
 2-stage pipeline, stage failures recovered from the successor's replica (then a snapshot, then a
 re-prefill), bounded admission. Every ServeConfig field is available (`--config.runtime=ray`,
-`--config.recovery=restart`, `--config.prompt_stages=1 --config.token_stages=1`, ...); a stage
+`--config.recovery=restart`, `--config.prompt_stages=1 --config.token_stages=1`,
+`--config.data_parallel=2` (replicas behind a router), ...); a stage
 can be killed through POST /admin/kill or by the failure fields (seconds after the engine
 started serving)."""
 

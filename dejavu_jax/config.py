@@ -558,9 +558,13 @@ class ClusterConfig:
                                      "'object_store' | 'jax_transfer' "
                                      "(jax.experimental.transfer under a watchdog)")
   ray_gpus_per_stage: float = _field(0.0, "GPUs per stage actor (0: CPU, one device per actor)")
+  ray_spares: int = _field(1, "warm spare actors per Ray pipeline (per replica with "
+                              "data_parallel): a failed stage's replacement is a started spare "
+                              "whose programs are traced; 0: a replacement starts a fresh actor")
 
   def __post_init__(self):
     _check_choice(self, "runtime", ("local", "ray"))
+    _check_int(self, "ray_spares", lo=0)
     _check_choice(self, "ray_placement", ("pack", "spread"))
     _check_choice(self, "ray_transport", ("shm", "object_store", "jax_transfer"))
     v = self.ray_gpus_per_stage

@@ -6,12 +6,14 @@ DéjàVu's fault tolerance, for any OpenAI client, chat front end or load genera
     -d '{"model": "smollm2-135m-instruct", "stream": true,
          "messages": [{"role": "user", "content": "What is the capital of France?"}]}'
   curl -X POST http://127.0.0.1:8000/admin/kill -d '{"stage": 1}'   # streams go on, unchanged
+  ... --config.data_parallel=2     # 2 replicas behind a router; kill {"stage": 1, "replica": 0}
 
 Routes (dejavu_jax/server/app.py): /v1/chat/completions and /v1/completions (stream or not),
 /v1/models, /health, /metrics (Prometheus), /admin/kill, /admin/summary. Binds 127.0.0.1 unless
 --config.host says otherwise; --config.api_key (or $DEJAVU_API_KEY) asks clients for a Bearer
 key. Every ServeConfig field is a --config.<field> (runtime, recovery, num_stages, max_pending,
-disaggregation, swapping ...). The log names each kill, its detection and the resume.
+disaggregation, swapping, data_parallel, ray_spares ...). The log names each kill, its detection
+and the resume.
 """
 
 import logging

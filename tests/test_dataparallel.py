@@ -52,6 +52,16 @@ def dp():
     yield eng
 
 
+def _warm_with_step_timeout(eng, seconds, reqs):
+  """Serves `reqs` failure-free (compiling the steps they need, in every replica), then lets a
+  stage that stalls past `seconds` stop its replica's loop for good (a compile on a loaded
+  machine must not be taken for a hang)."""
+  base = eng.serve(reqs)
+  assert base.error is None and base.tokens() == _reference(reqs)
+  for rep in eng.replicas:
+    rep.serve_cfg = rep.serve_cfg.replace(step_timeout_s=seconds)
+
+
 def _tokens_between(res, replica, lo, hi):
   return [t for rec in res.records if res.replica_of[rec.request_id] == replica
           for t in rec.token_times if lo < t < hi]
@@ -137,9 +147,10 @@ def test_round_robin_alternates_and_disaggregated_replicas_recover():
 def test_a_replica_lost_for_good_has_its_requests_served_by_the_other():
   """Replica 0's stage 1 stalls past step_timeout_s (the watchdog is set later): its loop stops
   with an error; its unfinished requests are served again by replica 1, tokens unchanged."""
-  sc = _serve_config(step_timeout_s=1.0, progress_timeout_s=60.0, recovery="restart")
+  sc = _serve_config(progress_timeout_s=60.0, recovery="restart")
   reqs = _requests(6, new=10)
   with make_engine(CFG, None, sc, cost_model=_cost()) as eng:
+    _warm_with_step_timeout(eng, 1.0, reqs)
     res = eng.serve(reqs, failures=[FailureSpec(stage=1, after_steps=4, kind="stall",
                                                 stall_s=3.0)])
   assert res.error is None, res.error
@@ -152,6 +163,188 @@ def test_a_replica_lost_for_good_has_its_requests_served_by_the_other():
   # What replica 0 had generated is generated again: recomputed, not output.
   assert res.summary["total_recomputed_tokens"] >= 3
   assert res.summary["total_output_tokens"] == 6 * 10
+
+
+@pytest.mark.timeout(120)
+def test_online_a_replica_lost_for_good_reroutes_its_streams():
+  """Online mode: replica 0's stage 1 stalls past step_timeout_s after 4 steps, so its loop
+  stops for good with tokens already streamed; its requests are resubmitted to replica 1 and
+  each caller's handle streams on: every stream equals the single-device greedy run, the
+  regenerated prefix was checked and not streamed twice. Then replica 1 is lost too: a request
+  in flight ends in "error" saying no replica is left, and a new one is refused."""
+  import threading  # pylint: disable=g-import-not-at-top
+  sc = _serve_config(progress_timeout_s=60.0, recovery="restart")
+  reqs = _requests(4, new=10)
+  stall = FailureSpec(stage=1, after_steps=4, kind="stall", stall_s=3.0)
+  with make_engine(CFG, None, sc, cost_model=_cost()) as eng:
+    _warm_with_step_timeout(eng, 1.0, reqs)
+    eng.start(failures={0: [stall]})
+    handles = [eng.submit(r.prompt, r.max_new_tokens) for r in reqs]
+    # Each consumer records the stream as it reads it (a repeat or a change would show here).
+    outs = [[] for _ in handles]
+    threads = [threading.Thread(target=lambda h=h, o=o: o.extend(h)) for h, o in zip(handles, outs)]
+    for t in threads:
+      t.start()
+    for t in threads:
+      t.join(60)
+    assert [h.status for h in handles] == ["finished"] * 4, [h.reason for h in handles]
+    assert {i: o for i, o in enumerate(outs)} == _reference(reqs)
+    moved = [h for h in handles if h.attempts == 2]
+    assert [h.request_id for h in moved] == [0, 2] and all(h.replica == 1 for h in moved)
+    # Tokens were streamed before replica 0 stopped, regenerated on replica 1 and checked.
+    assert all(h.replayed >= 1 for h in moved), [h.replayed for h in moved]
+    res = eng.stop()
+  assert res.error is None, res.error
+  assert res.tokens() == _reference(reqs) and set(res.replica_of.values()) == {1}
+  assert res.summary["rerouted"] == 2 and res.summary["replica_errors"][0].startswith("replica 0")
+  with make_engine(CFG, None, sc, cost_model=_cost()) as eng:
+    _warm_with_step_timeout(eng, 1.0, reqs)
+    eng.start(failures={0: [stall], 1: [stall]})
+    h = eng.submit(reqs[0].prompt, 10)
+    assert h.wait(60) == "error"
+    assert "no replica is left to serve it" in h.reason and "replica 1: TimeoutError" in h.reason
+    late = eng.submit(reqs[1].prompt, 10)
+    assert late.status == "rejected" and "not serving" in late.reason, late.reason
+    res = eng.stop()
+  assert "replica 0: TimeoutError" in res.error and "replica 1: TimeoutError" in res.error
+
+
+def test_routed_handle_skips_what_was_streamed_and_refuses_a_different_stream():
+  """The handle's rule on its own: a new attempt's tokens over the streamed prefix are checked
+  and not re-sent; a different token there ends the request in error, the stream unchanged."""
+  import threading  # pylint: disable=g-import-not-at-top
+  import types  # pylint: disable=g-import-not-at-top
+  from dejavu_jax.serving.dataparallel import RoutedHandle  # pylint: disable=g-import-not-at-top
+  from dejavu_jax.serving.online import RequestHandle  # pylint: disable=g-import-not-at-top
+  run = types.SimpleNamespace(wake=threading.Event(), divergences=0)
+  seen = []
+  h = RoutedHandle(run, 7, 3, 5)
+  h.subscribe(lambda k, v: seen.append(v) if k == "tokens" else None)
+  a, b = RequestHandle(None, 0, 3, 5), RequestHandle(None, 0, 3, 5)
+  h._attach(a, 0)   # pylint: disable=protected-access
+  a._set("running")   # pylint: disable=protected-access
+  a._emit([1, 2, 3])   # pylint: disable=protected-access
+  a._set("error", "replica 0 stopped")   # pylint: disable=protected-access
+  assert h.status == "running" and run.wake.is_set()
+  h._attach(b, 1)   # pylint: disable=protected-access
+  b._emit([1, 2])   # pylint: disable=protected-access
+  b._emit([3, 4, 5])   # pylint: disable=protected-access
+  b._set("finished")   # pylint: disable=protected-access
+  assert h.status == "finished" and list(h) == [1, 2, 3, 4, 5] and h.replayed == 3
+  assert seen == [[1, 2, 3], [4, 5]] and h.attempts == 2
+  h2 = RoutedHandle(run, 8, 3, 5)
+  c, d = RequestHandle(None, 0, 3, 5), RequestHandle(None, 0, 3, 5)
+  h2._attach(c, 0)   # pylint: disable=protected-access
+  c._emit([1, 2])   # pylint: disable=protected-access
+  c._set("error", "replica 0 stopped")   # pylint: disable=protected-access
+  h2._attach(d, 1)   # pylint: disable=protected-access
+  d._emit([1, 9, 4])   # pylint: disable=protected-access
+  assert h2.status == "error" and "token 9 at position 1 where 2" in h2.reason
+  assert list(h2) == [1, 2] and run.divergences == 1
+
+
+class _IdsTokenizer:
+  """The fake program's tokens as text: each id as "<id>" (a prefix of ids decodes to a prefix)."""
+  eos_token_id = None
+
+  def decode(self, ids):
+    return "".join(f"<{int(i)}>" for i in ids)
+
+
+@pytest.mark.timeout(180)
+def test_openai_server_over_two_replicas_survives_a_kill_and_a_lost_replica():
+  """The OpenAI server (server/app.py) over R=2 replicas: four streamed /v1/completions and one
+  plain one; replica 1's stage 1 is killed through /admin/kill once the streams have started
+  (recovered inside replica 1) and replica 0 is lost for good (a stall past step_timeout_s), so
+  its requests are rerouted mid-stream. Every text equals the single-device greedy run, no
+  stream carries an error."""
+  import concurrent.futures  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  import threading  # pylint: disable=g-import-not-at-top
+  import httpx  # pylint: disable=g-import-not-at-top
+  from dejavu_jax.server import app as app_lib, launch  # pylint: disable=g-import-not-at-top
+  tok = _IdsTokenizer()
+  reqs = _requests(5, new=10)
+  sc = _serve_config(progress_timeout_s=60.0, recovery="replica")
+  with make_engine(CFG, None, sc, cost_model=_cost()) as eng:
+    _warm_with_step_timeout(eng, 1.0, reqs)
+    eng.start(failures={0: [FailureSpec(stage=1, after_steps=6, kind="stall", stall_s=3.0)]})
+    backend = app_lib.Backend(eng, tok, "fake", default_max_tokens=10)
+    srv = launch.ServerThread(app_lib.create_app(backend)).start()
+    started = threading.Barrier(5, timeout=60)   # the four streams and the killer
+    try:
+      def stream(r):
+        text, events = "", []
+        with httpx.stream("POST", srv.url + "/v1/completions", timeout=60, json={
+            "model": "fake", "prompt": list(r.prompt), "max_tokens": r.max_new_tokens,
+            "stream": True}) as resp:
+          assert resp.status_code == 200, resp.read()
+          for line in resp.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+              continue
+            ev = json.loads(line[6:])
+            events.append(ev)
+            new = "".join(c["text"] for c in ev.get("choices", []))
+            if new and not text:
+              started.wait()
+            text += new
+        return text, events
+
+      with concurrent.futures.ThreadPoolExecutor(5) as pool:
+        futs = [pool.submit(stream, r) for r in reqs[:4]]
+        plain = pool.submit(httpx.post, srv.url + "/v1/completions", timeout=60, json={
+            "model": "fake", "prompt": list(reqs[4].prompt), "max_tokens": 10})
+        started.wait()   # every stream has its first text
+        r = httpx.post(srv.url + "/admin/kill", json={"stage": 1, "replica": 1})
+        assert r.json() == {"killed": 1, "replica": 1}, r.text
+        outs = [f.result(90) for f in futs]
+        body = plain.result(90).json()
+      metrics = httpx.get(srv.url + "/metrics").text
+      summ = httpx.post(srv.url + "/admin/summary", json={
+          "ids": [evs[0]["id"] for _, evs in outs] + [body["id"]]}).json()
+      bad = httpx.post(srv.url + "/admin/kill", json={"stage": 0, "replica": 2})
+    finally:
+      srv.stop()
+    res = eng.stop()
+  want = _reference(reqs)
+  assert [t for t, _ in outs] == [tok.decode(want[i]) for i in range(4)]
+  assert all("error" not in ev for _, evs in outs for ev in evs)
+  assert body["choices"][0]["text"] == tok.decode(want[4]), body
+  assert bad.status_code == 400 and "replica must be an integer in 0..1" in bad.text
+  # The engine's own records, by the response ids (numbered in the order the server submitted).
+  ids = [int(evs[0]["id"].split("-")[1]) for _, evs in outs] + [int(body["id"].split("-")[1])]
+  got = res.tokens()
+  assert res.error is None and [got[n] for n in ids] == [want[i] for i in range(5)]
+  assert res.summary["rerouted"] >= 1 and [e.replica for e in res.recoveries] == [1]
+  assert summ["num_requests"] == 5 and summ["total_output_tokens"] == 50, summ
+  assert "dejavu_rerouted_requests_total" in metrics and "dejavu_kills_total 1\n" in metrics
+
+
+def test_ray_spares_reach_every_replicas_runtime(monkeypatch):
+  """`ray_spares` (ServeConfig.cluster) is each Ray pipeline's count of warm spares, in every
+  replica; no Ray session is started (the session's start and the runtime's are replaced by
+  no-ops: what is checked is the runtime the engine built)."""
+  import types  # pylint: disable=g-import-not-at-top
+  from dejavu_jax.runtime import ray as ray_rt  # pylint: disable=g-import-not-at-top
+  sessions = []
+  monkeypatch.setattr(ray_rt, "init_ray", lambda address: sessions.append(address) or False)
+  monkeypatch.setattr(ray_rt.RayRuntime, "start", lambda self, options: None)
+  monkeypatch.setattr(ray_rt.RayRuntime, "close", lambda self: None)
+  monkeypatch.setattr(ray_rt.RayRuntime, "worker",
+                      lambda self, s: types.SimpleNamespace(worker_id=f"stage{s}"))
+  assert ServeConfig().cluster.ray_spares == 1
+  for n in (0, 3):
+    with make_engine(CFG, None, _serve_config(runtime="ray", ray_spares=n, pacing="real")) as eng:
+      assert [type(r.runtime) for r in eng.replicas] == [ray_rt.RayRuntime] * 2
+      assert [r.runtime.num_spares for r in eng.replicas] == [n, n]
+  assert sessions == [None] * 4   # each replica's runtime asked for the local session
+  with pytest.raises(ServeConfigError, match=r"ray_spares: must be an integer >= 0, got -1"):
+    _serve_config(runtime="ray", ray_spares=-1)
+  from configs import serve_dp_tiny  # pylint: disable=g-import-not-at-top
+  from dejavu_jax.studies import runconfig  # pylint: disable=g-import-not-at-top
+  c = serve_dp_tiny.get_config()
+  c.ray_spares = 0
+  assert runconfig.serve_config(c).cluster.ray_spares == 0
 
 
 def test_bad_configs_name_the_field_and_the_numbers():

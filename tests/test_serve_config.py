@@ -26,7 +26,8 @@ BAD = [
     ("prompt_stages", -1), ("token_stages", 1.5), ("host_slots", -1), ("stream_link", 3),
     ("layerwise_stream", 1),
     ("runtime", "k8s"), ("ray_address", 6379), ("ray_placement", "scatter"),
-    ("ray_transport", "pigeon"), ("ray_gpus_per_stage", -1),
+    ("ray_transport", "pigeon"), ("ray_gpus_per_stage", -1), ("ray_spares", -1),
+    ("ray_spares", 1.5),
     ("pacing", "fast"),
 ]
 
@@ -99,12 +100,13 @@ def test_fields_are_read_through_their_group_and_pickling():
 
 def test_field_paths_and_unique_names():
   paths = C.serve_field_paths()
-  assert len(paths) == len(C.serve_fields()) == 40
+  assert len(paths) == len(C.serve_fields()) == 41
   for name, path in paths.items():
     group, flat = path.split(".")
     assert flat == name and hasattr(getattr(C.ServeConfig(), group), name)
   assert paths["heartbeat_timeout_s"] == "fault.heartbeat_timeout_s"
   assert paths["temperature"] == "sampling.temperature"
+  assert paths["ray_spares"] == "cluster.ray_spares"
 
 
 def test_one_sampling_config():

@@ -72,7 +72,7 @@ def make(serve, spec: RuntimeSpec):
         spec.cfg, spec.ranges, serve.topology.tensor, serve.topology.program, spec.params,
         spec.depth, spec.microbatch_size, spec.max_len, spec.pace, spec.heartbeat_s,
         spec.checkpoint, cl.ray_address, cl.ray_placement, cl.ray_transport,
-        cl.ray_gpus_per_stage, role=spec.role, swapping=spec.swapping,
+        cl.ray_gpus_per_stage, spares=cl.ray_spares, role=spec.role, swapping=spec.swapping,
         kv_budget_bytes=spec.kv_budget_bytes, host_slots=spec.host_slots,
         token_runtime=spec.token_runtime, layerwise=spec.layerwise)
   if spec.role == "pipeline":

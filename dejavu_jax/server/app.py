@@ -8,7 +8,13 @@ template, the model id, the context. `create_app(backend, api_key)` routes:
         usage chunk with stream_options.include_usage, then `data: [DONE]`; else one JSON body
   GET  /v1/models, /health (503 once the engine stopped), /metrics (Prometheus text)
   POST /admin/kill {"stage": s}     crashes a stage now (a SIGKILL on Ray); clients keep streaming
+        (data-parallel engine: {"stage": s, "replica": r}, replica 0 by default)
   POST /admin/summary {"ids": [...]}  the engine's own metrics summary over those responses' ids
+
+The engine is one pipeline (`PipelineEngine`) or R replicas behind a router
+(`DataParallelEngine`, serving/dataparallel.py): its `online` run submits, kills and is read the
+same way; the counts, /metrics and summaries add up the replicas (a request that a replica lost
+for good is served by another, its stream unchanged).
 
 Errors are OpenAI error objects naming the field (protocol.py). A full queue is 429 with
 Retry-After. The request is submitted only after its body checked out; a streaming response
@@ -19,10 +25,12 @@ but /health wants `Authorization: Bearer <key>`.
 
 
 import asyncio
+import collections
 import hmac
 import logging
 import math
 import time
+import types
 
 from dejavu_jax import metrics as metrics_lib
 from dejavu_jax.serving.online import FINAL
@@ -51,23 +59,81 @@ class Backend:
   def online(self):
     return self.engine.online
 
+  @property
+  def replicas(self) -> int:
+    """1, or the data-parallel engine's replica count."""
+    return len(getattr(self.engine, "replicas", ())) or 1
+
+  def _each(self, fn):
+    """fn(engine, state) on the loop thread of every replica (one engine: its one loop)."""
+    loop = self.online
+    if hasattr(loop, "call_each"):
+      return loop.call_each(fn, timeout=10)
+    return [loop.call(fn, timeout=10)]
+
   def counts(self) -> dict:
-    """Queue depth, requests in flight, microbatches in flight (read on the loop thread)."""
-    return self.online.call(lambda engine, st: _counts(st), timeout=10)
+    """Queue depth, requests in flight, microbatches in flight (read on the loop thread(s),
+    summed over the replicas)."""
+    out: dict = {}
+    for part in self._each(lambda engine, st: _counts(st)):
+      for k, v in part.items():
+        out[k] = out.get(k, 0) + v
+    return out
 
   def metrics_text(self) -> str:
-    """The /metrics page, written on the loop thread (its counters move under it otherwise)."""
+    """The /metrics page, its figures read on the loop thread(s) (their counters move under them
+    otherwise), summed over the replicas."""
     loop = self.online
-    return loop.call(lambda engine, st: prometheus_text(loop, _counts(st)), timeout=10)
+    if not hasattr(loop, "call_each"):
+      return loop.call(lambda engine, st: prometheus_text(loop, _counts(st)), timeout=10)
+    parts = [loop.loops[i].call(lambda engine, st, i=i: _figures(loop.loops[i], st), timeout=10)
+             for i in range(len(loop.loops))]
+    merged = types.SimpleNamespace(counts=collections.Counter(), ttft_s=[], tpot_s=[],
+                                   tokens_out=0, token_log=[])
+    counts: dict = {}
+    for fig, cnt in parts:
+      merged.counts.update(fig.counts)
+      merged.ttft_s += fig.ttft_s
+      merged.tpot_s += fig.tpot_s
+      merged.tokens_out += fig.tokens_out
+      merged.token_log += fig.token_log
+      for k, v in cnt.items():
+        counts[k] = counts.get(k, 0) + v
+    return prometheus_text(merged, counts) + (
+        "# HELP dejavu_rerouted_requests_total Requests resubmitted to another replica.\n"
+        "# TYPE dejavu_rerouted_requests_total counter\n"
+        f"dejavu_rerouted_requests_total {loop.rerouted}\n"
+        "# HELP dejavu_live_replicas Replicas whose loop is serving.\n"
+        "# TYPE dejavu_live_replicas gauge\n"
+        f"dejavu_live_replicas {len(loop.live())}\n")
 
   def summary(self, request_ids) -> dict:
     """The engine's summary (metrics.summarize) over the finished requests `request_ids`."""
-    ids = set(request_ids)
+    loop = self.online
+    if hasattr(loop, "where"):   # data-parallel: each id's current attempt, per replica
+      by_replica: dict = {}
+      for rid in request_ids:
+        at = loop.where(rid)
+        if at is not None:
+          by_replica.setdefault(at[0], set()).add(at[1])
+      recs = []
+      for r, local in by_replica.items():
+        recs += loop.loops[r].call(lambda engine, st, ids=local: _records(st, ids), timeout=10)
+    else:
+      ids = set(request_ids)
+      recs = loop.call(lambda engine, st: _records(st, ids), timeout=10)
+    return metrics_lib.summarize(recs) if recs else {"num_requests": 0}
 
-    def read(engine, st):
-      recs = [record(s) for rid, s in st.sched.states.items() if rid in ids and s.done]
-      return metrics_lib.summarize(recs) if recs else {"num_requests": 0}
-    return self.online.call(read, timeout=10)
+
+def _records(st, ids) -> list:
+  return [record(s) for rid, s in st.sched.states.items() if rid in ids and s.done]
+
+
+def _figures(loop, st):
+  """A copy of one online loop's live figures and counts (on its thread)."""
+  return types.SimpleNamespace(counts=collections.Counter(loop.counts), ttft_s=list(loop.ttft_s),
+                               tpot_s=list(loop.tpot_s), tokens_out=loop.tokens_out,
+                               token_log=list(loop.token_log)), _counts(st)
 
 
 def _counts(st) -> dict:
@@ -133,12 +199,20 @@ def create_app(backend: Backend, api_key: str | None = None):
   async def kill(request: Request):
     _auth(request)
     body = protocol.parse_json(await request.body())
-    stage = body.get("stage")
+    stage, replica = body.get("stage"), body.get("replica", 0)
     d = backend.engine.plan.num_stages + getattr(backend.engine.prompt_path, "Dp", 0)
     if isinstance(stage, bool) or not isinstance(stage, int) or not 0 <= stage < d:
       raise protocol.ApiError(400, f"stage must be an integer in 0..{d - 1}, got {stage!r}",
                               "stage", "invalid_value")
+    n = backend.replicas
+    if isinstance(replica, bool) or not isinstance(replica, int) or not 0 <= replica < n:
+      raise protocol.ApiError(400, f"replica must be an integer in 0..{n - 1} (the engine has "
+                              f"{n} replica{'s' if n > 1 else ''}), got {replica!r}", "replica",
+                              "invalid_value")
     loop = _running()
+    if n > 1:
+      await asyncio.to_thread(loop.kill, stage, replica)
+      return {"killed": stage, "replica": replica}
     await asyncio.to_thread(loop.kill, stage)
     return {"killed": stage}
 

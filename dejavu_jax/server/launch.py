@@ -1,5 +1,6 @@
 """A served model from a config (configs/api_server.py): `validate`, `build_backend` (the GGUF
-model and tokenizer, the engine, its warmup and online start), and `ServerThread` (uvicorn on a
+model and tokenizer, the engine, with `data_parallel` > 1 replicas of it behind the router, its
+warmup and online start), and `ServerThread` (uvicorn on a
 thread, for tests and benchmarks; the command line runs it in the foreground)."""
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def api_key_of(c) -> str | None:
 def build_backend(c, progress=None):
   """Loads the model, builds and warms the engine, starts it online; the `Backend`."""
   from dejavu_jax.server.app import Backend  # pylint: disable=g-import-not-at-top
-  from dejavu_jax.serving.engine import PipelineEngine  # pylint: disable=g-import-not-at-top
+  from dejavu_jax.serving.engine import make_engine  # pylint: disable=g-import-not-at-top
   from dejavu_jax.studies import text  # pylint: disable=g-import-not-at-top
   cfg, params, tok = text.load_text_model(c.gguf, c.dtype)
   sc = runconfig.serve_config(c, eos_token_id=tok.eos_token_id)
@@ -52,19 +53,25 @@ def build_backend(c, progress=None):
     raise runconfig.ConfigError("max_len", f"{sc.topology.max_len} exceeds the model's "
                                 f"{cfg.max_positions} positions")
   failures = failures_of(c)
-  engine = PipelineEngine(cfg, params, sc)
+  reps = sc.topology.data_parallel
+  if reps > 1 and failures:   # the configured failures are fail_replica's
+    failures = {c.get("fail_replica", 0): failures}
+  engine = make_engine(cfg, params, sc)   # data_parallel > 1: replicas behind the router
   try:
-    log.info("model %s: %d layers, pipeline %d stages %s, microbatch %d, context %d, recovery "
+    log.info("model %s: %d layers, pipeline %d stages %s%s, microbatch %d, context %d, recovery "
              "%s, runtime %s", cfg.name, cfg.num_layers, engine.plan.num_stages,
-             list(engine.plan.ranges), engine.microbatch_size, sc.topology.max_len,
+             list(engine.plan.ranges), f" x {reps} replicas ({sc.topology.routing})"
+             if reps > 1 else "", engine.microbatch_size, sc.topology.max_len,
              sc.fault.recovery, sc.cluster.runtime)
     if c.warmup:
       t = time.perf_counter()
       engine.warmup(progress)
       log.info("warmup: every bucket compiled in %.1f s", time.perf_counter() - t)
     engine.start(failures)
-    for f in failures:
-      log.warning("configured failure: %s (engine clock)", f.describe())
+    for r, specs in (failures.items() if isinstance(failures, dict) else [(None, failures)]):
+      for f in specs:
+        log.warning("configured failure: %s%s (engine clock)", f.describe(),
+                    "" if r is None else f" in replica {r}")
   except BaseException:
     engine.close()
     raise

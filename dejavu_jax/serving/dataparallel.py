@@ -21,8 +21,15 @@ tokens it had generated count as recomputed; under greedy decoding they come out
 `serve(requests, failures)` replays a workload (each request submitted at its arrival time);
 `failures` is a list of `FailureSpec` for replica 0, or {replica: [FailureSpec, ...]}.
 `start(failures)` / `submit(prompt_ids, max_new_tokens)` / `kill(replica, stage)` / `stop()` are
-the online mode (a request whose replica fails for good ends in "error" there, as on one engine;
-it is not resubmitted). The result (`DataParallelResult`) merges the replicas' records on one
+the online mode. `submit` returns a `RoutedHandle`: the caller's one stream of the request across
+its attempts. When the replica serving it stops for good, a router thread resubmits the request
+(from scratch) to a live replica and the handle follows the new attempt: the tokens it regenerates
+over what was already streamed are checked equal to them and not streamed again (under greedy
+decoding they are the same; a mismatch ends the request in "error" saying where it differs, never
+a changed stream), the rest streams on. Only when no replica is left does the request end in
+"error", naming the replicas' errors. The started run (`engine.online`) is what the OpenAI server
+serves (server/app.py): it submits, kills a replica's stage, and reads the replicas' counts. The
+result (`DataParallelResult`) merges the replicas' records on one
 clock (the router's), with `replica_of` (request id -> the replica that served it), every
 recovery tagged with its `replica`, the merged vLLM-named summary, and per replica its counts
 (`summary["replicas"]`) and its own `ServeResult` (`replica_results`).
@@ -31,6 +38,7 @@ recovery tagged with its `replica`, the merged vLLM-named summary, and per repli
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 import time
 import types
@@ -48,6 +56,7 @@ from dejavu_jax.serving.online import RequestHandle
 from dejavu_jax.serving.result import EngineError, EngineTimeout, ServeResult
 from dejavu_jax.workload import Request
 
+log = logging.getLogger("dejavu_jax.dataparallel")
 
 # ---- routing ----
 @dataclasses.dataclass(frozen=True)
@@ -122,15 +131,85 @@ def check_devices(serve: ServeConfig, num_devices: int) -> None:
 class _Entry:
   request: Request        # the request as the caller numbered it (global id, router clock)
   replica: int
-  handle: object          # the replica's online RequestHandle
+  handle: object          # the replica's online RequestHandle (the current attempt)
   attempts: list = dataclasses.field(default_factory=list)   # (replica, local id) per submit
+  outer: "RoutedHandle | None" = None   # online mode: the caller's handle across attempts
+
+
+class RoutedHandle(RequestHandle):
+  """An online request of the data-parallel engine: one token stream across its attempts (module
+  doc). Iterate it, `wait`, `cancel` as a replica's `RequestHandle`; `request_id` is the router's
+  number, `replica` the replica of the current attempt, `attempts` how many were made."""
+
+  def __init__(self, run: "_Run", request_id: int, prompt_len: int, max_new_tokens: int):
+    super().__init__(None, request_id, prompt_len, max_new_tokens)
+    self._run = run
+    self.inner: RequestHandle | None = None
+    self.replica: int | None = None
+    self.attempts = 0
+    self.replayed = 0     # regenerated tokens checked equal to ones already streamed
+    self._seen = 0        # tokens of the current attempt seen
+
+  def cancel(self) -> None:
+    inner = self.inner
+    if self.done:
+      return
+    if inner is not None and not inner.done:
+      inner.cancel()
+    else:   # between two attempts: the router will not resubmit it
+      self._set("cancelled", "cancelled by the client")
+
+  def _attach(self, inner: RequestHandle, replica: int) -> None:
+    with self._cv:
+      self.inner, self.replica, self._seen = inner, replica, 0
+      self.attempts += 1
+    inner.subscribe(lambda kind, v: self._on(inner, kind, v))
+
+  def _on(self, inner: RequestHandle, kind: str, v) -> None:
+    """An event of an attempt (on its replica's loop thread; must not block)."""
+    if inner is not self.inner or self.done:
+      return   # an attempt that was replaced
+    if kind == "tokens":
+      new = []
+      with self._cv:
+        for t in v:
+          i, self._seen = self._seen, self._seen + 1
+          if i >= len(self.tokens):
+            new.append(t)
+          elif self.tokens[i] != t:
+            self._diverged(inner, i, t)
+            return
+          else:
+            self.replayed += 1
+      if new:
+        self._emit(new)
+    elif v == "running":
+      if self.status == "queued":
+        self._set("running")
+    elif v in ("finished", "cancelled") or (
+        v == "rejected" and "not serving" not in (inner.reason or "")):
+      self._set(v, inner.reason)
+    else:   # its replica stopped for good: the router resubmits it
+      self._run.wake.set()
+
+  def _diverged(self, inner: RequestHandle, i: int, t: int) -> None:
+    msg = (f"request {self.request_id}: rerouted to replica {self.replica}, it regenerated "
+           f"token {t} at position {i} where {self.tokens[i]} was already streamed (a rerouted "
+           "request is generated again from scratch: only greedy decoding reproduces it)")
+    log.error(msg)
+    self._run.divergences += 1
+    self._set("error", msg)
+    inner.cancel()
 
 
 class _Run:
   """One serve (or one online run) across the replicas: their online loops, the router's clock
-  and the request table. Thread-safe: submissions come from any thread."""
+  and the request table. Thread-safe: submissions come from any thread. Online (`online=True`) a
+  router thread resubmits the requests of a replica that stopped for good; `running`, `error`,
+  `submit`, `kill`, `call_each` and `counts` are what the OpenAI server uses of it."""
 
-  def __init__(self, engine: "DataParallelEngine", failures: Mapping[int, Sequence[FailureSpec]]):
+  def __init__(self, engine: "DataParallelEngine", failures: Mapping[int, Sequence[FailureSpec]],
+               online: bool = False):
     self.engine, self.router = engine, engine.router
     self.wake = threading.Event()
     self.lock = threading.RLock()
@@ -139,7 +218,9 @@ class _Run:
     self.local: list[dict] = [{} for _ in engine.replicas]      # local id -> request id
     self.rejected: dict = {}
     self.rerouted = 0
+    self.divergences = 0
     self.next_id = 0
+    self.closing = False
     self.t0 = time.perf_counter()
     self.loops = []
     try:
@@ -149,6 +230,11 @@ class _Run:
       for loop in self.loops:
         loop.stop(drain=False, timeout=60)
       raise
+    self._router_thread = None
+    if online:
+      self._router_thread = threading.Thread(target=self._route_loop, name="dejavu-dp-router",
+                                             daemon=True)
+      self._router_thread.start()
 
   def now(self) -> float:
     return time.perf_counter() - self.t0
@@ -156,6 +242,38 @@ class _Run:
   def live(self) -> list[int]:
     return [r for r, loop in enumerate(self.loops) if loop.running]
 
+  # ---- what a server reads of one engine's online loop ----
+  @property
+  def running(self) -> bool:
+    return not self.closing and bool(self.live())
+
+  @property
+  def error(self) -> str | None:
+    if self.running:
+      return None
+    return "; ".join(self.errors()) or "stopped"
+
+  def submit(self, prompt_ids: Sequence[int], max_new_tokens: int) -> RequestHandle:
+    return self.engine.submit(prompt_ids, max_new_tokens)
+
+  def kill(self, stage: int, replica: int = 0) -> None:
+    """Crashes `stage` of `replica` now (its online loop's kill: a SIGKILL on Ray)."""
+    if isinstance(replica, bool) or not isinstance(replica, int) or \
+        not 0 <= replica < len(self.loops):
+      raise ValueError(f"replica must be an integer in 0..{len(self.loops) - 1}, got {replica!r}")
+    self.loops[replica].kill(stage)
+
+  def call_each(self, fn: Callable, timeout: float | None = 30.0) -> list:
+    """fn(engine, state) on every replica's loop thread (online.py `call`); the results."""
+    return [loop.call(fn, timeout) for loop in self.loops]
+
+  def where(self, request_id: int) -> tuple[int, int] | None:
+    """(replica, local id) of the request's current attempt, or None when it is not known."""
+    with self.lock:
+      e = self.entries.get(request_id)
+      return None if e is None or not e.attempts else e.attempts[-1]
+
+  # ---- routing ----
   def loads(self) -> list[ReplicaLoad]:
     out = []
     for r in self.live():
@@ -170,14 +288,16 @@ class _Run:
       out.append(ReplicaLoad(r, len(self.active[r]), tokens))
     return out
 
-  def route(self, req: Request, exclude: int | None = None) -> _Entry:
-    """Submits `req` to the replica the router picks (never `exclude`); its entry."""
+  def route(self, req: Request, exclude: int | None = None,
+            outer: RoutedHandle | None = None) -> _Entry:
+    """Submits `req` to the replica the router picks (never `exclude`); its entry. `outer` (a
+    new online request) follows each of its attempts."""
     with self.lock:
       loads = [x for x in self.loads() if x.replica != exclude]
       if not loads:
         raise RuntimeError(f"no replica is serving (every replica's loop stopped: "
-                           f"{self.errors() or 'stopped'}); request {req.request_id} is not "
-                           "served")
+                           f"{'; '.join(self.errors()) or 'stopped'}); request "
+                           f"{req.request_id} is not served")
       r = self.router.choose(loads)
       if r not in {x.replica for x in loads}:
         raise ValueError(f"router {self.router.name!r} chose replica {r!r}, not one of the live "
@@ -186,34 +306,67 @@ class _Run:
       h.subscribe(lambda kind, _v: self.wake.set() if kind == "status" else None)
       entry = self.entries.get(req.request_id)
       if entry is None:
-        entry = self.entries[req.request_id] = _Entry(req, r, h)
+        entry = self.entries[req.request_id] = _Entry(req, r, h, outer=outer)
       else:
         entry.replica, entry.handle = r, h
       entry.attempts.append((r, h.request_id))
       self.local[r][h.request_id] = req.request_id
       self.active[r].add(req.request_id)
+      if entry.outer is not None:
+        entry.outer._attach(h, r)   # pylint: disable=protected-access
       return entry
 
   def service(self) -> None:
-    """Requests whose replica stopped for good go to a live replica; refusals are recorded."""
+    """Requests whose replica stopped for good go to a live replica; refusals are recorded.
+    Replay: no live replica left raises (the serve's error). Online: such a request ends in
+    "error" naming the replicas' errors."""
     with self.lock:
       for rid, e in list(self.entries.items()):
         h = e.handle
         if rid in self.rejected or h.status not in ("error", "rejected"):
           continue
+        if e.outer is not None and e.outer.done:
+          continue   # cancelled, or ended on a divergence
         if h.status == "rejected" and "not serving" not in (h.reason or ""):
           self.rejected[rid] = f"request {rid}: {h.reason} (replica {e.replica})"
           continue
         self.active[e.replica].discard(rid)
+        if e.outer is not None and not [r for r in self.live() if r != e.replica]:
+          why = (f"request {rid}: no replica is left to serve it (replica {e.replica} stopped: "
+                 f"{h.reason}; {'; '.join(self.errors()) or 'every loop stopped'})")
+          e.outer._set("error", why)   # pylint: disable=protected-access
+          continue
         self.rerouted += 1
+        log.warning("request %d: replica %d stopped (%s); resubmitted from scratch", rid,
+                    e.replica, h.reason)
         self.route(e.request, exclude=e.replica)
+
+  def _route_loop(self) -> None:
+    while not self.closing:
+      self.wake.wait(0.05)
+      self.wake.clear()
+      try:
+        self.service()
+      except Exception:  # pylint: disable=broad-except
+        log.exception("the data-parallel router failed")
+
+  def close_router(self) -> None:
+    self.closing = True
+    self.wake.set()
+    if self._router_thread is not None:
+      self._router_thread.join(30)
 
   def unfinished(self) -> int:
     """Requests neither finished, cancelled nor refused (one whose replica stopped counts until
-    `service` routes it again)."""
+    `service` routes it again; online, one that ended in "error" counts)."""
     with self.lock:
       return sum(1 for rid, e in self.entries.items() if rid not in self.rejected and
-                 e.handle.status not in ("finished", "cancelled"))
+                 (e.outer or e.handle).status not in ("finished", "cancelled"))
+
+  def pending(self) -> int:
+    """Online: requests whose handle has not ended yet."""
+    with self.lock:
+      return sum(1 for e in self.entries.values() if e.outer is not None and not e.outer.done)
 
   def finished(self) -> int:
     with self.lock:
@@ -255,6 +408,7 @@ class DataParallelEngine:
     else:   # Ray: every replica's actors bring their own devices
       slices = [devices] * r
     self.replicas: list[PipelineEngine] = []
+    self._run: _Run | None = None   # before the replicas: close() after a failed build reads it
     try:
       for i in range(r):
         self.replicas.append(PipelineEngine(cfg, params, one, cost_model=cost_model,
@@ -262,7 +416,6 @@ class DataParallelEngine:
     except BaseException:
       self.close()
       raise
-    self._run: _Run | None = None
 
   # What a caller of one engine reads (every replica has the same shape).
   @property
@@ -354,16 +507,17 @@ class DataParallelEngine:
 
   # ---- online mode ----
   def start(self, failures=()) -> _Run:
-    """Every replica's online loop (serving/online.py) behind the router."""
+    """Every replica's online loop (serving/online.py) behind the router; the run (also
+    `engine.online`)."""
     if self._run is not None:
       raise RuntimeError("the engine is already serving online")
-    self._run = _Run(self, self._failures(failures))
+    self._run = _Run(self, self._failures(failures), online=True)
     return self._run
 
-  def submit(self, prompt_ids: Sequence[int], max_new_tokens: int):
-    """Routes a request to a live replica; that replica's `RequestHandle` (its `request_id`
-    numbers the request within that replica; `stop()`'s result numbers requests in the order
-    they were submitted here, `replica_of` saying where each ran)."""
+  def submit(self, prompt_ids: Sequence[int], max_new_tokens: int) -> RequestHandle:
+    """Routes a request to a live replica; its `RoutedHandle` (module doc: it outlives the
+    replica's failure). Its `request_id` numbers the requests in the order they were submitted
+    here, as `stop()`'s result does (`replica_of` saying where each was served)."""
     run = self._run
     if run is None:
       raise RuntimeError("the engine is not serving online; call engine.start() first")
@@ -371,31 +525,56 @@ class DataParallelEngine:
       rid = run.next_id
       run.next_id += 1
     req = Request(rid, run.now(), prompt_ids, max_new_tokens)
+    n = len(prompt_ids) if hasattr(prompt_ids, "__len__") else 0
     reason = self.validate(req)
+    if reason is None and not run.running:
+      reason = (f"request {rid}: the engine is not serving "
+                f"({'; '.join(run.errors()) or 'stopped'})")
     if reason is not None:   # the replica would refuse it too: refuse it here, by its id
-      h = RequestHandle(None, rid, len(prompt_ids) if hasattr(prompt_ids, "__len__") else 0,
-                        max_new_tokens)
+      h = RequestHandle(None, rid, n, max_new_tokens)
       h._set("rejected", reason)   # pylint: disable=protected-access
       with run.lock:
         run.rejected[rid] = reason
       return h
-    return run.route(dataclasses.replace(
-        req, prompt=tuple(int(t) for t in prompt_ids), max_new_tokens=int(max_new_tokens))).handle
+    outer = RoutedHandle(run, rid, n, int(max_new_tokens))
+    req = dataclasses.replace(req, prompt=tuple(int(t) for t in prompt_ids),
+                              max_new_tokens=int(max_new_tokens))
+    try:
+      run.route(req, outer=outer)
+    except RuntimeError as e:   # every replica stopped meanwhile
+      outer._set("rejected", f"request {rid}: the engine is not serving ({e})")   # pylint: disable=protected-access
+      with run.lock:
+        run.rejected[rid] = outer.reason
+    return outer
 
   def kill(self, replica: int, stage: int) -> None:
     """Crashes `stage` of `replica` now (its online loop's kill: a SIGKILL on Ray)."""
     if self._run is None:
       raise RuntimeError("the engine is not serving online; call engine.start() first")
-    self._run.loops[replica].kill(stage)
+    self._run.kill(stage, replica)
 
   def stop(self, drain: bool = True, timeout: float | None = None) -> DataParallelResult | None:
-    """Stops every replica's loop; the merged result of the run."""
+    """Stops serving: with `drain`, first waits (up to `timeout`) until every request submitted
+    ended, rerouting those of a replica that stops meanwhile; then every replica's loop. The
+    merged result of the run."""
     run = self._run
     if run is None:
       return None
+    if drain:
+      deadline = None if timeout is None else time.monotonic() + timeout
+      while run.pending() and run.live() and (deadline is None or time.monotonic() < deadline):
+        time.sleep(0.02)
+    run.close_router()
     self._run = None
     results = [loop.stop(drain, timeout) for loop in run.loops]
-    return self._merge(run, results, [loop.error for loop in run.loops if loop.error])
+    with run.lock:   # attempts that ended under a stopped router end their handles
+      for e in run.entries.values():
+        if e.outer is not None and not e.outer.done:
+          h = e.handle
+          e.outer._set(h.status if h.done and h.status != "error" else "error",   # pylint: disable=protected-access
+                       h.reason if h.done else "the engine stopped")
+    # As in replay, a replica that stopped is an error of the run only if a request was not served.
+    return self._merge(run, results, [])
 
   # ---- replay ----
   def serve(self, requests: Sequence[Request], progress: Callable[[int, int], None] | None = None,
