@@ -266,14 +266,15 @@ class _ActorRuntime:
       raise PeerDead(f"stage {stage} has no live actor")
     return peer
 
-  def lane_to(self, stage: int) -> LaneClient | None:
-    """The lane to `stage`'s actor when it runs on this node and lanes are on (ray_lane.py)."""
+  def lane_to(self, stage: int, purpose: str = "steps") -> LaneClient | None:
+    """The lane to `stage`'s actor when it runs on this node and lanes are on (ray_lane.py);
+    one connection per purpose, so a replica landing never holds up a step behind it."""
     addr = self.peer_lanes.get(stage)
     if not addr or self.peer_nodes.get(stage) != self.node_id:
       return None
-    lane = self._lanes.get(addr)
+    lane = self._lanes.get((addr, purpose))
     if lane is None:
-      lane = self._lanes[addr] = LaneClient(addr, self.transport.timeout_s)
+      lane = self._lanes[(addr, purpose)] = LaneClient(addr, self.transport.timeout_s)
     return lane
 
   def forward(self, stage: int, step: Step) -> None:
@@ -304,7 +305,7 @@ class _ActorRuntime:
       to = ring_holder(sender.stage, self.num_stages)
       if isinstance(self.transport, SharedMemoryTransport):
         return self.transport.send_replica(self._peer(to), write, self.token,
-                                           self.peer_nodes.get(to))
+                                           self.peer_nodes.get(to), self.lane_to(to, "replica"))
       return self.transport.send_replica(self._peer(to), write, self.token)
     return send
 
@@ -488,9 +489,14 @@ class StageActor:
   LANE_METHODS = frozenset({"submit", "set_epoch", "load_cache", "export_replica", "free",
                             "resync", "arm", "disarm", "stall", "set_link_fault",
                             "load_prompt"})
+  # ... and the landings a lane carries the header of (the data in shared memory: ray_shm.py);
+  # answered, on their own connection.
+  LANE_LANDINGS = frozenset({"receive_replica_shm"})
 
   def _on_lane(self, msg):
     name, args = msg
+    if name in self.LANE_LANDINGS:
+      return getattr(self, name)(*args)   # raises PeerDead when not this pipeline's
     if name not in self.LANE_METHODS:
       raise ValueError(f"{name!r} is not a message a lane carries")
     if self.worker is None:   # reset, or a spare: a late message of a closed pipeline

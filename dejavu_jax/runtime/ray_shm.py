@@ -61,13 +61,16 @@ class SharedMemoryTransport:
   def send_step(self, peer, step, token: str) -> None:
     peer.submit.remote(step, token)
 
-  def send_replica(self, peer, write: ReplicaWrite, token: str, node: str | None = None) -> int:
+  def send_replica(self, peer, write: ReplicaWrite, token: str, node: str | None = None,
+                   lane=None) -> int:
+    """`lane`: a lane (ray_lane.py) to the receiver, which then carries the header instead of
+    a Ray call (the landing's answer comes back on it)."""
     if not self.same_node(node) or write.packed.data is None:   # in the call, as object_store
       return ray.get(peer.receive_replica.remote(write, token), timeout=self.timeout_s)
     return self.through_segment(
         peer, write.packed,
-        lambda bare, ticket: peer.receive_replica_shm.remote(
-            dataclasses.replace(write, packed=bare), ticket, token))
+        lambda bare, ticket: _call(peer, lane, "receive_replica_shm",
+                                   dataclasses.replace(write, packed=bare), ticket, token))
 
   def send_prompt(self, peer, mb_id: int, packet, lengths, token: str, sender: tuple) -> None:
     """A prompt packet (host numpy) into a token actor's host slot on this node
@@ -79,8 +82,8 @@ class SharedMemoryTransport:
 
   def through_segment(self, peer, packed, call):
     """Copies `packed.data` into the segment kept for `peer`, then `call(bare, ticket)` (the
-    packet without its data, and where the data lies) must return the receiver's Ray call;
-    returns its answer once the receiver landed the data."""
+    packet without its data, and where the data lies) must return the receiver's Ray call (or
+    its answer, from a lane); returns its answer once the receiver landed the data."""
     data = np.ascontiguousarray(packed.data)
     key = peer._actor_id.hex()  # pylint: disable=protected-access
     with self._lock:
@@ -99,7 +102,8 @@ class SharedMemoryTransport:
       np.copyto(np.ndarray(data.shape, data.dtype, buffer=seg[0]), data)
       ticket = (seg[1], seg[2], data.shape, str(data.dtype))
       try:
-        return ray.get(call(packed.replace(data=None), ticket), timeout=self.timeout_s)
+        out = call(packed.replace(data=None), ticket)
+        return ray.get(out, timeout=self.timeout_s) if isinstance(out, ray.ObjectRef) else out
       except BaseException:
         self._close(seg)   # a dead or late reader: this segment is never written again
         raise
@@ -119,6 +123,13 @@ class SharedMemoryTransport:
       for _, seg in self._segs.values():
         self._close(seg)
       self._segs.clear()
+
+
+def _call(peer, lane, name: str, *args):
+  """The receiver's method `name`: on `lane` (answered when this returns) or as a Ray call."""
+  if lane is not None:
+    return lane.call((name, args))
+  return getattr(peer, name).remote(*args)
 
 
 def sweep(pids) -> list[str]:
