@@ -371,6 +371,16 @@ class RayRuntime:
     actor.prepare.remote(self.token, specs, refs)
     return actor
 
+  def wait_spares(self, timeout_s: float = 120.0) -> float:
+    """Waits until every spare has run what it was sent so far (its stages built, weights
+    placed, the step signatures noted by then traced): a failure after this finds a warm
+    spare. Returns the seconds waited (benchmarks/runtime.py times recovery with a warm
+    spare, as the paper's spare machines are)."""
+    t0 = time.perf_counter()
+    refs = [sp.warm_state.remote() for sp in self._spares]
+    ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    return time.perf_counter() - t0
+
   def _broadcast_peers(self) -> None:
     live = self._live_workers()
     peers = {s: w.actor for s, w in live.items()}

@@ -468,6 +468,11 @@ class StageActor:
       self.warm_calls(t, s, [call])
     return True
 
+  def warm_state(self) -> dict:
+    """Stage -> step signatures replayed here, once everything queued before this call ran
+    (default group: after `prepare` and the `warm_calls` that came before it)."""
+    return {s: len(c) for s, c in getattr(self, "_replayed", {}).items()}
+
   def warm_calls(self, token: str, stage: int, calls: list) -> None:
     """Traces and compiles step signatures a live stage noted, on this spare's warm copy."""
     if token != self._warm_token or self.worker is not None:
