@@ -58,6 +58,11 @@ def _engine(stages, recovery, **kw):
 def _check(eng, reqs, res, kills_before):
   assert res.error is None
   assert res.tokens() == _reference(reqs)
+  # One node: every Worker message, step and event went on lanes (runtime/ray_lane.py) with
+  # the shm transport; the other transports keep Ray's calls.
+  lanes = eng.runtime.transport == "shm"
+  assert (eng.runtime.lane_events > 0) == lanes
+  assert all((w.lane is not None) == lanes for w in eng.runtime._workers)  # pylint: disable=protected-access
   for k in eng.runtime.kills[kills_before:]:
     assert pid_gone(k["pid"]), f"killed actor pid {k['pid']} still exists"
     assert k["pid"] not in [w.pid for w in eng.runtime._workers]  # pylint: disable=protected-access

@@ -4,9 +4,12 @@ Same `Runtime`/`Worker` interfaces as `runtime/local.py`, so the engine, schedul
 and controller do not change. The processes, threads and what waits on what:
 
 1. The driver (the engine's process) holds one `RayWorker` handle per stage. Every `Worker`
-   message is a Ray actor call that returns at once (`submit`, `set_epoch`, `load_cache`, `free`,
-   `resync`, ...); only `stats` waits for an answer. A `ReplicaSource` load is sent to the
-   replica's holder, which ships the cache to the replacement itself.
+   message returns at once (`submit`, `set_epoch`, `load_cache`, `free`, `resync`, ...; only
+   `stats` and disaggregation's slot calls wait for an answer): with the default transport
+   (shm) and the actor on the driver's node it goes on the actor's lane (ray_lane.py: a
+   Unix-domain socket, ~40 us against ~1 ms for a Ray call here), in order; otherwise it is a
+   Ray actor call. A `ReplicaSource` load is sent to the replica's holder, which ships the
+   cache to the replacement itself.
 2. Each stage is a `StageActor` (runtime/ray_actor.py) in its own process with its own JAX
    runtime and devices (one CPU device per actor here: `XLA_FLAGS`/`JAX_PLATFORMS` are set in
    the actor's environment before it imports JAX; `num_gpus` per actor on GPU nodes). Inside it
@@ -17,18 +20,24 @@ and controller do not change. The processes, threads and what waits on what:
    queued steps); the "control" group answers the driver's long poll and `die`.
 3. Activations go from actor s to actor s + 1 and replication writes to the successor directly,
    through the pipeline's transport (by default `shm`: replica writes to an actor on the same
-   node through a reused shared-memory segment, everything else in the Ray call / object store;
-   or `jax.experimental.transfer` under a watchdog; ray_actor.py). The driver never relays
-   data; it only sends a stage-0 step and receives the last stage's logits.
-4. Events: one driver thread (`_poll_loop`) keeps one `poll` call outstanding per live actor
-   (each returns the actor's queued events as soon as there are any, or after a short timeout)
-   and puts what comes back into `events`, the engine's one channel. Heartbeats are stamped with
-   the driver's clock on arrival (hosts' clocks differ), and so are results in real mode.
+   node through a reused shared-memory segment whose header goes on a lane, steps on the next
+   actor's lane, everything to another node in the Ray call / object store; or
+   `jax.experimental.transfer` under a watchdog; ray_actor.py). The driver never relays
+   data; it only sends a stage-0 step and receives the last stage's tokens (greedy: the last
+   stage samples, `Step.greedy`) or logits.
+4. Events: an actor on the driver's node sends its events on the driver's lane (one reader
+   thread per actor puts them into `events`, the engine's one channel); for the others, one
+   driver thread (`_poll_loop`) keeps one `poll` call outstanding per live actor (each returns
+   the actor's queued events as soon as there are any, or after a short timeout). Heartbeats
+   are stamped with the driver's clock on arrival (hosts' clocks differ), and so are results in
+   real mode. `lane_events` counts what came on lanes.
 5. Failures: `kill` SIGKILLs the actor's pid (from the driver on the same host, or by the actor
    itself on another host); `arm` makes the actor SIGKILL itself after a number of steps. The
-   death is detected by whichever comes first: heartbeat silence (the controller), or Ray's
-   actor-death notification (the outstanding `poll` fails: `notified_dead`, which the engine
-   merges into its detection). A stall is caught by the engine's progress watchdog.
+   death is detected by whichever comes first: heartbeat silence (the controller), Ray's
+   actor-death notification (the outstanding `poll` fails), or the end of the actor's event
+   lane with its process gone (a SIGKILLed process's sockets close when the kernel has torn
+   down its memory, ~0.1 s here): `notified_dead`, which the engine merges into its detection,
+   woken by a `DeathNotice` event. A stall is caught by the engine's progress watchdog.
 6. `replace` configures a spare (an actor process started beside the pipeline, JAX already up:
    the paper's spare machine; `spares` of them, one by default, and a new one starts at once)
    or starts a new actor, and waits until it runs. A spare is kept warm (`_warm_spare`): it
@@ -260,8 +269,9 @@ class RayRuntime:
     self._reported = 0
     self._landed_seen: dict[int, int] = {}   # token role: worker id -> packets reported
     self.dropped_events = 0
+    self.lane_events = 0
     self._owns_ray = init_ray(address)
-    self.node_id = ray.get_runtime_context().get_node_id()
+    self.node_id = None   # the driver's Ray node (at `start`)
     # Lanes (ray_lane.py) with the default transport: the workers' events come on this server,
     # and Worker messages / steps go on lanes, between processes of the driver's node.
     self.lanes = (LaneServer(self._on_lane_events, self._on_lane_closed, name="driver")
@@ -284,6 +294,7 @@ class RayRuntime:
   # ---- life cycle ----
   def start(self, options: WorkerOptions) -> None:
     self.options = options
+    self.node_id = ray.get_runtime_context().get_node_id()
     if self.placement == "spread":
       nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
       if nodes < self.num_stages:
@@ -616,6 +627,7 @@ class RayRuntime:
     kind, evs = msg
     if kind != "events":
       raise ValueError(f"the driver's lane carries events, not {kind!r}")
+    self.lane_events += len(evs)
     for ev in evs:
       self.events.put(self._stamp(ev))
 

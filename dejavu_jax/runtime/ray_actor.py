@@ -19,8 +19,10 @@ replication writes (stage s -> its successor), actor to actor, never through the
   shm            the default: replica writes and prompt KV packets to an actor on the same
                  node go through a shared-memory segment the sender reuses per receiver
                  (`SharedMemoryTransport`: one copy in, the replica log's / host slot's write
-                 out; measured fastest here, benchmarks/transport.py); activations and anything
-                 to another node as object_store.
+                 out; measured fastest here, benchmarks/transport.py). On one node the
+                 pipeline's hot messages go on lanes (ray_lane.py, `_on_lane`): steps to the
+                 next stage, the replica landings' headers, Worker messages from the driver
+                 and the events back to it; anything to another node as object_store.
   jax_transfer   `jax.experimental.transfer`: the sender offers device buffers on its transfer
                  server (`await_pull`) and sends only a ticket in the Ray call; the receiver
                  pulls. A pull of an id nobody offers hangs, so every pull runs under a
