@@ -2,7 +2,8 @@
 side, against the machine's read bandwidth and a numpy/OpenBLAS reference.
 
   python benchmarks/decode_matmul.py [--runs=5] [--batch=8] [--threads=single|multi|both]
-                                     [--cases=qkvo,fc1,fc2,head,layers,step]
+                                     [--cases=qkvo,fc1,layers,attn_opt_125m,step_opt_125m,...]
+                                     [--variants=dot/ynn_dot,numpy/dot,...]
 
 Why. At batch 8 an OPT-125M decode step reads ~500 MB of float32 weights and does 2 GFLOP: at this
 machine's ~24 GB/s read bandwidth the step could take ~21 ms, but it took ~90 ms (issue 24), as if
@@ -27,9 +28,14 @@ of them per shape: every case reads 110-155 MB, several times the 32 MiB L3), in
 
 Cases: qkvo ([B,768]x[768,768], 48 matrices: q, k, v, out of 12 layers), fc1 ([768,3072] x 12),
 fc2 ([3072,768] x 12), head (the LM head [768,50272], once, 154 MB), layers (the 12 layers' six
-matmuls chained with ReLU, no attention, plus the head: every matmul of the step), step (the real
-OPT-125M decode step, `models.generate.step_functions`, random weights, cache 256, context 256,
-positions 128..; attention included) under each option set. Per round every variant of a case
+matmuls chained with ReLU, no attention, plus the head: every matmul of the step);
+attn_<model> (a step's attention alone: every layer's query over its slice of the stacked
+[L, B, 256, Hkv, K] cache plus the new entry, `layers.attend_decode_einsum` (dots) vs
+`attend_decode_mulsum` (multiply + sum)); step_<model> (the real decode step,
+`models.generate.step_functions`, random weights, cache 256, context 256, in a jitted loop of 8
+donated steps as `make_decode_n`: times and bytes are per 8 steps) under each option set and
+each attention formulation (`model/*` is the model's own choice, `layers.attend_decode`).
+Per round every variant of a case
 runs back to back (interleaved), `--reps` calls each, keeping the fastest call's wall time and
 CPU time (time.process_time: the time this process actually ran, robust to other jobs taking
 the cores); a figure is the median over rounds of those. GFLOP/s = 2 B in out L / time;
@@ -58,7 +64,8 @@ from dejavu_jax.studies import paired  # noqa: E402
 _RUNS = flags.DEFINE_integer("runs", 5, "timed rounds (median reported)")
 _REPS = flags.DEFINE_integer("reps", 3, "calls of a variant per round (the fastest is kept)")
 _BATCH = flags.DEFINE_integer("batch", 8, "rows of x (the decode batch)")
-_CASES = flags.DEFINE_list("cases", ["qkvo", "fc1", "fc2", "head", "layers", "step"],
+_CASES = flags.DEFINE_list("cases", ["qkvo", "fc1", "fc2", "head", "layers", "attn_opt_125m",
+                                     "attn_smollm2_135m", "step_opt_125m"],
                            "cases to measure (see the module docstring)")
 _VARIANTS = flags.DEFINE_list("variants", [], "only these variants (default: all of a case)")
 _THREADS = flags.DEFINE_enum("threads", "single", ["both", *paired.MODES],
