@@ -3,7 +3,7 @@ side, against the machine's read bandwidth and a numpy/OpenBLAS reference.
 
   python benchmarks/decode_matmul.py [--runs=5] [--batch=8] [--threads=single|multi|both]
                                      [--cases=qkvo,fc1,layers,attn_opt_125m,step_opt_125m,...]
-                                     [--variants=dot/ynn_dot,numpy/dot,...]
+                                     [--variants=dot/ynn_idot,numpy/dot,...]
 
 Why. At batch 8 an OPT-125M decode step reads ~500 MB of float32 weights and does 2 GFLOP: at this
 machine's ~24 GB/s read bandwidth the step could take ~21 ms, but it took ~90 ms (issue 24), as if
@@ -19,11 +19,15 @@ of them per shape: every case reads 110-155 MB, several times the 32 MiB L3), in
              for fusing projections that share an input, e.g. q/k/v)
     mulsum   broadcast multiply + sum over `in` (an XLA loop fusion, no library call)
   compiler options (the dot formulation):
-    ynn_dot  xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT (the project's choice)
+    ynn_idot xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT: each dot its
+             own YNNPACK call (the project's choice since this benchmark, `generate.
+             CPU_COMPILER_OPTIONS`)
+    ynn_dot  ...=LIBRARY_FUSION_TYPE_DOT: chains of dots and their elementwise neighbours fused
+             into one YNNPACK graph (the project's choice before)
     ynn_all  no options: XLA's default YNNPACK fusions (dots, reductions, elementwise)
     eigen    YNNPACK fusions off: XLA's own dot (Eigen)
     xnn      YNNPACK off, XNNPACK graph fusion greedy with its cost model bypassed
-    vw512    the project's options + xla_cpu_prefer_vector_width=512
+    vw512    ynn_idot + xla_cpu_prefer_vector_width=512
   reference: numpy (OpenBLAS) x @ W and x @ W_t.T in a Python loop.
 
 Cases: qkvo ([B,768]x[768,768], 48 matrices: q, k, v, out of 12 layers), fc1 ([768,3072] x 12),
@@ -74,13 +78,15 @@ _WORKER = flags.DEFINE_string("worker", "", "internal: run as the paired harness
 
 D, F, V, L = 768, 3072, 50272, 12
 YNN_DOT = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
+YNN_IDOT = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 OPTIONS = {
+    "ynn_idot": YNN_IDOT,
     "ynn_dot": YNN_DOT,
     "ynn_all": {},
     "eigen": {"xla_cpu_experimental_ynn_fusion_type": ""},
     "xnn": {"xla_cpu_experimental_ynn_fusion_type": "",
             "xla_cpu_experimental_xnn_graph_fusion_mode": "XNN_GRAPH_FUSION_MODE_BYPASS_COST_MODEL"},
-    "vw512": {**YNN_DOT, "xla_cpu_prefer_vector_width": 512},
+    "vw512": {**YNN_IDOT, "xla_cpu_prefer_vector_width": 512},
 }
 SHAPES = {"qkvo": (D, D, 4 * L), "fc1": (D, F, L), "fc2": (F, D, L), "head": (D, V, 1)}
 
@@ -113,12 +119,12 @@ def _matmul_variants(jax, jnp, np, b: int, din: int, dout: int, n: int, rng):
   out = {}
   for name, opts in OPTIONS.items():
     out[f"dot/{name}"] = (jax.jit(dot, compiler_options=opts), (xj, wj))
-  out["dot_t/ynn_dot"] = (jax.jit(dot_t, compiler_options=YNN_DOT), (xj, wtj))
+  out["dot_t/ynn_idot"] = (jax.jit(dot_t, compiler_options=YNN_IDOT), (xj, wtj))
   out["dot_t/eigen"] = (jax.jit(dot_t, compiler_options=OPTIONS["eigen"]), (xj, wtj))
-  out["chunk/ynn_dot"] = (jax.jit(chunk, compiler_options=YNN_DOT), (xj, wj))
-  out["fused/ynn_dot"] = (jax.jit(fused, compiler_options=YNN_DOT), (xj, jnp.asarray(w)))
+  out["chunk/ynn_idot"] = (jax.jit(chunk, compiler_options=YNN_IDOT), (xj, wj))
+  out["fused/ynn_idot"] = (jax.jit(fused, compiler_options=YNN_IDOT), (xj, jnp.asarray(w)))
   if n * din * dout <= 64 * D * D:   # the loop fusion is slow: only where it stays cheap
-    out["mulsum/ynn_dot"] = (jax.jit(mulsum, compiler_options=YNN_DOT), (xj, wj))
+    out["mulsum/ynn_idot"] = (jax.jit(mulsum, compiler_options=YNN_IDOT), (xj, wj))
   out["numpy/dot"] = (lambda x, w: [x @ w[i] for i in range(n)], (x, w))
   out["numpy/dot_t"] = (lambda x, wt: [x @ wt[i].T for i in range(n)], (x, wt))
   flops = 2 * b * din * dout * n
@@ -161,7 +167,7 @@ def _layers_variants(jax, jnp, np, b: int, rng):
   out = {}
   for name, opts in OPTIONS.items():
     out[f"dot/{name}"] = (jax.jit(lambda x, w: step(x, w, plain), compiler_options=opts), (xj, wj))
-  out["dot_t/ynn_dot"] = (jax.jit(lambda x, w: step(x, w, trans), compiler_options=YNN_DOT),
+  out["dot_t/ynn_idot"] = (jax.jit(lambda x, w: step(x, w, trans), compiler_options=YNN_IDOT),
                           (xj, wtj))
   out["dot_t/eigen"] = (jax.jit(lambda x, w: step(x, w, trans),
                                 compiler_options=OPTIONS["eigen"]), (xj, wtj))
@@ -228,7 +234,7 @@ def _step_variants(jax, jnp, np, b: int, model: str):
     out[f"model/{name}"] = (_DecodeLoop(jax, jnp, cfg, params, b, opts), ())
   for name in ("einsum", "mulsum"):
     att = getattr(layers_lib, f"attend_decode_{name}")
-    out[f"attn_{name}/ynn_dot"] = (_DecodeLoop(jax, jnp, cfg, params, b, YNN_DOT, att), ())
+    out[f"attn_{name}/ynn_idot"] = (_DecodeLoop(jax, jnp, cfg, params, b, YNN_IDOT, att), ())
     out[f"attn_{name}/ynn_all"] = (_DecodeLoop(jax, jnp, cfg, params, b, {}, att), ())
   weights = sum(x.nbytes for x in jax.tree.leaves(params))
   if "embed_positions" in params:
@@ -269,7 +275,7 @@ def _attn_variants(jax, jnp, np, b: int, model: str):
   args = (q, k_all, v_all, k_new, v_new, pos)
   for name, att in variants.items():
     fn = functools.partial(run, att)
-    out[f"{name}/ynn_dot"] = (jax.jit(fn, compiler_options=YNN_DOT), args)
+    out[f"{name}/ynn_idot"] = (jax.jit(fn, compiler_options=YNN_IDOT), args)
   out["einsum/ynn_all"] = (jax.jit(functools.partial(run, layers_lib.attend_decode_einsum)),
                            args)
   nbytes = 2 * nl * b * s * hkv * kd * 4
