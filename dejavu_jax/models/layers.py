@@ -128,10 +128,10 @@ def attend_decode(q: jax.Array, k_old: jax.Array, v_old: jax.Array, k_new: jax.A
   Two formulations, chosen by the heads per KV head G (benchmarks/decode_matmul.py, cases
   step_* and attn_*, one CPU, process CPU time): with G == 1 (OPT, GPT-2, BLOOM) multiply + sum
   in the cache's own layout (`attend_decode_mulsum`): a batch-8 OPT-125M step at 256 positions
-  took 13-14% less CPU time than with the dots in two interleaved runs; the dots' einsums copy
-  every layer's K slice transposed to [B, Hkv, K, C] first. With G > 1 (SmolLM2) the dots
-  (`attend_decode_einsum`): the multiply + sum materializes G products of the slice, and its
-  batch-8 step took 2.2x the CPU time.
+  took 90 instead of 129 ms of CPU time with the dots (13-14% less under the earlier
+  CPU_COMPILER_OPTIONS); the dots' einsums copy every layer's K slice transposed to
+  [B, Hkv, K, C] first. With G > 1 (SmolLM2) the dots (`attend_decode_einsum`): the multiply +
+  sum materializes G products of the slice, and its batch-8 step took 2.2x the CPU time.
   """
   if q.shape[1] == k_old.shape[2]:
     return attend_decode_mulsum(q, k_old, v_old, k_new, v_new, q_pos, scale, scale_queries,
