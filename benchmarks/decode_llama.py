@@ -21,7 +21,8 @@ machine inflates far less than the wall time when each side has one thread). The
 other jobs share this machine's cores; every figure is a median over `--runs` rounds. Thread
 settings (`--threads=both`, the default): two worker processes (dejavu_jax/studies/paired.py), one
 single-threaded (XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
-torch.set_num_threads(1)) and one with the defaults (or `--torch_threads`), asked for rounds in
+torch.set_num_threads(1), the process pinned to one CPU: XLA:CPU's thread pool ignores the flags)
+and one with the defaults (or `--torch_threads`), asked for rounds in
 turn; the JSON has a `single` and a `multi` section and the load average before each round.
 `greedy_token_match`
 is the fraction of positions, up to each row's first end-of-turn token on the torch side, where

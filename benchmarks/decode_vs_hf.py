@@ -16,7 +16,8 @@ time. The two sides alternate run by run (each `--runs` rounds, after a warm-up 
 compiles), because other jobs share this machine's cores; every figure is a median over rounds.
 Thread settings (`--threads=both`, the default): two worker processes (dejavu_jax/studies/
 paired.py), one single-threaded (XLA_FLAGS="--xla_cpu_multi_thread_eigen=false
-intra_op_parallelism_threads=1", torch.set_num_threads(1), one thread for the bandwidth probe)
+intra_op_parallelism_threads=1", torch.set_num_threads(1), one thread for the bandwidth probe,
+the process pinned to one CPU: XLA:CPU's thread pool ignores the flags)
 and one multi-threaded (the defaults: one thread per core), asked for rounds in turn; the JSON
 has a `single` and a `multi` section and the load average before each round.
 

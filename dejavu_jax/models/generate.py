@@ -61,9 +61,13 @@ def step_functions(cfg: ModelConfig, start: int = 0, stop: int | None = None):
 # XLA:CPU hands reductions to YNNPACK by default. A library reduction cannot read a slice of the
 # stacked cache in place, so XLA materializes each layer's slice of the cache and then copies the
 # whole cache to keep the in-place cache update legal (measured with the reduction form of
-# layers._attend_one: it doubled a batch-1 decode step). Matmuls stay with YNNPACK: its batch-8
-# LM-head matmul is about twice as fast as XLA's Eigen one.
-CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
+# layers._attend_one: it doubled a batch-1 decode step). Matmuls stay with YNNPACK (its batch-8
+# LM-head matmul is about twice as fast as XLA's Eigen one), one library call per dot:
+# LIBRARY_FUSION_TYPE_DOT fuses chains of dots and their elementwise neighbours into one YNNPACK
+# graph, which ran the 73 matmuls of a batch-8 OPT-125M step at 1.6x the CPU time of separate dots
+# (113 vs 70 ms, one CPU, load 3.8), and a whole batch-8 step took 19% (OPT-125M) and 11%
+# (SmolLM2-135M) less CPU time with separate ones (benchmarks/decode_matmul.py; RESULTS.md).
+CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 
 
 def jit(fn, **kw):

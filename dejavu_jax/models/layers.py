@@ -120,14 +120,31 @@ def attend_decode(q: jax.Array, k_old: jax.Array, v_old: jax.Array, k_new: jax.A
   """One decode query per row over an old cache slice plus the row's new entry, which is not in
   the slice: the result equals `attend` over the slice with the new entry written at q_pos.
 
-  q [B, H, K]; scale and scale_queries as in `attend`; k_old, v_old [B, C, Hkv, K]: entries at positions below
-  q_pos are read, the rest (stale or unwritten) never; k_new, v_new [B, Hkv, K]; q_pos [B] (a
-  negative position is a padding row: nothing visible, a finite result). Returns [B, H, K].
+  q [B, H, K]; scale and scale_queries as in `attend`; k_old, v_old [B, C, Hkv, K]: entries at
+  positions below q_pos are read, the rest (stale or unwritten) never; k_new, v_new [B, Hkv, K];
+  q_pos [B] (a negative position is a padding row: nothing visible, a finite result). Returns
+  [B, H, K]. The softmax runs over the slice and the new entry together.
 
-  The products are dots (YNNPACK on CPU), the softmax runs over the slice and the new entry
-  together. Measured on the 2-core development CPU, 30 SmolLM2 layers at 256 positions, batch 8:
-  about half the time of `_attend_one` over a slice with the entry written in.
+  Two formulations, chosen by the heads per KV head G (benchmarks/decode_matmul.py, cases
+  step_* and attn_*, one CPU, process CPU time): with G == 1 (OPT, GPT-2, BLOOM) multiply + sum
+  in the cache's own layout (`attend_decode_mulsum`): a batch-8 OPT-125M step at 256 positions
+  took 90 instead of 129 ms of CPU time with the dots (13-14% less under the earlier
+  CPU_COMPILER_OPTIONS); the dots' einsums copy every layer's K slice transposed to
+  [B, Hkv, K, C] first. With G > 1 (SmolLM2) the dots (`attend_decode_einsum`): the multiply +
+  sum materializes G products of the slice, and its batch-8 step took 2.2x the CPU time.
   """
+  if q.shape[1] == k_old.shape[2]:
+    return attend_decode_mulsum(q, k_old, v_old, k_new, v_new, q_pos, scale, scale_queries,
+                                slopes)
+  return attend_decode_einsum(q, k_old, v_old, k_new, v_new, q_pos, scale, scale_queries, slopes)
+
+
+def attend_decode_einsum(q: jax.Array, k_old: jax.Array, v_old: jax.Array, k_new: jax.Array,
+                         v_new: jax.Array, q_pos: jax.Array, scale: float, scale_queries: bool,
+                         slopes: np.ndarray | None) -> jax.Array:
+  """`attend_decode` with both products as dots (YNNPACK on CPU). Measured on the 2-core
+  development CPU, 30 SmolLM2 layers at 256 positions, batch 8: about half the time of
+  `_attend_one` over a slice with the entry written in."""
   f32 = jnp.float32
   if scale_queries:
     q = q * jnp.asarray(scale, q.dtype)
@@ -152,6 +169,45 @@ def attend_decode(q: jax.Array, k_old: jax.Array, v_old: jax.Array, k_new: jax.A
   denom = jnp.sum(probs, axis=-1) + p_new
   out = jnp.einsum("BHGS,BSHK->BHGK", probs.astype(v_old.dtype), v_old,
                    preferred_element_type=f32)
+  out = (out + p_new[..., None] * v_new[:, :, None].astype(f32)) / denom[..., None]
+  return out.reshape(b, h, kd).astype(v_old.dtype)
+
+
+def _decode_scores_tail(scores, new, q_pos, key_pos, scale, scale_queries, slopes, hkv):
+  """Scale, bias and mask of decode scores [B, C, Hkv, G] and new [B, Hkv, G]."""
+  f32 = jnp.float32
+  if not scale_queries:
+    scores, new = scores * scale, new * scale
+  if slopes is not None:
+    sl = jnp.asarray(slopes, f32).reshape(hkv, -1)
+    scores = scores + key_pos.astype(f32)[:, None, None] * sl
+    new = new + sl * q_pos.astype(f32)[:, None, None]
+  neg = jnp.finfo(f32).min
+  scores = jnp.where((key_pos[None, :] < q_pos[:, None])[:, :, None, None], scores, neg)
+  new = jnp.where((q_pos >= 0)[:, None, None], new, neg)
+  return scores, new
+
+
+def attend_decode_mulsum(q: jax.Array, k_old: jax.Array, v_old: jax.Array, k_new: jax.Array,
+                         v_new: jax.Array, q_pos: jax.Array, scale: float, scale_queries: bool,
+                         slopes: np.ndarray | None) -> jax.Array:
+  """`attend_decode` with both products as multiply + sum in the cache's own [B, C, Hkv, K]
+  layout: XLA loop fusions that read the slice in place (no transposed copy, no library call)."""
+  f32 = jnp.float32
+  if scale_queries:
+    q = q * jnp.asarray(scale, q.dtype)
+  b, h, kd = q.shape
+  hkv = k_old.shape[2]
+  q = q.reshape(b, hkv, h // hkv, kd).astype(f32)                              # [B, Hkv, G, K]
+  scores = jnp.sum(q[:, None] * k_old[:, :, :, None].astype(f32), axis=-1)     # [B, C, Hkv, G]
+  new = jnp.sum(q * k_new[:, :, None].astype(f32), axis=-1)                    # [B, Hkv, G]
+  key_pos = jnp.arange(k_old.shape[1])
+  scores, new = _decode_scores_tail(scores, new, q_pos, key_pos, scale, scale_queries, slopes, hkv)
+  top = jnp.maximum(jnp.max(scores, axis=1), new)                              # [B, Hkv, G]
+  probs = jnp.exp(scores - top[:, None])
+  p_new = jnp.exp(new - top)
+  denom = jnp.sum(probs, axis=1) + p_new
+  out = jnp.sum(probs[..., None] * v_old[:, :, :, None].astype(f32), axis=1)   # [B, Hkv, G, K]
   out = (out + p_new[..., None] * v_new[:, :, None].astype(f32)) / denom[..., None]
   return out.reshape(b, h, kd).astype(v_old.dtype)
 
@@ -234,3 +290,4 @@ class DecoderLayer(nn.Module):
       x = attn_norm(x + h)
       x = mlp_norm(x + mlp(x))
     return x, k_all, v_all
+

@@ -5,7 +5,11 @@ multi-threaded runs of the same code need separate processes. This module owns t
 
   * `run_paired(script, args, runs, modes)` (the driver) starts one worker per mode (`script
     --worker=<mode> args...`; a single-threaded worker gets `SINGLE_XLA_FLAGS` and
-    OMP_NUM_THREADS=1 in its environment, and the script sets torch to one thread), lets each
+    OMP_NUM_THREADS=1 in its environment, the script sets torch to one thread, and the process is
+    pinned to one CPU (`single_cpu`): XLA:CPU's own thread pool, which runs YNNPACK dots and
+    independent thunks, has one thread per schedulable CPU whatever the flags say, so without
+    the pin a "single-threaded" XLA step used ~1.8 cores (measured: process CPU time 88 ms for
+    a 48 ms batch-8 OPT-125M matmul chain, benchmarks/decode_matmul.py)), lets each
     set up (load, build), then asks them for rounds in turn, round 0 as a warm-up, alternating
     which mode goes first, so drifts in the machine's load hit every mode alike. It returns
     each mode's round records and the 1-minute load average before every round.
@@ -37,12 +41,22 @@ def worker_env(mode: str) -> dict:
   return env
 
 
+def single_cpu() -> int:
+  """The CPU a single-threaded worker is pinned to: the highest this process may run on."""
+  return max(os.sched_getaffinity(0))
+
+
+def _pin_to(cpu: int):
+  return lambda: os.sched_setaffinity(0, {cpu})
+
+
 class _Worker:
   def __init__(self, script: str, mode: str, args: Sequence[str]):
     self.mode = mode
+    pin = _pin_to(single_cpu()) if mode == "single" else None
     self.proc = subprocess.Popen([sys.executable, script, f"--worker={mode}", *args],
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                 env=worker_env(mode))
+                                 env=worker_env(mode), preexec_fn=pin)
     self._expect(_READY)
 
   def _expect(self, prefix: str) -> str:
