@@ -464,11 +464,9 @@ class LocalWorker:
     self._steps_done += 1
     self._rt.events.put(Progress(self.stage, msg.mb_id, msg.step, msg.epoch))
     if program.last:
-      if msg.greedy:
-        self._rt.events.put(StepResult(self.stage, msg.mb_id, msg.step, None, end, msg.epoch,
-                                       tokens=_argmax_tokens(out)))
-      else:
-        self._rt.events.put(StepResult(self.stage, msg.mb_id, msg.step, out, end, msg.epoch))
+      tokens = _argmax_tokens(out) if msg.greedy else None
+      self._rt.events.put(StepResult(self.stage, msg.mb_id, msg.step,
+                                     None if msg.greedy else out, end, msg.epoch, tokens=tokens))
     else:
       self._rt.forward(self.stage, dataclasses.replace(msg, x=out, ready_at=end))
 

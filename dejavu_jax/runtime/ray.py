@@ -125,8 +125,8 @@ class RayWorker:
     self._last_stats = WorkerStats(stage, worker_id, True, 0, 0.0, 0, 0, [], 0)
     # The lane to the actor (ray_lane.py) when it runs on the driver's node and lanes are on:
     # every Worker message goes on it then, so they keep their order.
-    self.lane = (LaneClient(info["lane"], rt.rpc_timeout_s)
-                 if rt.lanes is not None and info.get("lane") and self.node_id == rt.node_id
+    self.lane = (LaneClient(self.lane_address, rt.rpc_timeout_s)
+                 if rt.lanes is not None and self.lane_address and self.node_id == rt.node_id
                  else None)
 
   def _tell(self, name: str, *args) -> None:
@@ -627,13 +627,15 @@ class RayRuntime:
     kind, evs = msg
     if kind != "events":
       raise ValueError(f"the driver's lane carries events, not {kind!r}")
-    self.lane_events += len(evs)
+    with self._lock:   # one reader thread per actor
+      self.lane_events += len(evs)
     for ev in evs:
       self.events.put(self._stamp(ev))
 
   def _on_lane_closed(self, pid: int) -> None:
     """An actor's event lane ended: if that actor is a current stage's and its process is
-    gone, that is its death notice (milliseconds after the SIGKILL, before Ray's)."""
+    gone, that is its death notice (its sockets close once the kernel has freed its memory,
+    ~0.1 s after a SIGKILL here, without waiting for Ray's notice or the engine's next event)."""
     if self._closed.is_set():
       return
     with self._lock:

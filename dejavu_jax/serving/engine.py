@@ -461,12 +461,9 @@ class PipelineEngine:
     return self.sample(mb, res.logits)
 
   def sample(self, mb: Microbatch, logits) -> np.ndarray:
-    """The next token [B] of each row of `mb` from its last stage's logits [B, V]."""
+    """The next token [B] of each row of `mb` from its last stage's logits [B, V] (temperature
+    > 0: a greedy step's last stage returns its tokens, `next_tokens`)."""
     sc = self.serve_cfg
-    if sc.sampling.temperature == 0.0:
-      # Greedy on the host: same first-max tie rule as jnp.argmax, without extra dispatches on
-      # the engine thread (which is on every step's critical path).
-      return np.asarray(logits).argmax(axis=-1).astype(np.int32)
     key = jax.random.fold_in(jax.random.fold_in(self._key, mb.mb_id), mb.step)
     return np.asarray(sample(logits, key, sc.sampling.temperature, sc.sampling.top_k, sc.sampling.top_p))
 
