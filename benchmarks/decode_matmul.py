@@ -93,6 +93,7 @@ SHAPES = {"qkvo": (D, D, 4 * L), "fc1": (D, F, L), "fc2": (F, D, L), "head": (D,
 
 def _matmul_variants(jax, jnp, np, b: int, din: int, dout: int, n: int, rng):
   """{name: (fn, args)} for one shape case: n distinct [din, dout] weights."""
+  from dejavu_jax.models import cpu_kernels  # pylint: disable=g-import-not-at-top
   w = rng.standard_normal((n, din, dout), np.float32) * 0.02
   wt = np.ascontiguousarray(w.transpose(0, 2, 1))
   x = rng.standard_normal((b, din), np.float32)
@@ -125,6 +126,9 @@ def _matmul_variants(jax, jnp, np, b: int, din: int, dout: int, n: int, rng):
   out["fused/ynn_idot"] = (jax.jit(fused, compiler_options=YNN_IDOT), (xj, jnp.asarray(w)))
   if n * din * dout <= 64 * D * D:   # the loop fusion is slow: only where it stays cheap
     out["mulsum/ynn_idot"] = (jax.jit(mulsum, compiler_options=YNN_IDOT), (xj, wj))
+  packed = [cpu_kernels.pack(a) for a in wj]
+  out["ffi/packed"] = (jax.jit(lambda x, p: [cpu_kernels.packed_matmul(x, p[i], dout)
+                                             for i in range(n)]), (xj, packed))
   out["numpy/dot"] = (lambda x, w: [x @ w[i] for i in range(n)], (x, w))
   out["numpy/dot_t"] = (lambda x, wt: [x @ wt[i].T for i in range(n)], (x, wt))
   flops = 2 * b * din * dout * n
@@ -134,6 +138,7 @@ def _matmul_variants(jax, jnp, np, b: int, din: int, dout: int, n: int, rng):
 def _layers_variants(jax, jnp, np, b: int, rng):
   """Every matmul of an OPT-125M step (12 layers' q, k, v, out, fc1, fc2 chained with ReLU, the
   LM head), no attention and no norms: the step's matmul floor."""
+  from dejavu_jax.models import cpu_kernels  # pylint: disable=g-import-not-at-top
   def mats(shape, n):
     return rng.standard_normal((n, *shape), np.float32) * 0.02
   ws = {"q": mats((D, D), L), "k": mats((D, D), L), "v": mats((D, D), L), "o": mats((D, D), L),
@@ -171,6 +176,11 @@ def _layers_variants(jax, jnp, np, b: int, rng):
                           (xj, wtj))
   out["dot_t/eigen"] = (jax.jit(lambda x, w: step(x, w, trans),
                                 compiler_options=OPTIONS["eigen"]), (xj, wtj))
+  packed = jax.tree.map(cpu_kernels.pack, wj)
+  # Every OPT-125M width (768, 3072, 50272) is a whole number of panels.
+  out["ffi/packed"] = (jax.jit(lambda x, p: step(
+      x, p, lambda a, b: cpu_kernels.packed_matmul(a, b, b.shape[0] * cpu_kernels.PANEL))),
+                       (xj, packed))
   out["numpy/dot"] = (lambda x, w: np_step(x, w, lambda a, b: a @ b), (x, ws))
   out["numpy/dot_t"] = (lambda x, w: np_step(x, w, lambda a, b: a @ b.T), (x, wts))
   flops = 2 * b * (L * (4 * D * D + 2 * D * F) + D * V)

@@ -21,10 +21,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from flax import struct
 
 from dejavu_jax.config import ModelConfig
 from dejavu_jax.kv.cache import KVCache, write_kv_layers
-from dejavu_jax.models.layers import DecoderLayer, _norm
+from dejavu_jax.models import cpu_kernels
+from dejavu_jax.models.layers import DecoderLayer, Dense, _norm
 from dejavu_jax.models import families
 
 
@@ -47,12 +49,12 @@ class DecoderStage(nn.Module):
     if first and fam.embed_norm:
       self.embed_norm = _norm(cfg, "embed_norm")
     if last and not cfg.tie_word_embeddings:
-      self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dt, param_dtype=dt)
+      self.lm_head = Dense(cfg.vocab_size, use_bias=False, dtype=dt, param_dtype=dt)
     projected = cfg.embed_dim != cfg.hidden_size
     if first and projected:
-      self.project_in = nn.Dense(cfg.hidden_size, use_bias=False, dtype=dt, param_dtype=dt)
+      self.project_in = Dense(cfg.hidden_size, use_bias=False, dtype=dt, param_dtype=dt)
     if last and projected:
-      self.project_out = nn.Dense(cfg.embed_dim, use_bias=False, dtype=dt, param_dtype=dt)
+      self.project_out = Dense(cfg.embed_dim, use_bias=False, dtype=dt, param_dtype=dt)
     if last and cfg.has_final_norm:
       self.final_norm = _norm(cfg, "final_norm")
     self.layers = [DecoderLayer(cfg, name=f"layers_{i}") for i in range(self.start, self.stop)]
@@ -107,7 +109,10 @@ class DecoderStage(nn.Module):
       if logits:
         if cfg.embed_dim != cfg.hidden_size:
           h = self.project_out(h)
-        if cfg.tie_word_embeddings:
+        tied = self.get_variable("packed", TIED_HEAD) if cfg.tie_word_embeddings else None
+        if tied is not None and h.dtype == jnp.float32:
+          h = cpu_kernels.packed_matmul(h, tied, cfg.vocab_size)               # [B, T, V]
+        elif cfg.tie_word_embeddings:
           h = self.embed_tokens.attend(h)                                      # [B, T, V]
         else:
           h = self.lm_head(h)                                                  # [B, T, V]
@@ -116,9 +121,44 @@ class DecoderStage(nn.Module):
 
 def stage_apply(cfg: ModelConfig, start: int, stop: int, params, cache: KVCache, x,
                 positions, logits: bool = True, select=None, context: int | None = None):
-  """Runs the stage [start, stop) of `cfg`; see the module docstring. Not jitted (callers are)."""
-  return DecoderStage(cfg, start, stop).apply({"params": params}, cache, x, positions, logits,
-                                              select, context)
+  """Runs the stage [start, stop) of `cfg`; see the module docstring. Not jitted (callers are).
+  `params` may be a `PackedParams` (`pack_params`): its packed kernels serve the products."""
+  variables = ({"params": params.params, "packed": params.packed}
+               if isinstance(params, PackedParams) else {"params": params})
+  return DecoderStage(cfg, start, stop).apply(variables, cache, x, positions, logits, select,
+                                              context)
+
+
+# The packed collection's name for a tied LM head (the embedding table, transposed and packed).
+TIED_HEAD = "tied_head"
+
+
+@struct.dataclass
+class PackedParams:
+  """A stage's params plus copies of its float32 Dense kernels (and tied LM head) in the panel
+  layout of `cpu_kernels.pack`, under the same module paths (`packed` collection)."""
+  params: dict
+  packed: dict
+
+
+def pack_params(cfg: ModelConfig, params, head: bool) -> PackedParams:
+  """Packs every 2-D float32 `kernel` of `params` and, if `head` and the embeddings are tied,
+  the embedding table as the LM head. Runs on the params' device (one copy of those weights)."""
+  def walk(tree):
+    out = {}
+    for name, sub in tree.items():
+      if isinstance(sub, dict):
+        inner = walk(sub)
+        if inner:
+          out[name] = inner
+      elif name == "kernel" and sub.ndim == 2 and sub.dtype == jnp.float32:
+        out[name] = cpu_kernels.pack(sub)
+    return out
+  packed = walk(params)
+  table = params.get("embed_tokens", {}).get("embedding")
+  if head and cfg.tie_word_embeddings and table is not None and table.dtype == jnp.float32:
+    packed[TIED_HEAD] = cpu_kernels.pack(table.T)
+  return PackedParams(params=params, packed=packed)
 
 
 def stage_param_names(cfg: ModelConfig, start: int, stop: int) -> list[str]:

@@ -8,6 +8,8 @@ once, and a prefill compiles once per bucket (powers of two from 16).
 from __future__ import annotations
 
 import functools
+import threading
+import weakref
 from typing import Sequence
 
 import jax
@@ -17,7 +19,8 @@ import numpy as np
 from dejavu_jax.config import ModelConfig, SamplingConfig
 from dejavu_jax.kv.buckets import bucket_length
 from dejavu_jax.kv.cache import KVCache, init_cache_for
-from dejavu_jax.models.decoder import check_layer_range, stage_apply
+from dejavu_jax.models import cpu_kernels
+from dejavu_jax.models.decoder import PackedParams, check_layer_range, pack_params, stage_apply
 
 
 
@@ -83,14 +86,67 @@ def decode_context(positions, max_len: int) -> int:
   return bucket_length(int(np.max(positions)) + 1, max_len)
 
 
+# id(a kernel leaf), treedef, head -> (weakref to that leaf, packed tree); an entry leaves with its
+# leaf, so a replaced model's packed copy is freed with it.
+_PACKS: dict = {}
+_PACKS_LOCK = threading.Lock()
+
+
+def decode_params(cfg: ModelConfig, params, head: bool = True):
+  """The params a decode step should be given: `params` with its float32 kernels packed for the
+  CPU custom call (`decoder.PackedParams`, packed once per params object and reused while that
+  object lives), or `params` unchanged where the call does not apply (not one CPU device, traced
+  values, kernels unavailable or `DEJAVU_CPU_KERNELS=0`). `head`: the stage computes logits (a
+  tied LM head is packed too). Every decode path of the project goes through here, so the plain
+  single-device run and every pipeline, microbatch and recovery decode with the same numerics."""
+  if isinstance(params, PackedParams):
+    return params
+  kernels = [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+             if getattr(path[-1], "key", None) == "kernel"]
+  if (not kernels or not isinstance(kernels[0], jax.Array)
+      or isinstance(kernels[0], jax.core.Tracer)):
+    return params
+  devices = kernels[0].sharding.device_set
+  if len(devices) != 1 or next(iter(devices)).platform != "cpu" or not cpu_kernels.available():
+    return params
+  key = (id(kernels[0]), jax.tree.structure(params), head)
+  with _PACKS_LOCK:
+    hit = _PACKS.get(key)
+    if hit is not None and hit[0]() is kernels[0]:
+      return PackedParams(params=params, packed=hit[1])
+  packed = pack_params(cfg, params, head).packed
+  with _PACKS_LOCK:
+    _PACKS[key] = (weakref.ref(kernels[0], lambda _, k=key: _PACKS.pop(k, None)), packed)
+  return PackedParams(params=params, packed=packed)
+
+
+class PackedDecode:
+  """A jitted decode function called with `decode_params(cfg, params, head)` in place of its
+  first argument (`lower` too, for inspecting the program)."""
+
+  def __init__(self, fn, cfg: ModelConfig, head: bool):
+    self.fn, self.cfg, self.head = fn, cfg, head
+
+  def __call__(self, params, *args, **kw):
+    return self.fn(decode_params(self.cfg, params, self.head), *args, **kw)
+
+  def lower(self, params, *args, **kw):
+    return self.fn.lower(decode_params(self.cfg, params, self.head), *args, **kw)
+
+  def __getattr__(self, name):   # the jitted function's other attributes (e.g. its cache size)
+    return getattr(self.fn, name)
+
+
 @functools.lru_cache(maxsize=None)
 def make_steps(cfg: ModelConfig, start: int = 0, stop: int | None = None):
   """Jitted `step_functions` (see there) for one device. The cache argument of both is donated:
   the caller must not read the cache it passed in again (copy it first if a background thread
-  still needs it). decode's `context` is static (one compile per value)."""
+  still needs it). decode's `context` is static (one compile per value); decode packs the params
+  (`decode_params`)."""
   prefill, decode = step_functions(cfg, start, stop)
+  head = (cfg.num_layers if stop is None else stop) == cfg.num_layers
   return (jit(prefill, donate_argnums=(1,)),
-          jit(decode, donate_argnums=(1,), static_argnames=("context",)))
+          PackedDecode(jit(decode, donate_argnums=(1,), static_argnames=("context",)), cfg, head))
 
 
 @functools.lru_cache(maxsize=None)
@@ -122,7 +178,7 @@ def make_decode_n(cfg: ModelConfig, num_steps: int, sampling: SamplingConfig | N
                                          length=num_steps)
     return cache, new.T                                                         # [B, steps]
 
-  return jit(decode_n, donate_argnums=(1,), static_argnames=("context",))
+  return PackedDecode(jit(decode_n, donate_argnums=(1,), static_argnames=("context",)), cfg, True)
 
 
 @functools.partial(jax.jit, static_argnames=("temperature", "top_k", "top_p"))

@@ -17,14 +17,40 @@ from flax import linen as nn
 
 from dejavu_jax.config import ModelConfig
 from dejavu_jax.kv.cache import write_kv
+from dejavu_jax.models import cpu_kernels
 from dejavu_jax.models import positions as positions_lib
 from dejavu_jax.models import families
 
 
-def _dense(cfg: ModelConfig, features: int, name: str, use_bias: bool | None = None) -> nn.Dense:
+class Dense(nn.Module):
+  """`flax.linen.Dense` (same parameters, names, initializers and dtype rules), plus: when the
+  variables passed to `apply` carry a `packed` collection holding this layer's kernel packed by
+  `cpu_kernels.pack` (the decode steps' `generate.decode_params`), the product reads that copy
+  through the CPU custom call instead of XLA's dot."""
+  features: int
+  use_bias: bool = True
+  dtype: jnp.dtype | None = None
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features),
+                        self.param_dtype)
+    bias = (self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
+            if self.use_bias else None)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    packed = self.get_variable("packed", "kernel")
+    if packed is not None and x.dtype == jnp.float32:
+      y = cpu_kernels.packed_matmul(x, packed, self.features)
+    else:
+      y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+    return y if bias is None else y + bias
+
+
+def _dense(cfg: ModelConfig, features: int, name: str, use_bias: bool | None = None) -> Dense:
   use_bias = families.get(cfg.family).bias if use_bias is None else use_bias
-  return nn.Dense(features, use_bias=use_bias, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_dtype,
-                  name=name)
+  return Dense(features, use_bias=use_bias, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_dtype,
+               name=name)
 
 
 class RMSNorm(nn.Module):
@@ -244,9 +270,17 @@ class Attention(nn.Module):
       # Attend over the old cache slice as it is, plus the new entry apart: writing the new entry
       # into a slice first materialized a copy of every layer's slice (measured: half of a batch-8
       # SmolLM2 attention at 256 positions).
-      out = attend_decode(q[:, 0], k_all[layer, :, :context], v_all[layer, :, :context],
-                          k[:, 0], v[:, 0], positions[:, 0], scale, fam.scale_queries,
-                          slopes)[:, None]
+      def xla():
+        return attend_decode(q[:, 0], k_all[layer, :, :context], v_all[layer, :, :context],
+                             k[:, 0], v[:, 0], positions[:, 0], scale, fam.scale_queries, slopes)
+      # Packed params (generate.decode_params: one CPU device) select the CPU custom calls.
+      if "q_proj" in self.variables.get("packed", {}) and k_all.dtype == jnp.float32:
+        qs = q[:, 0] * jnp.asarray(scale, q.dtype) if fam.scale_queries else q[:, 0]
+        out = cpu_kernels.attend_decode(qs, k_all, v_all, layer, context, k[:, 0], v[:, 0],
+                                        positions[:, 0], 1.0 if fam.scale_queries else scale,
+                                        slopes, xla)[:, None]
+      else:
+        out = xla()[:, None]
     else:
       k_seen, v_seen = write_kv(k_all[layer:layer + 1, :, :context],
                                 v_all[layer:layer + 1, :, :context], 0, k, v, positions)

@@ -24,7 +24,7 @@ import numpy as np
 from dejavu_jax.config import ModelConfig
 from dejavu_jax.kv.cache import KVCache, init_cache_for
 from dejavu_jax.models.decoder import stage_params
-from dejavu_jax.models.generate import decode_context, jit, step_functions
+from dejavu_jax.models.generate import decode_context, decode_params, jit, step_functions
 from dejavu_jax.pipeline import plan as plan_lib
 from dejavu_jax.stream import packing
 
@@ -123,6 +123,7 @@ class StageProgram(StageSlot):
     """See `step_functions`; `cache` is donated. Attention reads the bucketed context of the
     step's longest row (`decode_context`: one compile per bucket)."""
     context = decode_context(np.asarray(positions), cache.max_len)
+    params = decode_params(self.cfg, params, self.stop == self.cfg.num_layers)
     return self._run(functools.partial(self._decode, context=context), params, cache, x,
                      positions)
 

@@ -1,0 +1,222 @@
+// Small-row float32 matmuls for XLA:CPU as FFI custom calls (see cpu_kernels.py).
+//
+// Why: a decode step multiplies a few rows (the batch) by every weight matrix once, so its cost
+// should be the time to stream the weights from memory. XLA:CPU's dots reach ~25-35 GFLOP/s per
+// core at 8 rows (0.26-0.35 of the read bandwidth, benchmarks/decode_matmul.py). Here the weights
+// are packed once (cpu_kernels.pack) into 32-column panels stored k-major, and each panel streams
+// past 8 rows x 32 columns of accumulators held in vector registers.
+//
+// Built on first use with -march=native (GCC vector extensions: 512-bit registers where the CPU
+// has AVX-512, pairs of 256-bit ones under AVX2). Every output row depends only on its own input
+// row, summed over k in the same order whatever the number of rows, so a row's result does not
+// depend on which other rows share its call (microbatches, batch sizes).
+
+#include <cstdint>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+typedef float v16 __attribute__((vector_size(64), aligned(4)));
+
+inline v16 load(const float* p) {
+  v16 r;
+  std::memcpy(&r, p, sizeof(r));
+  return r;
+}
+
+inline void store(float* p, v16 v) { std::memcpy(p, &v, sizeof(v)); }
+
+constexpr int kRows = 8;    // rows per register tile
+constexpr int kPanel = 32;  // columns per packed panel: two 16-float vectors
+
+// y[0:MB, c0:c0+cols] = x[0:MB] @ panel, where the panel is w[:, c0:c0+32] stored k-major
+// ([K, 32], contiguous): the whole panel streams past 2 x MB accumulators held in registers.
+template <int MB>
+void PanelRows(const float* x, const float* panel, float* y, int64_t k, int64_t n, int64_t c0,
+               int64_t cols) {
+  v16 acc[MB][2];
+  for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = v16{};
+  const float* wp = panel;
+  for (int64_t i = 0; i < k; ++i, wp += kPanel) {
+    const v16 w0 = load(wp), w1 = load(wp + 16);
+    for (int m = 0; m < MB; ++m) {
+      const float xs = x[m * k + i];
+      acc[m][0] += xs * w0;
+      acc[m][1] += xs * w1;
+    }
+  }
+  for (int m = 0; m < MB; ++m) {
+    float* out = y + m * n + c0;
+    if (cols == kPanel) {
+      store(out, acc[m][0]);
+      store(out + 16, acc[m][1]);
+    } else {
+      float tmp[kPanel];
+      store(tmp, acc[m][0]);
+      store(tmp + 16, acc[m][1]);
+      std::memcpy(out, tmp, sizeof(float) * cols);
+    }
+  }
+}
+
+// y [M, N] = x [M, K] @ w, with w packed as [ceil(N / 32), K, 32] (columns past N are zero).
+// Panel-major so that the weights are read once, front to back, in one sequential stream; a
+// panel (K x 128 bytes) stays in L2 while the row blocks after the first re-read it.
+void PackedMatmul(const float* x, const float* w, float* y, int64_t m, int64_t k, int64_t n) {
+  const int64_t panels = (n + kPanel - 1) / kPanel;
+  for (int64_t p = 0; p < panels; ++p) {
+    const float* panel = w + p * k * kPanel;
+    const int64_t c0 = p * kPanel;
+    const int64_t cols = n - c0 < kPanel ? n - c0 : kPanel;
+    for (int64_t r = 0; r < m; r += kRows) {
+      const float* xr = x + r * k;
+      float* yr = y + r * n;
+      switch (m - r < kRows ? m - r : kRows) {
+        case 1: PanelRows<1>(xr, panel, yr, k, n, c0, cols); break;
+        case 2: PanelRows<2>(xr, panel, yr, k, n, c0, cols); break;
+        case 3: PanelRows<3>(xr, panel, yr, k, n, c0, cols); break;
+        case 4: PanelRows<4>(xr, panel, yr, k, n, c0, cols); break;
+        case 5: PanelRows<5>(xr, panel, yr, k, n, c0, cols); break;
+        case 6: PanelRows<6>(xr, panel, yr, k, n, c0, cols); break;
+        case 7: PanelRows<7>(xr, panel, yr, k, n, c0, cols); break;
+        default: PanelRows<8>(xr, panel, yr, k, n, c0, cols); break;
+      }
+    }
+  }
+}
+
+ffi::Error PackedMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                            ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || wd.size() != 3 || yd.size() != 2)
+    return ffi::Error::InvalidArgument("dejavu packed matmul: x [M, K], w [P, K, 32], y [M, N]");
+  const int64_t m = xd[0], k = xd[1], n = yd[1];
+  if (wd[1] != k || wd[2] != kPanel || wd[0] != (n + kPanel - 1) / kPanel || yd[0] != m)
+    return ffi::Error::InvalidArgument("dejavu packed matmul: shapes do not match");
+  PackedMatmul(x.typed_data(), w.typed_data(), y->typed_data(), m, k, n);
+  return ffi::Error::Success();
+}
+
+inline float Dot(const float* a, const float* b, int64_t k) {
+  v16 acc = v16{};
+  int64_t i = 0;
+  for (; i + 16 <= k; i += 16) acc += load(a + i) * load(b + i);
+  float s = 0.f;
+  for (int j = 0; j < 16; ++j) s += acc[j];
+  for (; i < k; ++i) s += a[i] * b[i];
+  return s;
+}
+
+inline void Axpy(float a, const float* x, float* y, int64_t k) {
+  int64_t i = 0;
+  for (; i + 16 <= k; i += 16) store(y + i, load(y + i) + a * load(x + i));
+  for (; i < k; ++i) y[i] += a * x[i];
+}
+
+// One decode query per row and head over layer `layer` of the stacked cache (read in place: the
+// cache is an operand as a whole, so XLA copies no slice) plus the row's new entry. Keys at
+// positions below the row's position are visible (at most `context`); a row at a negative
+// position (padding) sees nothing and gets the mean of the slice and the new entry, as the XLA
+// formulation's all-masked softmax gives. Scores: q . k * scale + slope[h] * key position.
+ffi::Error AttendDecodeImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_all,
+                            ffi::Buffer<ffi::F32> v_all, ffi::Buffer<ffi::F32> k_new,
+                            ffi::Buffer<ffi::F32> v_new, ffi::Buffer<ffi::S32> pos,
+                            ffi::Buffer<ffi::F32> slopes, ffi::ResultBuffer<ffi::F32> out,
+                            int64_t layer, int64_t context, float scale) {
+  auto qd = q.dimensions(), cd = k_all.dimensions();
+  if (qd.size() != 3 || cd.size() != 5)
+    return ffi::Error::InvalidArgument("dejavu attend: q [B, H, K], cache [L, B, S, Hkv, K]");
+  const int64_t b = qd[0], h = qd[1], kd = qd[2];
+  const int64_t l = cd[0], s = cd[2], hkv = cd[3];
+  if (cd[1] != b || cd[4] != kd || h % hkv != 0 || layer < 0 || layer >= l || context < 1 ||
+      context > s)
+    return ffi::Error::InvalidArgument("dejavu attend: shapes, layer or context do not match");
+  const int64_t g = h / hkv;
+  const float* qp = q.typed_data();
+  const float* kc = k_all.typed_data() + layer * b * s * hkv * kd;
+  const float* vc = v_all.typed_data() + layer * b * s * hkv * kd;
+  const float* kn = k_new.typed_data();
+  const float* vn = v_new.typed_data();
+  const int32_t* ps = pos.typed_data();
+  const float* sl = slopes.typed_data();
+  float* o = out->typed_data();
+  thread_local std::vector<float> scores;
+  scores.resize(g * context);
+  for (int64_t r = 0; r < b; ++r) {
+    const int64_t p = ps[r];
+    const int64_t vis = p < 0 ? 0 : (p < context ? p : context);
+    for (int64_t kv = 0; kv < hkv; ++kv) {
+      const float* krow = kc + (r * s * hkv + kv) * kd;   // position c at krow + c * hkv * kd
+      const float* vrow = vc + (r * s * hkv + kv) * kd;
+      const float* knew = kn + (r * hkv + kv) * kd;
+      const float* vnew = vn + (r * hkv + kv) * kd;
+      float* outs = o + (r * h + kv * g) * kd;
+      if (p < 0) {
+        for (int64_t j = 0; j < g; ++j) {
+          float* out_j = outs + j * kd;
+          for (int64_t i = 0; i < kd; ++i) out_j[i] = 0.f;
+          for (int64_t c = 0; c < context; ++c) Axpy(1.f, vrow + c * hkv * kd, out_j, kd);
+          Axpy(1.f, vnew, out_j, kd);
+          const float inv = 1.f / static_cast<float>(context + 1);
+          for (int64_t i = 0; i < kd; ++i) out_j[i] *= inv;
+        }
+        continue;
+      }
+      for (int64_t c = 0; c < vis; ++c) {
+        const float* kvec = krow + c * hkv * kd;
+        for (int64_t j = 0; j < g; ++j)
+          scores[j * context + c] = Dot(qp + (r * h + kv * g + j) * kd, kvec, kd) * scale +
+                                    sl[kv * g + j] * static_cast<float>(c);
+      }
+      for (int64_t j = 0; j < g; ++j) {
+        const float* qj = qp + (r * h + kv * g + j) * kd;
+        float* sj = scores.data() + j * context;
+        const float s_new = Dot(qj, knew, kd) * scale + sl[kv * g + j] * static_cast<float>(p);
+        float top = s_new;
+        for (int64_t c = 0; c < vis; ++c) top = sj[c] > top ? sj[c] : top;
+        float denom = 0.f;
+        for (int64_t c = 0; c < vis; ++c) {
+          sj[c] = std::exp(sj[c] - top);
+          denom += sj[c];
+        }
+        const float e_new = std::exp(s_new - top);
+        denom += e_new;
+        float* out_j = outs + j * kd;
+        for (int64_t i = 0; i < kd; ++i) out_j[i] = 0.f;
+        for (int64_t c = 0; c < vis; ++c) Axpy(sj[c], vrow + c * hkv * kd, out_j, kd);
+        Axpy(e_new, vnew, out_j, kd);
+        const float inv = 1.f / denom;
+        for (int64_t i = 0; i < kd; ++i) out_j[i] *= inv;
+      }
+    }
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DejavuPackedMatmul, PackedMatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DejavuAttendDecode, AttendDecodeImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // q [B, H, K]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // k_all [L, B, S, Hkv, K]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // v_all
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // k_new [B, Hkv, K]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // v_new
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // positions [B]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // ALiBi slopes [H] (or 0)
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // [B, H, K]
+                                  .Attr<int64_t>("layer")
+                                  .Attr<int64_t>("context")
+                                  .Attr<float>("scale"));

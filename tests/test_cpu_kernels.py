@@ -1,0 +1,106 @@
+"""The CPU custom call for packed decode matmuls (models/cpu_kernels.py) and its use by decode."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dejavu_jax.config import tiny_config
+from dejavu_jax.kv.cache import init_cache_for
+from dejavu_jax.models import cpu_kernels
+from dejavu_jax.models.decoder import PackedParams, init_params
+from dejavu_jax.models.generate import decode_params, make_steps
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(),
+                                reason="needs a C++ compiler: " + str(cpu_kernels.status()))
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 64, 32), (8, 768, 768), (3, 100, 70), (17, 33, 129),
+                                   (9, 576, 1536)])
+def test_packed_matmul_equals_the_product(m, k, n):
+  rng = np.random.default_rng(m * n)
+  x = rng.standard_normal((m, k), np.float32)
+  w = rng.standard_normal((k, n), np.float32)
+  fn = jax.jit(cpu_kernels.packed_matmul, static_argnums=2)
+  packed = cpu_kernels.pack(w)
+  assert packed.shape == (-(-n // 32), k, 32)
+  got = np.asarray(fn(x, packed, n))
+  np.testing.assert_allclose(got, cpu_kernels.reference(x, w), atol=2e-5 * k, rtol=0)
+  # A row's result does not depend on the rows beside it (microbatches decode as the batch).
+  for r in (0, m - 1):
+    np.testing.assert_array_equal(np.asarray(fn(x[r:r + 1], packed, n))[0], got[r])
+  # Leading dims are kept.
+  np.testing.assert_array_equal(np.asarray(fn(x[:, None], packed, n))[:, 0], got)
+
+
+def test_decode_uses_the_custom_call_and_keeps_the_tokens(monkeypatch):
+  cfg = tiny_config("opt")   # tied LM head: packed too
+  params = init_params(cfg, jax.random.key(3))
+  dp = decode_params(cfg, params)
+  assert isinstance(dp, PackedParams) and "tied_head" in dp.packed
+  assert decode_params(cfg, params).packed is dp.packed       # packed once per params object
+  _, decode = make_steps(cfg)
+  b, s = 4, 32
+  cache = init_cache_for(cfg, cfg.num_layers, b, s)
+  tok, pos = jnp.arange(b, dtype=jnp.int32) + 7, jnp.zeros((b,), jnp.int32)
+  hlo = decode.lower(params, cache, tok, pos).as_text()
+  assert "dejavu_packed_matmul" in hlo
+  assert hlo.count("dejavu_packed_matmul") >= 6 * cfg.num_layers + 1
+
+  def run(p):
+    c, t, out = init_cache_for(cfg, cfg.num_layers, b, s), tok, []
+    for i in range(12):
+      c, logits = decode(p, c, t, pos + i)
+      t = jnp.argmax(logits, -1).astype(jnp.int32)
+      out.append((np.asarray(logits), np.asarray(t)))
+    return out
+
+  packed_run = run(params)
+  monkeypatch.setenv("DEJAVU_CPU_KERNELS", "0")
+  assert decode_params(cfg, params) is params
+  assert "dejavu_packed_matmul" not in decode.lower(params, cache, tok, pos).as_text()
+  plain_run = run(params)
+  for (la, ta), (lb, tb) in zip(packed_run, plain_run):
+    np.testing.assert_allclose(la, lb, atol=1e-4, rtol=0)
+    np.testing.assert_array_equal(ta, tb)
+
+
+def test_sharded_or_traced_params_are_left_alone():
+  cfg = tiny_config("opt")
+  params = init_params(cfg, jax.random.key(0))
+  seen = []
+  jax.jit(lambda p: seen.append(decode_params(cfg, p)) or 0)(params)
+  assert not isinstance(seen[0], PackedParams)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("tensor",))
+  spread = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  assert decode_params(cfg, spread) is spread
+
+
+@pytest.mark.parametrize("h,hkv,alibi,scale_queries,context",
+                         [(4, 4, False, False, 24), (6, 2, False, True, 32), (4, 4, True, False, 17),
+                          (9, 3, True, True, 32)])
+def test_attend_decode_kernel_equals_the_xla_formulation(h, hkv, alibi, scale_queries, context):
+  from dejavu_jax.models.layers import attend_decode
+  rng = np.random.default_rng(h * 31 + context)
+  n_layers, b, s, kd, layer = 3, 5, 32, 16, 1
+  f = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  q, k_all, v_all = f(b, h, kd), f(n_layers, b, s, hkv, kd), f(n_layers, b, s, hkv, kd)
+  k_new, v_new = f(b, hkv, kd), f(b, hkv, kd)
+  # Rows: empty context, mid, at the bucket's end, past the bucket (attention stops at it), pad.
+  pos = jnp.asarray([0, 7, context - 1, s + 3, -1], jnp.int32)
+  slopes = np.linspace(0.5, 0.01, h).astype(np.float32) if alibi else None
+  scale = 1.0 / np.sqrt(kd)
+
+  def xla():
+    return attend_decode(q, k_all[layer, :, :context], v_all[layer, :, :context], k_new, v_new,
+                         pos, scale, scale_queries, slopes)
+
+  qs = q * scale if scale_queries else q
+  got = jax.jit(lambda: cpu_kernels.attend_decode(
+      qs, k_all, v_all, layer, context, k_new, v_new, pos, 1.0 if scale_queries else scale,
+      slopes, xla))()
+  hlo = jax.jit(lambda: cpu_kernels.attend_decode(
+      qs, k_all, v_all, layer, context, k_new, v_new, pos, 1.0, slopes, xla)).lower().as_text()
+  assert "dejavu_attend_decode" in hlo
+  want = jax.jit(xla)()
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-6, rtol=0)
