@@ -28,6 +28,11 @@ of them per shape: every case reads 110-155 MB, several times the 32 MiB L3), in
     eigen    YNNPACK fusions off: XLA's own dot (Eigen)
     xnn      YNNPACK off, XNNPACK graph fusion greedy with its cost model bypassed
     vw512    ynn_idot + xla_cpu_prefer_vector_width=512
+  custom call:
+    ffi/packed  `models.cpu_kernels.packed_matmul`: W packed once into 32-column panels stored
+             k-major ([ceil(out/32), in, 32]), read as one sequential stream past an 8-row x
+             32-column register tile (the project's decode steps since issue 24, through
+             `generate.decode_params`)
   reference: numpy (OpenBLAS) x @ W and x @ W_t.T in a Python loop.
 
 Cases: qkvo ([B,768]x[768,768], 48 matrices: q, k, v, out of 12 layers), fc1 ([768,3072] x 12),
@@ -38,7 +43,8 @@ attn_<model> (a step's attention alone: every layer's query over its slice of th
 `attend_decode_mulsum` (multiply + sum)); step_<model> (the real decode step,
 `models.generate.step_functions`, random weights, cache 256, context 256, in a jitted loop of 8
 donated steps as `make_decode_n`: times and bytes are per 8 steps) under each option set and
-each attention formulation (`model/*` is the model's own choice, `layers.attend_decode`).
+each attention formulation (`model/*` is the model's own choice, `layers.attend_decode`;
+`model/ffi_packed` the decode steps as they run, packed weights through `models.cpu_kernels`).
 Per round every variant of a case
 runs back to back (interleaved), `--reps` calls each, keeping the fastest call's wall time and
 CPU time (time.process_time: the time this process actually ran, robust to other jobs taking
@@ -237,11 +243,15 @@ def _step_variants(jax, jnp, np, b: int, model: str):
   from dejavu_jax.config import get_model_config  # pylint: disable=g-import-not-at-top
   from dejavu_jax.models import layers as layers_lib
   from dejavu_jax.models.decoder import init_params
+  from dejavu_jax.models.generate import decode_params
   cfg = get_model_config(model)
   params = init_params(cfg, jax.random.key(0))
   out = {}
   for name, opts in OPTIONS.items():
     out[f"model/{name}"] = (_DecodeLoop(jax, jnp, cfg, params, b, opts), ())
+  # The project's decode steps today: packed weights through the CPU custom calls.
+  out["model/ffi_packed"] = (_DecodeLoop(jax, jnp, cfg, decode_params(cfg, params), b,
+                                         YNN_IDOT), ())
   for name in ("einsum", "mulsum"):
     att = getattr(layers_lib, f"attend_decode_{name}")
     out[f"attn_{name}/ynn_idot"] = (_DecodeLoop(jax, jnp, cfg, params, b, YNN_IDOT, att), ())

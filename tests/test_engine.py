@@ -113,3 +113,22 @@ def test_hang_fails_fast(params):
     eng.runtime.worker(1).stop()   # a dead stage: the request never comes back
     with pytest.raises(TimeoutError, match="no pipeline step finished in 1.0 s"):
       eng.generate([[5, 6]], 3)
+
+
+@pytest.mark.timeout(180)
+def test_a_late_free_does_not_starve_the_next_prefill(params):
+  """On Ray the engine's `free` reaches a stage on another channel than the pipeline's steps, and
+  can arrive after the next microbatch's prefill came down the pipeline into the freed buffer
+  (seen under load: StoreFull). Here stage 1's frees arrive 0.3 s late: every request still
+  finishes with the single-device greedy tokens, because a prefill carries the engine's frees."""
+  import threading  # pylint: disable=g-import-not-at-top
+  from tests.serving_util import greedy_references  # pylint: disable=g-import-not-at-top
+  reqs = [Request(i, 0.0, (5 + i, 6, 7), 3) for i in range(5)]
+  serve = ServeConfig(num_stages=2, microbatch_size=1, max_len=32)
+  with PipelineEngine(CFG, params, serve) as eng:
+    late = eng.runtime.worker(1)
+    on_time = late.free
+    late.free = lambda mb_id: threading.Timer(0.3, on_time, (mb_id,)).start()
+    res = eng.serve(reqs)
+  assert res.error is None
+  assert res.tokens() == greedy_references(CFG, params, reqs, max_len=32)

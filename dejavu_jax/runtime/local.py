@@ -297,16 +297,7 @@ class LocalWorker:
       if msg.epoch >= self._epoch:
         self._step(msg)
     elif isinstance(msg, _Free):
-      self._store.release(msg.mb_id)
-      self._last_step.pop(msg.mb_id, None)
-      if self._tap is not None:
-        self._tap.forget(msg.mb_id)
-      if self.replicas is not None:
-        self.replicas.drop(msg.mb_id)
-      self._swapped_out_at.pop(msg.mb_id, None)
-      self._mb_rows.pop(msg.mb_id, None)
-      self._finished.discard(msg.mb_id)
-      self._on_free(msg.mb_id)
+      self._free(msg.mb_id)
     elif isinstance(msg, _Export):
       self._export(msg)
     elif isinstance(msg, _Load):
@@ -323,6 +314,20 @@ class LocalWorker:
         for mb, cache in caches.items():
           if mb in self._last_step:
             self._tap.send_block(mb, self._last_step[mb], cache)
+
+  def _free(self, mb_id: int) -> None:
+    """Everything this worker keeps for `mb_id` goes (idempotent: a prefill's `Step.frees` and
+    the engine's `free` both come here)."""
+    self._store.release(mb_id)
+    self._last_step.pop(mb_id, None)
+    if self._tap is not None:
+      self._tap.forget(mb_id)
+    if self.replicas is not None:
+      self.replicas.drop(mb_id)
+    self._swapped_out_at.pop(mb_id, None)
+    self._mb_rows.pop(mb_id, None)
+    self._finished.discard(mb_id)
+    self._on_free(mb_id)
 
   def _on_free(self, mb_id: int) -> None:
     """A subclass's hook on the worker thread when a microbatch leaves (a token worker frees its
@@ -391,6 +396,8 @@ class LocalWorker:
     program, store = self._program, self._store
     swapped_in = False
     if msg.kind == "prefill":
+      for gone in msg.frees:
+        self._free(gone)
       cache = store.for_prefill(msg.mb_id)
       fn = self._prefill_fn(msg)
       self._mb_rows[msg.mb_id] = msg.batch

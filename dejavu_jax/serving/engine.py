@@ -173,6 +173,7 @@ class PipelineEngine:
     self.prompt_path.build(self, devices, cost_model, time_scale)
     self._key = jax.random.key(serve.sampling.seed)
     self._next_mb_id = 0   # microbatch ids stay unique across serve() calls
+    self._released: list[int] = []   # freed since the last prefill was sent (Step.frees)
     self._state: ServeState | None = None
     self.online = None     # the running online loop (serving/online.py), if any
     self._start()
@@ -485,6 +486,7 @@ class PipelineEngine:
   def free_everywhere(self, mb_id: int) -> None:
     for s in range(self.plan.num_stages):
       self.runtime.worker(s).free(mb_id)
+    self._released.append(mb_id)   # also carried down the pipeline by the next prefill
     self.strategy.retire(mb_id)
 
   # ---- failures ----
@@ -522,9 +524,10 @@ class PipelineEngine:
     # Ready when its slot was freed or its last request arrived, however late this thread woke.
     ready = max(st.slot_free_at.get(mb.slot, 0.0), st.t0 + max(r.arrival for r in mb.requests))
     st.watchdog.expect(mb.mb_id)
+    frees, self._released = tuple(self._released), []
     self.runtime.worker(0).submit(api.Step("prefill", mb.mb_id, 0, tokens, positions,
                                            len(mb.requests), mb.prompt_bucket_len, ready,
-                                           self.epoch, greedy=self.greedy))
+                                           self.epoch, greedy=self.greedy, frees=frees))
 
   def send_decode(self, st: ServeState, mb: Microbatch, ready_at: float) -> None:
     """The next decode step of `mb`: each live row's latest token at its next position."""
