@@ -76,13 +76,17 @@ def test_sharded_or_traced_params_are_left_alone():
   assert decode_params(cfg, spread) is spread
 
 
-@pytest.mark.parametrize("h,hkv,alibi,scale_queries,context",
-                         [(4, 4, False, False, 24), (6, 2, False, True, 32), (4, 4, True, False, 17),
-                          (9, 3, True, True, 32)])
-def test_attend_decode_kernel_equals_the_xla_formulation(h, hkv, alibi, scale_queries, context):
+@pytest.mark.parametrize("h,hkv,alibi,scale_queries,context,kd",
+                         [(4, 4, False, False, 24, 16), (6, 2, False, True, 32, 64),
+                          (4, 4, True, False, 17, 24), (9, 3, True, True, 32, 64),
+                          (2, 1, False, False, 32, 128), (3, 3, True, False, 20, 8)])
+def test_attend_decode_kernel_equals_the_xla_formulation(h, hkv, alibi, scale_queries, context,
+                                                         kd):
+  """Head dims that are whole 16-float vectors take the vectorized path (16 positions scored at
+  once), others the plain loop: both against layers.attend_decode."""
   from dejavu_jax.models.layers import attend_decode
   rng = np.random.default_rng(h * 31 + context)
-  n_layers, b, s, kd, layer = 3, 5, 32, 16, 1
+  n_layers, b, s, layer = 3, 5, 32, 1
   f = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
   q, k_all, v_all = f(b, h, kd), f(n_layers, b, s, hkv, kd), f(n_layers, b, s, hkv, kd)
   k_new, v_new = f(b, hkv, kd), f(b, hkv, kd)

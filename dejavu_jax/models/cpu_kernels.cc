@@ -119,6 +119,78 @@ inline void Axpy(float a, const float* x, float* y, int64_t k) {
   for (; i < k; ++i) y[i] += a * x[i];
 }
 
+typedef int vi16 __attribute__((vector_size(64)));
+
+inline v16 Shuffle(v16 a, v16 b, vi16 m) { return __builtin_shuffle(a, b, m); }
+
+// Lane j of the result = the sum of the lanes of v[j]: 16 dot products finished with 15 vector
+// adds, where summing each vector's lanes one by one costs a 16-add dependency chain per score.
+inline v16 SumLanes16(const v16* v) {
+  const vi16 lo1 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
+  const vi16 hi1 = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31};
+  const vi16 lo2 = {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27};
+  const vi16 hi2 = {4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31};
+  const vi16 lo3 = {0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29};
+  const vi16 hi3 = {2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31};
+  const vi16 lo4 = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
+  const vi16 hi4 = {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31};
+  v16 r1[8], r2[4], r3[2];
+  for (int i = 0; i < 8; ++i)
+    r1[i] = Shuffle(v[2 * i], v[2 * i + 1], lo1) + Shuffle(v[2 * i], v[2 * i + 1], hi1);
+  for (int i = 0; i < 4; ++i)
+    r2[i] = Shuffle(r1[2 * i], r1[2 * i + 1], lo2) + Shuffle(r1[2 * i], r1[2 * i + 1], hi2);
+  for (int i = 0; i < 2; ++i)
+    r3[i] = Shuffle(r2[2 * i], r2[2 * i + 1], lo3) + Shuffle(r2[2 * i], r2[2 * i + 1], hi3);
+  return Shuffle(r3[0], r3[1], lo4) + Shuffle(r3[0], r3[1], hi4);
+}
+
+// One query (NQ x 16 floats) over `vis` cached keys/values (position c at k + c * stride) plus
+// the new entry: scores 16 positions at a time, the output accumulated in registers.
+template <int NQ>
+void AttendHead(const float* q, const float* k, const float* v, int64_t stride, int64_t vis,
+                const float* knew, const float* vnew, float scale, float slope, float p_new,
+                float* scores, float* out) {
+  v16 qv[NQ];
+  for (int i = 0; i < NQ; ++i) qv[i] = load(q + 16 * i);
+  const v16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  for (int64_t c0 = 0; c0 < vis; c0 += 16) {
+    const int64_t n = vis - c0 < 16 ? vis - c0 : 16;
+    v16 acc[16];
+    for (int64_t c = 0; c < 16; ++c) {
+      acc[c] = v16{};
+      if (c < n) {
+        const float* kc = k + (c0 + c) * stride;
+        for (int i = 0; i < NQ; ++i) acc[c] += qv[i] * load(kc + 16 * i);
+      }
+    }
+    const v16 pos = lane + static_cast<float>(c0);
+    store(scores + c0, SumLanes16(acc) * scale + slope * pos);
+  }
+  v16 kq = v16{};
+  for (int i = 0; i < NQ; ++i) kq += qv[i] * load(knew + 16 * i);
+  float s_new = 0.f;
+  for (int j = 0; j < 16; ++j) s_new += kq[j];
+  s_new = s_new * scale + slope * p_new;
+  float top = s_new;
+  for (int64_t c = 0; c < vis; ++c) top = scores[c] > top ? scores[c] : top;
+  float denom = 0.f;
+  for (int64_t c = 0; c < vis; ++c) {
+    scores[c] = std::exp(scores[c] - top);
+    denom += scores[c];
+  }
+  const float e_new = std::exp(s_new - top);
+  denom += e_new;
+  v16 o[NQ];
+  for (int i = 0; i < NQ; ++i) o[i] = e_new * load(vnew + 16 * i);
+  for (int64_t c = 0; c < vis; ++c) {
+    const float w = scores[c];
+    const float* vc = v + c * stride;
+    for (int i = 0; i < NQ; ++i) o[i] += w * load(vc + 16 * i);
+  }
+  const float inv = 1.f / denom;
+  for (int i = 0; i < NQ; ++i) store(out + 16 * i, o[i] * inv);
+}
+
 // One decode query per row and head over layer `layer` of the stacked cache (read in place: the
 // cache is an operand as a whole, so XLA copies no slice) plus the row's new entry. Keys at
 // positions below the row's position are visible (at most `context`); a row at a negative
@@ -147,7 +219,9 @@ ffi::Error AttendDecodeImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_all
   const float* sl = slopes.typed_data();
   float* o = out->typed_data();
   thread_local std::vector<float> scores;
-  scores.resize(g * context);
+  scores.resize(g * context + 16);   // + 16: the fast path stores whole 16-position blocks
+  const int nq = kd % 16 == 0 ? static_cast<int>(kd / 16) : 0;
+  const bool fast = nq == 1 || nq == 2 || nq == 4 || nq == 8;
   for (int64_t r = 0; r < b; ++r) {
     const int64_t p = ps[r];
     const int64_t vis = p < 0 ? 0 : (p < context ? p : context);
@@ -165,6 +239,25 @@ ffi::Error AttendDecodeImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_all
           Axpy(1.f, vnew, out_j, kd);
           const float inv = 1.f / static_cast<float>(context + 1);
           for (int64_t i = 0; i < kd; ++i) out_j[i] *= inv;
+        }
+        continue;
+      }
+      if (fast) {
+        for (int64_t j = 0; j < g; ++j) {
+          const int64_t head = kv * g + j;
+          const float* qj = qp + (r * h + head) * kd;
+          float* out_j = outs + j * kd;
+          const float pn = static_cast<float>(p);
+          switch (nq) {
+            case 1: AttendHead<1>(qj, krow, vrow, hkv * kd, vis, knew, vnew, scale, sl[head], pn,
+                                  scores.data(), out_j); break;
+            case 2: AttendHead<2>(qj, krow, vrow, hkv * kd, vis, knew, vnew, scale, sl[head], pn,
+                                  scores.data(), out_j); break;
+            case 4: AttendHead<4>(qj, krow, vrow, hkv * kd, vis, knew, vnew, scale, sl[head], pn,
+                                  scores.data(), out_j); break;
+            default: AttendHead<8>(qj, krow, vrow, hkv * kd, vis, knew, vnew, scale, sl[head], pn,
+                                   scores.data(), out_j); break;
+          }
         }
         continue;
       }

@@ -2,7 +2,10 @@
 
 Static per compile: the model config, the stage's layer range, the batch size, the prompt bucket
 and the cache length. Traced: tokens, positions, lengths, PRNG keys. So a decode loop compiles
-once, and a prefill compiles once per bucket (powers of two from 16).
+once, and a prefill compiles once per bucket (powers of two from 16). Every decode step takes
+its params through `decode_params`: on one CPU device, float32 weights packed once for the CPU
+custom calls of `models.cpu_kernels` (the decode matmuls at 0.7-1.0 of the read bandwidth where
+XLA's dots reach ~0.35); elsewhere the params as they are.
 """
 
 from __future__ import annotations
@@ -70,6 +73,8 @@ def step_functions(cfg: ModelConfig, start: int = 0, stop: int | None = None):
 # graph, which ran the 73 matmuls of a batch-8 OPT-125M step at 1.6x the CPU time of separate dots
 # (113 vs 70 ms, one CPU, load 3.8), and a whole batch-8 step took 19% (OPT-125M) and 11%
 # (SmolLM2-135M) less CPU time with separate ones (benchmarks/decode_matmul.py; RESULTS.md).
+# Decode steps on one CPU device read their weights through `cpu_kernels` instead (decode_params);
+# these options still serve prefill, tensor-parallel stages and DEJAVU_CPU_KERNELS=0.
 CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 
 

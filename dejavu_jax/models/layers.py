@@ -6,6 +6,11 @@ heads, G = H / Hkv queries per KV head, K head dim. The cache is passed in and r
 in a Flax collection), so a caller can slice it per microbatch, stream it, swap it or restore it.
 What differs between families is read from `models.families.get(cfg.family)`, never from a
 comparison of family names.
+
+On one CPU device a decode step (`generate.decode_params`: a `packed` collection beside the
+params) runs its float32 products and its attention through the custom calls of
+`models.cpu_kernels` (`Dense`, `Attention`); everywhere else, and for prefill, the XLA
+formulations below (`attend`, `attend_decode`).
 """
 
 from __future__ import annotations
