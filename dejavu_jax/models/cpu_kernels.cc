@@ -10,10 +10,18 @@
 // has AVX-512, pairs of 256-bit ones under AVX2). Every output row depends only on its own input
 // row, summed over k in the same order whatever the number of rows, so a row's result does not
 // depend on which other rows share its call (microbatches, batch sizes).
+//
+// Both calls split their work over XLA:CPU's intra-op thread pool when it has more than one
+// thread (matmul: chunks of panels; attention: (row, KV head) pairs). Each output element is
+// computed whole by one thread, so results do not depend on the thread count.
 
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cmath>
 #include <cstring>
+#include <memory>
+#include <thread>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -65,12 +73,41 @@ void PanelRows(const float* x, const float* panel, float* y, int64_t k, int64_t 
   }
 }
 
-// y [M, N] = x [M, K] @ w, with w packed as [ceil(N / 32), K, 32] (columns past N are zero).
-// Panel-major so that the weights are read once, front to back, in one sequential stream; a
-// panel (K x 128 bytes) stays in L2 while the row blocks after the first re-read it.
-void PackedMatmul(const float* x, const float* w, float* y, int64_t m, int64_t k, int64_t n) {
-  const int64_t panels = (n + kPanel - 1) / kPanel;
-  for (int64_t p = 0; p < panels; ++p) {
+// Runs body(chunk) for chunk in [0, chunks) on the calling thread and on XLA's intra-op thread
+// pool. Chunks are claimed from a shared counter, so the caller never waits for a task that has
+// not started (the pool may be busy or run tasks inline: XLA promises no parallelism); it waits
+// only for chunks another thread already claimed. A task that starts late finds nothing left.
+template <typename Body>
+void ParallelFor(ffi::ThreadPool& pool, int64_t chunks, const Body& body) {
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), chunks) - 1;
+  if (helpers <= 0) {
+    for (int64_t c = 0; c < chunks; ++c) body(c);
+    return;
+  }
+  struct Shared {
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  auto shared = std::make_shared<Shared>();
+  // Helpers hold `shared` (it outlives this call if they start late) and a copy of `body`; a late
+  // helper never calls `body`, whose captures may be gone by then.
+  auto work = [shared, body, chunks]() {
+    for (int64_t c; (c = shared->next.fetch_add(1)) < chunks;) {
+      body(c);
+      shared->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule(decltype(work)(work));
+  work();
+  while (shared->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
+}
+
+// y [M, N] = x [M, K] @ w, with w packed as [ceil(N / 32), K, 32] (columns past N are zero),
+// panels [p0, p1) only. Panel-major so that the weights are read once, front to back, in one
+// sequential stream; a panel (K x 128 bytes) stays in L2 while the row blocks after the first
+// re-read it.
+void PackedMatmul(const float* x, const float* w, float* y, int64_t m, int64_t k, int64_t n,
+                  int64_t p0, int64_t p1) {
+  for (int64_t p = p0; p < p1; ++p) {
     const float* panel = w + p * k * kPanel;
     const int64_t c0 = p * kPanel;
     const int64_t cols = n - c0 < kPanel ? n - c0 : kPanel;
@@ -91,15 +128,28 @@ void PackedMatmul(const float* x, const float* w, float* y, int64_t m, int64_t k
   }
 }
 
-ffi::Error PackedMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                            ffi::ResultBuffer<ffi::F32> y) {
+// Weight bytes per parallel chunk: large enough that a chunk outweighs scheduling it (a few
+// microseconds), small enough that the LM head and the MLP split over the pool's threads.
+constexpr int64_t kChunkBytes = 512 << 10;
+
+ffi::Error PackedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                            ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y) {
   auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
   if (xd.size() != 2 || wd.size() != 3 || yd.size() != 2)
     return ffi::Error::InvalidArgument("dejavu packed matmul: x [M, K], w [P, K, 32], y [M, N]");
   const int64_t m = xd[0], k = xd[1], n = yd[1];
   if (wd[1] != k || wd[2] != kPanel || wd[0] != (n + kPanel - 1) / kPanel || yd[0] != m)
     return ffi::Error::InvalidArgument("dejavu packed matmul: shapes do not match");
-  PackedMatmul(x.typed_data(), w.typed_data(), y->typed_data(), m, k, n);
+  const int64_t panels = (n + kPanel - 1) / kPanel;
+  const int64_t per = std::max<int64_t>(1, kChunkBytes / (k * kPanel * 4));
+  const int64_t chunks = (panels + per - 1) / per;
+  const float* xp = x.typed_data();
+  const float* wp = w.typed_data();
+  float* yp = y->typed_data();
+  // A row's result does not depend on how panels are split: each output column is one panel's.
+  ParallelFor(pool, chunks, [=](int64_t c) {
+    PackedMatmul(xp, wp, yp, m, k, n, c * per, std::min(panels, (c + 1) * per));
+  });
   return ffi::Error::Success();
 }
 
@@ -196,7 +246,7 @@ void AttendHead(const float* q, const float* k, const float* v, int64_t stride, 
 // positions below the row's position are visible (at most `context`); a row at a negative
 // position (padding) sees nothing and gets the mean of the slice and the new entry, as the XLA
 // formulation's all-masked softmax gives. Scores: q . k * scale + slope[h] * key position.
-ffi::Error AttendDecodeImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_all,
+ffi::Error AttendDecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_all,
                             ffi::Buffer<ffi::F32> v_all, ffi::Buffer<ffi::F32> k_new,
                             ffi::Buffer<ffi::F32> v_new, ffi::Buffer<ffi::S32> pos,
                             ffi::Buffer<ffi::F32> slopes, ffi::ResultBuffer<ffi::F32> out,
@@ -218,14 +268,17 @@ ffi::Error AttendDecodeImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_all
   const int32_t* ps = pos.typed_data();
   const float* sl = slopes.typed_data();
   float* o = out->typed_data();
-  thread_local std::vector<float> scores;
-  scores.resize(g * context + 16);   // + 16: the fast path stores whole 16-position blocks
   const int nq = kd % 16 == 0 ? static_cast<int>(kd / 16) : 0;
   const bool fast = nq == 1 || nq == 2 || nq == 4 || nq == 8;
-  for (int64_t r = 0; r < b; ++r) {
+  // One chunk per (row, KV head): its G query heads share the K/V rows they read.
+  ParallelFor(pool, b * hkv, [=](int64_t rk) {
+    thread_local std::vector<float> scores;
+    // + 16: the fast path stores whole 16-position blocks.
+    if (static_cast<int64_t>(scores.size()) < g * context + 16) scores.resize(g * context + 16);
+    const int64_t r = rk / hkv, kv = rk % hkv;
     const int64_t p = ps[r];
     const int64_t vis = p < 0 ? 0 : (p < context ? p : context);
-    for (int64_t kv = 0; kv < hkv; ++kv) {
+    {
       const float* krow = kc + (r * s * hkv + kv) * kd;   // position c at krow + c * hkv * kd
       const float* vrow = vc + (r * s * hkv + kv) * kd;
       const float* knew = kn + (r * hkv + kv) * kd;
@@ -240,7 +293,7 @@ ffi::Error AttendDecodeImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_all
           const float inv = 1.f / static_cast<float>(context + 1);
           for (int64_t i = 0; i < kd; ++i) out_j[i] *= inv;
         }
-        continue;
+        return;
       }
       if (fast) {
         for (int64_t j = 0; j < g; ++j) {
@@ -259,7 +312,7 @@ ffi::Error AttendDecodeImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_all
                                    scores.data(), out_j); break;
           }
         }
-        continue;
+        return;
       }
       for (int64_t c = 0; c < vis; ++c) {
         const float* kvec = krow + c * hkv * kd;
@@ -288,7 +341,7 @@ ffi::Error AttendDecodeImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_all
         for (int64_t i = 0; i < kd; ++i) out_j[i] *= inv;
       }
     }
-  }
+  });
   return ffi::Error::Success();
 }
 
@@ -296,12 +349,14 @@ ffi::Error AttendDecodeImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_all
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DejavuPackedMatmul, PackedMatmulImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DejavuAttendDecode, AttendDecodeImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()   // q [B, H, K]
                                   .Arg<ffi::Buffer<ffi::F32>>()   // k_all [L, B, S, Hkv, K]
                                   .Arg<ffi::Buffer<ffi::F32>>()   // v_all

@@ -1,4 +1,5 @@
-"""Hand-written XLA:CPU custom call for the decode step's float32 matmuls over packed weights.
+"""Hand-written XLA:CPU custom calls for the decode step: float32 matmuls over packed weights, and
+attention over the stacked KV cache in place.
 
 A decode step multiplies a few rows (the batch) by every weight matrix once: its floor is the time
 to stream the weights from memory. XLA:CPU's dots run these at a quarter to a third of the read
@@ -13,7 +14,10 @@ for the decode steps of `make_steps`, `make_decode_n` and the pipeline's `StageP
 params live on one CPU device, `available()` is true, and `DEJAVU_CPU_KERNELS` is not `0`. Prefill
 and every other backend keep XLA's dot; a missing compiler or failed build falls back to it with
 one warning. A row's result depends only on its own input row (same k order whatever the batch),
-so microbatches and batch sizes decode exactly as the whole batch does.
+so microbatches and batch sizes decode exactly as the whole batch does. Both calls split their
+work over XLA:CPU's intra-op thread pool (one thread under the single-threaded flags), with the
+same results at any thread count. `attend_decode` is the decode attention over the stacked cache
+in place (16 positions scored at once where the head dim is a multiple of 16).
 """
 
 from __future__ import annotations
