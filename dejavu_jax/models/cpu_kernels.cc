@@ -169,6 +169,20 @@ inline void Axpy(float a, const float* x, float* y, int64_t k) {
   for (; i < k; ++i) y[i] += a * x[i];
 }
 
+// scores[0:vis] <- exp(score - max) in place, with the new entry's score s_new in the max and the
+// sum; returns the sum and sets *e_new to the new entry's weight.
+inline float ExpScores(float* scores, int64_t vis, float s_new, float* e_new) {
+  float top = s_new;
+  for (int64_t c = 0; c < vis; ++c) top = scores[c] > top ? scores[c] : top;
+  float denom = 0.f;
+  for (int64_t c = 0; c < vis; ++c) {
+    scores[c] = std::exp(scores[c] - top);
+    denom += scores[c];
+  }
+  *e_new = std::exp(s_new - top);
+  return denom + *e_new;
+}
+
 typedef int vi16 __attribute__((vector_size(64)));
 
 inline v16 Shuffle(v16 a, v16 b, vi16 m) { return __builtin_shuffle(a, b, m); }
@@ -221,15 +235,8 @@ void AttendHead(const float* q, const float* k, const float* v, int64_t stride, 
   float s_new = 0.f;
   for (int j = 0; j < 16; ++j) s_new += kq[j];
   s_new = s_new * scale + slope * p_new;
-  float top = s_new;
-  for (int64_t c = 0; c < vis; ++c) top = scores[c] > top ? scores[c] : top;
-  float denom = 0.f;
-  for (int64_t c = 0; c < vis; ++c) {
-    scores[c] = std::exp(scores[c] - top);
-    denom += scores[c];
-  }
-  const float e_new = std::exp(s_new - top);
-  denom += e_new;
+  float e_new;
+  const float denom = ExpScores(scores, vis, s_new, &e_new);
   v16 o[NQ];
   for (int i = 0; i < NQ; ++i) o[i] = e_new * load(vnew + 16 * i);
   for (int64_t c = 0; c < vis; ++c) {
@@ -324,15 +331,8 @@ ffi::Error AttendDecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::
         const float* qj = qp + (r * h + kv * g + j) * kd;
         float* sj = scores.data() + j * context;
         const float s_new = Dot(qj, knew, kd) * scale + sl[kv * g + j] * static_cast<float>(p);
-        float top = s_new;
-        for (int64_t c = 0; c < vis; ++c) top = sj[c] > top ? sj[c] : top;
-        float denom = 0.f;
-        for (int64_t c = 0; c < vis; ++c) {
-          sj[c] = std::exp(sj[c] - top);
-          denom += sj[c];
-        }
-        const float e_new = std::exp(s_new - top);
-        denom += e_new;
+        float e_new;
+        const float denom = ExpScores(sj, vis, s_new, &e_new);
         float* out_j = outs + j * kd;
         for (int64_t i = 0; i < kd; ++i) out_j[i] = 0.f;
         for (int64_t c = 0; c < vis; ++c) Axpy(sj[c], vrow + c * hkv * kd, out_j, kd);
