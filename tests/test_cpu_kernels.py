@@ -1,5 +1,7 @@
 """The CPU custom call for packed decode matmuls (models/cpu_kernels.py) and its use by decode."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -108,3 +110,42 @@ def test_attend_decode_kernel_equals_the_xla_formulation(h, hkv, alibi, scale_qu
   assert "dejavu_attend_decode" in hlo
   want = jax.jit(xla)()
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-6, rtol=0)
+
+
+_THREADS_SCRIPT = r"""
+import os, sys
+if sys.argv[2] == "one":
+  os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})   # XLA sizes its pool from this
+import jax, jax.numpy as jnp, numpy as np
+from dejavu_jax.models import cpu_kernels
+assert cpu_kernels.available()
+rng = np.random.default_rng(0)
+f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
+x, w = f(5, 768), f(768, 1000)
+y = jax.jit(cpu_kernels.packed_matmul, static_argnums=2)(x, cpu_kernels.pack(w), 1000)
+q, k_all, v_all, k_new, v_new = f(6, 8, 64), f(2, 6, 64, 4, 64), f(2, 6, 64, 4, 64), f(6, 4, 64), f(6, 4, 64)
+pos = jnp.asarray([0, 5, 30, 63, 64, -1], jnp.int32)
+att = jax.jit(lambda: cpu_kernels.attend_decode(q, k_all, v_all, 1, 64, k_new, v_new, pos, 0.125,
+                                                None, lambda: jnp.zeros_like(q)))()
+np.savez(sys.argv[1], y=np.asarray(y), att=np.asarray(att))
+"""
+
+
+def test_results_do_not_depend_on_the_thread_count(tmp_path):
+  """The kernels split panels and (row, KV head) pairs over XLA's thread pool: a process on one
+  CPU (a pool of one) and one on every CPU give bit-identical products and attention."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  if len(os.sched_getaffinity(0)) < 2:
+    pytest.skip("needs two CPUs to compare against one")
+  out = {}
+  # Without the forced virtual devices (conftest's XLA_FLAGS): with 8 of them XLA's pool has 8
+  # threads whatever the affinity; without, one thread per CPU the process may run on.
+  env = dict(os.environ, XLA_FLAGS="")
+  for mode in ("one", "all"):
+    path = str(tmp_path / f"{mode}.npz")
+    subprocess.run([sys.executable, "-c", _THREADS_SCRIPT, path, mode], check=True, env=env,
+                   cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out[mode] = np.load(path)
+  for name in ("y", "att"):
+    np.testing.assert_array_equal(out["one"][name], out["all"][name])
