@@ -27,7 +27,8 @@ def test_packed_matmul_equals_the_product(m, k, n):
   packed = cpu_kernels.pack(w)
   assert packed.shape == (-(-n // 32), k, 32)
   got = np.asarray(fn(x, packed, n))
-  np.testing.assert_allclose(got, cpu_kernels.reference(x, w), atol=2e-5 * k, rtol=0)
+  want = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+  np.testing.assert_allclose(got, want, atol=2e-5 * k, rtol=0)
   # A row's result does not depend on the rows beside it (microbatches decode as the batch).
   for r in (0, m - 1):
     np.testing.assert_array_equal(np.asarray(fn(x[r:r + 1], packed, n))[0], got[r])
@@ -149,3 +150,26 @@ def test_results_do_not_depend_on_the_thread_count(tmp_path):
     out[mode] = np.load(path)
   for name in ("y", "att"):
     np.testing.assert_array_equal(out["one"][name], out["all"][name])
+
+
+def test_a_copy_with_one_weight_replaced_is_packed_anew():
+  """The packed copy is keyed by every weight array: params that share all but one array with
+  params already packed (a checkpoint loaded into a copy of the dict) get that one packed anew,
+  and the packing is dropped when its arrays die."""
+  from dejavu_jax.models import generate  # pylint: disable=g-import-not-at-top
+  cfg = tiny_config("opt")
+  params = init_params(cfg, jax.random.key(0))
+  first = decode_params(cfg, params)
+  last = f"layers_{cfg.num_layers - 1}"
+  mlp = params[last]["mlp"]
+  new = mlp["fc2"]["kernel"] + 1.0
+  copy = {**params, last: {**params[last], "mlp": {**mlp, "fc2": {**mlp["fc2"], "kernel": new}}}}
+  second = decode_params(cfg, copy)
+  got = np.asarray(second.packed[last]["mlp"]["fc2"]["kernel"])
+  np.testing.assert_array_equal(got, np.asarray(cpu_kernels.pack(new)))
+  assert not np.array_equal(got, np.asarray(first.packed[last]["mlp"]["fc2"]["kernel"]))
+  entries = len(generate._PACKS)  # pylint: disable=protected-access
+  del copy, second, new
+  import gc  # pylint: disable=g-import-not-at-top
+  gc.collect()
+  assert len(generate._PACKS) == entries - 1  # pylint: disable=protected-access

@@ -285,61 +285,59 @@ ffi::Error AttendDecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::
     const int64_t r = rk / hkv, kv = rk % hkv;
     const int64_t p = ps[r];
     const int64_t vis = p < 0 ? 0 : (p < context ? p : context);
-    {
-      const float* krow = kc + (r * s * hkv + kv) * kd;   // position c at krow + c * hkv * kd
-      const float* vrow = vc + (r * s * hkv + kv) * kd;
-      const float* knew = kn + (r * hkv + kv) * kd;
-      const float* vnew = vn + (r * hkv + kv) * kd;
-      float* outs = o + (r * h + kv * g) * kd;
-      if (p < 0) {
-        for (int64_t j = 0; j < g; ++j) {
-          float* out_j = outs + j * kd;
-          for (int64_t i = 0; i < kd; ++i) out_j[i] = 0.f;
-          for (int64_t c = 0; c < context; ++c) Axpy(1.f, vrow + c * hkv * kd, out_j, kd);
-          Axpy(1.f, vnew, out_j, kd);
-          const float inv = 1.f / static_cast<float>(context + 1);
-          for (int64_t i = 0; i < kd; ++i) out_j[i] *= inv;
-        }
-        return;
-      }
-      if (fast) {
-        for (int64_t j = 0; j < g; ++j) {
-          const int64_t head = kv * g + j;
-          const float* qj = qp + (r * h + head) * kd;
-          float* out_j = outs + j * kd;
-          const float pn = static_cast<float>(p);
-          switch (nq) {
-            case 1: AttendHead<1>(qj, krow, vrow, hkv * kd, vis, knew, vnew, scale, sl[head], pn,
-                                  scores.data(), out_j); break;
-            case 2: AttendHead<2>(qj, krow, vrow, hkv * kd, vis, knew, vnew, scale, sl[head], pn,
-                                  scores.data(), out_j); break;
-            case 4: AttendHead<4>(qj, krow, vrow, hkv * kd, vis, knew, vnew, scale, sl[head], pn,
-                                  scores.data(), out_j); break;
-            default: AttendHead<8>(qj, krow, vrow, hkv * kd, vis, knew, vnew, scale, sl[head], pn,
-                                   scores.data(), out_j); break;
-          }
-        }
-        return;
-      }
-      for (int64_t c = 0; c < vis; ++c) {
-        const float* kvec = krow + c * hkv * kd;
-        for (int64_t j = 0; j < g; ++j)
-          scores[j * context + c] = Dot(qp + (r * h + kv * g + j) * kd, kvec, kd) * scale +
-                                    sl[kv * g + j] * static_cast<float>(c);
-      }
+    const float* krow = kc + (r * s * hkv + kv) * kd;   // position c at krow + c * hkv * kd
+    const float* vrow = vc + (r * s * hkv + kv) * kd;
+    const float* knew = kn + (r * hkv + kv) * kd;
+    const float* vnew = vn + (r * hkv + kv) * kd;
+    float* outs = o + (r * h + kv * g) * kd;
+    if (p < 0) {
       for (int64_t j = 0; j < g; ++j) {
-        const float* qj = qp + (r * h + kv * g + j) * kd;
-        float* sj = scores.data() + j * context;
-        const float s_new = Dot(qj, knew, kd) * scale + sl[kv * g + j] * static_cast<float>(p);
-        float e_new;
-        const float denom = ExpScores(sj, vis, s_new, &e_new);
         float* out_j = outs + j * kd;
         for (int64_t i = 0; i < kd; ++i) out_j[i] = 0.f;
-        for (int64_t c = 0; c < vis; ++c) Axpy(sj[c], vrow + c * hkv * kd, out_j, kd);
-        Axpy(e_new, vnew, out_j, kd);
-        const float inv = 1.f / denom;
+        for (int64_t c = 0; c < context; ++c) Axpy(1.f, vrow + c * hkv * kd, out_j, kd);
+        Axpy(1.f, vnew, out_j, kd);
+        const float inv = 1.f / static_cast<float>(context + 1);
         for (int64_t i = 0; i < kd; ++i) out_j[i] *= inv;
       }
+      return;
+    }
+    if (fast) {
+      for (int64_t j = 0; j < g; ++j) {
+        const int64_t head = kv * g + j;
+        const float* qj = qp + (r * h + head) * kd;
+        float* out_j = outs + j * kd;
+        const float pn = static_cast<float>(p);
+        switch (nq) {
+          case 1: AttendHead<1>(qj, krow, vrow, hkv * kd, vis, knew, vnew, scale, sl[head], pn,
+                                scores.data(), out_j); break;
+          case 2: AttendHead<2>(qj, krow, vrow, hkv * kd, vis, knew, vnew, scale, sl[head], pn,
+                                scores.data(), out_j); break;
+          case 4: AttendHead<4>(qj, krow, vrow, hkv * kd, vis, knew, vnew, scale, sl[head], pn,
+                                scores.data(), out_j); break;
+          default: AttendHead<8>(qj, krow, vrow, hkv * kd, vis, knew, vnew, scale, sl[head], pn,
+                                 scores.data(), out_j); break;
+        }
+      }
+      return;
+    }
+    for (int64_t c = 0; c < vis; ++c) {
+      const float* kvec = krow + c * hkv * kd;
+      for (int64_t j = 0; j < g; ++j)
+        scores[j * context + c] = Dot(qp + (r * h + kv * g + j) * kd, kvec, kd) * scale +
+                                  sl[kv * g + j] * static_cast<float>(c);
+    }
+    for (int64_t j = 0; j < g; ++j) {
+      const float* qj = qp + (r * h + kv * g + j) * kd;
+      float* sj = scores.data() + j * context;
+      const float s_new = Dot(qj, knew, kd) * scale + sl[kv * g + j] * static_cast<float>(p);
+      float e_new;
+      const float denom = ExpScores(sj, vis, s_new, &e_new);
+      float* out_j = outs + j * kd;
+      for (int64_t i = 0; i < kd; ++i) out_j[i] = 0.f;
+      for (int64_t c = 0; c < vis; ++c) Axpy(sj[c], vrow + c * hkv * kd, out_j, kd);
+      Axpy(e_new, vnew, out_j, kd);
+      const float inv = 1.f / denom;
+      for (int64_t i = 0; i < kd; ++i) out_j[i] *= inv;
     }
   });
   return ffi::Error::Success();

@@ -115,7 +115,7 @@ def available() -> bool:
 
 
 def status() -> dict:
-  """What a run summary reports: whether the custom call is built, and why not."""
+  """Whether the custom calls are built, where from, and why not (a test's skip reason, a log)."""
   return {"cpu_matmul_kernels": bool(available()), "library": _state["path"],
           "error": _state["error"]}
 
@@ -169,8 +169,3 @@ def attend_decode(q, k_all, v_all, layer: int, context: int, k_new, v_new, q_pos
 
   return jax.lax.platform_dependent(q, k_all, v_all, k_new, v_new, q_pos, sl, cpu=custom,
                                     default=other)
-
-
-def reference(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-  """float64 product, for tests."""
-  return np.asarray(x, np.float64) @ np.asarray(w, np.float64)
