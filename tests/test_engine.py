@@ -120,7 +120,7 @@ def test_a_late_free_does_not_starve_the_next_prefill(params):
   """On Ray the engine's `free` reaches a stage on another channel than the pipeline's steps, and
   can arrive after the next microbatch's prefill came down the pipeline into the freed buffer
   (seen under load: StoreFull). Here stage 1's frees arrive 0.3 s late: every request still
-  finishes with the single-device greedy tokens, because a prefill carries the engine's frees."""
+  finishes with the single-device greedy tokens, because steps carry the engine's frees down the pipeline."""
   import threading  # pylint: disable=g-import-not-at-top
   from tests.serving_util import greedy_references  # pylint: disable=g-import-not-at-top
   reqs = [Request(i, 0.0, (5 + i, 6, 7), 3) for i in range(5)]

@@ -64,11 +64,11 @@ class Step:
   greedy: bool = False        # the last stage returns each row's argmax token, not the logits:
                               # greedy decoding samples where the logits are (FasterTransformer's
                               # last stage), so [B, V] floats never cross a process boundary
-  frees: tuple = ()          # a prefill: microbatches the engine released before admitting
-                              # this one. Each stage frees them before it takes a buffer: the
-                              # engine's own `free` reaches a stage on another channel and, on
-                              # Ray, can arrive after this step came down the pipeline (seen:
-                              # StoreFull under load); freeing twice is a no-op
+  frees: tuple = ()           # microbatches the engine released since the previous step it
+                              # sent down this pipeline. Each stage frees them before this step
+                              # takes a buffer: the engine's own `free` reaches a stage on another
+                              # channel and, on Ray, can arrive after the next prefill came down
+                              # the pipeline (seen: StoreFull under load); freeing twice is a no-op
 
 
 def ring_holder(stage: int, num_stages: int) -> int:

@@ -395,9 +395,9 @@ class LocalWorker:
     t0 = time.perf_counter()
     program, store = self._program, self._store
     swapped_in = False
+    for gone in msg.frees:
+      self._free(gone)
     if msg.kind == "prefill":
-      for gone in msg.frees:
-        self._free(gone)
       cache = store.for_prefill(msg.mb_id)
       fn = self._prefill_fn(msg)
       self._mb_rows[msg.mb_id] = msg.batch

@@ -486,8 +486,14 @@ class PipelineEngine:
   def free_everywhere(self, mb_id: int) -> None:
     for s in range(self.plan.num_stages):
       self.runtime.worker(s).free(mb_id)
-    self._released.append(mb_id)   # also carried down the pipeline by the next prefill
+    self._released.append(mb_id)   # also carried down the pipeline by the next step
     self.strategy.retire(mb_id)
+
+  def _take_released(self) -> tuple:
+    """The microbatches released since the last step sent down the token pipeline (`Step.frees`):
+    every step drains them, so the list stays short on every prompt path."""
+    frees, self._released = tuple(self._released), []
+    return frees
 
   # ---- failures ----
   def _detect_and_recover(self, st: ServeState) -> None:
@@ -524,10 +530,10 @@ class PipelineEngine:
     # Ready when its slot was freed or its last request arrived, however late this thread woke.
     ready = max(st.slot_free_at.get(mb.slot, 0.0), st.t0 + max(r.arrival for r in mb.requests))
     st.watchdog.expect(mb.mb_id)
-    frees, self._released = tuple(self._released), []
     self.runtime.worker(0).submit(api.Step("prefill", mb.mb_id, 0, tokens, positions,
                                            len(mb.requests), mb.prompt_bucket_len, ready,
-                                           self.epoch, greedy=self.greedy, frees=frees))
+                                           self.epoch, greedy=self.greedy,
+                                           frees=self._take_released()))
 
   def send_decode(self, st: ServeState, mb: Microbatch, ready_at: float) -> None:
     """The next decode step of `mb`: each live row's latest token at its next position."""
@@ -543,7 +549,8 @@ class PipelineEngine:
                 for i, r in enumerate(mb.requests) if not mb.done[i])
     self.runtime.worker(0).submit(api.Step("decode", mb.mb_id, mb.step, x, positions, live,
                                            int(positions.max()), ready_at, self.epoch,
-                                           final=final, greedy=self.greedy))
+                                           final=final, greedy=self.greedy,
+                                           frees=self._take_released()))
 
 
 def make_engine(cfg: ModelConfig, params, serve: ServeConfig, **kw):
