@@ -5,6 +5,9 @@
 
 Sections (every figure measured, i.e. timed on this machine's device):
 
+0. link: one 256 MiB copy each way between host and device: host->device from a pinned
+   (DMA-mapped, stream/hostmem.py) and a pageable array, device->host into the pinned_host memory
+   kind and into numpy, and a host memcpy of the same size (the staging copy of the host paths).
 1. decode: whole-model decode steps (one jitted loop of --steps steps, so per-step dispatch is not
    counted) of OPT-1.3B and SmolLM2-135M shaped models (random bfloat16 weights) at batch 1 and 8,
    context 512 of a 1024-position cache; the bytes a step must read (every weight once plus the
@@ -22,6 +25,9 @@ Sections (every figure measured, i.e. timed on this machine's device):
    with replication on (recovery "replica": every step's KV streamed to the successor's host
    memory) and off ("restart"), interleaved runs; `overhead` = off / on throughput - 1.
 
+On a GPU the device is first kept busy for a few seconds (an idle GPU clocks down). --sections
+runs a subset; --keep_going reports a failing section under "errors" and runs the rest;
+--progress FILE appends each section's JSON as soon as it is done (for a run cut short).
 --small=auto uses tiny configs on a CPU backend (the test does), full sizes elsewhere.
 The last stdout line is one JSON object.
 """
@@ -34,6 +40,7 @@ import os
 import statistics
 import sys
 import time
+import traceback
 import types
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -66,7 +73,7 @@ def sizes(small: bool) -> dict:
         swap_contexts=(16,), swap_runs=3,
         pipe_model=tiny_config("llama", num_layers=2, max_positions=64), pipe_batch=2, pipe_len=32,
         pipe_requests=4, pipe_prompt=8, pipe_new=4, pipe_runs=1,
-        copy_bytes=8 << 20)
+        copy_bytes=8 << 20, link_bytes=1 << 20, warm_s=0.0)
   big = ("opt_1.3b", "smollm2_135m")
   return dict(
       dtype="bfloat16",
@@ -78,7 +85,7 @@ def sizes(small: bool) -> dict:
       swap_batch=8, swap_len=2048, swap_contexts=(64, 512), swap_runs=5,
       pipe_model=get_model_config("smollm2_135m", dtype="bfloat16", max_positions=256),
       pipe_batch=8, pipe_len=256, pipe_requests=32, pipe_prompt=64, pipe_new=32, pipe_runs=3,
-      copy_bytes=2 << 30)
+      copy_bytes=2 << 30, link_bytes=256 << 20, warm_s=3.0)
 
 
 def random_params(cfg, seed: int = 0):
@@ -102,6 +109,51 @@ def device_bandwidth(nbytes_: int, runs: int = 5) -> float:
   jax.block_until_ready(f(x))
   t = median_time(lambda: jax.block_until_ready(f(x)), runs)
   return 2 * x.nbytes / t / 1e9
+
+
+def warm_clocks(seconds: float) -> None:
+  """Keeps the device busy for `seconds`: an idle GPU sits at a low clock and ramps up under
+  load, so the first timed section would otherwise run slower than the ones after it."""
+  x = jnp.zeros((64 << 20,), jnp.float32)
+  f = jax.jit(lambda a: a * 1.0001 + 1.0)
+  end = time.perf_counter() + seconds
+  while time.perf_counter() < end:
+    x = f(x)
+    x.block_until_ready()
+
+
+# ---- 0. the host<->device link, pinned and pageable ----
+def link_bandwidth(sz: dict) -> dict:
+  """GB/s of one `link_bytes` copy each way: host->device from a pinned (hostmem, DMA-mapped)
+  and a pageable numpy array, device->host into the "pinned_host" memory kind (the transport's
+  "auto" method on a GPU) and into numpy, and a host memcpy of the same size (the staging copy
+  the swap and flush paths add on the host)."""
+  dev = jax.devices()[0]
+  n, runs = sz["link_bytes"], sz["runs"]
+  mem = hostmem.policy(dev)
+  pinned = mem.zeros((n // 4,), np.float32)
+  pageable = np.zeros((n // 4,), np.float32)
+  out = dict(bytes=n, host_memory_kind=mem.kind)
+  for name, src in (("h2d_pinned", pinned), ("h2d_pageable", pageable)):
+    jax.device_put(src, dev).block_until_ready()
+    out[name + "_GBps"] = round(n / median_time(
+        lambda src=src: jax.device_put(src, dev).block_until_ready(), runs) / 1e9, 3)
+  x = jax.device_put(pageable, dev)
+  kind = "pinned_host" if "pinned_host" in {m.kind for m in dev.addressable_memories()} else None
+  if kind:
+    to_host = jax.sharding.SingleDeviceSharding(dev, memory_kind=kind)
+    jax.device_put(x, to_host).block_until_ready()
+    out["d2h_pinned_kind_GBps"] = round(n / median_time(
+        lambda: jax.device_put(x, to_host).block_until_ready(), runs) / 1e9, 3)
+  else:
+    out["d2h_pinned_kind_GBps"] = None
+  out["d2h_numpy_GBps"] = round(n / median_time(lambda: np.asarray(x + 0), runs) / 1e9, 3)
+  dst = np.empty_like(pageable)
+  out["host_memcpy_GBps"] = round(n / median_time(lambda: np.copyto(dst, pageable), runs) / 1e9, 3)
+  out["host_copy_threads"] = hostmem.copy_threads()
+  out["host_copy_parallel_GBps"] = round(n / median_time(
+      lambda: hostmem.copyto(dst, pageable), runs) / 1e9, 3)
+  return out
 
 
 # ---- 1. decode against the memory roofline ----
@@ -219,7 +271,11 @@ def swap_overlap(sz: dict) -> list[dict]:
                        step_ms=round(med["step"] * 1e3, 3), swap_ms=round(med["swap"] * 1e3, 3),
                        both_ms=round(med["both"] * 1e3, 3),
                        swap_GBps=round(swap.last_swap_in_bytes / med["swap"] / 1e9, 3),
-                       hidden_fraction=round(min(max(hidden, 0.0), 1.0), 3)))
+                       hidden_fraction=round(min(max(hidden, 0.0), 1.0), 3),
+                       # the most that can hide is the shorter of the two: 1.0 = full overlap
+                       overlap_of_possible=round(min(max(
+                           (med["step"] + med["swap"] - med["both"])
+                           / min(med["step"], med["swap"]), 0.0), 1.0), 3)))
     finally:
       swap.close()
   return rows
@@ -260,8 +316,15 @@ def pipeline_replication(sz: dict) -> dict:
               host_memory_kind=summary["replica"].get("host_memory_kind"))
 
 
-def run(small: bool | None = None) -> dict:
-  """Every section; small=None: tiny sizes on a CPU backend, full sizes elsewhere."""
+SECTIONS = ("link", "decode", "ablation", "swap", "pipeline")
+
+
+def run(small: bool | None = None, sections: set[str] | None = None, keep_going: bool = False,
+        progress: str | None = None) -> dict:
+  """Every section (or those named in `sections`); small=None: tiny sizes on a CPU backend, full
+  sizes elsewhere. keep_going: a section that raises is reported under "errors" (its figures
+  null) and the others still run. progress: a file each section's result is appended to, one
+  JSON line, as soon as it is done."""
   t0 = time.perf_counter()
   dev = jax.devices()[0]
   on_gpu = dev.platform == "gpu" or dev.platform == "cuda"
@@ -271,17 +334,32 @@ def run(small: bool | None = None) -> dict:
   out = dict(backend=jax.default_backend(), device_kind=dev.device_kind, small=small,
              host_memory_kind=hostmem.policy(dev).kind, hbm_GBps=hbm and round(hbm, 1))
   out["section_s"] = {}
-  for name, fn in (("decode", lambda: decode_roofline(sz, on_gpu, hbm)),
+  out["errors"] = {}
+  if on_gpu and sz["warm_s"]:
+    warm_clocks(sz["warm_s"])
+  for name, fn in (("link", lambda: link_bandwidth(sz)),
+                   ("decode", lambda: decode_roofline(sz, on_gpu, hbm)),
                    ("ablation", lambda: streaming_ablation(sz)),
                    ("swap", lambda: swap_overlap(sz)),
                    ("pipeline", lambda: pipeline_replication(sz))):
+    if sections is not None and name not in sections:
+      continue
     t = time.perf_counter()
-    out[name] = fn()
+    try:
+      out[name] = fn()
+    except Exception as e:  # noqa: BLE001  GPU time comes in minutes: one broken section must
+      if not keep_going:    # not cost the figures of the others (--keep_going)
+        raise
+      out[name] = None
+      out["errors"][name] = "".join(traceback.format_exception(e))[-2000:]
     out["section_s"][name] = round(time.perf_counter() - t, 1)
+    if progress:   # each section's figures as soon as they exist, for a run cut short
+      with open(progress, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"section": name, "seconds": out["section_s"][name],
+                            "result": out[name], "error": out["errors"].get(name)}) + "\n")
   out["wall_s"] = round(time.perf_counter() - t0, 1)
   out["load_average"] = round(os.getloadavg()[0], 2)
-  out["kind"] = {k: "measured" for k in ("hbm_GBps", "decode", "ablation", "swap", "pipeline",
-                                         "section_s", "wall_s")}
+  out["kind"] = {k: "measured" for k in ("hbm_GBps", *SECTIONS, "section_s", "wall_s")}
   return out
 
 
@@ -289,9 +367,19 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--small", choices=("auto", "on", "off"), default="auto",
                   help="tiny sizes (auto: on a CPU backend)")
+  ap.add_argument("--sections", default="link,decode,ablation,swap,pipeline",
+                  help="comma-separated subset of the sections to run")
+  ap.add_argument("--keep_going", action="store_true",
+                  help="report a failing section under 'errors' and run the rest")
+  ap.add_argument("--progress", default=None,
+                  help="append each section's result to this file as soon as it is done")
   args = ap.parse_args()
   small = {"auto": None, "on": True, "off": False}[args.small]
-  print(json.dumps(run(small)))
+  sections = {x.strip() for x in args.sections.split(",") if x.strip()}
+  unknown = sections - set(SECTIONS)
+  if unknown:
+    ap.error(f"unknown sections {sorted(unknown)}: choose from {', '.join(SECTIONS)}")
+  print(json.dumps(run(small, sections, args.keep_going, args.progress)))
 
 
 if __name__ == "__main__":

@@ -124,11 +124,15 @@ rng = np.random.default_rng(0)
 f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
 x, w = f(5, 768), f(768, 1000)
 y = jax.jit(cpu_kernels.packed_matmul, static_argnums=2)(x, cpu_kernels.pack(w), 1000)
+from gguf import GGMLQuantizationType, quants
+wq = quants.dequantize(quants.quantize(np.asarray(w).T, GGMLQuantizationType.Q4_1),
+                       GGMLQuantizationType.Q4_1).reshape(1000, 768).T
+yq = jax.jit(cpu_kernels.packed_matmul, static_argnums=2)(x, cpu_kernels.pack_quantized(wq), 1000)
 q, k_all, v_all, k_new, v_new = f(6, 8, 64), f(2, 6, 64, 4, 64), f(2, 6, 64, 4, 64), f(6, 4, 64), f(6, 4, 64)
 pos = jnp.asarray([0, 5, 30, 63, 64, -1], jnp.int32)
 att = jax.jit(lambda: cpu_kernels.attend_decode(q, k_all, v_all, 1, 64, k_new, v_new, pos, 0.125,
                                                 None, lambda: jnp.zeros_like(q)))()
-np.savez(sys.argv[1], y=np.asarray(y), att=np.asarray(att))
+np.savez(sys.argv[1], y=np.asarray(y), att=np.asarray(att), yq=np.asarray(yq))
 """
 
 
@@ -148,7 +152,7 @@ def test_results_do_not_depend_on_the_thread_count(tmp_path):
     subprocess.run([sys.executable, "-c", _THREADS_SCRIPT, path, mode], check=True, env=env,
                    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     out[mode] = np.load(path)
-  for name in ("y", "att"):
+  for name in ("y", "att", "yq"):
     np.testing.assert_array_equal(out["one"][name], out["all"][name])
 
 
@@ -173,3 +177,96 @@ def test_a_copy_with_one_weight_replaced_is_packed_anew():
   import gc  # pylint: disable=g-import-not-at-top
   gc.collect()
   assert len(generate._PACKS) == entries - 1  # pylint: disable=protected-access
+
+
+# ---- block-quantized weights: the values of GGUF Q4_1 / Q8_0 tensors, read as such ----
+
+def _gguf_values(w: np.ndarray, fmt: str) -> np.ndarray:
+  """[K, N] float32 -> the float32 values a GGUF file of `w` quantized to `fmt` dequantizes to
+  (blocks along K, per column: GGUF's rows are our columns)."""
+  quants = pytest.importorskip("gguf.quants")
+  from gguf import GGMLQuantizationType  # pylint: disable=g-import-not-at-top
+  t = getattr(GGMLQuantizationType, fmt)
+  k, n = w.shape
+  return np.ascontiguousarray(
+      quants.dequantize(quants.quantize(np.ascontiguousarray(w.T), t), t).reshape(n, k).T)
+
+
+@pytest.mark.parametrize("fmt,nbytes", [("Q4_1", 24), ("Q8_0", 36)])
+@pytest.mark.parametrize("k,n", [(576, 1536), (64, 45), (96, 8)])
+def test_quantized_weights_are_packed_and_read_bit_for_bit(fmt, nbytes, k, n):
+  rng = np.random.default_rng(k + n)
+  w = _gguf_values(0.05 * rng.standard_normal((k, n), np.float32), fmt)
+  packed = cpu_kernels.pack_quantized(jnp.asarray(w))
+  assert packed is not None and packed.dtype == jnp.uint8
+  assert packed.shape == (-(-n // 8), k // 32, 8, nbytes)
+  # the XLA reading and the custom call's reading both give back every weight exactly
+  np.testing.assert_array_equal(np.asarray(cpu_kernels.unpack_quantized(packed, n)).view(np.uint32),
+                                w.view(np.uint32))
+  fn = jax.jit(cpu_kernels.packed_matmul, static_argnums=2)
+  eye = np.eye(k, dtype=np.float32)
+  assert "dejavu_q_matmul" in jax.jit(cpu_kernels.packed_matmul, static_argnums=2).lower(
+      eye, packed, n).as_text()
+  np.testing.assert_array_equal(np.asarray(fn(eye, packed, n)).view(np.uint32), w.view(np.uint32))
+  # the product, and a row's result whatever rows share its call (1..8-row tiles and beyond)
+  x = rng.standard_normal((11, k), np.float32)
+  got = np.asarray(fn(x, packed, n))
+  np.testing.assert_allclose(got, x.astype(np.float64) @ w.astype(np.float64), atol=2e-6 * k,
+                             rtol=0)
+  for m in (1, 2, 3, 4, 5, 8):
+    np.testing.assert_array_equal(np.asarray(fn(x[:m], packed, n)), got[:m])
+  np.testing.assert_array_equal(np.asarray(fn(x[3:4], packed, n))[0], got[3])
+
+
+def test_weights_not_exactly_block_quantized_keep_the_float32_panels():
+  rng = np.random.default_rng(1)
+  w = _gguf_values(0.05 * rng.standard_normal((64, 40), np.float32), "Q4_1")
+  assert cpu_kernels.pack_quantized(w) is not None
+  assert cpu_kernels.pack_quantized(rng.standard_normal((64, 40), np.float32)) is None
+  near = w.copy()
+  near[63, 39] = np.nextafter(near[63, 39], np.float32(1))   # one value off by one ulp, last block
+  assert cpu_kernels.pack_quantized(near) is None
+  assert cpu_kernels.pack_quantized(w[:48]) is None           # K not a multiple of 32
+  assert cpu_kernels.pack_quantized(w.astype(np.float16)) is None
+
+
+def test_a_block_quantized_model_decodes_through_the_quantized_call(monkeypatch):
+  """A model whose kernels hold Q4_1 values (a GGUF checkpoint's) packs them as blocks, by their
+  values alone: a copy of the weights on another device packs the same way, and the tokens are
+  those of XLA's float32 dots on the same weights."""
+  cfg = tiny_config("llama", num_layers=2)
+  params = init_params(cfg, jax.random.key(5))
+
+  def quantize(path, x):   # every kernel but the LM head's
+    if (path[-1].key == "kernel" and path[-2].key != "lm_head" and x.ndim == 2
+        and x.shape[0] % 32 == 0):
+      return jnp.asarray(_gguf_values(np.asarray(x), "Q4_1"))
+    return x
+  params = jax.tree_util.tree_map_with_path(quantize, params)
+  dp = decode_params(cfg, params)
+  kinds = {str(x.dtype) for x in jax.tree.leaves(dp.packed)}
+  assert kinds == {"uint8", "float32"}   # kernels as blocks; the random LM head as panels
+  assert dp.packed["lm_head"]["kernel"].dtype == jnp.float32
+  other = jax.device_put(params, jax.devices()[1])
+  np.testing.assert_array_equal(
+      np.asarray(decode_params(cfg, other).packed["layers_0"]["mlp"]["down_proj"]["kernel"]),
+      np.asarray(dp.packed["layers_0"]["mlp"]["down_proj"]["kernel"]))
+  _, decode = make_steps(cfg)
+  b, s = 3, 16
+  tok, pos = jnp.arange(b, dtype=jnp.int32) + 3, jnp.zeros((b,), jnp.int32)
+  assert "dejavu_q_matmul" in decode.lower(params, init_cache_for(cfg, cfg.num_layers, b, s),
+                                           tok, pos).as_text()
+
+  def run(p):
+    c, t, out = init_cache_for(cfg, cfg.num_layers, b, s), tok, []
+    for i in range(10):
+      c, logits = decode(p, c, t, pos + i)
+      t = jnp.argmax(logits, -1).astype(jnp.int32)
+      out.append((np.asarray(logits), np.asarray(t)))
+    return out
+  quantized = run(params)
+  monkeypatch.setenv("DEJAVU_CPU_KERNELS", "0")
+  plain = run(params)
+  for (la, ta), (lb, tb) in zip(quantized, plain):
+    np.testing.assert_allclose(la, lb, atol=1e-4, rtol=0)
+    np.testing.assert_array_equal(ta, tb)

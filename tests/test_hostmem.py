@@ -1,8 +1,10 @@
 """Host memory policy (stream/hostmem.py): pageable on the CPU backend and reported as such;
 under a pinned policy every buffer is page-aligned, mapped once for its lifetime, unmapped when
-collected, and a refused mapping falls back to pageable instead of failing."""
+collected, and a refused mapping falls back to pageable instead of failing; the threaded host copy
+(`copyto`) equals numpy's on every view and dtype."""
 
 import gc
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -100,3 +102,56 @@ def test_pinned_swapping_stages_through_one_reused_buffer():
     np.testing.assert_array_equal(np.asarray(cache.lengths), [5, 7])
   finally:
     swap.close()
+
+
+@pytest.mark.parametrize("shape,index", [
+    ((2, 6, 3, 40, 2, 8), (slice(None), slice(None), slice(None), slice(0, 17))),   # a log prefix
+    ((50_000,), (slice(None),)),                                                    # 1-D
+    ((3, 5, 700), (slice(None), slice(1, 4), slice(0, 699))),                       # axis 0 < threads
+    ((11, 9, 33), (slice(None, None, -1),)),                                        # reversed view
+])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+def test_parallel_copyto_equals_numpy(monkeypatch, shape, index, dtype):
+  monkeypatch.setattr(hostmem, "_PARALLEL_MIN_BYTES", 0)   # split even these small arrays
+  rng = np.random.default_rng(0)
+  src = rng.integers(-100, 100, shape).astype(jnp.dtype(dtype))[index]
+  for threads in (1, 3, 8):
+    dst = np.zeros(src.shape, src.dtype)
+    hostmem.copyto(dst, src, threads=threads)
+    np.testing.assert_array_equal(dst.view(f"u{dst.itemsize}"),
+                                  np.ascontiguousarray(src).view(f"u{dst.itemsize}"))
+
+
+def test_parallel_copyto_splits_the_work_over_threads(monkeypatch):
+  """Two pieces must be copied at the same time: each of the first two copies waits for the
+  other (a serial copy breaks the barrier), and the caller's thread copies nothing."""
+  monkeypatch.setattr(hostmem, "_PARALLEL_MIN_BYTES", 0)
+  seen = set()
+  barrier = threading.Barrier(2, timeout=20)
+  calls = []
+  real = np.copyto
+
+  def spy(a, b, **kw):
+    seen.add(threading.get_ident())
+    calls.append(1)
+    if len(calls) <= 2:
+      barrier.wait()
+    real(a, b, **kw)
+  monkeypatch.setattr(hostmem.np, "copyto", spy)
+  src = np.arange(2 * 24 * 64, dtype=np.float32).reshape(2, 24, 64)
+  dst = np.zeros_like(src)
+  hostmem.copyto(dst, src, threads=4)
+  np.testing.assert_array_equal(dst, src)
+  assert len(seen) > 1 and threading.get_ident() not in seen
+
+
+def test_copyto_names_bad_input(monkeypatch):
+  with pytest.raises(ValueError, match="equal shapes and dtypes"):
+    hostmem.copyto(np.zeros((3,), np.float32), np.zeros((4,), np.float32))
+  with pytest.raises(ValueError, match="equal shapes and dtypes"):
+    hostmem.copyto(np.zeros((3,), np.float32), np.zeros((3,), np.float64))
+  monkeypatch.setenv("DEJAVU_COPY_THREADS", "0")
+  with pytest.raises(ValueError, match="DEJAVU_COPY_THREADS"):
+    hostmem.copy_threads()
+  monkeypatch.setenv("DEJAVU_COPY_THREADS", "3")
+  assert hostmem.copy_threads() == 3

@@ -9,6 +9,11 @@ column panels stored k-major, so one sequential stream) past an 8-row x 32-colum
 use, `-march=native`, cached under ~/.cache/dejavu_jax/kernels, keyed by source, compiler, CPU
 flags and jaxlib), registering it as an FFI target, packing, and `packed_matmul`.
 
+Block-quantized weights: a float32 kernel whose values are, block by block of 32 along K, exactly
+those of a GGUF Q4_1 or Q8_0 tensor (the real SmolLM2's) is found by `pack_quantized` from its
+values and stored as its blocks (0.19 / 0.28 of the float32 bytes); `packed_matmul` reads such a
+packing through `dejavu_q_matmul`, which rebuilds each weight bit for bit in registers.
+
 Who uses it: `models.generate.decode_params` packs a model's Dense kernels (and a tied LM head)
 for the decode steps of `make_steps`, `make_decode_n` and the pipeline's `StageProgram`, when the
 params live on one CPU device, `available()` is true, and `DEJAVU_CPU_KERNELS` is not `0`. Prefill
@@ -39,7 +44,12 @@ import numpy as np
 PANEL = 32
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels.cc")
 _TARGETS = {"dejavu_packed_matmul": "DejavuPackedMatmul",
+            "dejavu_q_matmul": "DejavuQMatmul",
             "dejavu_attend_decode": "DejavuAttendDecode"}
+# Block-quantized layouts (cpu_kernels.cc): blocks of Q_BLOCK values along K, groups of Q_GROUP
+# columns interleaved block by block; bytes per block: Q4_1 d, m (float32) + 16 nibble bytes,
+# Q8_0 d (float32) + 32 int8.
+Q_BLOCK, Q_GROUP, Q4_BYTES, Q8_BYTES = 32, 8, 24, 36
 _FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno"]
 
 _lock = threading.Lock()
@@ -129,12 +139,112 @@ def pack(w: jax.Array) -> jax.Array:
   return w.reshape(k, panels, PANEL).transpose(1, 0, 2)
 
 
+def _candidates(d0: np.ndarray):
+  """d0 (float16) and its two float16 neighbours, as float32: where the value was rounded."""
+  up = np.nextafter(d0, np.float16(np.inf))
+  down = np.nextafter(d0, np.float16(-np.inf))
+  return [c.astype(np.float32) for c in (d0, up, down)]
+
+
+def _fit(v: np.ndarray, fmt: str):
+  """Per block of v [B, 32]: (ok [B], d [B], m [B], q [B, 32]) with the block's values equal to
+  q * d + m bit for bit (fmt "q4_1": q in 0..15; "q8_0": q in -128..127 and m = 0)."""
+  if fmt == "q4_1":
+    m = v.min(-1)
+    d0 = ((v.max(-1) - m) / np.float32(15)).astype(np.float16)
+    lo, hi = 0, 15
+  else:
+    m = np.zeros(len(v), np.float32)
+    d0 = (np.abs(v).max(-1) / np.float32(127)).astype(np.float16)
+    lo, hi = -128, 127
+  ok = np.zeros(len(v), bool)
+  d = np.zeros(len(v), np.float32)
+  q = np.zeros(v.shape, np.float32)
+  todo = np.arange(len(v))
+  with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+    for cand in _candidates(d0):   # each later candidate only where the earlier ones failed
+      c, vt, mt = cand[todo], v[todo], m[todo]
+      qc = np.rint((vt - mt[:, None]) / c[:, None])
+      qc[~(c > 0)] = 0
+      np.clip(qc, lo, hi, out=qc)
+      rebuilt = qc * c[:, None] + mt[:, None]
+      good = np.isfinite(c) & (c >= 0) & (rebuilt.view(np.uint32) == vt.view(np.uint32)).all(-1)
+      hit = todo[good]
+      ok[hit], d[hit], q[hit] = True, c[good], qc[good]
+      todo = todo[~good]
+      if not todo.size:
+        break
+  return ok, d, m, q
+
+
+def pack_quantized(w) -> jax.Array | None:
+  """[K, N] float32 -> the block-quantized layout of `cpu_kernels.cc` ([ceil(N/8), K/32, 8,
+  bytes] uint8), when every block of 32 values along K in every column is exactly q * d + m with
+  d a float16 >= 0 and either q in 0..15 (Q4_1: what a GGUF Q4_1 tensor dequantizes to) or q in
+  -128..127, m = 0 (Q8_0); None otherwise (random or trained float32 weights fail at the first
+  blocks checked, and the caller keeps the float32 panels). Decided from the values alone, so
+  every copy of the same weights (a pipeline stage's, a restored replica's) packs the same way
+  and decodes with the same numerics; the custom call's weights equal `w` bit for bit."""
+  device = next(iter(w.devices())) if isinstance(w, jax.Array) else None
+  w = np.asarray(w)
+  if w.ndim != 2 or w.dtype != np.float32 or w.shape[0] % Q_BLOCK or w.size == 0:
+    return None
+  k, n = w.shape
+  kb, groups = k // Q_BLOCK, -(-n // Q_GROUP)
+  blocks = np.ascontiguousarray(w.T).reshape(n * kb, Q_BLOCK)
+  for fmt, nbytes in (("q4_1", Q4_BYTES), ("q8_0", Q8_BYTES)):
+    if not _fit(blocks[:min(kb, 4)], fmt)[0].all():   # not this format: fails fast
+      continue
+    ok, d, m, q = _fit(blocks, fmt)
+    if not ok.all():
+      continue
+    out = np.zeros((groups * Q_GROUP, kb, nbytes), np.uint8)   # padded columns: zero blocks
+    out[:n, :, 0:4] = d.reshape(n, kb, 1).view(np.uint8)
+    if fmt == "q4_1":
+      q = q.astype(np.uint8).reshape(n, kb, Q_BLOCK)
+      out[:n, :, 4:8] = m.reshape(n, kb, 1).view(np.uint8)
+      out[:n, :, 8:24] = q[..., :16] | (q[..., 16:] << 4)
+    else:
+      out[:n, :, 4:36] = q.astype(np.int8).reshape(n, kb, Q_BLOCK).view(np.uint8)
+    out = out.reshape(groups, Q_GROUP, kb, nbytes).transpose(0, 2, 1, 3)
+    return jax.device_put(np.ascontiguousarray(out), device)   # beside the weights
+  return None
+
+
+def unpack_quantized(packed: jax.Array, n: int) -> jax.Array:
+  """The [K, N] float32 matrix of a `pack_quantized` one (jnp: the non-CPU path, the tests)."""
+  groups, kb, _, nbytes = packed.shape
+  blk = packed.transpose(0, 2, 1, 3).reshape(groups * Q_GROUP, kb, nbytes)[:n]
+  d = jax.lax.bitcast_convert_type(blk[..., 0:4], jnp.float32)
+  if nbytes == Q4_BYTES:
+    m = jax.lax.bitcast_convert_type(blk[..., 4:8], jnp.float32)
+    qs = blk[..., 8:24]
+    q = jnp.concatenate([qs & 15, qs >> 4], axis=-1).astype(jnp.float32)
+    w = q * d[..., None] + m[..., None]
+  else:
+    q = jax.lax.bitcast_convert_type(blk[..., 4:36], jnp.int8).astype(jnp.float32)
+    w = q * d[..., None]
+  return w.reshape(n, kb * Q_BLOCK).T
+
+
 def packed_matmul(x: jax.Array, packed: jax.Array, n: int) -> jax.Array:
-  """x [..., K] @ w [K, N] -> [..., N] float32, with `packed` = pack(w). The custom call on the
-  CPU; elsewhere the same product by XLA from the panels."""
+  """x [..., K] @ w [K, N] -> [..., N] float32, with `packed` = pack(w) (float32 panels) or
+  pack_quantized(w) (uint8 blocks). The custom call on the CPU; elsewhere the same product by
+  XLA."""
   k = x.shape[-1]
   lead = x.shape[:-1]
   x2 = x.reshape(math.prod(lead), k).astype(jnp.float32)
+  if packed.dtype == jnp.uint8:
+    def custom_q4(a, w):
+      out = jax.ShapeDtypeStruct((a.shape[0], n), jnp.float32)
+      return jax.ffi.ffi_call("dejavu_q_matmul", out)(a, w)
+
+    def xla_q4(a, w):
+      return a @ unpack_quantized(w, n)
+
+    y = jax.lax.platform_dependent(x2, packed, cpu=custom_q4, default=xla_q4) if available() \
+        else xla_q4(x2, packed)
+    return y.reshape(*lead, n)
 
   def custom(a, w):
     out = jax.ShapeDtypeStruct((a.shape[0], n), jnp.float32)

@@ -152,12 +152,14 @@ def pack_params(cfg: ModelConfig, params, head: bool) -> PackedParams:
         if inner:
           out[name] = inner
       elif name == "kernel" and sub.ndim == 2 and sub.dtype == jnp.float32:
-        out[name] = cpu_kernels.pack(sub)
+        q = cpu_kernels.pack_quantized(sub)   # exactly block-quantized weights: fewer bytes
+        out[name] = cpu_kernels.pack(sub) if q is None else q
     return out
   packed = walk(params)
   table = params.get("embed_tokens", {}).get("embedding")
   if head and cfg.tie_word_embeddings and table is not None and table.dtype == jnp.float32:
-    packed[TIED_HEAD] = cpu_kernels.pack(table.T)
+    q = cpu_kernels.pack_quantized(table.T)
+    packed[TIED_HEAD] = cpu_kernels.pack(table.T) if q is None else q
   return PackedParams(params=params, packed=packed)
 
 

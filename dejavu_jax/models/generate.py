@@ -111,15 +111,19 @@ def decode_params(cfg: ModelConfig, params, head: bool = True):
     return params
   leaves, treedef = jax.tree_util.tree_flatten(params)
   if (not leaves or not isinstance(leaves[0], jax.Array)
-      or isinstance(leaves[0], jax.core.Tracer) or not cpu_kernels.available()):
+      or isinstance(leaves[0], jax.core.Tracer)):
     return params
   key = (treedef, tuple(map(id, leaves)), head)
   with _PACKS_LOCK:
     hit = _PACKS.get(key)
   if hit is None:
     devices = leaves[0].sharding.device_set
+    # the platform first: on a GPU the CPU kernels are never built
     if len(devices) != 1 or next(iter(devices)).platform != "cpu":
       return params
+  if not cpu_kernels.available():
+    return params
+  if hit is None:
     packed = pack_params(cfg, params, head).packed or None
     drop = lambda _, k=key: _PACKS.pop(k, None)   # noqa: E731
     hit = ([weakref.ref(leaf, drop) for leaf in leaves], packed)

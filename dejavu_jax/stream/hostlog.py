@@ -179,7 +179,7 @@ class HostKVLog:
           raise ValueError(f"staging buffer of {out.nbytes} bytes ({out.dtype}, {out.ndim}-D) "
                            f"cannot hold a prefix of {src.nbytes} bytes (1-D uint8 expected)")
         data = out[:src.nbytes].view(src.dtype).reshape(src.shape)
-        np.copyto(data, src)
+        hostmem.copyto(data, src)
     cols = np.arange(size, dtype=np.int32)[None, :]
     pos = np.where(cols < lengths[:, None], cols, -1).astype(np.int32)
     return Packed(data=data, positions=pos, layers=self.layers, rows=(0, self.kv.shape[2]))
