@@ -45,6 +45,7 @@ inline void store(float* p, v16 v) { std::memcpy(p, &v, sizeof(v)); }
 
 constexpr int kRows = 8;    // rows per register tile
 constexpr int kPanel = 32;  // columns per packed panel: two 16-float vectors
+constexpr int64_t kPanelPrefetch = 64;
 
 // y[0:MB, c0:c0+cols] = x[0:MB] @ panel, where the panel is w[:, c0:c0+32] stored k-major
 // ([K, 32], contiguous): the whole panel streams past 2 x MB accumulators held in registers.
@@ -55,6 +56,9 @@ void PanelRows(const float* x, const float* panel, float* y, int64_t k, int64_t 
   for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = v16{};
   const float* wp = panel;
   for (int64_t i = 0; i < k; ++i, wp += kPanel) {
+    // both cache lines of the panel row kPanelPrefetch rows ahead (see QTile)
+    __builtin_prefetch(wp + kPanelPrefetch * kPanel);
+    __builtin_prefetch(wp + kPanelPrefetch * kPanel + 16);
     const v16 w0 = load(wp), w1 = load(wp + 16);
     for (int m = 0; m < MB; ++m) {
       const float xs = x[m * k + i];
