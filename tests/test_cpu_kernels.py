@@ -36,6 +36,22 @@ def test_packed_matmul_equals_the_product(m, k, n):
   np.testing.assert_array_equal(np.asarray(fn(x[:, None], packed, n))[:, 0], got)
 
 
+def _greedy(decode, cfg, params, tok, pos, s: int, steps: int):
+  """(logits, tokens) of `steps` greedy decode steps from a fresh cache of `s` positions."""
+  c, t, out = init_cache_for(cfg, cfg.num_layers, tok.shape[0], s), tok, []
+  for i in range(steps):
+    c, logits = decode(params, c, t, pos + i)
+    t = jnp.argmax(logits, -1).astype(jnp.int32)
+    out.append((np.asarray(logits), np.asarray(t)))
+  return out
+
+
+def _same_tokens(a, b):
+  for (la, ta), (lb, tb) in zip(a, b):
+    np.testing.assert_allclose(la, lb, atol=1e-4, rtol=0)
+    np.testing.assert_array_equal(ta, tb)
+
+
 def test_decode_uses_the_custom_call_and_keeps_the_tokens(monkeypatch):
   cfg = tiny_config("opt")   # tied LM head: packed too
   params = init_params(cfg, jax.random.key(3))
@@ -50,22 +66,11 @@ def test_decode_uses_the_custom_call_and_keeps_the_tokens(monkeypatch):
   assert "dejavu_packed_matmul" in hlo
   assert hlo.count("dejavu_packed_matmul") >= 6 * cfg.num_layers + 1
 
-  def run(p):
-    c, t, out = init_cache_for(cfg, cfg.num_layers, b, s), tok, []
-    for i in range(12):
-      c, logits = decode(p, c, t, pos + i)
-      t = jnp.argmax(logits, -1).astype(jnp.int32)
-      out.append((np.asarray(logits), np.asarray(t)))
-    return out
-
-  packed_run = run(params)
+  packed_run = _greedy(decode, cfg, params, tok, pos, s, 12)
   monkeypatch.setenv("DEJAVU_CPU_KERNELS", "0")
   assert decode_params(cfg, params) is params
   assert "dejavu_packed_matmul" not in decode.lower(params, cache, tok, pos).as_text()
-  plain_run = run(params)
-  for (la, ta), (lb, tb) in zip(packed_run, plain_run):
-    np.testing.assert_allclose(la, lb, atol=1e-4, rtol=0)
-    np.testing.assert_array_equal(ta, tb)
+  _same_tokens(packed_run, _greedy(decode, cfg, params, tok, pos, s, 12))
 
 
 def test_sharded_or_traced_params_are_left_alone():
@@ -257,16 +262,6 @@ def test_a_block_quantized_model_decodes_through_the_quantized_call(monkeypatch)
   assert "dejavu_q_matmul" in decode.lower(params, init_cache_for(cfg, cfg.num_layers, b, s),
                                            tok, pos).as_text()
 
-  def run(p):
-    c, t, out = init_cache_for(cfg, cfg.num_layers, b, s), tok, []
-    for i in range(10):
-      c, logits = decode(p, c, t, pos + i)
-      t = jnp.argmax(logits, -1).astype(jnp.int32)
-      out.append((np.asarray(logits), np.asarray(t)))
-    return out
-  quantized = run(params)
+  quantized = _greedy(decode, cfg, params, tok, pos, s, 10)
   monkeypatch.setenv("DEJAVU_CPU_KERNELS", "0")
-  plain = run(params)
-  for (la, ta), (lb, tb) in zip(quantized, plain):
-    np.testing.assert_allclose(la, lb, atol=1e-4, rtol=0)
-    np.testing.assert_array_equal(ta, tb)
+  _same_tokens(quantized, _greedy(decode, cfg, params, tok, pos, s, 10))
