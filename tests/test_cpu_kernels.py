@@ -265,3 +265,24 @@ def test_a_block_quantized_model_decodes_through_the_quantized_call(monkeypatch)
   quantized = _greedy(decode, cfg, params, tok, pos, s, 10)
   monkeypatch.setenv("DEJAVU_CPU_KERNELS", "0")
   _same_tokens(quantized, _greedy(decode, cfg, params, tok, pos, s, 10))
+
+
+def test_copies_of_quantized_weights_are_recognised_by_their_digest(monkeypatch):
+  """Every stage and engine builds its own arrays of the same weights: the full value check runs
+  once per content, a copy (here on another device) is recognised by its digest, and different
+  content is checked anew."""
+  rng = np.random.default_rng(7)
+  w = _gguf_values(0.05 * rng.standard_normal((256, 96), np.float32), "Q4_1")
+  first = cpu_kernels.pack_quantized(jnp.asarray(w))
+  checked = []
+  real = cpu_kernels._fit  # pylint: disable=protected-access
+  monkeypatch.setattr(cpu_kernels, "_fit", lambda v, fmt: checked.append(len(v)) or real(v, fmt))
+  copy = cpu_kernels.pack_quantized(jax.device_put(w, jax.devices()[1]))
+  assert copy.devices() == {jax.devices()[1]}
+  np.testing.assert_array_equal(np.asarray(copy), np.asarray(first))
+  assert max(checked) <= 4             # only column 0's first blocks, not all 768
+  other = w.copy()
+  other[:, 5] = other[:, 6]            # still Q4_1 values, different content
+  got = cpu_kernels.pack_quantized(other)
+  assert max(checked) == 256 // 32 * 96
+  np.testing.assert_array_equal(np.asarray(cpu_kernels.unpack_quantized(got, 96)), other)
