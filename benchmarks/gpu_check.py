@@ -54,7 +54,7 @@ from dejavu_jax.config import ServeConfig, get_model_config, tiny_config  # noqa
 from dejavu_jax.kv.cache import KVCache, init_cache_for  # noqa: E402
 from dejavu_jax.models.decoder import param_shapes  # noqa: E402
 from dejavu_jax.models.generate import make_decode_n, make_steps  # noqa: E402
-from dejavu_jax.stream import hostmem  # noqa: E402
+from dejavu_jax.stream import hostmem, transport  # noqa: E402
 from dejavu_jax.workload import Request  # noqa: E402
 import streaming  # noqa: E402  benchmarks/streaming.py: the ablation's measurement, shared
 from streaming import median_time  # noqa: E402
@@ -139,8 +139,8 @@ def link_bandwidth(sz: dict) -> dict:
     out[name + "_GBps"] = round(n / median_time(
         lambda src=src: jax.device_put(src, dev).block_until_ready(), runs) / 1e9, 3)
   x = jax.device_put(pageable, dev)
-  kind = "pinned_host" if "pinned_host" in {m.kind for m in dev.addressable_memories()} else None
-  if kind:
+  kind = transport.host_memory_kind(dev)
+  if kind == "pinned_host":
     to_host = jax.sharding.SingleDeviceSharding(dev, memory_kind=kind)
     jax.device_put(x, to_host).block_until_ready()
     out["d2h_pinned_kind_GBps"] = round(n / median_time(
@@ -367,7 +367,7 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--small", choices=("auto", "on", "off"), default="auto",
                   help="tiny sizes (auto: on a CPU backend)")
-  ap.add_argument("--sections", default="link,decode,ablation,swap,pipeline",
+  ap.add_argument("--sections", default=",".join(SECTIONS),
                   help="comma-separated subset of the sections to run")
   ap.add_argument("--keep_going", action="store_true",
                   help="report a failing section under 'errors' and run the rest")

@@ -25,6 +25,7 @@
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include <immintrin.h>
@@ -108,6 +109,24 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t chunks, const Body& body) {
   while (shared->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
 }
 
+// body(r, std::integral_constant<int, MB>) for the rows [r, r + MB) of m, in blocks of up to
+// kRows: the register tiles are templates on their row count.
+template <typename Body>
+void ForRowBlocks(int64_t m, const Body& body) {
+  for (int64_t r = 0; r < m; r += kRows) {
+    switch (m - r < kRows ? m - r : kRows) {
+      case 1: body(r, std::integral_constant<int, 1>{}); break;
+      case 2: body(r, std::integral_constant<int, 2>{}); break;
+      case 3: body(r, std::integral_constant<int, 3>{}); break;
+      case 4: body(r, std::integral_constant<int, 4>{}); break;
+      case 5: body(r, std::integral_constant<int, 5>{}); break;
+      case 6: body(r, std::integral_constant<int, 6>{}); break;
+      case 7: body(r, std::integral_constant<int, 7>{}); break;
+      default: body(r, std::integral_constant<int, 8>{}); break;
+    }
+  }
+}
+
 // y [M, N] = x [M, K] @ w, with w packed as [ceil(N / 32), K, 32] (columns past N are zero),
 // panels [p0, p1) only. Panel-major so that the weights are read once, front to back, in one
 // sequential stream; a panel (K x 128 bytes) stays in L2 while the row blocks after the first
@@ -118,20 +137,9 @@ void PackedMatmul(const float* x, const float* w, float* y, int64_t m, int64_t k
     const float* panel = w + p * k * kPanel;
     const int64_t c0 = p * kPanel;
     const int64_t cols = n - c0 < kPanel ? n - c0 : kPanel;
-    for (int64_t r = 0; r < m; r += kRows) {
-      const float* xr = x + r * k;
-      float* yr = y + r * n;
-      switch (m - r < kRows ? m - r : kRows) {
-        case 1: PanelRows<1>(xr, panel, yr, k, n, c0, cols); break;
-        case 2: PanelRows<2>(xr, panel, yr, k, n, c0, cols); break;
-        case 3: PanelRows<3>(xr, panel, yr, k, n, c0, cols); break;
-        case 4: PanelRows<4>(xr, panel, yr, k, n, c0, cols); break;
-        case 5: PanelRows<5>(xr, panel, yr, k, n, c0, cols); break;
-        case 6: PanelRows<6>(xr, panel, yr, k, n, c0, cols); break;
-        case 7: PanelRows<7>(xr, panel, yr, k, n, c0, cols); break;
-        default: PanelRows<8>(xr, panel, yr, k, n, c0, cols); break;
-      }
-    }
+    ForRowBlocks(m, [&](int64_t r, auto mb) {
+      PanelRows<decltype(mb)::value>(x + r * k, panel, y + r * n, k, n, c0, cols);
+    });
   }
 }
 
@@ -274,20 +282,9 @@ void QRows(const float* x, const uint8_t* w, float* y, int64_t k, int64_t n, int
 template <class F>
 void QMatmul(const float* x, const uint8_t* w, float* y, int64_t m, int64_t k, int64_t n,
              int64_t g0, int64_t g1) {
-  for (int64_t r = 0; r < m; r += kRows) {
-    const float* xr = x + r * k;
-    float* yr = y + r * n;
-    switch (m - r < kRows ? m - r : kRows) {
-      case 1: QRows<F, 1>(xr, w, yr, k, n, g0, g1); break;
-      case 2: QRows<F, 2>(xr, w, yr, k, n, g0, g1); break;
-      case 3: QRows<F, 3>(xr, w, yr, k, n, g0, g1); break;
-      case 4: QRows<F, 4>(xr, w, yr, k, n, g0, g1); break;
-      case 5: QRows<F, 5>(xr, w, yr, k, n, g0, g1); break;
-      case 6: QRows<F, 6>(xr, w, yr, k, n, g0, g1); break;
-      case 7: QRows<F, 7>(xr, w, yr, k, n, g0, g1); break;
-      default: QRows<F, 8>(xr, w, yr, k, n, g0, g1); break;
-    }
-  }
+  ForRowBlocks(m, [&](int64_t r, auto mb) {
+    QRows<F, decltype(mb)::value>(x + r * k, w, y + r * n, k, n, g0, g1);
+  });
 }
 
 ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w,

@@ -248,6 +248,13 @@ def unpack_quantized(packed: jax.Array, n: int) -> jax.Array:
   return w.reshape(n, kb * Q_BLOCK).T
 
 
+def pack_weights(w) -> jax.Array:
+  """The packing a decode step reads `w` [K, N] through: its blocks where its values are exactly
+  block-quantized (`pack_quantized`), else float32 panels (`pack`)."""
+  q = pack_quantized(w)
+  return pack(w) if q is None else q
+
+
 def packed_matmul(x: jax.Array, packed: jax.Array, n: int) -> jax.Array:
   """x [..., K] @ w [K, N] -> [..., N] float32, with `packed` = pack(w) (float32 panels) or
   pack_quantized(w) (uint8 blocks). The custom call on the CPU; elsewhere the same product by
@@ -255,23 +262,15 @@ def packed_matmul(x: jax.Array, packed: jax.Array, n: int) -> jax.Array:
   k = x.shape[-1]
   lead = x.shape[:-1]
   x2 = x.reshape(math.prod(lead), k).astype(jnp.float32)
-  if packed.dtype == jnp.uint8:
-    def custom_q4(a, w):
-      out = jax.ShapeDtypeStruct((a.shape[0], n), jnp.float32)
-      return jax.ffi.ffi_call("dejavu_q_matmul", out)(a, w)
-
-    def xla_q4(a, w):
-      return a @ unpack_quantized(w, n)
-
-    y = jax.lax.platform_dependent(x2, packed, cpu=custom_q4, default=xla_q4) if available() \
-        else xla_q4(x2, packed)
-    return y.reshape(*lead, n)
+  quantized = packed.dtype == jnp.uint8
 
   def custom(a, w):
     out = jax.ShapeDtypeStruct((a.shape[0], n), jnp.float32)
-    return jax.ffi.ffi_call("dejavu_packed_matmul", out)(a, w)
+    return jax.ffi.ffi_call("dejavu_q_matmul" if quantized else "dejavu_packed_matmul", out)(a, w)
 
   def xla(a, w):
+    if quantized:
+      return a @ unpack_quantized(w, n)
     return jnp.einsum("mk,pkc->mpc", a, w).reshape(a.shape[0], -1)[:, :n]
 
   y = jax.lax.platform_dependent(x2, packed, cpu=custom, default=xla) if available() \

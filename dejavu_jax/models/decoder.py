@@ -142,8 +142,8 @@ class PackedParams:
 
 
 def pack_params(cfg: ModelConfig, params, head: bool) -> PackedParams:
-  """Packs every 2-D float32 `kernel` of `params` and, if `head` and the embeddings are tied,
-  the embedding table as the LM head. Runs on the params' device (one copy of those weights)."""
+  """Packs (`cpu_kernels.pack_weights`: blocks or panels) every 2-D float32 `kernel` of `params`
+  and, if `head` and the embeddings are tied, the embedding table as the LM head. Runs on the params' device (one copy of those weights)."""
   def walk(tree):
     out = {}
     for name, sub in tree.items():
@@ -152,14 +152,12 @@ def pack_params(cfg: ModelConfig, params, head: bool) -> PackedParams:
         if inner:
           out[name] = inner
       elif name == "kernel" and sub.ndim == 2 and sub.dtype == jnp.float32:
-        q = cpu_kernels.pack_quantized(sub)   # exactly block-quantized weights: fewer bytes
-        out[name] = cpu_kernels.pack(sub) if q is None else q
+        out[name] = cpu_kernels.pack_weights(sub)
     return out
   packed = walk(params)
   table = params.get("embed_tokens", {}).get("embedding")
   if head and cfg.tie_word_embeddings and table is not None and table.dtype == jnp.float32:
-    q = cpu_kernels.pack_quantized(table.T)
-    packed[TIED_HEAD] = cpu_kernels.pack(table.T) if q is None else q
+    packed[TIED_HEAD] = cpu_kernels.pack_weights(table.T)
   return PackedParams(params=params, packed=packed)
 
 

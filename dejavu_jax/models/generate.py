@@ -118,17 +118,17 @@ def decode_params(cfg: ModelConfig, params, head: bool = True):
     hit = _PACKS.get(key)
   if hit is None:
     devices = leaves[0].sharding.device_set
-    # the platform first: on a GPU the CPU kernels are never built
-    if len(devices) != 1 or next(iter(devices)).platform != "cpu":
+    # the platform before `available()`: on a GPU the CPU kernels are never built
+    if (len(devices) != 1 or next(iter(devices)).platform != "cpu"
+        or not cpu_kernels.available()):
       return params
-  if not cpu_kernels.available():
-    return params
-  if hit is None:
     packed = pack_params(cfg, params, head).packed or None
     drop = lambda _, k=key: _PACKS.pop(k, None)   # noqa: E731
     hit = ([weakref.ref(leaf, drop) for leaf in leaves], packed)
     with _PACKS_LOCK:
       _PACKS[key] = hit
+  elif not cpu_kernels.available():   # DEJAVU_CPU_KERNELS=0 set after the packing
+    return params
   return params if hit[1] is None else PackedParams(params=params, packed=hit[1])
 
 

@@ -161,15 +161,14 @@ def copyto(dst: np.ndarray, src: np.ndarray, threads: int | None = None) -> None
   if src.dtype.itemsize in (1, 2, 4, 8) and src.dtype.kind not in "biuf":
     raw = np.dtype(f"u{src.dtype.itemsize}")
     dst, src = dst.view(raw), src.view(raw)
-  # about n pieces of contiguous index ranges: along axis 0, and along axis 1 too when axis 0
-  # is shorter than n (a KV log's prefix is [2, L, B, T, H, K])
-  jobs = []
-  for a0, a1 in _ranges(src.shape[0], n):
-    if a1 - a0 > 1 or src.ndim == 1 or src.shape[0] >= n:
-      jobs.append((dst[a0:a1], src[a0:a1]))
-      continue
-    for b0, b1 in _ranges(src.shape[1], -(-n // src.shape[0])):
-      jobs.append((dst[a0, b0:b1], src[a0, b0:b1]))
+  # about n pieces of contiguous index ranges: along axis 0, or, where axis 0 is shorter than n
+  # (a KV log's prefix is [2, L, B, T, H, K]), along axis 1 of each of its entries
+  if src.ndim == 1 or src.shape[0] >= n:
+    jobs = [(dst[a:b], src[a:b]) for a, b in _ranges(src.shape[0], n)]
+  else:
+    per = -(-n // src.shape[0])
+    jobs = [(dst[i, a:b], src[i, a:b])
+            for i in range(src.shape[0]) for a, b in _ranges(src.shape[1], per)]
   chunks = [jobs[i::n] for i in range(n)]
 
   def run(chunk):
